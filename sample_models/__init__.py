@@ -1,0 +1,1 @@
+"""Small BatchNorm models trained on scikit-learn's digits data, shipped as bnfold test fixtures."""
