@@ -1,0 +1,7 @@
+"""The public library surface: `from bnfold import inspect, fold, recalibrate, check, load_model`."""
+
+from bnfold.folding import fold
+from bnfold.formats import load_model
+from bnfold.inspection import inspect
+
+__all__ = ["fold", "inspect", "load_model"]

@@ -1,0 +1,176 @@
+"""The `bnfold` command: a thin Typer layer over the library.
+
+Each command parses options, calls one library function, renders the report and turns it into an exit
+code (`exit_code_for`). Errors are mapped in `main`: a `BnfoldError` prints one line and a hint on stderr;
+anything else is a bug and keeps its traceback. Nothing here imports torch.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import traceback
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.text import Text
+
+from bnfold import __version__
+from bnfold.errors import BnfoldError, ExitCode
+from bnfold.reports.base import Report
+
+app = typer.Typer(
+    name="bnfold",
+    help="Audit, recalibrate and fold BatchNorm in trained PyTorch and ONNX models.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+)
+
+DEBUG_ENV = "BNFOLD_DEBUG"
+
+
+class FailOn(str, Enum):
+    error = "error"
+    warning = "warning"
+    never = "never"
+
+
+ModelArg = Annotated[Path, typer.Argument(metavar="MODEL", help="Model file: .onnx, .pt2, TorchScript, torch.save pickle, "
+                                               "state_dict (.pt/.pth) or .safetensors.", show_default=False)]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout and nothing else there.")]
+AllowPickleOpt = Annotated[bool, typer.Option(
+    "--allow-pickle", help="Allow unpickling a full torch.save(model) file. This runs code from the file: "
+                           "use only for files you trust.")]
+FactoryOpt = Annotated[Optional[str], typer.Option(
+    "--model-factory", metavar="MODULE:CALLABLE",
+    help="For state_dict/safetensors files: a callable that builds the model, e.g. mypkg.models:resnet18.")]
+
+
+def stdout_console() -> Console:
+    return Console(soft_wrap=False)
+
+
+def stderr_console() -> Console:
+    return Console(stderr=True)
+
+
+def emit(report: Report, as_json: bool) -> None:
+    """Data to stdout: JSON for machines, a Rich rendering for people."""
+    if as_json:
+        sys.stdout.write(report.to_json() + "\n")
+        sys.stdout.flush()
+    else:
+        stdout_console().print(report)
+
+
+def exit_code_for(report: Report) -> ExitCode:
+    """The one place a report becomes an exit code."""
+    return ExitCode.OK if report.passed else ExitCode.CHECK_FAILED
+
+
+def finish(report: Report, as_json: bool) -> None:
+    emit(report, as_json)
+    raise typer.Exit(int(exit_code_for(report)))
+
+
+@app.callback(invoke_without_command=True)
+def _root(
+    version: Annotated[bool, typer.Option("--version", help="Print the version and exit.")] = False,
+    debug: Annotated[bool, typer.Option("--debug", help=f"Show tracebacks for every error (or set {DEBUG_ENV}=1).")] = False,
+) -> None:
+    if debug:
+        os.environ[DEBUG_ENV] = "1"
+    if version:
+        typer.echo(f"bnfold {__version__}")
+        raise typer.Exit(0)
+
+
+@app.command()
+def inspect(
+    model: ModelArg,
+    as_json: JsonOpt = False,
+    fail_on: Annotated[FailOn, typer.Option(
+        "--fail-on", help="Exit 1 when a finding of this severity (or worse) is present.")] = FailOn.error,
+    allow_pickle: AllowPickleOpt = False,
+    model_factory: FactoryOpt = None,
+) -> None:
+    """List every BN layer with its statistics, health findings and whether it can be folded."""
+    from bnfold.inspection import inspect as run_inspect
+
+    report = run_inspect(model, fail_on=fail_on.value, allow_pickle=allow_pickle, model_factory=model_factory)
+    finish(report, as_json)
+
+
+@app.command()
+def fold(
+    model: ModelArg,
+    output: Annotated[Optional[Path], typer.Option(
+        "-o", "--output", help="Where to write the folded model (same format as the input). "
+                               "Without it, bnfold folds and verifies but writes nothing.")] = None,
+    tolerance: Annotated[Optional[float], typer.Option(
+        help="Maximum relative output error max|a-b|/max|a| (default 1e-4 for float32, 1e-2 for float16).")] = None,
+    input_shape: Annotated[Optional[str], typer.Option(
+        "--input-shape", metavar="SHAPE", help="Input shape for verification when the file records none, "
+                                               "e.g. 1,3,224,224 (';' between inputs).")] = None,
+    no_verify: Annotated[bool, typer.Option("--no-verify", help="Write without comparing outputs (not recommended).")] = False,
+    strict_inputs: Annotated[bool, typer.Option(
+        "--strict-inputs", help="ONNX: keep BN whose parameters are also graph inputs (onnxruntime's rule).")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing output file.")] = False,
+    in_place: Annotated[bool, typer.Option("--in-place", help="Allow the output to be the input file.")] = False,
+    as_json: JsonOpt = False,
+    allow_pickle: AllowPickleOpt = False,
+    model_factory: FactoryOpt = None,
+) -> None:
+    """Fold BN into neighbouring Conv/ConvTranspose/Linear/Gemm/MatMul weights, verify, and write."""
+    from bnfold.folding import fold as run_fold
+
+    report = run_fold(model, output, tolerance=tolerance, input_shape=input_shape, verify=not no_verify,
+                      strict_inputs=strict_inputs, force=force, in_place=in_place, allow_pickle=allow_pickle,
+                      model_factory=model_factory)
+    finish(report, as_json)
+
+
+def _debug_enabled() -> bool:
+    return os.environ.get(DEBUG_ENV, "").lower() in ("1", "true", "yes") or "--debug" in sys.argv[1:]
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: run the app and map every outcome to a documented exit code."""
+    from typer._click.exceptions import ClickException, NoArgsIsHelpError
+    from typer.exceptions import Abort, Exit
+
+    err = stderr_console()
+    try:
+        app(args=argv, standalone_mode=False, prog_name="bnfold")
+    except BnfoldError as error:
+        if _debug_enabled():
+            traceback.print_exc()
+        err.print(Text.assemble(("error: ", "bold red"), error.message), highlight=False, soft_wrap=True)
+        if error.hint:
+            err.print(Text(f"hint: {error.hint}", style="dim"), highlight=False, soft_wrap=True)
+        sys.exit(int(error.exit_code))
+    except Exit as done:
+        sys.exit(done.exit_code)
+    except Abort:
+        err.print("interrupted")
+        sys.exit(int(ExitCode.INTERRUPTED))
+    except NoArgsIsHelpError as error:
+        error.show()
+        sys.exit(int(ExitCode.OK))
+    except ClickException as error:
+        error.show()
+        sys.exit(int(ExitCode.USAGE))
+    except KeyboardInterrupt:
+        err.print("interrupted")
+        sys.exit(int(ExitCode.INTERRUPTED))
+    except Exception:
+        traceback.print_exc()
+        err.print(Text.assemble(("internal error", "bold red"), f" (exit {int(ExitCode.INTERNAL)}): this is a "
+                                "bug in bnfold; please report it with the traceback above"))
+        sys.exit(int(ExitCode.INTERNAL))
+    sys.exit(0)

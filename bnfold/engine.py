@@ -1,0 +1,40 @@
+"""The per-framework engine interface: fold planning, rewriting and running a model.
+
+Shared orchestration (`bnfold.api`) talks only to this interface; `engine_for` imports the framework's
+engine lazily, so the ONNX path never imports torch.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import numpy as np
+
+from bnfold.model import Model
+from bnfold.plan import FoldOptions, FoldPlan
+
+Batch = dict[str, np.ndarray]  # one batch of inputs, keyed by input name
+
+
+class Engine(Protocol):
+    """What `fold`, `inspect`, `recalibrate` and `check` need from a framework."""
+
+    def plan(self, model: Model, options: FoldOptions = FoldOptions()) -> FoldPlan:
+        """Decide, per BN layer, whether and where it folds exactly; never changes the model."""
+
+    def apply(self, model: Model, plan: FoldPlan) -> Model:
+        """A new model with the plan's folds carried out; the input model is left untouched."""
+
+    def run(self, model: Model, batch: Batch) -> list[np.ndarray]:
+        """The model's outputs (eval mode) for one batch, as numpy arrays."""
+
+
+def engine_for(model: Model) -> Engine:
+    """The engine of the model's framework."""
+    if model.framework == "onnx":
+        from bnfold.onnx.engine import OnnxEngine
+
+        return OnnxEngine()
+    from bnfold.pytorch.engine import TorchEngine
+
+    return TorchEngine()

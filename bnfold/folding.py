@@ -1,0 +1,90 @@
+"""`fold`: plan, rewrite, verify numerically, then write atomically (only when verified)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+from bnfold.engine import Batch, Engine, engine_for
+from bnfold.formats import as_model
+from bnfold.layers import FoldStatus
+from bnfold.model import LoadOptions, Model
+from bnfold.output import atomic_write, check_output_path
+from bnfold.plan import FoldOptions
+from bnfold.reports.fold import FoldReport
+from bnfold.reports.inspect import ModelInfo
+from bnfold.verify import OutputDifference, default_tolerance, parse_input_shapes, random_batches
+
+
+def fold(source: object, output: str | Path | None = None, *, tolerance: float | None = None,
+         input_shape: str | None = None, batches: Sequence[Batch] | None = None, verify: bool = True,
+         strict_inputs: bool = False, force: bool = False, in_place: bool = False,
+         allow_pickle: bool = False, model_factory: str | None = None, seed: int = 0) -> FoldReport:
+    """Fold every exactly-foldable BN layer and prove the result computes the same function.
+
+    Verification runs original and folded model on `batches` (or deterministic random inputs of the
+    model's input shape, `input_shape` when the file does not record one) and compares outputs. Returns
+    a `FoldReport` (truthy when verified within `tolerance`, relative); `output` is written only then.
+    The folded model itself is `report.folded_model` (in memory, also when nothing is written).
+    """
+    output_path = Path(output) if output is not None else None
+    source_path = Path(source) if isinstance(source, (str, Path)) else None
+    if output_path is not None:
+        check_output_path(output_path, source_path, force=force, in_place=in_place)
+    model = as_model(source, LoadOptions(allow_pickle=allow_pickle, model_factory=model_factory))
+    engine = engine_for(model)
+    plan = engine.plan(model, FoldOptions(strict_inputs=strict_inputs))
+    folded_model = engine.apply(model, plan)
+    dtype = next((layer.dtype for layer in model.bn_layers()), "float32")
+    tolerance = default_tolerance(dtype) if tolerance is None else tolerance
+
+    difference, verify_error, inputs_label = None, None, "skipped"
+    if verify:
+        inputs_label = "data" if batches is not None else "random"
+        try:
+            if batches is None:
+                batches = random_batches(model.input_specs(), parse_input_shapes(input_shape), seed=seed)
+            difference = compare(engine, model, folded_model, batches)
+        except VerificationUnavailable as error:
+            verify_error = str(error)
+    report = FoldReport(
+        model=ModelInfo(str(model.path), model.format.value, model.framework),
+        decisions=plan.decisions, tolerance=tolerance, difference=difference,
+        verification_inputs=inputs_label, verify_error=verify_error,
+        params_before=model.parameter_count(), params_after=folded_model.parameter_count(),
+        size_before=source_path.stat().st_size if source_path and source_path.exists() else None,
+    )
+    report.folded_model = folded_model
+    if report.passed:
+        for decision in plan.decisions:
+            if decision.status is FoldStatus.FOLDABLE:
+                decision.status = FoldStatus.FOLDED
+        if output_path is not None:
+            report.size_after = atomic_write(output_path, folded_model.save)
+            report.output = str(output_path)
+    return report
+
+
+class VerificationUnavailable(Exception):
+    """The model could not be run, so the fold cannot be proven (reported, never treated as success)."""
+
+
+def compare(engine: Engine, reference: Model, candidate: Model, batches: Sequence[Batch]) -> OutputDifference:
+    """Run both models on every batch and accumulate the output difference."""
+    difference = OutputDifference()
+    for batch in batches:
+        try:
+            expected = engine.run(reference, batch)
+        except Exception as error:  # the original itself does not run: nothing can be proven
+            raise VerificationUnavailable(f"the original model does not run: {_short(error)}") from None
+        try:
+            actual = engine.run(candidate, batch)
+        except Exception as error:
+            raise VerificationUnavailable(f"the folded model does not run: {_short(error)}") from None
+        difference.add(expected, actual)
+    return difference
+
+
+def _short(error: BaseException) -> str:
+    lines = str(error).strip().splitlines()
+    return (lines[0][:300] if lines else type(error).__name__)

@@ -1,0 +1,120 @@
+"""Static health checks on BN layers: pure functions from `BNLayer` records to `Finding`s.
+
+Thresholds are module constants so reports can quote them and tests can pin them.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from bnfold.layers import BNLayer, Finding, Severity
+
+# A gain gamma/sqrt(var+eps) above this multiplies activations so much that float16 overflows and
+# int8 quantization of the folded weights loses most of its range.
+MAX_GAIN = 1e3
+# Channels whose gain is this many times the layer's median gain dominate a per-tensor quantization range.
+GAIN_OUTLIER_RATIO = 100.0
+# |gamma| below this makes a channel output a constant: a dead channel.
+DEAD_GAMMA = 1e-6
+# eps outside this range is unusual for any framework's defaults (PyTorch 1e-5, Keras 1e-3).
+EPS_RANGE = (1e-7, 1e-2)
+# Momentum (weight of the newest batch, PyTorch convention) outside this range is unusual.
+MOMENTUM_RANGE = (1e-4, 0.5)
+
+
+def check_layer(layer: BNLayer) -> list[Finding]:
+    """Every finding for one layer, worst first."""
+    findings: list[Finding] = []
+    add = findings.append
+    name = layer.name
+
+    if layer.training:
+        if layer.framework == "onnx":
+            add(Finding("training-mode", Severity.ERROR, "BN runs in training mode in the exported graph: "
+                        "it normalizes with each batch's statistics, so outputs depend on the batch",
+                        name, "re-export the model in eval mode (model.eval()) or run bnfold fold"))
+        else:
+            add(Finding("training-mode", Severity.WARNING, "module was saved in training mode; "
+                        "bnfold evaluates it in eval mode", name, "call model.eval() before saving"))
+    if not layer.track_running_stats or not layer.has_running_stats:
+        add(Finding("no-running-stats", Severity.WARNING, "no running statistics: the layer normalizes "
+                    "with batch statistics at inference and cannot be folded", name,
+                    "construct it with track_running_stats=True and run bnfold recalibrate"))
+        return findings
+    mean, var = layer.running_mean, layer.running_var
+    assert mean is not None and var is not None
+    bad_mean, bad_var = ~np.isfinite(mean), ~np.isfinite(var)
+    if bad_mean.any() or bad_var.any():
+        add(Finding("non-finite-stats", Severity.ERROR,
+                    f"running statistics hold NaN/Inf in {int((bad_mean | bad_var).sum())} of "
+                    f"{layer.channels} channels", name, "run bnfold recalibrate on representative data"))
+    negative = np.isfinite(var) & (var < 0)
+    if negative.any():
+        add(Finding("negative-variance", Severity.ERROR,
+                    f"running variance is negative in {int(negative.sum())} channels", name,
+                    "run bnfold recalibrate on representative data"))
+    for parameter, label in ((layer.weight, "weight (gamma)"), (layer.bias, "bias (beta)")):
+        if parameter is not None and not np.isfinite(parameter).all():
+            add(Finding("non-finite-params", Severity.ERROR, f"{label} holds NaN/Inf", name))
+
+    gain = np.abs(layer.effective_gain())
+    finite_gain = gain[np.isfinite(gain)]
+    if finite_gain.size:
+        exploding = finite_gain > MAX_GAIN
+        if exploding.any():
+            add(Finding("tiny-variance", Severity.WARNING,
+                        f"variance so small that the gain gamma/sqrt(var+eps) reaches {finite_gain.max():.3g} "
+                        f"in {int(exploding.sum())} channels (> {MAX_GAIN:g})", name,
+                        "such channels overflow float16 and quantize badly once folded"))
+        median = float(np.median(finite_gain))
+        if median > 0:
+            outliers = finite_gain > GAIN_OUTLIER_RATIO * median
+            if outliers.any() and not exploding.all():
+                add(Finding("gain-outliers", Severity.WARNING,
+                            f"{int(outliers.sum())} channels have a gain over {GAIN_OUTLIER_RATIO:g}x the "
+                            f"median ({median:.3g}); folded weights will quantize poorly", name,
+                            "consider per-channel quantization or recalibration"))
+    if layer.weight is not None:
+        dead = np.isfinite(layer.weight) & (np.abs(layer.weight) < DEAD_GAMMA)
+        if dead.any():
+            add(Finding("dead-channels", Severity.WARNING,
+                        f"{int(dead.sum())} of {layer.channels} channels have gamma ~ 0 and output a constant",
+                        name, "prune them"))
+    if _never_updated(layer):
+        add(Finding("stale-stats", Severity.WARNING,
+                    "running statistics are still at their initial values (mean 0, var 1)"
+                    + (" and num_batches_tracked is 0" if layer.num_batches_tracked == 0 else ""),
+                    name, "run bnfold recalibrate on representative data"))
+    if layer.extra.get("producer_bias"):
+        add(Finding("redundant-bias", Severity.INFO,
+                    f"{layer.extra['producer_bias']} has a bias that this BN subtracts again", name,
+                    "the bias is redundant before BN; folding absorbs it"))
+    low, high = EPS_RANGE
+    if not low <= layer.eps <= high:
+        add(Finding("unusual-eps", Severity.WARNING, f"eps = {layer.eps:g} is outside [{low:g}, {high:g}]", name))
+    momentum = torch_momentum(layer)
+    if momentum is not None and not MOMENTUM_RANGE[0] <= momentum <= MOMENTUM_RANGE[1]:
+        add(Finding("unusual-momentum", Severity.INFO,
+                    f"momentum (weight of each new batch) = {momentum:g} is outside "
+                    f"[{MOMENTUM_RANGE[0]:g}, {MOMENTUM_RANGE[1]:g}]", name))
+    return sorted(findings, key=lambda f: -f.severity.rank)
+
+
+def torch_momentum(layer: BNLayer) -> float | None:
+    """The momentum as the weight of the newest batch: ONNX stores the weight of the old average."""
+    if layer.momentum is None:
+        return None
+    return 1.0 - layer.momentum if layer.framework == "onnx" else layer.momentum
+
+
+def _never_updated(layer: BNLayer) -> bool:
+    if layer.num_batches_tracked == 0:
+        return True
+    mean, var = layer.running_mean, layer.running_var
+    return bool(mean is not None and var is not None and layer.channels > 0
+                and np.all(mean == 0.0) and np.all(var == 1.0))
+
+
+def check_layers(layers: list[BNLayer]) -> list[Finding]:
+    """Findings for all layers, in layer order."""
+    return [finding for layer in layers for finding in check_layer(layer)]

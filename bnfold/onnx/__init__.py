@@ -1,0 +1,1 @@
+"""The ONNX path. Nothing in this package imports torch."""

@@ -1,0 +1,89 @@
+"""Find BatchNormalization nodes (main graph and subgraphs) and describe them as `BNLayer`s."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import helper
+
+from bnfold.layers import BNLayer
+from bnfold.onnx.graph import BN_OP, DEFAULT_DOMAINS, GraphIndex, attribute, node_label, walk_graphs
+
+# Ops whose bias input makes the BN after them subtract the bias again.
+_BIASED_PRODUCERS = {"Conv": 2, "ConvTranspose": 2, "Gemm": 2}
+
+
+def is_training_mode(node: onnx.NodeProto, opset: int) -> bool:
+    """BN normalizes with batch statistics: training_mode=1 (opset 14+) or is_test=0 (opset < 7)."""
+    if opset >= 14:
+        return bool(attribute(node, "training_mode", 0))
+    if opset < 7:
+        return not attribute(node, "is_test", 0)
+    return False
+
+
+def used_optional_outputs(node: onnx.NodeProto, index: GraphIndex) -> list[str]:
+    """Names of BN outputs beyond Y that something reads (running stats or saved mean/var)."""
+    return [name for name in node.output[1:]
+            if name and (name in index.consumers or name in index.output_names)]
+
+
+def describe_bn(node: onnx.NodeProto, index: GraphIndex, opset: int) -> BNLayer:
+    """One BN node as a BNLayer; statistics are None when they are not constants in the file."""
+    scale, bias, mean, var = (index.constant(name) if name else None for name in _param_names(node))
+    known = [array for array in (scale, bias, mean, var) if array is not None]
+    channels = int(known[0].size) if known else 0
+    dtype = helper.tensor_dtype_to_np_dtype(index.initializers[node.input[1]].data_type).name \
+        if len(node.input) > 1 and node.input[1] in index.initializers else (
+            known[0].dtype.name if known else "unknown")
+    extra: dict = {"opset": opset, "node": node_label(node)}
+    producer = index.producers.get(node.input[0])
+    if producer is not None and producer.op_type in _BIASED_PRODUCERS and producer.domain in DEFAULT_DOMAINS:
+        bias_position = _BIASED_PRODUCERS[producer.op_type]
+        if len(producer.input) > bias_position and producer.input[bias_position]:
+            extra["producer_bias"] = f"{producer.op_type} {node_label(producer)}"
+    overridable = [name for name in node.input[1:] if index.is_overridable(name)]
+    if overridable:
+        extra["overridable_params"] = overridable
+    runtime_params = [name for name in node.input[1:] if name and index.constant(name) is None]
+    if runtime_params:
+        extra["runtime_params"] = runtime_params
+    if opset < 9 and attribute(node, "spatial", 1) == 0:
+        extra["per_activation"] = True
+    stats_known = mean is not None and var is not None
+    return BNLayer(
+        name=node_label(node, index.path),
+        kind=f"{BN_OP}-{opset}",
+        framework="onnx",
+        channels=channels,
+        eps=float(attribute(node, "epsilon", 1e-5)),
+        momentum=float(attribute(node, "momentum", 0.9)),
+        affine=True,
+        track_running_stats=stats_known,
+        running_mean=_as_float64(mean),
+        running_var=_as_float64(var),
+        weight=_as_float64(scale),
+        bias=_as_float64(bias),
+        dtype=dtype,
+        training=is_training_mode(node, opset) or bool(used_optional_outputs(node, index)),
+        extra=extra,
+    )
+
+
+def _param_names(node: onnx.NodeProto) -> list[str]:
+    names = list(node.input[1:5])
+    return names + [""] * (4 - len(names))
+
+
+def _as_float64(array: np.ndarray | None) -> np.ndarray | None:
+    return None if array is None else np.asarray(array, dtype=np.float64).ravel()
+
+
+def discover(model: onnx.ModelProto, opset: int) -> list[BNLayer]:
+    """Every BN node in the model, main graph first, then subgraphs."""
+    layers: list[BNLayer] = []
+    for index in walk_graphs(model.graph):
+        for node in index.graph.node:
+            if node.op_type == BN_OP and node.domain in DEFAULT_DOMAINS:
+                layers.append(describe_bn(node, index, opset))
+    return layers

@@ -1,0 +1,48 @@
+"""Write outputs atomically: a temp file in the destination directory, then one rename.
+
+An interrupt, a full disk or a crash leaves either the old file or the new one, never a mix, and never
+touches the input unless the caller explicitly writes in place.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+from bnfold.errors import OutputError
+
+
+def check_output_path(output: Path, source: Path | None, *, force: bool = False, in_place: bool = False) -> None:
+    """Refuse outputs that would overwrite the input or an existing file without consent."""
+    if output.is_dir():
+        raise OutputError(f"output {output} is a directory", "give a file path with -o")
+    same_as_input = source is not None and source.exists() and output.exists() and output.samefile(source)
+    if same_as_input and not in_place:
+        raise OutputError(f"output {output} is the input file", "pass --in-place to overwrite the input")
+    if output.exists() and not (force or same_as_input):
+        raise OutputError(f"output {output} already exists", "pass --force to replace it")
+    if not output.parent.exists():
+        raise OutputError(f"output directory {output.parent} does not exist")
+    if not os.access(output.parent, os.W_OK):
+        raise OutputError(f"output directory {output.parent} is not writable")
+
+
+def atomic_write(output: Path, write: Callable[[Path], None]) -> int:
+    """Call `write(temp_path)` then rename the temp file onto `output`; returns the bytes written."""
+    handle, temp_name = tempfile.mkstemp(prefix=f".{output.name}.", suffix=".tmp", dir=output.parent)
+    os.close(handle)
+    temp = Path(temp_name)
+    try:
+        write(temp)
+        size = temp.stat().st_size
+        with open(temp, "rb") as written:
+            os.fsync(written.fileno())
+        os.replace(temp, output)
+    except OSError as error:
+        raise OutputError(f"could not write {output}: {error.strerror or error}") from None
+    finally:
+        if temp.exists():
+            temp.unlink()
+    return size

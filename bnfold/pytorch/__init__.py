@@ -1,0 +1,1 @@
+"""The PyTorch path: loaders, BN discovery, folding and recalibration for torch models."""

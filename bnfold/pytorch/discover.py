@@ -1,0 +1,161 @@
+"""Find BN layers in torch models: BN classes, their subclasses, look-alikes, and BN ops in graphs."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from bnfold.layers import BNLayer
+
+BN_CLASS_NAMES = {"BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "SyncBatchNorm",
+                  "LazyBatchNorm1d", "LazyBatchNorm2d", "LazyBatchNorm3d"}
+
+# aten BN ops and the argument positions of (input, weight, bias, mean, var, training, momentum, eps).
+BN_ATEN_SIGNATURES = {
+    "aten::batch_norm": (0, 1, 2, 3, 4, 5, 6, 7),
+    "aten::_native_batch_norm_legit_no_training": (0, 1, 2, 3, 4, None, 5, 6),
+    "aten::_native_batch_norm_legit": (0, 1, 2, 3, 4, 5, 6, 7),
+    "aten::native_batch_norm": (0, 1, 2, 3, 4, 5, 6, 7),
+    "aten::_native_batch_norm_legit_functional": (0, 1, 2, 3, 4, 5, 6, 7),
+    "aten::cudnn_batch_norm": (0, 1, 2, 3, 4, 5, 6, 7),
+}
+
+
+def _array(tensor) -> np.ndarray | None:
+    if not isinstance(tensor, torch.Tensor) or _is_uninitialized(tensor):
+        return None
+    return tensor.detach().to("cpu", torch.float64).numpy().ravel().copy()
+
+
+def _is_uninitialized(tensor: torch.Tensor) -> bool:
+    from torch.nn.parameter import UninitializedTensorMixin
+
+    return isinstance(tensor, UninitializedTensorMixin)
+
+
+def _dtype(*tensors) -> str:
+    for tensor in tensors:
+        if isinstance(tensor, torch.Tensor) and not _is_uninitialized(tensor):
+            return str(tensor.dtype).removeprefix("torch.")
+    return "unknown"
+
+
+def _class_name(module: nn.Module) -> str:
+    return getattr(module, "original_name", None) or type(module).__name__
+
+
+def bn_kind(module: nn.Module) -> str | None:
+    """How a module is a BN: its class, a subclass of one, a look-alike, or None when it is not one."""
+    name = _class_name(module)
+    if isinstance(module, _BatchNorm):
+        if type(module).__module__.startswith("torch.nn"):
+            return name
+        base = next(c.__name__ for c in type(module).__mro__ if c.__module__.startswith("torch.nn"))
+        return f"{name} ({base} subclass)"
+    own = {n for n, _ in module.named_buffers(recurse=False)} | {n for n, _ in module.named_parameters(recurse=False)}
+    if isinstance(module, torch.jit.ScriptModule) and name in BN_CLASS_NAMES:
+        return name
+    if {"running_mean", "running_var"} <= own:
+        return f"{name} (look-alike)"
+    return None
+
+
+def describe_module(name: str, module: nn.Module, kind: str) -> BNLayer:
+    """A BN-like module as a BNLayer."""
+    mean, var = getattr(module, "running_mean", None), getattr(module, "running_var", None)
+    weight, bias = getattr(module, "weight", None), getattr(module, "bias", None)
+    tracked = getattr(module, "num_batches_tracked", None)
+    channels = getattr(module, "num_features", None)
+    if not isinstance(channels, int) or channels <= 0:
+        known = next((t for t in (mean, var, weight) if isinstance(t, torch.Tensor) and not _is_uninitialized(t)), None)
+        channels = int(known.numel()) if known is not None else 0
+    eps = getattr(module, "eps", None)
+    extra = {} if eps is not None else {"eps_unknown": True}
+    momentum = getattr(module, "momentum", None)
+    return BNLayer(
+        name=name or "<root>",
+        kind=kind,
+        framework="torch",
+        channels=channels,
+        eps=float(eps) if eps is not None else math.nan,
+        momentum=float(momentum) if isinstance(momentum, (int, float)) else None,
+        affine=bool(getattr(module, "affine", weight is not None)),
+        track_running_stats=bool(getattr(module, "track_running_stats", mean is not None)),
+        running_mean=_array(mean),
+        running_var=_array(var),
+        weight=_array(weight),
+        bias=_array(bias),
+        num_batches_tracked=int(tracked.item()) if isinstance(tracked, torch.Tensor) and tracked.numel() == 1 else None,
+        dtype=_dtype(weight, mean),
+        training=bool(module.training),
+        extra=extra,
+    )
+
+
+def discover_module(module: nn.Module) -> list[BNLayer]:
+    """BN layers of an eager or scripted module, by walking its submodules."""
+    layers = []
+    for name, child in module.named_modules():
+        kind = bn_kind(child)
+        if kind is not None:
+            layers.append(describe_module(name, child, kind))
+    return layers
+
+
+def _schema_name(target) -> str | None:
+    schema = getattr(target, "_schema", None)
+    return schema.name if schema is not None else None
+
+
+def discover_exported(program: torch.export.ExportedProgram) -> list[BNLayer]:
+    """BN ops in an ExportedProgram's graph, named after the module path of their parameters."""
+    signature = program.graph_signature
+    sources = {**signature.inputs_to_parameters, **signature.inputs_to_buffers,
+               **signature.inputs_to_lifted_tensor_constants}
+    values = {**program.state_dict, **program.constants}
+    layers = []
+    for node in program.graph.nodes:
+        positions = BN_ATEN_SIGNATURES.get(_schema_name(node.target)) if node.op == "call_function" else None
+        if positions is None:
+            continue
+        args = list(node.args) + [None] * 9
+
+        def tensor_at(position):
+            arg = args[position] if position is not None else None
+            key = sources.get(getattr(arg, "name", None))
+            return key, (values.get(key) if key else None)
+
+        (weight_key, weight), (bias_key, bias) = tensor_at(1), tensor_at(2)
+        (mean_key, mean), (var_key, var) = tensor_at(3), tensor_at(4)
+        keys = [k for k in (mean_key, weight_key, var_key, bias_key) if k]
+        prefix = keys[0].rsplit(".", 1)[0] if keys and "." in keys[0] else (keys[0] if keys else node.name)
+        training_position = positions[5]
+        training = bool(args[training_position]) if training_position is not None else False
+        stack = node.meta.get("nn_module_stack") or {}
+        class_path = list(stack.values())[-1][1] if stack else ""
+        class_name = class_path.rsplit(".", 1)[-1] if isinstance(class_path, str) and class_path else "batch_norm"
+        tracked = values.get(f"{prefix}.num_batches_tracked")
+        reference = next((t for t in (mean, weight, var) if isinstance(t, torch.Tensor)), None)
+        layers.append(BNLayer(
+            name=prefix,
+            kind=class_name,
+            framework="torch",
+            channels=int(reference.numel()) if reference is not None else 0,
+            eps=float(args[positions[7]]),
+            momentum=float(args[positions[6]]) if args[positions[6]] is not None else None,
+            affine=weight is not None,
+            track_running_stats=mean is not None,
+            running_mean=_array(mean),
+            running_var=_array(var),
+            weight=_array(weight),
+            bias=_array(bias),
+            num_batches_tracked=int(tracked.item()) if isinstance(tracked, torch.Tensor) else None,
+            dtype=_dtype(weight, mean),
+            training=training,
+            extra={"node": node.name},
+        ))
+    return layers

@@ -1,0 +1,222 @@
+"""PyTorch model adapters: ExportedProgram (.pt2), TorchScript, pickled module, state_dict + factory."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import zipfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from bnfold.errors import InputError, MissingDependencyError, UnsafePickleError, UsageError
+from bnfold.formats import FileKind
+from bnfold.layers import BNLayer
+from bnfold.model import InputSpec, LoadOptions, Model, ModelFormat
+from bnfold.pickle_scan import archive_pickle_imports, foreign_imports
+from bnfold.plugins import import_callable
+from bnfold.pytorch.discover import discover_exported, discover_module
+
+# Keys under which training checkpoints commonly nest the weights.
+_CHECKPOINT_KEYS = ("state_dict", "model_state_dict", "model", "net", "module")
+
+
+class ExportedProgramModel(Model):
+    """A torch.export ExportedProgram loaded from a .pt2 archive."""
+
+    format = ModelFormat.EXPORTED_PROGRAM
+
+    def __init__(self, path: Path, program: torch.export.ExportedProgram) -> None:
+        super().__init__(path)
+        self.program = program
+
+    def bn_layers(self) -> list[BNLayer]:
+        return discover_exported(self.program)
+
+    def input_specs(self) -> list[InputSpec]:
+        specs = []
+        user_inputs = set(self.program.graph_signature.user_inputs)
+        for node in self.program.graph.nodes:
+            if node.op == "placeholder" and node.name in user_inputs:
+                value = node.meta.get("val")
+                if isinstance(value, torch.Tensor):
+                    shape = tuple(d if isinstance(d, int) else None for d in value.shape)
+                    specs.append(InputSpec(node.name, shape, str(value.dtype).removeprefix("torch.")))
+        return specs
+
+    def parameter_count(self) -> int:
+        return _numel({**self.program.state_dict, **self.program.constants})
+
+    def save(self, path: Path) -> None:
+        torch.export.save(self.program, str(path))
+
+
+class TorchScriptModel(Model):
+    """A TorchScript archive (torch.jit.save)."""
+
+    format = ModelFormat.TORCHSCRIPT
+
+    def __init__(self, path: Path, module: torch.jit.ScriptModule) -> None:
+        super().__init__(path)
+        self.module = module
+
+    def bn_layers(self) -> list[BNLayer]:
+        return discover_module(self.module)
+
+    def input_specs(self) -> list[InputSpec]:
+        return []
+
+    def parameter_count(self) -> int:
+        return _numel(self.module.state_dict())
+
+    def save(self, path: Path) -> None:
+        torch.jit.save(self.module, str(path))
+
+
+class ModuleModel(Model):
+    """An eager nn.Module: unpickled (with consent) or built by a factory and given a state_dict."""
+
+    def __init__(self, path: Path, module: nn.Module, fmt: ModelFormat, safetensors: bool = False) -> None:
+        super().__init__(path)
+        self.module = module
+        self.format = fmt
+        self.safetensors = safetensors
+
+    def bn_layers(self) -> list[BNLayer]:
+        return discover_module(self.module)
+
+    def input_specs(self) -> list[InputSpec]:
+        return []
+
+    def parameter_count(self) -> int:
+        return _numel(self.module.state_dict())
+
+    def save(self, path: Path) -> None:
+        if self.format is ModelFormat.PICKLE:
+            torch.save(self.module, str(path))
+        elif self.safetensors:
+            from safetensors.torch import save_file
+
+            save_file({k: v.contiguous() for k, v in self.module.state_dict().items()}, str(path))
+        else:
+            torch.save(self.module.state_dict(), str(path))
+
+
+def _numel(tensors: Mapping[str, Any]) -> int:
+    return sum(t.numel() for t in tensors.values() if isinstance(t, torch.Tensor))
+
+
+def load_torch_model(path: Path, kind: str, options: LoadOptions) -> Model:
+    """Load a torch file of a sniffed kind, never unpickling code without `allow_pickle`."""
+    if kind == FileKind.EXPORTED_PROGRAM:
+        return ExportedProgramModel(path, _guarded(lambda: torch.export.load(str(path)), path, "torch.export"))
+    if kind == FileKind.TORCHSCRIPT:
+        return TorchScriptModel(path, _guarded(lambda: torch.jit.load(str(path), map_location="cpu"),
+                                               path, "TorchScript"))
+    if kind == FileKind.SAFETENSORS:
+        try:
+            from safetensors.torch import load_file
+        except ImportError:
+            raise MissingDependencyError("reading safetensors needs the safetensors package",
+                                         "pip install 'bnfold[safetensors]'") from None
+        weights = _guarded(lambda: load_file(str(path)), path, "safetensors")
+        return _from_state_dict(path, weights, options, safetensors=True)
+    return _load_torch_pickle(path, options)
+
+
+def _load_torch_pickle(path: Path, options: LoadOptions) -> Model:
+    try:
+        loaded = torch.load(str(path), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        loaded = None  # needs code: a pickled module (or other objects)
+    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as error:
+        raise InputError(f"{path} is not a readable torch file ({_first_line(error)})") from None
+    if loaded is not None:
+        return _from_state_dict(path, loaded, options)
+    imports = foreign_imports(archive_pickle_imports(path))
+    if not options.allow_pickle:
+        listed = ", ".join(imports[:8]) + (f" (+{len(imports) - 8} more)" if len(imports) > 8 else "")
+        raise UnsafePickleError(
+            f"{path} is a pickled module; loading it runs code from: {listed or 'unknown globals'}",
+            "pass --allow-pickle only if you trust this file, or save a state_dict or .pt2 instead",
+            imports)
+    if os.environ.get("TORCH_FORCE_WEIGHTS_ONLY_LOAD", "").lower() in ("1", "true", "yes", "on"):
+        raise UnsafePickleError(f"{path} is a pickled module and TORCH_FORCE_WEIGHTS_ONLY_LOAD is set",
+                                "unset it to allow --allow-pickle, or save a state_dict or .pt2 instead",
+                                imports)
+    module = _guarded(lambda: torch.load(str(path), map_location="cpu", weights_only=False), path, "pickled")
+    if isinstance(module, Mapping):
+        module = next((v for v in module.values() if isinstance(v, nn.Module)), module)
+    if not isinstance(module, nn.Module):
+        raise InputError(f"{path} holds a {type(module).__name__}, not an nn.Module")
+    return ModuleModel(path, module.eval(), ModelFormat.PICKLE)
+
+
+def _from_state_dict(path: Path, loaded: Any, options: LoadOptions, safetensors: bool = False) -> Model:
+    state_dict = _find_state_dict(loaded)
+    if state_dict is None:
+        raise InputError(f"{path} holds no state_dict (a mapping of names to tensors)")
+    if not options.model_factory:
+        raise UsageError(f"{path} holds weights but no architecture",
+                         "pass --model-factory package.module:callable that builds the model")
+    factory = import_callable(options.model_factory, "--model-factory")
+    module = factory()
+    if not isinstance(module, nn.Module):
+        raise UsageError(f"--model-factory {options.model_factory} returned {type(module).__name__}, "
+                         "not an nn.Module")
+    _materialize_lazy(module, state_dict)
+    try:
+        module.load_state_dict(state_dict, strict=True)
+    except RuntimeError as error:
+        raise InputError(f"the weights in {path} do not fit the factory's model: {_first_line(error)}") from None
+    return ModuleModel(path, module.eval(), ModelFormat.STATE_DICT, safetensors=safetensors)
+
+
+def _materialize_lazy(module: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> None:
+    """Give lazy modules (LazyBatchNorm, LazyConv) the shapes the weights carry, so loading works."""
+    from torch.nn.parameter import UninitializedBuffer, UninitializedParameter
+
+    for name, tensor in list(module.named_parameters()) + list(module.named_buffers()):
+        if isinstance(tensor, (UninitializedParameter, UninitializedBuffer)) and name in state_dict:
+            tensor.materialize(state_dict[name].shape, dtype=state_dict[name].dtype)
+
+
+def _find_state_dict(loaded: Any) -> Mapping[str, torch.Tensor] | None:
+    if isinstance(loaded, Mapping):
+        if loaded and all(isinstance(v, torch.Tensor) for v in loaded.values()):
+            return loaded
+        for key in _CHECKPOINT_KEYS:
+            nested = _find_state_dict(loaded.get(key))
+            if nested is not None:
+                return nested
+    return None
+
+
+def _guarded(load, path: Path, what: str):
+    """Run a framework loader, turning its many exception types into one clean InputError."""
+    try:
+        return load()
+    except (MemoryError, KeyboardInterrupt):
+        raise
+    except Exception as error:  # torch raises RuntimeError, ValueError, KeyError, zip errors...
+        raise InputError(f"{path} could not be loaded as a {what} model ({_first_line(error)})") from None
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return text[0][:300] if text else type(error).__name__
+
+
+def wrap_torch_object(source: object) -> Model:
+    """An in-memory torch object as a Model (library use: `bnfold.inspect(my_module)`)."""
+    memory = Path("<memory>")
+    if isinstance(source, torch.export.ExportedProgram):
+        return ExportedProgramModel(memory, source)
+    if isinstance(source, torch.jit.ScriptModule):
+        return TorchScriptModel(memory, source)
+    if isinstance(source, nn.Module):
+        return ModuleModel(memory, source, ModelFormat.PICKLE)
+    raise UsageError(f"cannot use a {type(source).__name__} as a model")

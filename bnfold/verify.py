@@ -1,0 +1,103 @@
+"""Numerical proof that a rewritten model computes the same function: inputs and error measures."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from bnfold.errors import UsageError
+from bnfold.model import InputSpec
+
+Batch = dict[str, np.ndarray]
+# A dynamic batch dimension gets this many samples in random verification batches.
+RANDOM_BATCH = 2
+# Relative output error (max |a-b| / max |a|) over which a fold is rejected, by the model's float type.
+DEFAULT_TOLERANCE = {"float16": 1e-2, "bfloat16": 5e-2}
+DEFAULT_TOLERANCE_FLOAT32 = 1e-4
+
+
+def default_tolerance(dtype: str) -> float:
+    return DEFAULT_TOLERANCE.get(dtype, DEFAULT_TOLERANCE_FLOAT32)
+
+
+def parse_input_shapes(text: str | None) -> list[tuple[int, ...]] | None:
+    """'1,3,224,224' or '1,3,32,32;1,10' (one shape per model input)."""
+    if not text:
+        return None
+    try:
+        return [tuple(int(d) for d in part.split(",")) for part in text.split(";") if part.strip()]
+    except ValueError:
+        raise UsageError(f"--input-shape must look like 1,3,224,224 (';' between inputs), got {text!r}") from None
+
+
+def random_batches(specs: Sequence[InputSpec], shapes: list[tuple[int, ...]] | None, count: int = 2,
+                   seed: int = 0) -> list[Batch]:
+    """Deterministic random inputs honouring the model's input shapes (dynamic dims: batch 2, else 8)."""
+    if shapes is not None:
+        names = [s.name for s in specs] or [f"input_{i}" for i in range(len(shapes))]
+        if len(shapes) != len(names):
+            raise UsageError(f"--input-shape gives {len(shapes)} shapes but the model has {len(names)} inputs")
+        dtypes = [s.dtype for s in specs] or ["float32"] * len(shapes)
+        specs = [InputSpec(n, tuple(shape), d) for n, shape, d in zip(names, shapes, dtypes)]
+    if not specs:
+        raise UsageError("the model does not record its input shape",
+                         "pass --input-shape (e.g. 1,3,224,224) or --data")
+    rng = np.random.default_rng(seed)
+    batches = []
+    for _ in range(count):
+        batch = {}
+        for spec in specs:
+            shape = tuple(d if d is not None else (RANDOM_BATCH if i == 0 else 8) for i, d in enumerate(spec.shape))
+            batch[spec.name] = _random_array(rng, shape, spec.dtype)
+        batches.append(batch)
+    return batches
+
+
+def _random_array(rng: np.random.Generator, shape: tuple[int, ...], dtype: str) -> np.ndarray:
+    if dtype.startswith(("int", "uint")):
+        return rng.integers(0, 8, size=shape).astype(dtype)
+    if dtype == "bool":
+        return rng.random(shape) < 0.5
+    if dtype in ("unknown", "bfloat16"):
+        dtype = "float32"
+    return rng.standard_normal(shape).astype(dtype)
+
+
+@dataclass
+class OutputDifference:
+    """How far two models' outputs are apart, over all compared batches."""
+
+    max_abs: float = 0.0
+    max_rel: float = 0.0  # max |a - b| / max |a| per output, worst output
+    batches: int = 0
+    samples: int = 0
+    non_finite: bool = False  # one model produced NaN/Inf where the other did not
+
+    def add(self, reference: Iterable[np.ndarray], candidate: Iterable[np.ndarray]) -> None:
+        reference, candidate = list(reference), list(candidate)
+        if len(reference) != len(candidate):
+            raise ValueError(f"output count differs: {len(reference)} vs {len(candidate)}")
+        for a, b in zip(reference, candidate):
+            a64, b64 = np.asarray(a, np.float64), np.asarray(b, np.float64)
+            if a64.shape != b64.shape:
+                raise ValueError(f"output shape differs: {a64.shape} vs {b64.shape}")
+            if not np.array_equal(np.isfinite(a64), np.isfinite(b64)):
+                self.non_finite = True
+            finite = np.isfinite(a64) & np.isfinite(b64)
+            if not finite.any():
+                continue
+            diff = float(np.max(np.abs(a64[finite] - b64[finite])))
+            scale = float(np.max(np.abs(a64[finite])))
+            self.max_abs = max(self.max_abs, diff)
+            self.max_rel = max(self.max_rel, diff / scale if scale > 0 else diff)
+        self.batches += 1
+        self.samples += int(np.asarray(reference[0]).shape[0]) if reference and np.ndim(reference[0]) else 1
+
+    def within(self, tolerance: float) -> bool:
+        return not self.non_finite and self.max_rel <= tolerance
+
+    def to_dict(self) -> dict:
+        return {"max_abs_error": self.max_abs, "max_rel_error": self.max_rel, "batches": self.batches,
+                "samples": self.samples, "non_finite_mismatch": self.non_finite}
