@@ -1,0 +1,113 @@
+"""Exact per-channel statistics from a stream of batches: float64 sufficient statistics, merged stably.
+
+Each batch is reduced to (count, mean, M2) per channel, M2 being the sum of squared deviations from the
+batch mean; batches are combined with the parallel update of Chan, Golub and LeVeque (1979):
+
+    n = na + nb,  d = mean_b - mean_a,  mean = mean_a + d * nb / n,  M2 = M2a + M2b + d^2 * na * nb / n
+
+This is exact up to float64 rounding, whatever the batch sizes, and includes the variance between
+batches (an average of per-batch variances does not; an exponential moving average is not exact at all).
+Pure numpy: frameworks reduce their tensors to `Moments` and hand them over.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Moments:
+    """count, mean and M2 per channel, in float64; `count` values stand behind every channel."""
+
+    count: int
+    mean: np.ndarray
+    m2: np.ndarray
+
+    @classmethod
+    def of(cls, values: np.ndarray, channel_axis: int = 1) -> Moments:
+        """The moments of `values` per index on `channel_axis`, over all other axes."""
+        values = np.moveaxis(np.asarray(values, dtype=np.float64), channel_axis, 0)
+        flat = values.reshape(values.shape[0], -1)
+        mean = flat.mean(axis=1)
+        deviations = flat - mean[:, None]
+        return cls(int(flat.shape[1]), mean, np.einsum("ij,ij->i", deviations, deviations))
+
+    @classmethod
+    def from_variance(cls, count: int, mean: np.ndarray, variance: np.ndarray) -> Moments:
+        """Moments from a batch's mean and population (biased) variance, as frameworks compute them."""
+        mean = np.asarray(mean, dtype=np.float64).ravel()
+        return cls(int(count), mean, np.asarray(variance, dtype=np.float64).ravel() * count)
+
+    def merge(self, other: Moments) -> Moments:
+        """The moments of both sets of values together (Chan et al.)."""
+        if other.count == 0:
+            return self
+        if self.count == 0:
+            return other
+        if self.mean.shape != other.mean.shape:
+            raise ValueError(f"cannot merge moments of {self.mean.size} and {other.mean.size} channels")
+        total = self.count + other.count
+        delta = other.mean - self.mean
+        mean = self.mean + delta * (other.count / total)
+        m2 = self.m2 + other.m2 + delta * delta * (self.count * other.count / total)
+        return Moments(total, mean, m2)
+
+    def variance(self, ddof: int = 0) -> np.ndarray:
+        """M2 / (count - ddof): ddof=0 the population variance, ddof=1 the unbiased estimate."""
+        if self.count <= ddof:
+            raise ValueError(f"{self.count} values are too few for a variance with ddof={ddof}")
+        return self.m2 / (self.count - ddof)
+
+
+class ChannelStatistics:
+    """Accumulates what one BN layer's input looked like over a whole data set.
+
+    Two sets of moments: of all values per channel (what the BN's running statistics estimate), and of
+    each sample's per-channel mean (how much samples disagree, which gives the standard error of the
+    mean: values inside one image are correlated, samples are the independent unit).
+    """
+
+    def __init__(self) -> None:
+        self.values = Moments(0, np.zeros(0), np.zeros(0))
+        self.sample_means = Moments(0, np.zeros(0), np.zeros(0))
+        self.batches = 0
+
+    def add(self, values: Moments, sample_means: Moments) -> None:
+        """Merge one batch, given as the moments of its values and of its per-sample means."""
+        self.values = self.values.merge(values)
+        self.sample_means = self.sample_means.merge(sample_means)
+        self.batches += 1
+
+    def add_array(self, batch: np.ndarray, channel_axis: int = 1) -> None:
+        """Merge one batch of shape (N, C, *spatial) (channels on `channel_axis`)."""
+        batch = np.moveaxis(np.asarray(batch), channel_axis, 1)
+        per_sample = batch.reshape(batch.shape[0], batch.shape[1], -1).mean(axis=2, dtype=np.float64)
+        self.add(Moments.of(batch), Moments.of(per_sample))
+
+    @property
+    def samples(self) -> int:
+        """How many samples (rows of the batches) were seen."""
+        return self.sample_means.count
+
+    @property
+    def count(self) -> int:
+        """How many values per channel were seen (samples times spatial positions)."""
+        return self.values.count
+
+    @property
+    def mean(self) -> np.ndarray:
+        return self.values.mean
+
+    def variance(self, ddof: int = 0) -> np.ndarray:
+        return self.values.variance(ddof)
+
+    def standard_error(self) -> np.ndarray:
+        """Standard error of `mean` per channel, treating samples as independent draws."""
+        if self.samples < 2:
+            return np.full(self.mean.shape, np.inf)
+        return np.sqrt(self.sample_means.variance(ddof=1) / self.samples)
+
+
+__all__ = ["ChannelStatistics", "Moments"]
