@@ -36,6 +36,11 @@ def check_layer(layer: BNLayer) -> list[Finding]:
         else:
             add(Finding("training-mode", Severity.WARNING, "module was saved in training mode; "
                         "bnfold evaluates it in eval mode", name, "call model.eval() before saving"))
+    if layer.extra.get("runtime_params") and not layer.has_running_stats:
+        add(Finding("runtime-stats", Severity.WARNING, "statistics are graph inputs fed at run time "
+                    f"({', '.join(layer.extra['runtime_params'])}); they cannot be checked or folded", name,
+                    "store them as initializers if they are constants"))
+        return findings
     if not layer.track_running_stats or not layer.has_running_stats:
         add(Finding("no-running-stats", Severity.WARNING, "no running statistics: the layer normalizes "
                     "with batch statistics at inference and cannot be folded", name,

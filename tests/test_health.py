@@ -44,6 +44,8 @@ def test_healthy_layer_has_no_findings():
     (dict(training=True), "training-mode", Severity.WARNING),
     (dict(track_running_stats=False, running_mean=None, running_var=None), "no-running-stats", Severity.WARNING),
     (dict(extra={"producer_bias": "Conv conv1"}), "redundant-bias", Severity.INFO),
+    (dict(framework="onnx", running_mean=None, running_var=None, extra={"runtime_params": ["mean", "var"]}),
+     "runtime-stats", Severity.WARNING),
     (dict(weight=np.array([1.0, np.nan, 1, 1, 1, 1, 1, 1])), "non-finite-params", Severity.ERROR),
 ])
 def test_each_defect_is_found(overrides, code, severity):
