@@ -2,6 +2,7 @@
 
 from bnfold.folding import fold
 from bnfold.formats import load_model
+from bnfold.gate import check
 from bnfold.inspection import inspect
 
-__all__ = ["fold", "inspect", "load_model"]
+__all__ = ["check", "fold", "inspect", "load_model"]

@@ -46,6 +46,9 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document o
 AllowPickleOpt = Annotated[bool, typer.Option(
     "--allow-pickle", help="Allow unpickling a full torch.save(model) file. This runs code from the file: "
                            "use only for files you trust.")]
+DriftDataOpt = Annotated[Optional[Path], typer.Option(
+    "--data", help="Data like the deployment's (.npy, .npz or image directory): measure how far each BN's "
+                   "running statistics are from it.")]
 FactoryOpt = Annotated[Optional[str], typer.Option(
     "--model-factory", metavar="MODULE:CALLABLE",
     help="For state_dict/safetensors files: a callable that builds the model, e.g. mypkg.models:resnet18.")]
@@ -93,16 +96,19 @@ def _root(
 @app.command()
 def inspect(
     model: ModelArg,
+    data: DriftDataOpt = None,
     as_json: JsonOpt = False,
     fail_on: Annotated[FailOn, typer.Option(
         "--fail-on", help="Exit 1 when a finding of this severity (or worse) is present.")] = FailOn.error,
     allow_pickle: AllowPickleOpt = False,
     model_factory: FactoryOpt = None,
 ) -> None:
-    """List every BN layer with its statistics, health findings and whether it can be folded."""
+    """List every BN layer with its statistics, health findings and whether it can be folded.
+
+    With --data, also how far each layer's statistics have drifted from the data (worst first)."""
     from bnfold.inspection import inspect as run_inspect
 
-    report = run_inspect(model, fail_on=fail_on.value, allow_pickle=allow_pickle, model_factory=model_factory)
+    report = run_inspect(model, data, fail_on=fail_on.value, allow_pickle=allow_pickle, model_factory=model_factory)
     finish(report, as_json)
 
 
@@ -132,6 +138,52 @@ def fold(
     report = run_fold(model, output, tolerance=tolerance, input_shape=input_shape, verify=not no_verify,
                       strict_inputs=strict_inputs, force=force, in_place=in_place, allow_pickle=allow_pickle,
                       model_factory=model_factory)
+    finish(report, as_json)
+
+
+def _limit_option(key: str, help_text: str):
+    from bnfold.policy import LIMIT_KEYS, Policy
+
+    built_in = getattr(Policy().limits, LIMIT_KEYS[key])
+    return Annotated[Optional[float], typer.Option(f"--{key}", metavar="X", show_default=False,
+                                                   help=f"{help_text} (config file, else {built_in:g}).")]
+
+
+@app.command()
+def check(
+    model: ModelArg,
+    data: DriftDataOpt = None,
+    config: Annotated[Optional[Path], typer.Option(
+        "--config", help="bnfold.toml, or pyproject.toml with [tool.bnfold] (default: the nearest one).")] = None,
+    max_layer_kl: _limit_option("max-layer-kl", "Fail when a BN layer's channel-mean KL(data || running) exceeds X") = None,
+    max_mean_shift: _limit_option("max-mean-shift", "Fail when a BN layer's channel-mean mean shift exceeds X") = None,
+    max_output_kl: _limit_option("max-output-kl", "Fail when the softmax KL, running vs data statistics, exceeds X") = None,
+    max_output_l2: _limit_option("max-output-l2", "Fail when the relative L2 output distance, running vs data "
+                                                  "statistics, exceeds X") = None,
+    require_folded: Annotated[Optional[bool], typer.Option(
+        "--require-folded/--no-require-folded", show_default=False,
+        help="Fail while a BN that could be folded exactly remains.")] = None,
+    fail_on: Annotated[Optional[FailOn], typer.Option(
+        "--fail-on", show_default=False, help="Static findings that fail the check (default: error).")] = None,
+    junit_xml: Annotated[Optional[Path], typer.Option(
+        "--junit-xml", metavar="PATH", help="Also write JUnit XML: one test case per policy and per BN layer.")] = None,
+    as_json: JsonOpt = False,
+    allow_pickle: AllowPickleOpt = False,
+    model_factory: FactoryOpt = None,
+) -> None:
+    """Gate a model in CI: exit 1 when a policy fails (static findings, folding, statistics drift on --data)."""
+    from bnfold.gate import check as run_check
+    from bnfold.gate import publish_github, write_junit
+    from bnfold.policy import load_policy
+
+    flags = {"max-layer-kl": max_layer_kl, "max-mean-shift": max_mean_shift, "max-output-kl": max_output_kl,
+             "max-output-l2": max_output_l2, "require-folded": require_folded,
+             "fail-on": fail_on.value if fail_on else None}
+    report = run_check(model, data, policy=load_policy(config, flags=flags), allow_pickle=allow_pickle,
+                       model_factory=model_factory)
+    if junit_xml is not None:
+        write_junit(report, junit_xml)
+    publish_github(report, sys.stderr if as_json else sys.stdout)  # stdout must stay pure JSON
     finish(report, as_json)
 
 

@@ -16,11 +16,22 @@ with the data's own statistics: relative L2 distance over all outputs, and for c
 (2-D, at least two columns, read as logits) the mean KL(softmax(data-stat) || softmax(running)) and the
 top-1 agreement.
 
-Default limits (`DriftLimits`), measured on the four sample models (.pt2 and .onnx give the same numbers)
-with 256 images each of clean data (calib.npy) and of sensor-shifted data (shifted_calib.npy, which costs
-4 to 69 accuracy points): the worst layer's channel-mean KL is at most 0.041 on clean data and at least
-0.084 on shifted data; the output KL at most 0.019 clean and at least 0.088 shifted. Each limit sits near
-the geometric middle of that gap (README "Choosing thresholds" has the table).
+Default limits (`DriftLimits`) come from the four sample models (sample_models/README.md), whose .pt2 and
+.onnx files give the same numbers. Worst layer (channel-mean KL, mean shift) and outputs (relative L2,
+softmax KL), clean digits vs sensor-shifted digits that cost 4 to 69 accuracy points; 256 calibration
+images (450 test images in brackets where they are worse):
+
+    model   worst-layer KL    worst mean shift   output L2        output KL
+            clean   shifted   clean   shifted    clean  shifted   clean          shifted
+    cnn     0.005   0.163     0.059   0.368      0.069  0.592     0.001 (0.003)  0.728
+    mlp     0.008   0.122     0.053   0.238      0.073  0.289     0.001 (0.005)  0.088 (0.080)
+    resnet  0.041   0.085     0.226   0.257      0.232  0.469     0.019 (0.031)  0.297
+    mixed   0.018   0.352     0.146   0.609      0.167  0.898     0.007 (0.016)  2.660
+
+Each limit sits between the worst clean and the mildest shifted value (KL 0.06, output KL 0.05), or
+catches the gross shifts only, leaving the rest to the KL limits (mean shift 0.35, output L2 0.5).
+After `bnfold recalibrate` on the shifted images every value falls to at most 0.004 (KL), 0.05 (mean
+shift, output L2) and 0.003 (output KL), even on the held-out shifted test images.
 """
 
 from __future__ import annotations
@@ -42,7 +53,7 @@ class DriftLimits:
 
     max_layer_kl: float = 0.06  # channel-mean KL of one layer
     max_mean_shift: float = 0.35  # channel-mean mean shift of one layer (a pure shift of 0.35 has KL 0.06)
-    max_output_kl: float = 0.04  # mean softmax KL of classifier-like outputs
+    max_output_kl: float = 0.05  # mean softmax KL of classifier-like outputs
     max_output_l2: float = 0.5  # relative L2 distance of all outputs
 
     def to_dict(self) -> dict[str, float]:

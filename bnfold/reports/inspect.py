@@ -9,6 +9,7 @@ from rich.console import Console, ConsoleOptions, RenderResult
 from rich.table import Table
 from rich.text import Text
 
+from bnfold.discrepancy import DriftLimits, LayerDiscrepancy, OutputComparison
 from bnfold.layers import BNLayer, Finding, FoldDecision, FoldStatus, Severity, summarize
 from bnfold.reports.base import SEVERITY_STYLE, Report, finding_line, fmt_number, fmt_range
 
@@ -36,12 +37,35 @@ class InspectReport(Report):
     folds: dict[str, FoldDecision] | None = None  # None when fold analysis is not available
     fail_on: Severity | None = Severity.ERROR
     notes: list[str] = field(default_factory=list)
+    # With data (`inspect --data`): what it was, and how far the running statistics are from it.
+    data: str | None = None
+    discrepancy: dict[str, LayerDiscrepancy] | None = None
+    model_discrepancy: OutputComparison | None = None
+    limits: DriftLimits = field(default_factory=DriftLimits)
+
+    RECALIBRATE = "statistics drifted: run bnfold recalibrate"
 
     @property
     def passed(self) -> bool:
         if self.fail_on is None:
             return True
         return not any(f.severity.rank >= self.fail_on.rank for f in self.findings)
+
+    @property
+    def drifted(self) -> bool:
+        layers = any(d.drifted for d in (self.discrepancy or {}).values())
+        return layers or bool(self.model_discrepancy and self.model_discrepancy.drifted)
+
+    @property
+    def recommendation(self) -> str | None:
+        return self.RECALIBRATE if self.drifted else None
+
+    def by_drift(self) -> list[BNLayer]:
+        """Layers worst-drifted first when data was given (unmeasured last), else in model order."""
+        if not self.discrepancy:
+            return list(self.layers)
+        drift = self.discrepancy
+        return sorted(self.layers, key=lambda layer: -drift[layer.name].severity if layer.name in drift else 1)
 
     def findings_for(self, layer: str) -> list[Finding]:
         return [f for f in self.findings if f.layer == layer]
@@ -59,6 +83,8 @@ class InspectReport(Report):
             decision = self.folds.get(layer.name) if self.folds is not None else None
             entry["fold"] = decision.to_dict() if decision else None
             entry["findings"] = [f.to_dict() for f in self.findings_for(layer.name)]
+            drift = self.discrepancy.get(layer.name) if self.discrepancy is not None else None
+            entry["discrepancy"] = drift.to_dict() if drift else None
             layers.append(entry)
         return {
             "model": self.model.to_dict(),
@@ -67,6 +93,10 @@ class InspectReport(Report):
             "layers": layers,
             "findings": [f.to_dict() for f in self.findings],
             "notes": self.notes,
+            "data": self.data,
+            "limits": self.limits.to_dict() if self.data else None,
+            "model_discrepancy": self.model_discrepancy.to_dict() if self.model_discrepancy else None,
+            "recommendation": self.recommendation,
         }
 
     def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
@@ -78,13 +108,20 @@ class InspectReport(Report):
                                 ("running mean", "right"), ("running var", "right"), ("gain", "right"),
                                 ("fold", "left"), ("health", "left")):
             table.add_column(column, justify=justify, overflow="fold")
-        for layer in self.layers:
+        if self.discrepancy is not None:
+            table.add_column("drift (KL, shift)", overflow="fold")
+        for layer in self.by_drift():
             decision = self.folds.get(layer.name) if self.folds is not None else None
+            drift = [] if self.discrepancy is None else [_drift(self.discrepancy.get(layer.name))]
             table.add_row(layer.name, layer.kind, str(layer.channels), fmt_number(layer.eps, 2),
                           fmt_range(summarize(layer.running_mean)), fmt_range(summarize(layer.running_var)),
                           fmt_range(summarize(layer.effective_gain())),
-                          decision.describe() if decision else "-", _health(self.findings_for(layer.name)))
+                          decision.describe() if decision else "-", _health(self.findings_for(layer.name)), *drift)
         yield table
+        if self.data is not None:
+            yield _model_drift(self.data, self.model_discrepancy)
+        if self.recommendation:
+            yield Text(self.recommendation, style="bold yellow")
         for finding in self.findings:
             yield finding_line(finding)
         for note in self.notes:
@@ -100,3 +137,20 @@ def _health(findings: list[Finding]) -> Text:
     worst = max(findings, key=lambda f: f.severity.rank)
     codes = ", ".join(dict.fromkeys(f.code for f in findings))
     return Text(codes, style=SEVERITY_STYLE[worst.severity])
+
+
+def _drift(drift: LayerDiscrepancy | None) -> Text:
+    if drift is None:
+        return Text("-", style="dim")
+    return Text(f"{drift.verdict} ({fmt_number(drift.kl.mean)}, {fmt_number(drift.mean_shift.mean)})",
+                style="yellow" if drift.drifted else "green")
+
+
+def _model_drift(data: str, outputs: OutputComparison | None) -> Text:
+    if outputs is None:
+        return Text(f"data: {data}", style="dim")
+    line = Text(f"outputs on {data} ({outputs.samples} samples), running vs data statistics: "
+                f"relative L2 {fmt_number(outputs.relative_l2)}")
+    if outputs.classifier:
+        line.append(f", softmax KL {fmt_number(outputs.softmax_kl)}, top-1 agreement {outputs.top1_agreement:.1%}")
+    return line
