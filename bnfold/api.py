@@ -4,5 +4,6 @@ from bnfold.folding import fold
 from bnfold.formats import load_model
 from bnfold.gate import check
 from bnfold.inspection import inspect
+from bnfold.recalibration import recalibrate
 
-__all__ = ["check", "fold", "inspect", "load_model"]
+__all__ = ["check", "fold", "inspect", "load_model", "recalibrate"]

@@ -19,7 +19,8 @@ from rich.console import Console
 from rich.text import Text
 
 from bnfold import __version__
-from bnfold.errors import BnfoldError, ExitCode
+from bnfold.data import IMAGENET_MEAN, IMAGENET_STD
+from bnfold.errors import BnfoldError, ExitCode, UsageError
 from bnfold.reports.base import Report
 
 app = typer.Typer(
@@ -138,6 +139,62 @@ def fold(
     report = run_fold(model, output, tolerance=tolerance, input_shape=input_shape, verify=not no_verify,
                       strict_inputs=strict_inputs, force=force, in_place=in_place, allow_pickle=allow_pickle,
                       model_factory=model_factory)
+    finish(report, as_json)
+
+
+class RecalibrationMethod(str, Enum):
+    exact = "exact"
+    fast = "fast"
+
+
+@app.command()
+def recalibrate(
+    model: ModelArg,
+    data: Annotated[Optional[Path], typer.Option(
+        "--data", metavar="PATH", help=".npy (inputs of a one-input model), .npz (arrays named after the "
+                                       "inputs) or a directory of images.")] = None,
+    data_fn: Annotated[Optional[str], typer.Option(
+        "--data-fn", metavar="MODULE:CALLABLE",
+        help="A function returning an iterable of batches (tensors, tuples or dicts), called once per pass.")] = None,
+    output: Annotated[Optional[Path], typer.Option(
+        "-o", "--output", help="Where to write the recalibrated model (same format as the input).")] = None,
+    in_place: Annotated[bool, typer.Option("--in-place", help="Overwrite the input model file.")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing output file.")] = False,
+    method: Annotated[RecalibrationMethod, typer.Option(
+        "--method", help="exact: each BN gets the statistics it sees at inference once the layers before it "
+                         "are recalibrated (one pass per dependency level); fast: one pass with only the BN "
+                         "layers normalizing by batch statistics.")] = RecalibrationMethod.exact,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Samples per forward pass.")] = 32,
+    max_samples: Annotated[Optional[int], typer.Option("--max-samples", help="Use at most this many samples.")] = None,
+    seed: Annotated[Optional[int], typer.Option(
+        "--seed", help="Shuffle the samples with this seed before --max-samples (default: file order).")] = None,
+    resize: Annotated[Optional[int], typer.Option("--resize", help="Images: resize the shorter side to this.")] = None,
+    crop: Annotated[Optional[int], typer.Option("--crop", help="Images: centre-crop to this square size.")] = None,
+    mean: Annotated[str, typer.Option("--mean", help="Images: per-channel mean after scaling to [0, 1].")] =
+        ",".join(map(str, IMAGENET_MEAN)),
+    std: Annotated[str, typer.Option("--std", help="Images: per-channel standard deviation.")] =
+        ",".join(map(str, IMAGENET_STD)),
+    device: Annotated[str, typer.Option("--device", help="cpu, or cuda when a GPU is present.")] = "cpu",
+    as_json: JsonOpt = False,
+    allow_pickle: AllowPickleOpt = False,
+    model_factory: FactoryOpt = None,
+) -> None:
+    """Re-estimate every BN layer's running mean and variance on your data, exactly, and write the model."""
+    from bnfold.data import ImageOptions, parse_channel_values
+    from bnfold.plugins import import_callable
+    from bnfold.recalibration import recalibrate as run_recalibrate
+
+    if (data is None) == (data_fn is None):
+        raise UsageError("pass exactly one of --data PATH and --data-fn MODULE:CALLABLE")
+    if output is None and not in_place:
+        raise UsageError("say where to write the result: -o PATH, or --in-place to overwrite the input")
+    images = ImageOptions(resize=resize, crop=crop, mean=parse_channel_values(mean, "--mean"),
+                          std=parse_channel_values(std, "--std"))
+    report = run_recalibrate(
+        model, data if data is not None else import_callable(data_fn, "--data-fn"), method=method.value,
+        output=output, force=force, in_place=in_place, batch_size=batch_size, max_samples=max_samples,
+        seed=seed, images=images, device=device, allow_pickle=allow_pickle, model_factory=model_factory,
+        progress=True)
     finish(report, as_json)
 
 

@@ -1,0 +1,243 @@
+"""Observe BN inputs and write new running statistics in ONNX models (see `bnfold.recalibration`).
+
+Each pass runs a copy of the graph with a small probe in front of every observed BatchNormalization:
+its input is reshaped to (N, C, L), cast to double, and reduced to the batch's per-channel mean and
+population variance, per-sample means and the shape; those come out as extra graph outputs, so only
+C-sized vectors leave onnxruntime, never the activations. For the fast method the BN node itself is
+replaced by the same arithmetic normalizing by those batch statistics (any opset, no training-mode
+kernel needed). For the exact method each pass runs with the statistics written by the passes before.
+
+ONNX stores the population variance M2/n: BatchNormalization divides by sqrt(var + eps), and the
+population variance is what normalizes the calibration data exactly (ONNX's own training mode also
+updates running_var with the population variance). This module never imports torch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Sequence
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from bnfold.engine import Batch
+from bnfold.errors import InputError, UsageError
+from bnfold.foldmath import round_to
+from bnfold.layers import BNLayer
+from bnfold.model import InputSpec
+from bnfold.onnx.discover import discover, is_training_mode, used_optional_outputs
+from bnfold.onnx.graph import BN_OP, DEFAULT_DOMAINS, GraphIndex, attribute, node_label, opset_version
+from bnfold.onnx.model import OnnxModel
+from bnfold.onnx.runtime import session
+from bnfold.recalibration import GraphStep, upstream_layers
+from bnfold.stats import ChannelStatistics, Moments
+
+_PREFIX = "bnfold_recalibrate"
+
+
+class OnnxStatisticsRunner:
+    """Recalibration passes over an ONNX model with onnxruntime."""
+
+    variance_ddof = 0  # ONNX stores the population variance
+
+    def __init__(self, model: OnnxModel, *, device: str = "cpu", copy: bool = True) -> None:
+        if device != "cpu":
+            raise UsageError(f"--device {device}: ONNX models are recalibrated with onnxruntime on the CPU",
+                             "use --device cpu")
+        self.model = model
+        self.proto = _copy(model.proto) if copy else model.proto
+        self.opset = opset_version(self.proto)
+        self.index = GraphIndex(self.proto.graph)
+        self.notes: list[str] = []
+        self._skipped: dict[str, str] = {}
+        self.nodes: dict[str, onnx.NodeProto] = {}
+        for node in self.proto.graph.node:
+            if node.op_type == BN_OP and node.domain in DEFAULT_DOMAINS:
+                reason = self._unusable(node)
+                if reason:
+                    self._skipped[node_label(node)] = reason
+                else:
+                    self.nodes[node_label(node)] = node
+        for layer in discover(self.proto, self.opset):
+            if layer.name not in self.nodes and layer.name not in self._skipped:
+                self._skipped[layer.name] = "inside a subgraph (If/Loop/Scan), which bnfold cannot observe"
+
+    def _unusable(self, node: onnx.NodeProto) -> str | None:
+        if len(node.input) < 5 or any(self.index.constant(name) is None for name in node.input[3:5]):
+            return "its running statistics are not constants in the file (computed or fed at run time)"
+        if is_training_mode(node, self.opset) or used_optional_outputs(node, self.index):
+            return "runs in training mode: it normalizes by batch statistics and ignores the stored ones"
+        return None
+
+    def inputs(self) -> list[InputSpec | str]:
+        return list(self.model.input_specs())
+
+    def layers(self) -> list[BNLayer]:
+        return [layer for layer in discover(self.proto, self.opset) if layer.name in self.nodes]
+
+    def skipped(self) -> dict[str, str]:
+        return dict(self._skipped)
+
+    def upstream(self, probe: Batch) -> dict[str, set[str]]:
+        reads: dict[int, list[str]] = {}
+        for value, consumers in self.index.consumers.items():  # includes values captured by subgraphs
+            for consumer in consumers:
+                reads.setdefault(id(consumer), []).append(value)
+        layer_of = {id(node): name for name, node in self.nodes.items()}
+
+        def steps() -> Iterator[GraphStep]:
+            for node in self.proto.graph.node:
+                yield reads.get(id(node), []), [o for o in node.output if o], layer_of.get(id(node))
+
+        return upstream_layers(steps())
+
+    def run_pass(self, batches: Iterable[Batch], observe: Sequence[str],
+                 batch_statistics: bool) -> dict[str, ChannelStatistics]:
+        proto, probes = self._instrumented(set(observe), batch_statistics)
+        try:
+            runnable = session(proto)
+        except Exception as error:  # onnxruntime has many error types; all mean "cannot run this model"
+            first = (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
+            raise InputError(f"onnxruntime cannot run the model ({first})") from None
+        names = [name for probe in probes.values() for name in probe]
+        statistics = {layer: ChannelStatistics() for layer in probes}
+        for batch in batches:
+            values = dict(zip(names, runnable.run(names, batch)))
+            for layer, (mean, var, sample_means, shape) in probes.items():
+                rows, _, positions = (int(d) for d in values[shape])
+                statistics[layer].add(Moments.from_variance(rows * positions, values[mean], values[var]),
+                                      Moments.of(values[sample_means], channel_axis=1))
+        return statistics
+
+    def _instrumented(self, observe: set[str],
+                      batch_statistics: bool) -> tuple[onnx.ModelProto, dict[str, tuple[str, str, str, str]]]:
+        """A copy of the model with probes (and, for the fast method, batch-statistics BN) in place."""
+        proto = _copy(self.proto)
+        graph = proto.graph
+        builder = _ProbeBuilder(graph, self.opset)
+        probes: dict[str, tuple[str, str, str, str]] = {}
+        nodes: list[onnx.NodeProto] = []
+        for node in graph.node:
+            layer = node_label(node) if node.op_type == BN_OP else None
+            if layer not in self.nodes or not (layer in observe or batch_statistics):
+                nodes.append(node)
+                continue
+            probe = builder.moments(node.input[0], len(nodes))
+            nodes.extend(builder.nodes)
+            if layer in observe:
+                probes[layer] = (probe.mean, probe.var, probe.sample_means, probe.shape)
+            if batch_statistics:  # the BN node is replaced by the same arithmetic on batch statistics
+                builder.normalize(node, probe, self._value_type(node))
+                nodes.extend(builder.nodes)
+            else:
+                nodes.append(node)
+        graph.ClearField("node")
+        graph.node.extend(nodes)
+        graph.output.extend(helper.ValueInfoProto(name=name) for probe in probes.values() for name in probe)
+        return proto, probes
+
+    def _value_type(self, node: onnx.NodeProto) -> int:
+        """The element type of a BN's input, for opsets without CastLike (there it equals the scale's)."""
+        scale = self.index.constant(node.input[1])
+        return helper.np_dtype_to_tensor_dtype(scale.dtype) if scale is not None else TensorProto.FLOAT
+
+    def set_statistics(self, layer: str, mean: np.ndarray, var: np.ndarray, batches: int) -> None:
+        node = self.nodes[layer]
+        for position, values in ((3, mean), (4, var)):
+            name = node.input[position]
+            stored = round_to(values, self.index.constant(name).dtype).reshape(self.index.constant(name).shape)
+            if self._exclusive_initializer(name, node):
+                initializer = next(i for i in self.proto.graph.initializer if i.name == name)
+                initializer.CopyFrom(numpy_helper.from_array(stored, name))
+            else:  # shared with another node, or a Constant node: give this BN its own tensor
+                fresh = f"{name}.{_PREFIX}.{layer}"
+                self.proto.graph.initializer.append(numpy_helper.from_array(stored, fresh))
+                node.input[position] = fresh
+
+    def _exclusive_initializer(self, name: str, node: onnx.NodeProto) -> bool:
+        return (name in self.index.initializers and name not in self.index.output_names
+                and all(consumer is node for consumer in self.index.consumers.get(name, [])))
+
+    def result(self) -> OnnxModel:
+        return OnnxModel(self.model.path, self.proto)
+
+
+def _copy(proto: onnx.ModelProto) -> onnx.ModelProto:
+    copied = onnx.ModelProto()
+    copied.CopyFrom(proto)
+    return copied
+
+
+class _Probe:
+    """Names of one probe's values."""
+
+    def __init__(self, prefix: str) -> None:
+        self.deviations = f"{prefix}/deviations"
+        self.mean = f"{prefix}/mean"
+        self.var = f"{prefix}/var"
+        self.sample_means = f"{prefix}/sample_means"
+        self.shape = f"{prefix}/shape"
+        self.prefix = prefix
+
+
+class _ProbeBuilder:
+    """Emits the probe and batch-normalization nodes (double precision) for the model's opset."""
+
+    def __init__(self, graph: onnx.GraphProto, opset: int) -> None:
+        self.graph = graph
+        self.opset = opset
+        self.nodes: list[onnx.NodeProto] = []
+        self._constant("flat", np.array([0, 0, -1], np.int64))
+        self._constant("channels", np.array([1, -1, 1], np.int64))
+
+    def _constant(self, name: str, value: np.ndarray) -> str:
+        full = f"{_PREFIX}/{name}"
+        if not any(init.name == full for init in self.graph.initializer):
+            self.graph.initializer.append(numpy_helper.from_array(value, full))
+        return full
+
+    def _add(self, op: str, inputs: list[str], output: str, **attributes: object) -> str:
+        self.nodes.append(helper.make_node(op, inputs, [output], name=output, **attributes))
+        return output
+
+    def _mean(self, value: str, axes: list[int], keepdims: int, output: str) -> str:
+        if self.opset >= 18:  # axes became an input in opset 18
+            axes_name = self._constant("axes_" + "_".join(map(str, axes)), np.array(axes, np.int64))
+            return self._add("ReduceMean", [value, axes_name], output, keepdims=keepdims)
+        return self._add("ReduceMean", [value], output, axes=axes, keepdims=keepdims)
+
+    def moments(self, value: str, number: int) -> _Probe:
+        """Batch mean and population variance per channel of `value` (N, C, ...), in double.
+
+        The new nodes are left in `self.nodes`, as for `normalize`.
+        """
+        self.nodes = []
+        probe = _Probe(f"{_PREFIX}/{number}")
+        flat = self._add("Reshape", [value, f"{_PREFIX}/flat"], f"{probe.prefix}/flat")
+        double = self._add("Cast", [flat], f"{probe.prefix}/double", to=TensorProto.DOUBLE)
+        self._mean(double, [0, 2], 1, probe.mean)
+        self._add("Sub", [double, probe.mean], probe.deviations)
+        squares = self._add("Mul", [probe.deviations, probe.deviations], f"{probe.prefix}/squares")
+        self._mean(squares, [0, 2], 1, probe.var)
+        self._mean(double, [2], 0, probe.sample_means)
+        self._add("Shape", [flat], probe.shape)
+        return probe
+
+    def normalize(self, node: onnx.NodeProto, probe: _Probe, value_type: int) -> None:
+        """Nodes computing the BN's output with the batch's statistics, under the BN's output name."""
+        self.nodes = []
+        p = probe.prefix
+        eps = self._constant(f"{p}/eps", np.array(float(attribute(node, "epsilon", 1e-5)), np.float64))
+        std = self._add("Sqrt", [self._add("Add", [probe.var, eps], f"{p}/var_eps")], f"{p}/std")
+        normalized = self._add("Div", [probe.deviations, std], f"{p}/normalized")
+        scale, bias = (
+            self._add("Reshape", [self._add("Cast", [node.input[i]], f"{p}/{what}_double", to=TensorProto.DOUBLE),
+                                  f"{_PREFIX}/channels"], f"{p}/{what}")
+            for i, what in ((1, "scale"), (2, "bias")))
+        shifted = self._add("Add", [self._add("Mul", [normalized, scale], f"{p}/scaled"), bias], f"{p}/shifted")
+        if self.opset >= 15:
+            cast = self._add("CastLike", [shifted, node.input[0]], f"{p}/cast")
+        else:
+            cast = self._add("Cast", [shifted], f"{p}/cast", to=value_type)
+        original_shape = self._add("Shape", [node.input[0]], f"{p}/input_shape")
+        self._add("Reshape", [cast, original_shape], node.output[0])

@@ -1,0 +1,428 @@
+"""Observe BN inputs and write new running statistics in torch models (see `bnfold.recalibration`).
+
+One runner per kind of torch object, because each is instrumented differently:
+
+- eager `nn.Module` (pickle, state_dict + factory): forward pre-hooks on the BN modules; the fast
+  method flips only BN modules to batch statistics (`training=True` with `track_running_stats=False`,
+  which reads and writes no buffer). Dependencies come from a torch.fx trace; a model fx cannot trace
+  gets one BN layer per pass, in call order (always correct, just more passes).
+- ExportedProgram (.pt2): `program.module()` is an fx GraphModule whose BN ops read the program's own
+  buffers; an observer call is inserted before each BN op, and for the fast method the op is switched
+  to batch statistics. The buffers are updated in place and the program is saved as a .pt2 again.
+- TorchScript: the inlined forward graph gets the BN inputs as extra outputs (and batch-statistics BN
+  ops for the fast method), compiled into a function that runs on the module's own attributes.
+
+Batch moments are reduced on the device in float64 and handed to `bnfold.stats` as `Moments`.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import inspect
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import numpy as np
+import torch
+from torch import fx, nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from bnfold.engine import Batch
+from bnfold.errors import DataError, UsageError
+from bnfold.foldmath import round_to
+from bnfold.layers import BNLayer
+from bnfold.model import InputSpec, Model
+from bnfold.pytorch.discover import BN_ATEN_SIGNATURES, bn_kind, discover_exported, discover_module
+from bnfold.pytorch.model import ExportedProgramModel, ModuleModel, TorchScriptModel
+from bnfold.recalibration import GraphStep, upstream_layers
+from bnfold.stats import ChannelStatistics, Moments
+
+# ExportedProgram BN ops that normalize with their running statistics, and how to make them use the
+# batch's statistics instead.
+_EVAL_BATCH_NORM = torch.ops.aten.batch_norm.default
+_EVAL_NATIVE_BATCH_NORM = torch.ops.aten._native_batch_norm_legit_no_training.default
+
+
+def torch_statistics_runner(model: Model, *, device: str = "cpu", copy: bool = True) -> _TorchRunner:
+    target = _device(device)
+    if isinstance(model, ExportedProgramModel):
+        return ExportedProgramRunner(model, target, copy)
+    if isinstance(model, TorchScriptModel):
+        return ScriptRunner(model, target, copy)
+    if isinstance(model, ModuleModel):
+        return ModuleRunner(model, target, copy)
+    raise UsageError(f"cannot recalibrate a {type(model).__name__}")
+
+
+def _device(name: str) -> torch.device:
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UsageError(f"--device {name!r} is not a torch device", "use cpu or cuda") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device {name}: torch sees no CUDA GPU here", "use --device cpu")
+    if device.type not in ("cpu", "cuda"):
+        raise UsageError(f"--device {name}: only cpu and cuda are supported")
+    return device
+
+
+def batch_moments(inputs: torch.Tensor) -> tuple[Moments, Moments]:
+    """Moments per channel (axis 1) of a BN input, over all values and over per-sample means."""
+    if inputs.dim() < 2:
+        raise DataError(f"a BN layer received a {inputs.dim()}-D tensor; BN inputs are (N, C, ...)")
+    values = inputs.detach().to(torch.float64)
+    var, mean = torch.var_mean(values, dim=[0, *range(2, values.dim())], correction=0)
+    per_sample = values.flatten(2).mean(dim=2) if values.dim() > 2 else values
+    sample_var, sample_mean = torch.var_mean(per_sample, dim=0, correction=0)
+    count = values.numel() // max(values.shape[1], 1)
+    return (Moments.from_variance(count, mean.cpu().numpy(), var.cpu().numpy()),
+            Moments.from_variance(values.shape[0], sample_mean.cpu().numpy(), sample_var.cpu().numpy()))
+
+
+def _observe(statistics: dict[str, ChannelStatistics], layer: str, inputs: torch.Tensor) -> None:
+    statistics.setdefault(layer, ChannelStatistics()).add(*batch_moments(inputs))
+
+
+class _TorchRunner:
+    """The pass loop and buffer writes shared by the three torch runners."""
+
+    variance_ddof = 1  # torch's running_var is the unbiased estimate
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.notes: list[str] = []
+        self._skipped: dict[str, str] = {}
+        self.float_dtype = torch.float32
+
+    def skipped(self) -> dict[str, str]:
+        return dict(self._skipped)
+
+    def run_pass(self, batches: Iterable[Batch], observe: Sequence[str],
+                 batch_statistics: bool) -> dict[str, ChannelStatistics]:
+        statistics: dict[str, ChannelStatistics] = {}
+        with torch.no_grad(), self._instrumented(set(observe), batch_statistics, statistics) as forward:
+            for batch in batches:
+                forward(*self._tensors(batch))
+        return statistics
+
+    def _tensors(self, batch: Batch) -> list[torch.Tensor]:
+        tensors = []
+        for name in self.input_names():
+            tensor = torch.from_numpy(np.ascontiguousarray(batch[name]))
+            if tensor.is_floating_point():
+                tensor = tensor.to(self.float_dtype)
+            tensors.append(tensor.to(self.device))
+        return tensors
+
+    def input_names(self) -> list[str]:
+        return [item if isinstance(item, str) else item.name for item in self.inputs()]
+
+    def set_statistics(self, layer: str, mean: np.ndarray, var: np.ndarray, batches: int) -> None:
+        for running_mean, running_var, tracked in self._buffers(layer):
+            running_mean.copy_(torch.from_numpy(round_to(mean, _numpy_dtype(running_mean))))
+            running_var.copy_(torch.from_numpy(round_to(var, _numpy_dtype(running_var))))
+            if tracked is not None:
+                tracked.fill_(batches)
+
+    # Implemented by each runner.
+    def inputs(self) -> list[InputSpec | str]:
+        raise NotImplementedError
+
+    def _instrumented(self, observe: set[str], batch_statistics: bool,
+                      statistics: dict[str, ChannelStatistics]) -> Any:
+        raise NotImplementedError
+
+    def _buffers(self, layer: str) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]:
+        raise NotImplementedError
+
+
+def _numpy_dtype(tensor: torch.Tensor) -> str:
+    return "float32" if tensor.dtype == torch.bfloat16 else str(tensor.dtype).removeprefix("torch.")
+
+
+def _first_float_dtype(tensors: Iterable[torch.Tensor]) -> torch.dtype:
+    return next((t.dtype for t in tensors if t.is_floating_point()), torch.float32)
+
+
+def _fx_steps(graph: fx.Graph, layer_of: Callable[[fx.Node], str | None]) -> Iterator[GraphStep]:
+    for node in graph.nodes:
+        yield node.all_input_nodes, [node], layer_of(node)
+
+
+def _forward_names(forward: Callable[..., Any]) -> list[str]:
+    """The positional inputs of a module's forward (its input names for .npz data)."""
+    try:
+        parameters = inspect.signature(forward).parameters.values()
+    except (TypeError, ValueError):
+        return ["input"]
+    names = [p.name for p in parameters if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+             and p.default is p.empty]
+    return names or ["input"]
+
+
+class ModuleRunner(_TorchRunner):
+    """An eager nn.Module, observed through forward pre-hooks on its BN modules."""
+
+    def __init__(self, model: ModuleModel, device: torch.device, copy_model: bool) -> None:
+        super().__init__(device)
+        self.model = model
+        self.module = (copy.deepcopy(model.module) if copy_model else model.module).eval().to(device)
+        self.float_dtype = _first_float_dtype(self.module.parameters())
+        self.bns: dict[str, _BatchNorm] = {}
+        for name, child in self.module.named_modules():
+            kind = bn_kind(child)
+            if kind is None:
+                continue
+            if not isinstance(child, _BatchNorm):
+                self._skipped[name] = (f"{kind}: not a torch BatchNorm class, so how it uses its statistics "
+                                       "is unknown")
+            elif child.running_mean is None or child.running_var is None or not child.track_running_stats:
+                self._skipped[name] = "no running statistics (track_running_stats=False)"
+            else:
+                self.bns[name] = child
+
+    def inputs(self) -> list[InputSpec | str]:
+        return list(_forward_names(self.module.forward))
+
+    def layers(self) -> list[BNLayer]:
+        return [layer for layer in discover_module(self.module) if layer.name in self.bns]
+
+    def upstream(self, probe: Batch) -> dict[str, set[str]]:
+        class BatchNormLeaves(fx.Tracer):
+            def is_leaf_module(self, module: nn.Module, qualified_name: str) -> bool:
+                return bn_kind(module) is not None or super().is_leaf_module(module, qualified_name)
+
+        try:
+            graph = BatchNormLeaves().trace(self.module)
+        except Exception as error:  # fx cannot trace data-dependent control flow and more
+            reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:160]
+            self.notes.append(f"torch.fx cannot trace the model ({reason}); "
+                              "layers were recalibrated one per pass, in call order")
+            return self._call_order(probe)
+        return upstream_layers(_fx_steps(graph, lambda node: node.target if node.op == "call_module"
+                                         and node.target in self.bns else None))
+
+    def _call_order(self, probe: Batch) -> dict[str, set[str]]:
+        """Without a graph, assume each layer depends on every layer called before it."""
+        order: list[str] = []
+        hooks = [module.register_forward_pre_hook(functools.partial(lambda name, *_: order.append(name), name))
+                 for name, module in self.bns.items()]
+        try:
+            with torch.no_grad():
+                self.module(*self._tensors(probe))
+        finally:
+            for hook in hooks:
+                hook.remove()
+        called = list(dict.fromkeys(order))
+        return {name: set(called[:position]) for position, name in enumerate(called)}
+
+    @contextmanager
+    def _instrumented(self, observe: set[str], batch_statistics: bool,
+                      statistics: dict[str, ChannelStatistics]) -> Iterator[Callable[..., Any]]:
+        hooks = [self.bns[name].register_forward_pre_hook(
+                 functools.partial(lambda name, _module, args: _observe(statistics, name, args[0]), name))
+                 for name in observe]
+        modes = {name: (bn.training, bn.track_running_stats) for name, bn in self.bns.items()}
+        try:
+            if batch_statistics:
+                for bn in self.bns.values():  # batch statistics, and no buffer read or written
+                    bn.training, bn.track_running_stats = True, False
+            yield self.module
+        finally:
+            for hook in hooks:
+                hook.remove()
+            for name, (training, tracking) in modes.items():
+                self.bns[name].training, self.bns[name].track_running_stats = training, tracking
+
+    def _buffers(self, layer: str) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]:
+        bn = self.bns[layer]
+        return [(bn.running_mean, bn.running_var, bn.num_batches_tracked)]
+
+    def result(self) -> Model:
+        return ModuleModel(self.model.path, self.module.cpu(), self.model.format, safetensors=self.model.safetensors)
+
+
+class ExportedProgramRunner(_TorchRunner):
+    """A torch.export program, run as its GraphModule with observers inserted before the BN ops."""
+
+    def __init__(self, model: ExportedProgramModel, device: torch.device, copy_model: bool) -> None:
+        super().__init__(device)
+        self.model = model
+        self.program = copy.deepcopy(model.program) if copy_model else model.program
+        self.module = self.program.module().to(device)
+        self.float_dtype = _first_float_dtype(self.program.state_dict.values())
+        self.layer_of: dict[fx.Node, str] = {}
+        named = {layer.extra.get("node"): layer.name for layer in discover_exported(self.program)}
+        for node in self.module.graph.nodes:
+            if node.op != "call_function" or getattr(node.target, "_schema", None) is None:
+                continue
+            if node.target._schema.name not in BN_ATEN_SIGNATURES:
+                continue
+            mean = node.args[3] if len(node.args) > 3 else None
+            key = mean.target.rsplit(".", 1)[0] if isinstance(mean, fx.Node) and mean.op == "get_attr" else None
+            if key is None:
+                self._skipped[named.get(node.name, node.name)] = "no running statistics"
+            elif node.target not in (_EVAL_BATCH_NORM, _EVAL_NATIVE_BATCH_NORM) or \
+                    (node.target is _EVAL_BATCH_NORM and node.args[5]):
+                self._skipped[key] = "exported in training mode: it normalizes by batch statistics"
+            else:
+                self.layer_of[node] = key
+
+    def inputs(self) -> list[InputSpec | str]:
+        return list(self.model.input_specs()) or ["input"]
+
+    def layers(self) -> list[BNLayer]:
+        keys = set(self.layer_of.values())
+        return [layer for layer in discover_exported(self.program) if layer.name in keys]
+
+    def upstream(self, probe: Batch) -> dict[str, set[str]]:
+        return upstream_layers(_fx_steps(self.module.graph, self.layer_of.get))
+
+    @contextmanager
+    def _instrumented(self, observe: set[str], batch_statistics: bool,
+                      statistics: dict[str, ChannelStatistics]) -> Iterator[Callable[..., Any]]:
+        graph = fx.Graph()
+        copies: dict[fx.Node, fx.Node] = {}
+        graph.output(graph.graph_copy(self.module.graph, copies))
+        for original, key in self.layer_of.items():
+            node = copies[original]
+            if key in observe:
+                with graph.inserting_before(node):
+                    graph.call_function(_observer(statistics, key), (node.args[0],))
+            if batch_statistics:
+                _use_batch_statistics(node)
+        yield fx.GraphModule(self.module, graph)
+
+    def _buffers(self, layer: str) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]:
+        found = []
+        for holder in (self.program.state_dict, dict(self.module.named_buffers())):
+            tracked = holder.get(f"{layer}.num_batches_tracked")
+            found.append((holder[f"{layer}.running_mean"], holder[f"{layer}.running_var"], tracked))
+        return list({id(entry[0]): entry for entry in found}.values())  # often the same tensors
+
+    def result(self) -> Model:
+        return ExportedProgramModel(self.model.path, self.program)
+
+
+def _observer(statistics: dict[str, ChannelStatistics], layer: str) -> Callable[[torch.Tensor], None]:
+    def observe_batch_norm_input(inputs: torch.Tensor) -> None:
+        _observe(statistics, layer, inputs)
+
+    return observe_batch_norm_input
+
+
+def _use_batch_statistics(node: fx.Node) -> None:
+    """Make an eval-mode aten BN op normalize by the batch's statistics, touching no buffer."""
+    args = list(node.args)
+    if node.target is _EVAL_BATCH_NORM:  # (input, weight, bias, mean, var, training, momentum, eps, cudnn)
+        args[3], args[4], args[5] = None, None, True
+        node.args = tuple(args)
+    else:  # _native_batch_norm_legit_no_training(input, weight, bias, mean, var, momentum, eps)
+        node.target = torch.ops.aten._native_batch_norm_legit.no_stats
+        node.args = (args[0], args[1], args[2], True, args[5], args[6])
+
+
+class ScriptRunner(_TorchRunner):
+    """A TorchScript module, run through a copy of its inlined graph that also returns BN inputs."""
+
+    def __init__(self, model: TorchScriptModel, device: torch.device, copy_model: bool) -> None:
+        super().__init__(device)
+        self.model = model
+        self.module = (copy.deepcopy(model.module) if copy_model else model.module).eval().to(device)
+        self.float_dtype = _first_float_dtype(self.module.parameters())
+        graph = self._inlined()
+        self.keys = [_stats_owner(node) for node in _top_level_batch_norms(graph)]
+        for node in graph.findAllNodes("aten::batch_norm", True):
+            if node.owningBlock() != graph.block():
+                owner = _stats_owner(node)
+                if owner:
+                    self._skipped[owner] = "called inside control flow (if/loop), where bnfold cannot observe it"
+        for key in self.keys:
+            if key is None:
+                self.notes.append("a batch_norm call without running statistics was left as it is")
+        self.names = {key for key in self.keys if key is not None} - set(self._skipped)
+
+    def _inlined(self) -> torch._C.Graph:
+        graph = self.module.forward.graph.copy()
+        torch._C._jit_pass_inline(graph)
+        return graph
+
+    def inputs(self) -> list[InputSpec | str]:
+        return [argument.name for argument in self.module.forward.schema.arguments[1:]] or ["input"]
+
+    def layers(self) -> list[BNLayer]:
+        return [layer for layer in discover_module(self.module) if layer.name in self.names]
+
+    def upstream(self, probe: Batch) -> dict[str, set[str]]:
+        graph = self._inlined()
+        layer_of = dict(zip(_top_level_batch_norms(graph), self.keys))
+
+        def steps() -> Iterator[GraphStep]:
+            for node in graph.nodes():
+                reads = [value.unique() for value in _reads(node)]
+                key = layer_of.get(node)
+                yield reads, [value.unique() for value in node.outputs()], key if key in self.names else None
+
+        return upstream_layers(steps())
+
+    @contextmanager
+    def _instrumented(self, observe: set[str], batch_statistics: bool,
+                      statistics: dict[str, ChannelStatistics]) -> Iterator[Callable[..., Any]]:
+        graph = self._inlined()
+        observed = []
+        for node, key in zip(_top_level_batch_norms(graph), self.keys):
+            if key not in self.names:
+                continue
+            if key in observe:
+                graph.registerOutput(node.inputsAt(0))
+                observed.append(key)
+            if batch_statistics:
+                graph.setInsertPoint(node)
+                none = graph.insertConstant(None)
+                node.replaceInput(3, none)
+                node.replaceInput(4, none)
+                node.replaceInput(5, graph.insertConstant(True))
+        graph.makeMultiOutputIntoTuple()
+        function = torch._C._create_function_from_graph("bnfold_recalibrate", graph)
+
+        def forward(*inputs: torch.Tensor) -> None:
+            outputs = function(self.module._c, *inputs)
+            for key, value in zip(observed, outputs[1:]):
+                _observe(statistics, key, value)
+
+        yield forward
+
+    def _buffers(self, layer: str) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]:
+        bn = functools.reduce(getattr, layer.split("."), self.module)
+        return [(bn.running_mean, bn.running_var, getattr(bn, "num_batches_tracked", None))]
+
+    def result(self) -> Model:
+        return TorchScriptModel(self.model.path, self.module.cpu())
+
+
+def _top_level_batch_norms(graph: torch._C.Graph) -> list[torch._C.Node]:
+    return [node for node in graph.nodes() if node.kind() == "aten::batch_norm"]
+
+
+def _stats_owner(node: torch._C.Node) -> str | None:
+    """The module path whose running_mean a batch_norm call reads ("layer1.0.bn1"), or None."""
+    names = []
+    value = node.inputsAt(3)
+    while value.node().kind() == "prim::GetAttr":
+        names.append(value.node().s("name"))
+        value = value.node().inputsAt(0)
+    if value.node().kind() != "prim::Param" or len(names) < 2:
+        return None
+    return ".".join(reversed(names[1:]))
+
+
+def _reads(node: torch._C.Node) -> list[torch._C.Value]:
+    """Values a node reads, including those read inside its blocks (if/loop bodies)."""
+    values = list(node.inputs())
+    for block in node.blocks():
+        for inner in block.nodes():
+            values.extend(_reads(inner))
+        values.extend(block.returnNode().inputs())
+    return values
