@@ -297,6 +297,9 @@ def onnx_params() -> list:
 @pytest.mark.parametrize("onnx_case", onnx_params(), indirect=True)
 def test_zoo_onnx_export_keeps_bn(onnx_case: OnnxCase) -> None:
     """The export is the input the ONNX tests need: one BN node per BN module call, parameters named."""
+    import onnx
+
+    onnx.checker.check_model(onnx_case.proto, full_check=True)
     assert "?" not in onnx_case.bn_modules, "a BatchNormalization node reads no zoo BN's parameters"
     assert not [n for n in onnx_case.proto.graph.node if n.op_type == "Identity"]
     original = onnx_case.entry.factory()
