@@ -99,10 +99,10 @@ def open_data(data: object, inputs: Sequence[InputSpec | str], options: DataOpti
         return data
     if isinstance(data, (str, Path)):
         return _open_path(Path(data), validator, options)
-    if isinstance(data, (np.ndarray, Mapping)):
-        arrays = {"array": data} if isinstance(data, np.ndarray) else dict(data)
-        return ArraySource(validator.match_arrays(arrays, "the array" if isinstance(data, np.ndarray)
-                                                  else "the arrays"), validator, options, "arrays in memory")
+    if isinstance(data, np.ndarray):
+        return ArraySource({validator.single_name("an array"): data}, validator, options, "an array in memory")
+    if isinstance(data, Mapping):
+        return ArraySource(validator.match_arrays(dict(data), "the mapping"), validator, options, "arrays in memory")
     if callable(data):
         name = getattr(data, "__qualname__", type(data).__name__)
         return CallableSource(data, validator, options, f"batches from {name}()")
@@ -116,16 +116,16 @@ def _open_path(path: Path, validator: _Validator, options: DataOptions) -> DataS
     if not path.exists():
         raise DataError(f"no such data file or directory: {path}")
     if path.is_dir():
+        name = validator.single_name(f"the images in {path}")
         images = _ImageFolder(path, validator.image_channels(), options.images)
-        return ArraySource({validator.single_name(f"the images in {path}"): images}, validator, options,
-                           f"{path} ({len(images)} images)")
+        return ArraySource({name: images}, validator, options, f"{path} ({len(images)} images)")
     suffix = path.suffix.lower()
     if suffix == ".npy":
         try:
             array = np.load(path, mmap_mode="r", allow_pickle=False)
         except (ValueError, OSError) as error:
             raise DataError(f"{path} is not a readable .npy array ({error})") from None
-        arrays = validator.match_arrays({"array": array}, str(path))
+        arrays = {validator.single_name(str(path)): array}
     elif suffix == ".npz":
         arrays = validator.match_arrays(_load_npz(path), str(path))
     else:

@@ -1,0 +1,417 @@
+"""`recalibrate` against independent oracles, on real data (sklearn digits) with a sensor shift.
+
+The oracles use plain torch in float64 on all samples at once, one BN layer per pass in module order
+(exact), or the BN modules alone switched to train mode over the same batches (fast): no bnfold code,
+no streaming merge, no dependency analysis. The sample `mlp` has Dropout upstream of a BN and BN1d
+after a Linear; its files exist in every format.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from onnx import TensorProto, helper, numpy_helper
+from torch import nn
+
+from bnfold.errors import DataError, NoBatchNormError, OutputError, UsageError
+from bnfold.recalibration import dependency_levels, recalibrate, upstream_layers
+from sample_models.architectures import make_mlp
+from tests.conftest import SAMPLES
+from tests.test_startup import run_probe
+
+CALIB = SAMPLES / "shifted_calib.npy"
+BATCH = 32
+FACTORY = "sample_models.architectures:make_mlp"
+
+
+@pytest.fixture(scope="module")
+def trained_mlp() -> nn.Module:
+    module = make_mlp()
+    module.load_state_dict(torch.load(SAMPLES / "mlp_state_dict.pt", weights_only=True))
+    return module.eval()
+
+
+@pytest.fixture(scope="module")
+def calib() -> np.ndarray:
+    return np.load(CALIB)
+
+
+@pytest.fixture(scope="module")
+def shifted_test() -> tuple[np.ndarray, np.ndarray]:
+    with np.load(SAMPLES / "shifted_test.npz") as test:
+        return test["x"], test["y"]
+
+
+def bn_modules(module: nn.Module) -> dict[str, nn.Module]:
+    return {name: m for name, m in module.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)}
+
+
+def channel_statistics(inputs: torch.Tensor, ddof: int) -> tuple[np.ndarray, np.ndarray]:
+    values = inputs.transpose(0, 1).reshape(inputs.shape[1], -1).numpy()
+    return values.mean(axis=1), values.var(axis=1, ddof=ddof)
+
+
+def exact_oracle(module: nn.Module, data: np.ndarray, ddof: int) -> tuple[dict, nn.Module]:
+    """Layer by layer in module order, float64, all samples in one batch, in eval mode."""
+    model = copy.deepcopy(module).double().eval()
+    inputs = torch.from_numpy(data).double()
+    expected = {}
+    for name, bn in bn_modules(model).items():
+        seen = []
+        handle = bn.register_forward_pre_hook(lambda _m, args: seen.append(args[0]))
+        with torch.no_grad():
+            model(inputs)
+        handle.remove()
+        expected[name] = channel_statistics(seen[0], ddof)
+        bn.running_mean.copy_(torch.from_numpy(expected[name][0]))
+        bn.running_var.copy_(torch.from_numpy(expected[name][1]))
+    return expected, model
+
+
+def fast_oracle(module: nn.Module, data: np.ndarray, ddof: int) -> tuple[dict, nn.Module]:
+    """One pass in batches of BATCH with only the BN modules in train mode (dropout stays off)."""
+    model = copy.deepcopy(module).double().eval()
+    seen: dict[str, list[torch.Tensor]] = {name: [] for name in bn_modules(model)}
+    for name, bn in bn_modules(model).items():
+        bn.train()
+        bn.register_forward_pre_hook(lambda _m, args, name=name: seen[name].append(args[0]))
+    inputs = torch.from_numpy(data).double()
+    with torch.no_grad():
+        for start in range(0, len(inputs), BATCH):
+            model(inputs[start:start + BATCH])
+    expected = {name: channel_statistics(torch.cat(batches), ddof) for name, batches in seen.items()}
+    model.eval()
+    for name, bn in bn_modules(model).items():
+        bn.running_mean.copy_(torch.from_numpy(expected[name][0]))
+        bn.running_var.copy_(torch.from_numpy(expected[name][1]))
+    return expected, model
+
+
+ORACLES = {"exact": exact_oracle, "fast": fast_oracle}
+
+
+def accuracy(logits: np.ndarray, labels: np.ndarray) -> float:
+    return 100.0 * float(np.mean(np.argmax(logits, axis=1) == labels))
+
+
+def torch_accuracy(model: nn.Module, test) -> float:
+    with torch.no_grad():
+        return accuracy(model(torch.from_numpy(test[0]).to(next(model.parameters()).dtype)).numpy(), test[1])
+
+
+def assert_statistics_match(stored_mean, stored_var, oracle_mean, oracle_var):
+    """Within 1e-4 relative: means relative to the channel's scale (a mean may be ~0), variances plain."""
+    scale = np.abs(oracle_mean) + np.sqrt(oracle_var)
+    assert np.max(np.abs(np.asarray(stored_mean, np.float64) - oracle_mean) / scale) < 1e-4
+    np.testing.assert_allclose(np.asarray(stored_var, np.float64), oracle_var, rtol=1e-4)
+
+
+def stored_torch_statistics(path, kind) -> tuple[nn.Module, dict[str, tuple[np.ndarray, np.ndarray]]]:
+    """Reload a written torch file as a runnable module and read its BN buffers."""
+    if kind == "pt2":
+        program = torch.export.load(str(path))
+        module, state = program.module(), program.state_dict
+    else:
+        loaded = torch.load(path, weights_only=kind != "pickle")
+        module = loaded if kind == "pickle" else make_mlp()
+        if kind != "pickle":
+            module.load_state_dict(loaded)
+        state = module.state_dict()
+    stats = {name: (state[f"{name}.running_mean"].numpy(), state[f"{name}.running_var"].numpy())
+             for name in ("bn1", "bn2")}
+    return module.eval() if kind != "pt2" else module, {**stats, "tracked": state["bn2.num_batches_tracked"]}
+
+
+TORCH_FILES = {"pt2": ("mlp.pt2", {}), "pickle": ("mlp_pickle.pt", {"allow_pickle": True}),
+               "state_dict": ("mlp_state_dict.pt", {"model_factory": FACTORY})}
+
+
+@pytest.mark.parametrize("method", ["exact", "fast"])
+@pytest.mark.parametrize("kind", list(TORCH_FILES))
+def test_torch_formats_match_the_oracle(kind, method, tmp_path, trained_mlp, calib, shifted_test):
+    name, options = TORCH_FILES[kind]
+    out = tmp_path / f"out{(SAMPLES / name).suffix}"
+    report = recalibrate(SAMPLES / name, CALIB, method=method, output=out, batch_size=BATCH, **options)
+    assert report.passes == (2 if method == "exact" else 1)
+    assert [(layer.name, layer.pass_number) for layer in report.layers] == \
+        ([("bn1", 1), ("bn2", 2)] if method == "exact" else [("bn1", 1), ("bn2", 1)])
+
+    expected, oracle_model = ORACLES[method](trained_mlp, calib, ddof=1)  # torch stores unbiased variance
+    module, stored = stored_torch_statistics(out, kind)
+    for layer in ("bn1", "bn2"):
+        assert_statistics_match(*stored[layer], *expected[layer])
+    assert int(stored["tracked"]) == len(calib) // BATCH
+
+    before = torch_accuracy(trained_mlp, shifted_test)
+    after, oracle = torch_accuracy(module, shifted_test), torch_accuracy(oracle_model, shifted_test)
+    assert abs(after - oracle) <= 0.5
+    assert after > before + 1.0  # recalibration recovers accuracy lost to the sensor shift
+
+
+@pytest.mark.parametrize("method", ["exact", "fast"])
+def test_onnx_matches_the_oracle(method, tmp_path, trained_mlp, calib, shifted_test):
+    out = tmp_path / "out.onnx"
+    report = recalibrate(SAMPLES / "mlp.onnx", CALIB, method=method, output=out, batch_size=BATCH)
+    assert report.passes == (2 if method == "exact" else 1)
+    expected, oracle_model = ORACLES[method](trained_mlp, calib, ddof=0)  # ONNX stores population variance
+    model = onnx.load(out)
+    initializers = {init.name: numpy_helper.to_array(init) for init in model.graph.initializer}
+    bns = [node for node in model.graph.node if node.op_type == "BatchNormalization"]
+    for node, layer in zip(bns, ("bn1", "bn2")):
+        assert_statistics_match(initializers[node.input[3]], initializers[node.input[4]], *expected[layer])
+    session = ort.InferenceSession(out.read_bytes(), providers=["CPUExecutionProvider"])
+    logits = session.run(None, {"input": shifted_test[0]})[0]
+    assert abs(accuracy(logits, shifted_test[1]) - torch_accuracy(oracle_model, shifted_test)) <= 0.5
+    assert len(model.graph.node) == len(onnx.load(SAMPLES / "mlp.onnx").graph.node)  # no probe left behind
+
+
+@pytest.mark.parametrize("method", ["exact", "fast"])
+def test_torchscript_matches_the_oracle(method, tmp_path, trained_mlp, calib):
+    out = tmp_path / "out.ts"
+    recalibrate(SAMPLES / "mlp.ts", CALIB, method=method, output=out, batch_size=BATCH)
+    expected, _ = ORACLES[method](trained_mlp, calib, ddof=1)
+    module = torch.jit.load(str(out))
+    for layer in ("bn1", "bn2"):
+        bn = getattr(module, layer)
+        assert_statistics_match(bn.running_mean.numpy(), bn.running_var.numpy(), *expected[layer])
+
+
+def test_exact_is_not_one_plain_pass_with_old_statistics(trained_mlp, calib):
+    """The shortcut the issue forbids gives bn2 measurably different statistics; exact must not."""
+    model = copy.deepcopy(trained_mlp).double()
+    seen = []
+    model.bn2.register_forward_pre_hook(lambda _m, args: seen.append(args[0]))
+    with torch.no_grad():
+        model(torch.from_numpy(calib).double())
+    shortcut_mean, _ = channel_statistics(seen[0], ddof=1)
+    expected, _ = exact_oracle(trained_mlp, calib, ddof=1)
+    report = recalibrate(trained_mlp, calib)
+    new_mean = report.result.module.bn2.running_mean.numpy()
+    scale = np.sqrt(expected["bn2"][1])
+    assert np.max(np.abs(shortcut_mean - expected["bn2"][0]) / scale) > 1e-2
+    assert np.max(np.abs(new_mean - expected["bn2"][0]) / scale) < 1e-4
+
+
+def test_result_does_not_depend_on_batch_size(trained_mlp, calib):
+    small = recalibrate(trained_mlp, calib, batch_size=7).result.module
+    whole = recalibrate(trained_mlp, calib, batch_size=len(calib)).result.module
+    for name in ("bn1", "bn2"):
+        a, b = getattr(small, name), getattr(whole, name)
+        np.testing.assert_allclose(a.running_mean.numpy(), b.running_mean.numpy(), rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(a.running_var.numpy(), b.running_var.numpy(), rtol=1e-5)
+
+
+def test_caller_model_is_untouched_and_only_statistics_change(trained_mlp, calib):
+    before = {k: v.clone() for k, v in trained_mlp.state_dict().items()}
+    report = recalibrate(trained_mlp, calib, batch_size=BATCH)
+    for key, value in trained_mlp.state_dict().items():
+        assert torch.equal(value, before[key]), key
+    result = report.result.module
+    assert result is not trained_mlp and not result.training
+    for key, value in result.state_dict().items():
+        changed = not torch.equal(value, before[key])
+        assert changed == key.endswith(("running_mean", "running_var", "num_batches_tracked")), key
+    assert result.bn1.momentum == trained_mlp.bn1.momentum and result.bn2.eps == trained_mlp.bn2.eps
+    assert int(result.bn1.num_batches_tracked) == len(calib) // BATCH
+
+
+def test_passes_follow_dependency_depth():
+    report = recalibrate(SAMPLES / "resnet.pt2", CALIB)
+    assert report.passes == 3
+    assert {layer.name: layer.pass_number for layer in report.layers} == {
+        "stem_bn": 1, "block.bn1": 2, "block.downsample.1": 2, "block.bn2": 3}
+    onnx_report = recalibrate(SAMPLES / "resnet.onnx", CALIB)
+    assert sorted(layer.pass_number for layer in onnx_report.layers) == [1, 2, 2, 3]
+    assert recalibrate(SAMPLES / "mixed.ts", CALIB).passes == 4
+    assert recalibrate(SAMPLES / "mixed.ts", CALIB, method="fast").passes == 1
+
+
+def test_levels_from_data_flow_in_any_order():
+    # c reads a and b; b reads a; d is independent. Steps listed out of order on purpose.
+    steps = [(["b_out", "a_out"], ["c_out"], "c"), (["x"], ["a_out"], "a"), (["a_out"], ["b_out"], "b"),
+             (["x"], ["d_out"], "d")]
+    upstream = upstream_layers(steps)
+    assert upstream == {"a": set(), "b": {"a"}, "c": {"a", "b"}, "d": set()}
+    assert dependency_levels(["a", "b", "c", "d"], upstream) == [["a", "d"], ["b"], ["c"]]
+    with pytest.raises(UsageError, match="feeds its own input"):
+        dependency_levels(["a"], {"a": {"a"}})
+
+
+class Branching(nn.Module):
+    """Data-dependent control flow: torch.fx cannot trace it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.bn1 = nn.Linear(64, 16), nn.BatchNorm1d(16)
+        self.fc2, self.bn2 = nn.Linear(16, 8), nn.BatchNorm1d(8)
+
+    def forward(self, x):
+        x = self.bn1(self.fc1(x.flatten(1)))
+        if x.sum() > -1e9:
+            x = torch.relu(x)
+        return self.bn2(self.fc2(x))
+
+
+def test_untraceable_module_falls_back_to_call_order(calib):
+    torch.manual_seed(0)
+    module = Branching().eval()
+    report = recalibrate(module, calib)
+    assert report.passes == 2 and any("torch.fx cannot trace" in note for note in report.notes)
+    expected, _ = exact_oracle(module, calib, ddof=1)
+    for name in ("bn1", "bn2"):
+        bn = getattr(report.result.module, name)
+        assert_statistics_match(bn.running_mean.numpy(), bn.running_var.numpy(), *expected[name])
+
+
+def test_no_batchnorm_is_a_clear_error(calib, cli, tmp_path):
+    with pytest.raises(NoBatchNormError):
+        recalibrate(nn.Sequential(nn.Flatten(), nn.Linear(64, 2)), calib)
+    plain = tmp_path / "plain.pt2"
+    torch.export.save(torch.export.export(nn.Sequential(nn.Flatten(), nn.Linear(64, 2)).eval(),
+                                          (torch.zeros(2, 1, 8, 8),)), str(plain))
+    result = cli("recalibrate", plain, "--data", CALIB, "-o", tmp_path / "out.pt2")
+    assert result.code == 2 and "no BN layer" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_output_is_never_the_input_by_accident(tmp_path, calib):
+    model = tmp_path / "mlp.onnx"
+    model.write_bytes((SAMPLES / "mlp.onnx").read_bytes())
+    existing = tmp_path / "exists.onnx"
+    existing.write_bytes(b"keep me")
+    with pytest.raises(OutputError, match="already exists"):
+        recalibrate(model, calib, output=existing)
+    assert existing.read_bytes() == b"keep me"
+    with pytest.raises(OutputError, match="input"):
+        recalibrate(model, calib, output=model)
+    recalibrate(model, calib, output=existing, force=True)
+    assert onnx.load(existing).graph.node
+    original = model.read_bytes()
+    recalibrate(model, calib, in_place=True)
+    assert model.read_bytes() != original
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no staging left
+
+
+def test_bad_data_is_named(tmp_path, calib):
+    nan = calib.copy()
+    nan[5, 0, 3, 3] = np.nan
+    with pytest.raises(DataError, match="NaN or Inf.*row 5"):
+        recalibrate(SAMPLES / "mlp.onnx", nan)
+    with pytest.raises(DataError, match="at least 16"):
+        recalibrate(SAMPLES / "mlp.onnx", calib[:8])
+    with pytest.raises(DataError, match=r"shape \(32, 64\).*\(\?, 1, 8, 8\)"):
+        recalibrate(SAMPLES / "mlp.pt2", calib.reshape(len(calib), 64))
+    with pytest.raises(DataError, match="uint8"):
+        recalibrate(SAMPLES / "mlp.onnx", (calib * 255).astype(np.uint8))
+
+
+def test_device_cuda_needs_a_gpu(calib, trained_mlp):
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    with pytest.raises(UsageError, match="cuda"):
+        recalibrate(trained_mlp, calib, device="cuda")
+    with pytest.raises(UsageError, match="cuda"):
+        recalibrate(SAMPLES / "mlp.onnx", calib, device="cuda")
+
+
+def test_few_samples_are_flagged(calib, trained_mlp):
+    report = recalibrate(trained_mlp, calib[:20])
+    assert any(f.code == "few-samples" for f in report.findings)
+    assert not recalibrate(trained_mlp, calib).findings
+
+
+def shifted_batches():
+    """A --data-fn pipeline: (images, labels) tensor pairs, labels ignored."""
+    x = torch.from_numpy(np.load(CALIB))
+    return [(x[i:i + 50], torch.zeros(len(x[i:i + 50]))) for i in range(0, len(x), 50)]
+
+
+def test_cli_json_and_data_fn(cli, tmp_path, trained_mlp, calib):
+    out = tmp_path / "out.pt2"
+    result = cli("recalibrate", SAMPLES / "mlp.pt2", "--data-fn", "tests.test_recalibrate:shifted_batches",
+                 "-o", out, "--json")
+    assert result.code == 0, result.stderr
+    document = json.loads(result.stdout)
+    assert document["kind"] == "recalibrate" and document["method"] == "exact"
+    assert document["forward_passes"] == 2 and document["samples"] == 256 and document["output"] == str(out)
+    assert [layer["name"] for layer in document["layers"]] == ["bn1", "bn2"]
+    assert document["layers"][1]["batches"] == 6 and document["layers"][1]["relative_standard_error"]["max"] < 0.1
+    expected, _ = exact_oracle(trained_mlp, calib, ddof=1)
+    _, stored = stored_torch_statistics(out, "pt2")
+    assert_statistics_match(*stored["bn2"], *expected["bn2"])
+
+
+def test_cli_table_and_usage_errors(cli, tmp_path):
+    result = cli("recalibrate", SAMPLES / "resnet.onnx", "--data", CALIB, "-o", tmp_path / "r.onnx",
+                 "--method", "fast")
+    assert result.code == 0, result.stderr
+    assert "block/bn2" in result.stdout and "1 forward pass over the data" in result.stdout
+    assert result.stderr == ""  # no progress bar when stderr is not a terminal
+    missing_output = cli("recalibrate", SAMPLES / "mlp.onnx", "--data", CALIB)
+    assert missing_output.code == 2 and "-o PATH" in missing_output.stderr
+    both = cli("recalibrate", SAMPLES / "mlp.onnx", "--data", CALIB, "--data-fn", "x:y", "-o", tmp_path / "x")
+    assert both.code == 2 and "exactly one" in both.stderr
+
+
+def test_onnx_recalibration_never_imports_torch(tmp_path):
+    completed = run_probe("recalibrate", str(SAMPLES / "resnet.onnx"), "--data", str(CALIB),
+                          "-o", str(tmp_path / "out.onnx"), "--method", "fast")
+    assert completed.returncode == 0, completed.stderr
+    assert "TORCH-MODULES: 0" in completed.stderr
+
+
+def shared_statistics_model(opset: int) -> onnx.ModelProto:
+    """x (N, 4, 3) -> BN -> Relu -> BN, both BN nodes reading the same mean/var initializers."""
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.uniform(0.5, 2, 4).astype(np.float32), "scale"),
+             numpy_helper.from_array(rng.normal(size=4).astype(np.float32), "bias"),
+             numpy_helper.from_array(np.zeros(4, np.float32), "mean"),
+             numpy_helper.from_array(np.ones(4, np.float32), "var")]
+    nodes = [helper.make_node("BatchNormalization", ["x", "scale", "bias", "mean", "var"], ["a"], name="first"),
+             helper.make_node("Relu", ["a"], ["r"]),
+             helper.make_node("BatchNormalization", ["r", "scale", "bias", "mean", "var"], ["y"], name="second")]
+    graph = helper.make_graph(nodes, "shared", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 4, 3])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 4, 3])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    model.ir_version = 8  # what onnxruntime 1.31 reads for these opsets
+    return model
+
+
+def numpy_bn(x, mean, var, eps=1e-5):
+    rng = np.random.default_rng(0)
+    scale, bias = rng.uniform(0.5, 2, 4), rng.normal(size=4)
+    return scale[None, :, None] * (x - mean[None, :, None]) / np.sqrt(var[None, :, None] + eps) + bias[None, :, None]
+
+
+def moments(x):
+    return x.mean(axis=(0, 2)), x.var(axis=(0, 2))
+
+
+@pytest.mark.parametrize("opset", [12, 18])  # Cast vs CastLike, ReduceMean axes attribute vs input
+@pytest.mark.parametrize("method", ["exact", "fast"])
+def test_onnx_shared_statistics_and_opsets(opset, method, tmp_path):
+    source = tmp_path / "shared.onnx"
+    onnx.save(shared_statistics_model(opset), source)
+    x = np.random.default_rng(1).normal(2.0, 3.0, size=(40, 4, 3)).astype(np.float32)
+    report = recalibrate(source, x, method=method, batch_size=8, output=tmp_path / "out.onnx")
+    x64 = x.astype(np.float64)
+    first = moments(x64)
+    if method == "exact":
+        second = moments(np.maximum(numpy_bn(x64, *first), 0))
+    else:
+        batches = [np.maximum(numpy_bn(part, *moments(part)), 0) for part in np.split(x64, 5)]
+        second = moments(np.concatenate(batches))
+    model = onnx.load(tmp_path / "out.onnx")
+    values = {init.name: numpy_helper.to_array(init) for init in model.graph.initializer}
+    first_node, second_node = (n for n in model.graph.node if n.op_type == "BatchNormalization")
+    assert_statistics_match(values[first_node.input[3]], values[first_node.input[4]], *first)
+    assert_statistics_match(values[second_node.input[3]], values[second_node.input[4]], *second)
+    assert report.passes == (2 if method == "exact" else 1)
+    y = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    expected = numpy_bn(np.maximum(numpy_bn(x64, *first), 0), *second)
+    np.testing.assert_allclose(y, expected, rtol=1e-4, atol=1e-4)
