@@ -255,7 +255,8 @@ def main(argv: list[str] | None = None) -> None:
 
     err = stderr_console()
     try:
-        app(args=argv, standalone_mode=False, prog_name="bnfold")
+        # Without standalone mode, click returns the code of a typer.Exit instead of raising it.
+        code = app(args=argv, standalone_mode=False, prog_name="bnfold")
     except BnfoldError as error:
         if _debug_enabled():
             traceback.print_exc()
@@ -282,4 +283,4 @@ def main(argv: list[str] | None = None) -> None:
         err.print(Text.assemble(("internal error", "bold red"), f" (exit {int(ExitCode.INTERNAL)}): this is a "
                                 "bug in bnfold; please report it with the traceback above"))
         sys.exit(int(ExitCode.INTERNAL))
-    sys.exit(0)
+    sys.exit(code if isinstance(code, int) else 0)

@@ -104,10 +104,11 @@ class InspectReport(Report):
         title = (f"{self.model.path} ({self.model.format}): {counts['layers']} BN layers"
                  + (f", {counts['foldable']} foldable" if counts["foldable"] is not None else ""))
         table = Table(title=title, title_justify="left", show_lines=False)
-        for column, justify in (("layer", "left"), ("kind", "left"), ("ch", "right"), ("eps", "right"),
-                                ("running mean", "right"), ("running var", "right"), ("gain", "right"),
-                                ("fold", "left"), ("health", "left")):
-            table.add_column(column, justify=justify, overflow="fold")
+        for column, justify, wrap in (("layer", "left", True), ("kind", "left", True), ("ch", "right", False),
+                                      ("eps", "right", False), ("running mean", "right", False),
+                                      ("running var", "right", False), ("gain", "right", False),
+                                      ("fold", "left", True), ("health", "left", True)):
+            table.add_column(column, justify=justify, overflow="fold", no_wrap=not wrap)
         if self.discrepancy is not None:
             table.add_column("drift (KL, shift)", overflow="fold")
         for layer in self.by_drift():
@@ -116,8 +117,11 @@ class InspectReport(Report):
             table.add_row(layer.name, layer.kind, str(layer.channels), fmt_number(layer.eps, 2),
                           fmt_range(summarize(layer.running_mean)), fmt_range(summarize(layer.running_var)),
                           fmt_range(summarize(layer.effective_gain())),
-                          decision.describe() if decision else "-", _health(self.findings_for(layer.name)), *drift)
+                          _fold_cell(decision), _health(self.findings_for(layer.name)), *drift)
         yield table
+        for decision in (self.folds or {}).values():
+            if decision.status is FoldStatus.KEPT:
+                yield Text.assemble(("kept    ", "red"), (f"{decision.layer}: ", "bold"), decision.reason or "")
         if self.data is not None:
             yield _model_drift(self.data, self.model_discrepancy)
         if self.recommendation:
@@ -129,6 +133,15 @@ class InspectReport(Report):
         summary = ", ".join(f"{counts[s.value]} {s.value}s" for s in (Severity.ERROR, Severity.WARNING, Severity.INFO))
         yield Text(f"{summary}; " + ("passed" if self.passed else f"failed (--fail-on {self.fail_on.value})"),
                    style="green" if self.passed else "bold red")
+
+
+def _fold_cell(decision: FoldDecision | None) -> Text:
+    """Short fold status for the table; reasons for kept layers are listed below it."""
+    if decision is None:
+        return Text("-", style="dim")
+    if decision.status is FoldStatus.KEPT:
+        return Text("kept", style="red")
+    return Text(decision.describe(), style="green")
 
 
 def _health(findings: list[Finding]) -> Text:
