@@ -90,6 +90,24 @@ def fold_into_matrix_consumer(weight: np.ndarray, bias: np.ndarray | None, scale
     return new_weight, _bias(bias, out_channels) + extra_bias
 
 
+def fold_into_gemm(weight: np.ndarray, bias: np.ndarray | None, alpha: float, beta: float, scale: np.ndarray,
+                   shift: np.ndarray, trans_b: bool) -> tuple[np.ndarray, np.ndarray]:
+    """BN after Gemm (Y = alpha * A'B' + beta * C): new B and a C meant for beta = 1.
+
+    Output feature n is column n of B', i.e. axis 0 of B when transB. alpha stays on the product.
+    """
+    bias = None if bias is None else np.float64(beta) * np.asarray(bias, np.float64)
+    return fold_into_producer(weight, bias, scale, shift, out_axis=0 if trans_b else 1)
+
+
+def fold_into_gemm_consumer(weight: np.ndarray, bias: np.ndarray | None, alpha: float, beta: float,
+                            scale: np.ndarray, shift: np.ndarray, trans_b: bool) -> tuple[np.ndarray, np.ndarray]:
+    """BN before Gemm's A (transA = 0): new B and a C meant for beta = 1."""
+    new_weight, extra = fold_into_matrix_consumer(weight, None, scale, shift, in_axis=1 if trans_b else 0)
+    base = 0.0 if bias is None else np.float64(beta) * np.asarray(bias, np.float64)
+    return new_weight, base + np.float64(alpha) * extra
+
+
 def round_to(values: np.ndarray, dtype: np.dtype | str) -> np.ndarray:
     """Round float64 results once to the model's dtype (bfloat16 via ml_dtypes when available)."""
     return np.asarray(values, np.float64).astype(dtype)

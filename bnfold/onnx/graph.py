@@ -35,6 +35,7 @@ class GraphIndex:
 
     graph: onnx.GraphProto
     path: str = ""  # "" for the main graph, e.g. "If_0/then_branch" for a subgraph
+    parent: str | None = None  # path of the enclosing graph; None for the main graph
     producers: dict[str, onnx.NodeProto] = field(default_factory=dict)
     consumers: dict[str, list[onnx.NodeProto]] = field(default_factory=dict)
     initializers: dict[str, onnx.TensorProto] = field(default_factory=dict)
@@ -108,15 +109,15 @@ def _outer_references(graph: onnx.GraphProto) -> set[str]:
     return used - defined
 
 
-def walk_graphs(graph: onnx.GraphProto, path: str = "") -> Iterator[GraphIndex]:
+def walk_graphs(graph: onnx.GraphProto, path: str = "", parent: str | None = None) -> Iterator[GraphIndex]:
     """The graph and every subgraph (If/Loop/Scan bodies), outermost first."""
-    yield GraphIndex(graph, path)
+    yield GraphIndex(graph, path, parent)
     for index, node in enumerate(graph.node):
         for attr in node.attribute:
             for position, sub in enumerate(_attr_graphs(attr)):
                 label = node.name or f"{node.op_type}_{index}"
                 suffix = attr.name if attr.type == onnx.AttributeProto.GRAPH else f"{attr.name}[{position}]"
-                yield from walk_graphs(sub, f"{path}{label}/{suffix}/")
+                yield from walk_graphs(sub, f"{path}{label}/{suffix}/", path)
 
 
 def node_label(node: onnx.NodeProto, prefix: str = "") -> str:

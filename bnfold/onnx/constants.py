@@ -1,0 +1,152 @@
+"""Values known before run time: initializers, Constant nodes and what constant subgraphs compute.
+
+Exporters often write weights as `Constant` nodes or as small subgraphs over constants (Unsqueeze of
+an initializer, ConstantOfShape, Cast); all of these count as constants. Subgraphs are evaluated with
+onnx's reference evaluator, lazily and once per value.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import helper
+from onnx.reference import ReferenceEvaluator
+from onnx.reference.op_run import OpRun
+
+from bnfold.onnx.graph import DEFAULT_DOMAINS, GraphIndex, node_label
+
+# Ops whose result differs from run to run: never constant, whatever their inputs.
+_RANDOM_OPS = frozenset({"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike",
+                         "Multinomial", "Bernoulli"})
+
+
+class Constants:
+    """Resolve value names of one graph scope (and, through `parent`, the scopes around it) to arrays.
+
+    With `strict_inputs`, an initializer that is also a graph input is not a constant: onnxruntime lets
+    a caller feed it, so folding it would change the model's interface contract.
+    """
+
+    def __init__(self, index: GraphIndex, opset_imports: list[onnx.OperatorSetIdProto], *,
+                 strict_inputs: bool, parent: Constants | None = None,
+                 cache: dict[str, np.ndarray] | None = None) -> None:
+        self.index = index
+        self.opset_imports = opset_imports
+        self.strict_inputs = strict_inputs
+        self.parent = parent
+        self._cache = {} if cache is None else cache  # shared across scopes: value names are unique
+        self._computable = self._constant_names()
+
+    def value(self, name: str) -> np.ndarray | None:
+        """The array `name` always holds, or None when it is only known at run time."""
+        if not name:
+            return None
+        if name in self._cache:
+            return self._cache[name]
+        if not self.is_constant(name):
+            return None
+        owner = self._owner(name)
+        node = owner.index.producers.get(name)
+        if node is None:  # an initializer
+            value = owner.index.constant(name)
+        else:
+            value = owner._evaluate(node).get(name)
+        if value is not None:
+            self._cache[name] = value
+        return value
+
+    def is_constant(self, name: str) -> bool:
+        """Whether `name` is computable before run time (without evaluating it)."""
+        owner = self._owner(name)
+        return owner is not None and name in owner._computable
+
+    def why_not(self, name: str) -> str:
+        """Why `name` is not a constant, in words for a report."""
+        owner = self._owner(name)
+        if owner is None:
+            return "is not defined in the graph"
+        if name in owner.index.initializers:
+            return ("is an initializer that is also a graph input, so a caller may feed it "
+                    "(--strict-inputs keeps such layers)")
+        if name in owner.index.input_names:
+            return "is a graph input, not a constant"
+        node = owner.index.producers[name]
+        return f"is computed at run time by {node.op_type} {node_label(node)}"
+
+    def _owner(self, name: str) -> Constants | None:
+        """The scope that defines `name`."""
+        scope: Constants | None = self
+        while scope is not None and not scope._defines(name):
+            scope = scope.parent
+        return scope
+
+    def _defines(self, name: str) -> bool:
+        index = self.index
+        return name in index.initializers or name in index.input_names or name in index.producers
+
+    def _constant_names(self) -> set[str]:
+        """Names this scope can compute without inputs (values are evaluated only on demand)."""
+        index = self.index
+        names = {name for name in index.initializers
+                 if not (self.strict_inputs and name in index.input_names)}
+        pending = [node for node in index.graph.node if is_pure(node)]
+        changed = True
+        while changed:  # a fixpoint, since files are not always topologically sorted
+            changed = False
+            remaining = []
+            for node in pending:
+                if all(not name or name in names or self._outer_constant(name) for name in node.input):
+                    names.update(output for output in node.output if output)
+                    changed = True
+                else:
+                    remaining.append(node)
+            pending = remaining
+        return names
+
+    def _outer_constant(self, name: str) -> bool:
+        return not self._defines(name) and self.parent is not None and self.parent.is_constant(name)
+
+    def _evaluate(self, node: onnx.NodeProto) -> dict[str, np.ndarray]:
+        """Run one constant node; an evaluation failure just means "not a constant"."""
+        if node.op_type == "Constant":
+            value = self.index.constant(node.output[0])
+            return {} if value is None else {node.output[0]: value}
+        feeds = {}
+        for name in node.input:
+            if name:
+                value = self.value(name)
+                if value is None:
+                    return {}
+                feeds[name] = value
+        untyped = onnx.TypeProto()
+        graph = helper.make_graph(
+            [node], "constant", [helper.make_value_info(name, untyped) for name in feeds],
+            [helper.make_value_info(name, untyped) for name in node.output if name])
+        model = helper.make_model(graph, opset_imports=self.opset_imports)
+        try:
+            results = ReferenceEvaluator(model, new_ops=[Unsqueeze]).run(None, feeds)
+        except Exception:  # an op the reference evaluator lacks, or invalid attributes
+            return {}
+        outputs = [name for name in node.output if name]
+        return {name: np.asarray(value) for name, value in zip(outputs, results)}
+
+
+def is_pure(node: onnx.NodeProto) -> bool:
+    """A node whose outputs depend only on its inputs (no randomness, no subgraphs, no custom domain)."""
+    return (node.domain in DEFAULT_DOMAINS and node.op_type not in _RANDOM_OPS
+            and not any(attr.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
+                        for attr in node.attribute))
+
+
+class Unsqueeze(OpRun):
+    """Unsqueeze for every opset. onnx's reference inserts attribute axes one at a time, which puts
+    negative axes in the wrong place ([C] with axes [-2, -1] gives (1, C, 1), not (C, 1, 1))."""
+
+    op_domain = ""
+
+    def _run(self, data, axes=None):
+        axes = [int(axis) for axis in np.asarray(axes).reshape(-1)]
+        rank = data.ndim + len(axes)
+        shape = iter(data.shape)
+        inserted = {axis % rank for axis in axes}
+        return (np.reshape(data, [1 if axis in inserted else next(shape) for axis in range(rank)]),)

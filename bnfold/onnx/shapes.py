@@ -1,0 +1,118 @@
+"""Static shapes and element types of values, from ONNX shape inference on a weightless copy.
+
+Folding through Reshape/Flatten/Transpose is exact only when the shapes prove where the channels go;
+these facts are what the proof uses. Inference runs on a copy whose large tensors carry no data (fast
+on big models), whose nodes are topologically sorted and whose IR version lets inference see every
+initializer; a model that inference rejects simply yields fewer facts.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+from onnx import helper, shape_inference
+
+from bnfold.onnx.graph import walk_graphs
+
+Shape = tuple[int | None, ...]
+_KEEP_DATA_UP_TO = 64  # elements; shape tensors stay, weights lose their data
+
+
+@dataclass
+class ValueFacts:
+    """Known shapes (None marks an unknown dimension) and element types, keyed by value name."""
+
+    shapes: dict[str, Shape] = field(default_factory=dict)
+    types: dict[str, int] = field(default_factory=dict)
+
+    def shape(self, name: str) -> Shape | None:
+        return self.shapes.get(name)
+
+    def rank(self, name: str) -> int | None:
+        shape = self.shapes.get(name)
+        return None if shape is None else len(shape)
+
+    def dtype(self, name: str) -> np.dtype | None:
+        elem_type = self.types.get(name)
+        return helper.tensor_dtype_to_np_dtype(elem_type) if elem_type else None
+
+    def rename(self, old: str, new: str) -> None:
+        """`old` now goes by `new` (a folded layer took over a removed node's output name)."""
+        for table in (self.shapes, self.types):
+            if old in table:
+                table[new] = table.pop(old)
+
+
+def infer_facts(model: onnx.ModelProto) -> ValueFacts:
+    """Shapes and types of every value shape inference can reach; never raises."""
+    skeleton = _skeleton(model)
+    try:
+        skeleton = shape_inference.infer_shapes(skeleton, strict_mode=False, data_prop=True)
+    except Exception:  # inference rejects the file: keep what it records
+        pass
+    facts = ValueFacts()
+    for index in walk_graphs(skeleton.graph):
+        graph = index.graph
+        for value in (*graph.input, *graph.value_info, *graph.output):
+            tensor = value.type.tensor_type
+            if tensor.elem_type:
+                facts.types[value.name] = tensor.elem_type
+            if tensor.HasField("shape"):
+                facts.shapes[value.name] = tuple(
+                    dim.dim_value if dim.HasField("dim_value") else None for dim in tensor.shape.dim)
+        for init in graph.initializer:
+            facts.types[init.name] = init.data_type
+            facts.shapes[init.name] = tuple(init.dims)
+    return facts
+
+
+def _skeleton(model: onnx.ModelProto) -> onnx.ModelProto:
+    skeleton = onnx.ModelProto()
+    skeleton.CopyFrom(model)
+    skeleton.ir_version = max(skeleton.ir_version, 4)  # IR 3 hides initializers that are not inputs
+    for index in walk_graphs(skeleton.graph):
+        for init in index.graph.initializer:
+            if int(np.prod(init.dims)) > _KEEP_DATA_UP_TO:
+                for name in ("raw_data", "float_data", "double_data", "int32_data", "int64_data",
+                             "uint64_data", "external_data"):
+                    init.ClearField(name)
+                init.data_location = onnx.TensorProto.DEFAULT
+        _sort_nodes(index.graph)
+    return skeleton
+
+
+def _sort_nodes(graph: onnx.GraphProto) -> None:
+    """Reorder nodes topologically (stable); files in the wild are not always sorted."""
+    order = list(_topological_order(graph.node))
+    if order == list(range(len(graph.node))):
+        return
+    nodes = [onnx.NodeProto() for _ in order]
+    for target, position in zip(nodes, order):
+        target.CopyFrom(graph.node[position])
+    del graph.node[:]
+    graph.node.extend(nodes)
+
+
+def _topological_order(nodes) -> Iterator[int]:
+    producer = {output: i for i, node in enumerate(nodes) for output in node.output if output}
+    waiting = [{producer[name] for name in node.input if name in producer} - {i} for i, node in enumerate(nodes)]
+    readers: dict[int, list[int]] = {}
+    for i, deps in enumerate(waiting):
+        for dep in deps:
+            readers.setdefault(dep, []).append(i)
+    ready = [i for i, deps in enumerate(waiting) if not deps]
+    heapq.heapify(ready)
+    emitted = set()
+    while ready:
+        i = heapq.heappop(ready)
+        emitted.add(i)
+        yield i
+        for reader in readers.get(i, []):
+            waiting[reader].discard(i)
+            if not waiting[reader]:
+                heapq.heappush(ready, reader)
+    yield from (i for i in range(len(nodes)) if i not in emitted)  # a cycle: leave the rest as it was
