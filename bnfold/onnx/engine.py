@@ -1,0 +1,30 @@
+"""The ONNX engine: fold planning, rewriting and running, without torch."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from bnfold.onnx import runtime
+from bnfold.onnx.fold import apply_folds, plan_folds
+from bnfold.onnx.model import OnnxModel
+from bnfold.plan import FoldOptions, FoldPlan
+
+
+class OnnxEngine:
+    """`bnfold.engine.Engine` for ONNX models; sessions are cached per model for repeated batches."""
+
+    def __init__(self) -> None:
+        self._sessions: dict[int, tuple[OnnxModel, object]] = {}
+
+    def plan(self, model: OnnxModel, options: FoldOptions = FoldOptions()) -> FoldPlan:
+        return plan_folds(model.proto, options)
+
+    def apply(self, model: OnnxModel, plan: FoldPlan) -> OnnxModel:
+        return OnnxModel(model.path, apply_folds(model.proto, plan), external_data=model.external_data)
+
+    def run(self, model: OnnxModel, batch: dict[str, np.ndarray]) -> list[np.ndarray]:
+        cached = self._sessions.get(id(model))
+        if cached is None or cached[0] is not model:
+            cached = (model, runtime.session(model.proto))
+            self._sessions[id(model)] = cached
+        return runtime.run(cached[1], batch)

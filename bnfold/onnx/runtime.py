@@ -1,0 +1,39 @@
+"""Run ONNX models in onnxruntime with every graph optimization off.
+
+onnxruntime's default level already fuses Conv+BN: comparing a folded model against an original that
+the runtime silently folds too would hide a wrong fold. Both sides run unoptimized.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+_PROTOBUF_LIMIT = 2**31 - 1  # larger models must travel as a file with external data
+
+
+def session(model: onnx.ModelProto):
+    """An unoptimized CPU session; raises onnxruntime's own errors when the model cannot load."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    options.log_severity_level = 4  # failures surface as exceptions; no console noise
+    providers = ["CPUExecutionProvider"]
+    if model.ByteSize() < _PROTOBUF_LIMIT:
+        return ort.InferenceSession(model.SerializeToString(), options, providers=providers)
+    with tempfile.TemporaryDirectory(prefix="bnfold-ort-") as folder:
+        path = Path(folder) / "model.onnx"
+        copy = onnx.ModelProto()
+        copy.CopyFrom(model)  # saving with external data rewrites the tensors it moves
+        onnx.save_model(copy, str(path), save_as_external_data=True, location="model.onnx.data")
+        return ort.InferenceSession(str(path), options, providers=providers)
+
+
+def run(sess, batch: dict[str, np.ndarray]) -> list[np.ndarray]:
+    """All outputs of the session for one batch; inputs the session does not take are ignored."""
+    names = {value.name for value in sess.get_inputs()}
+    return [np.asarray(output) for output in sess.run(None, {k: v for k, v in batch.items() if k in names})]
