@@ -7,6 +7,7 @@ touches the input unless the caller explicitly writes in place.
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -30,19 +31,24 @@ def check_output_path(output: Path, source: Path | None, *, force: bool = False,
 
 
 def atomic_write(output: Path, write: Callable[[Path], None]) -> int:
-    """Call `write(temp_path)` then rename the temp file onto `output`; returns the bytes written."""
-    handle, temp_name = tempfile.mkstemp(prefix=f".{output.name}.", suffix=".tmp", dir=output.parent)
-    os.close(handle)
-    temp = Path(temp_name)
+    """Call `write(path)` inside a fresh staging directory, then rename what it wrote into place.
+
+    `path` already has the output's final name, so sidecar files a writer adds next to it (ONNX
+    external data, `<name>.data`) are named right; they are moved first, the output file last.
+    Returns the bytes written, sidecars included.
+    """
+    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".tmp", dir=output.parent))
+    target = staging / output.name
     try:
-        write(temp)
-        size = temp.stat().st_size
-        with open(temp, "rb") as written:
-            os.fsync(written.fileno())
-        os.replace(temp, output)
+        write(target)
+        size = 0
+        for written in sorted(staging.iterdir(), key=lambda path: path == target):
+            size += written.stat().st_size
+            with open(written, "rb") as handle:
+                os.fsync(handle.fileno())
+            os.replace(written, output.parent / written.name)
     except OSError as error:
         raise OutputError(f"could not write {output}: {error.strerror or error}") from None
     finally:
-        if temp.exists():
-            temp.unlink()
+        shutil.rmtree(staging, ignore_errors=True)
     return size
