@@ -285,7 +285,10 @@ def test_constant_nodes_and_constant_subgraphs_count_as_constants_and_are_pruned
     ]
     inits = {"six": np.array([6]), "axis0": np.array([0]), "scale_scalar": np.array(1.7, F32),
              "bn.bias": params["bn.bias"], "bn.var": params["bn.var"]}
-    folded, plan = fold_checked(make(nodes, {"x": ((2, 4, 5, 5), F32)}, {"y": (None, F32)}, inits))
+    model = make(nodes, {"x": ((2, 4, 5, 5), F32)}, {"y": (None, F32)}, inits)
+    (layer,) = OnnxModel(None, model).bn_layers()  # inspect sees the same constants
+    assert np.array_equal(layer.running_mean, np.zeros(6)) and np.allclose(layer.weight, 1.7)
+    folded, plan = fold_checked(model)
     assert [n.op_type for n in folded.graph.node] == ["Conv"]
     assert {i.name for i in folded.graph.initializer} == {"w_folded", "w_bias_folded"}  # no dead weights
 

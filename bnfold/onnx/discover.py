@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
-from onnx import helper
 
 from bnfold.layers import BNLayer
+from bnfold.onnx.constants import Constants
 from bnfold.onnx.graph import BN_OP, DEFAULT_DOMAINS, GraphIndex, attribute, node_label, walk_graphs
 
 # Ops whose bias input makes the BN after them subtract the bias again.
@@ -28,14 +28,13 @@ def used_optional_outputs(node: onnx.NodeProto, index: GraphIndex) -> list[str]:
             if name and (name in index.consumers or name in index.output_names)]
 
 
-def describe_bn(node: onnx.NodeProto, index: GraphIndex, opset: int) -> BNLayer:
-    """One BN node as a BNLayer; statistics are None when they are not constants in the file."""
-    scale, bias, mean, var = (index.constant(name) if name else None for name in _param_names(node))
+def describe_bn(node: onnx.NodeProto, index: GraphIndex, opset: int, constants: Constants) -> BNLayer:
+    """One BN node as a BNLayer; statistics are None when they are not constants in the file
+    (initializers, Constant nodes or constant subgraphs, as the fold analysis sees them)."""
+    scale, bias, mean, var = (constants.value(name) for name in _param_names(node))
     known = [array for array in (scale, bias, mean, var) if array is not None]
     channels = int(known[0].size) if known else 0
-    dtype = helper.tensor_dtype_to_np_dtype(index.initializers[node.input[1]].data_type).name \
-        if len(node.input) > 1 and node.input[1] in index.initializers else (
-            known[0].dtype.name if known else "unknown")
+    dtype = known[0].dtype.name if known else "unknown"
     extra: dict = {"opset": opset, "node": node_label(node)}
     producer = index.producers.get(node.input[0])
     if producer is not None and producer.op_type in _BIASED_PRODUCERS and producer.domain in DEFAULT_DOMAINS:
@@ -45,7 +44,7 @@ def describe_bn(node: onnx.NodeProto, index: GraphIndex, opset: int) -> BNLayer:
     overridable = [name for name in node.input[1:] if index.is_overridable(name)]
     if overridable:
         extra["overridable_params"] = overridable
-    runtime_params = [name for name in node.input[1:] if name and index.constant(name) is None]
+    runtime_params = [name for name in node.input[1:] if name and constants.value(name) is None]
     if runtime_params:
         extra["runtime_params"] = runtime_params
     if opset < 9 and attribute(node, "spatial", 1) == 0:
@@ -82,8 +81,11 @@ def _as_float64(array: np.ndarray | None) -> np.ndarray | None:
 def discover(model: onnx.ModelProto, opset: int) -> list[BNLayer]:
     """Every BN node in the model, main graph first, then subgraphs."""
     layers: list[BNLayer] = []
+    scopes: dict[str, Constants] = {}
     for index in walk_graphs(model.graph):
+        parent = scopes[index.parent] if index.parent is not None else None
+        constants = scopes[index.path] = Constants(index, list(model.opset_import), strict_inputs=False, parent=parent)
         for node in index.graph.node:
             if node.op_type == BN_OP and node.domain in DEFAULT_DOMAINS:
-                layers.append(describe_bn(node, index, opset))
+                layers.append(describe_bn(node, index, opset, constants))
     return layers
