@@ -19,7 +19,7 @@ from rich.console import Console
 from rich.text import Text
 
 from bnfold import __version__
-from bnfold.data import IMAGENET_MEAN, IMAGENET_STD
+from bnfold.data import IMAGENET_MEAN, IMAGENET_STD, DataOptions, ImageOptions, parse_channel_values
 from bnfold.errors import BnfoldError, ExitCode, UsageError
 from bnfold.reports.base import Report
 
@@ -47,9 +47,22 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document o
 AllowPickleOpt = Annotated[bool, typer.Option(
     "--allow-pickle", help="Allow unpickling a full torch.save(model) file. This runs code from the file: "
                            "use only for files you trust.")]
-DriftDataOpt = Annotated[Optional[Path], typer.Option(
-    "--data", help="Data like the deployment's (.npy, .npz or image directory): measure how far each BN's "
-                   "running statistics are from it.")]
+# The data layer's options, shared by every command that reads data (bnfold.data).
+DataOpt = Annotated[Optional[Path], typer.Option(
+    "--data", metavar="PATH", help=".npy (inputs of a one-input model), .npz (arrays named after the "
+                                   "inputs) or a directory of images.")]
+DataFnOpt = Annotated[Optional[str], typer.Option(
+    "--data-fn", metavar="MODULE:CALLABLE",
+    help="A function returning an iterable of batches (tensors, tuples or dicts), called once per pass.")]
+BatchSizeOpt = Annotated[int, typer.Option("--batch-size", help="Samples per forward pass.")]
+MaxSamplesOpt = Annotated[Optional[int], typer.Option("--max-samples", help="Use at most this many samples.")]
+SeedOpt = Annotated[Optional[int], typer.Option(
+    "--seed", help="Shuffle the samples with this seed before --max-samples (default: file order).")]
+ResizeOpt = Annotated[Optional[int], typer.Option("--resize", help="Images: resize the shorter side to this.")]
+CropOpt = Annotated[Optional[int], typer.Option("--crop", help="Images: centre-crop to this square size.")]
+MeanOpt = Annotated[str, typer.Option("--mean", help="Images: per-channel mean after scaling to [0, 1].")]
+StdOpt = Annotated[str, typer.Option("--std", help="Images: per-channel standard deviation.")]
+DEFAULT_MEAN, DEFAULT_STD = ",".join(map(str, IMAGENET_MEAN)), ",".join(map(str, IMAGENET_STD))
 FactoryOpt = Annotated[Optional[str], typer.Option(
     "--model-factory", metavar="MODULE:CALLABLE",
     help="For state_dict/safetensors files: a callable that builds the model, e.g. mypkg.models:resnet18.")]
@@ -77,6 +90,28 @@ def exit_code_for(report: Report) -> ExitCode:
     return ExitCode.OK if report.passed else ExitCode.CHECK_FAILED
 
 
+def data_source(data: Path | None, data_fn: str | None) -> object | None:
+    """What --data or --data-fn names (None when neither); both at once is a usage error."""
+    if data is not None and data_fn is not None:
+        raise UsageError("pass exactly one of --data PATH and --data-fn MODULE:CALLABLE, not both")
+    if data_fn is None:
+        return data
+    from bnfold.plugins import import_callable
+
+    return import_callable(data_fn, "--data-fn")
+
+
+def image_options(resize: int | None, crop: int | None, mean: str, std: str) -> ImageOptions:
+    return ImageOptions(resize=resize, crop=crop, mean=parse_channel_values(mean, "--mean"),
+                        std=parse_channel_values(std, "--std"))
+
+
+def data_options(batch_size: int, max_samples: int | None, seed: int | None, resize: int | None,
+                 crop: int | None, mean: str, std: str) -> DataOptions:
+    return DataOptions(batch_size=batch_size, max_samples=max_samples, seed=seed,
+                       images=image_options(resize, crop, mean, std))
+
+
 def finish(report: Report, as_json: bool) -> None:
     emit(report, as_json)
     raise typer.Exit(int(exit_code_for(report)))
@@ -97,7 +132,15 @@ def _root(
 @app.command()
 def inspect(
     model: ModelArg,
-    data: DriftDataOpt = None,
+    data: DataOpt = None,
+    data_fn: DataFnOpt = None,
+    batch_size: BatchSizeOpt = 32,
+    max_samples: MaxSamplesOpt = None,
+    seed: SeedOpt = None,
+    resize: ResizeOpt = None,
+    crop: CropOpt = None,
+    mean: MeanOpt = DEFAULT_MEAN,
+    std: StdOpt = DEFAULT_STD,
     as_json: JsonOpt = False,
     fail_on: Annotated[FailOn, typer.Option(
         "--fail-on", help="Exit 1 when a finding of this severity (or worse) is present.")] = FailOn.error,
@@ -109,7 +152,9 @@ def inspect(
     With --data, also how far each layer's statistics have drifted from the data (worst first)."""
     from bnfold.inspection import inspect as run_inspect
 
-    report = run_inspect(model, data, fail_on=fail_on.value, allow_pickle=allow_pickle, model_factory=model_factory)
+    options = data_options(batch_size, max_samples, seed, resize, crop, mean, std)
+    report = run_inspect(model, data_source(data, data_fn), fail_on=fail_on.value, allow_pickle=allow_pickle,
+                         model_factory=model_factory, data_options=options)
     finish(report, as_json)
 
 
@@ -150,12 +195,8 @@ class RecalibrationMethod(str, Enum):
 @app.command()
 def recalibrate(
     model: ModelArg,
-    data: Annotated[Optional[Path], typer.Option(
-        "--data", metavar="PATH", help=".npy (inputs of a one-input model), .npz (arrays named after the "
-                                       "inputs) or a directory of images.")] = None,
-    data_fn: Annotated[Optional[str], typer.Option(
-        "--data-fn", metavar="MODULE:CALLABLE",
-        help="A function returning an iterable of batches (tensors, tuples or dicts), called once per pass.")] = None,
+    data: DataOpt = None,
+    data_fn: DataFnOpt = None,
     output: Annotated[Optional[Path], typer.Option(
         "-o", "--output", help="Where to write the recalibrated model (same format as the input).")] = None,
     in_place: Annotated[bool, typer.Option("--in-place", help="Overwrite the input model file.")] = False,
@@ -164,34 +205,29 @@ def recalibrate(
         "--method", help="exact: each BN gets the statistics it sees at inference once the layers before it "
                          "are recalibrated (one pass per dependency level); fast: one pass with only the BN "
                          "layers normalizing by batch statistics.")] = RecalibrationMethod.exact,
-    batch_size: Annotated[int, typer.Option("--batch-size", help="Samples per forward pass.")] = 32,
-    max_samples: Annotated[Optional[int], typer.Option("--max-samples", help="Use at most this many samples.")] = None,
-    seed: Annotated[Optional[int], typer.Option(
-        "--seed", help="Shuffle the samples with this seed before --max-samples (default: file order).")] = None,
-    resize: Annotated[Optional[int], typer.Option("--resize", help="Images: resize the shorter side to this.")] = None,
-    crop: Annotated[Optional[int], typer.Option("--crop", help="Images: centre-crop to this square size.")] = None,
-    mean: Annotated[str, typer.Option("--mean", help="Images: per-channel mean after scaling to [0, 1].")] =
-        ",".join(map(str, IMAGENET_MEAN)),
-    std: Annotated[str, typer.Option("--std", help="Images: per-channel standard deviation.")] =
-        ",".join(map(str, IMAGENET_STD)),
+    batch_size: BatchSizeOpt = 32,
+    max_samples: MaxSamplesOpt = None,
+    seed: SeedOpt = None,
+    resize: ResizeOpt = None,
+    crop: CropOpt = None,
+    mean: MeanOpt = DEFAULT_MEAN,
+    std: StdOpt = DEFAULT_STD,
     device: Annotated[str, typer.Option("--device", help="cpu, or cuda when a GPU is present.")] = "cpu",
     as_json: JsonOpt = False,
     allow_pickle: AllowPickleOpt = False,
     model_factory: FactoryOpt = None,
 ) -> None:
     """Re-estimate every BN layer's running mean and variance on your data, exactly, and write the model."""
-    from bnfold.data import ImageOptions, parse_channel_values
-    from bnfold.plugins import import_callable
     from bnfold.recalibration import recalibrate as run_recalibrate
 
-    if (data is None) == (data_fn is None):
+    source = data_source(data, data_fn)
+    if source is None:
         raise UsageError("pass exactly one of --data PATH and --data-fn MODULE:CALLABLE")
     if output is None and not in_place:
         raise UsageError("say where to write the result: -o PATH, or --in-place to overwrite the input")
-    images = ImageOptions(resize=resize, crop=crop, mean=parse_channel_values(mean, "--mean"),
-                          std=parse_channel_values(std, "--std"))
+    images = image_options(resize, crop, mean, std)
     report = run_recalibrate(
-        model, data if data is not None else import_callable(data_fn, "--data-fn"), method=method.value,
+        model, source, method=method.value,
         output=output, force=force, in_place=in_place, batch_size=batch_size, max_samples=max_samples,
         seed=seed, images=images, device=device, allow_pickle=allow_pickle, model_factory=model_factory,
         progress=True)
@@ -209,7 +245,15 @@ def _limit_option(key: str, help_text: str):
 @app.command()
 def check(
     model: ModelArg,
-    data: DriftDataOpt = None,
+    data: DataOpt = None,
+    data_fn: DataFnOpt = None,
+    batch_size: BatchSizeOpt = 32,
+    max_samples: MaxSamplesOpt = None,
+    seed: SeedOpt = None,
+    resize: ResizeOpt = None,
+    crop: CropOpt = None,
+    mean: MeanOpt = DEFAULT_MEAN,
+    std: StdOpt = DEFAULT_STD,
     config: Annotated[Optional[Path], typer.Option(
         "--config", help="bnfold.toml, or pyproject.toml with [tool.bnfold] (default: the nearest one).")] = None,
     max_layer_kl: _limit_option("max-layer-kl", "Fail when a BN layer's channel-mean KL(data || running) exceeds X") = None,
@@ -236,8 +280,9 @@ def check(
     flags = {"max-layer-kl": max_layer_kl, "max-mean-shift": max_mean_shift, "max-output-kl": max_output_kl,
              "max-output-l2": max_output_l2, "require-folded": require_folded,
              "fail-on": fail_on.value if fail_on else None}
-    report = run_check(model, data, policy=load_policy(config, flags=flags), allow_pickle=allow_pickle,
-                       model_factory=model_factory)
+    options = data_options(batch_size, max_samples, seed, resize, crop, mean, std)
+    report = run_check(model, data_source(data, data_fn), policy=load_policy(config, flags=flags),
+                       data_options=options, allow_pickle=allow_pickle, model_factory=model_factory)
     if junit_xml is not None:
         write_junit(report, junit_xml)
     publish_github(report, sys.stderr if as_json else sys.stdout)  # stdout must stay pure JSON

@@ -46,8 +46,9 @@ def evaluate(inspection: InspectReport, policy: Policy) -> list[PolicyResult]:
     return [_fail_on(inspection, policy), _require_folded(inspection, policy),
             _layer_limit(inspection, "max-layer-kl", limits.max_layer_kl, lambda d: d.kl.mean),
             _layer_limit(inspection, "max-mean-shift", limits.max_mean_shift, lambda d: d.mean_shift.mean),
-            _output_limit(inspection, "max-output-kl", limits.max_output_kl, lambda o: o.softmax_kl),
-            _output_limit(inspection, "max-output-l2", limits.max_output_l2, lambda o: o.relative_l2)]
+            _output_limit(inspection, "max-output-kl", limits.max_output_kl, "softmax KL", lambda o: o.softmax_kl),
+            _output_limit(inspection, "max-output-l2", limits.max_output_l2, "relative L2 distance",
+                          lambda o: o.relative_l2)]
 
 
 def _fail_on(inspection: InspectReport, policy: Policy) -> PolicyResult:
@@ -88,7 +89,7 @@ def _layer_limit(inspection: InspectReport, name: str, limit: float, measure: Ca
     return PolicyResult(name, limit, Outcome.FAILED if over else Outcome.PASSED, detail, failures)
 
 
-def _output_limit(inspection: InspectReport, name: str, limit: float, measure: Callable) -> PolicyResult:
+def _output_limit(inspection: InspectReport, name: str, limit: float, label: str, measure: Callable) -> PolicyResult:
     outputs = inspection.model_discrepancy
     if outputs is None:
         return PolicyResult(name, limit, Outcome.SKIPPED, "needs --data" if inspection.data is None
@@ -99,8 +100,8 @@ def _output_limit(inspection: InspectReport, name: str, limit: float, measure: C
     if value <= limit:
         return PolicyResult(name, limit, Outcome.PASSED, _fmt(value))
     return PolicyResult(name, limit, Outcome.FAILED, f"{_fmt(value)} > {limit:g}", [Failure(
-        f"outputs with running statistics differ from outputs with the data's statistics: {name.removeprefix('max-')} "
-        f"{_fmt(value)} > {limit:g}; run bnfold recalibrate")])
+        f"{label} {_fmt(value)} > {limit:g} between the outputs with running statistics and with the data's own: "
+        "statistics drifted, run bnfold recalibrate")])
 
 
 def _sortable(value: float) -> float:

@@ -17,6 +17,7 @@ from bnfold.policy import Policy, find_config, load_policy
 from bnfold.reports.check import CheckReport, Outcome
 from bnfold.reports.inspect import InspectReport, ModelInfo
 from bnfold.stats import ChannelStatistics
+from tests.conftest import SAMPLES
 
 # ---------------------------------------------------------------- policy loading
 
@@ -206,3 +207,92 @@ def test_json_document_pins_the_check_fields():
     assert set(layer["discrepancy"]) == {"samples", "mean_shift", "var_log_ratio", "kl", "fraction_beyond", "verdict"}
     assert set(document["model_discrepancy"]) == {"samples", "relative_l2", "classifier", "softmax_kl",
                                                   "top1_agreement", "verdict"}
+
+
+# ---------------------------------------------------------------- end to end on the sample models
+
+CALIB, SHIFTED = SAMPLES / "calib.npy", SAMPLES / "shifted_calib.npy"
+
+
+@pytest.mark.parametrize("name", ["mlp.pt2", "resnet.onnx"])  # the mildest shift; the narrowest layer margin
+def test_clean_passes_shifted_fails_recalibrated_passes(tmp_path, name):
+    from bnfold import check, recalibrate
+
+    model = SAMPLES / name
+    assert check(model, CALIB, policy=Policy()).passed
+    shifted = check(model, SHIFTED, policy=Policy())
+    assert not shifted.passed
+    assert {"max-layer-kl", "max-output-kl"} <= {r.policy for r in shifted.failed}
+    assert shifted.inspection.recommendation == "statistics drifted: run bnfold recalibrate"
+    recalibrated = tmp_path / f"recalibrated{model.suffix}"
+    recalibrate(model, SHIFTED, output=recalibrated)
+    again = check(recalibrated, SHIFTED, policy=Policy())
+    assert again.passed, again.failed
+    assert max(d.kl.mean for d in again.inspection.discrepancy.values()) < 1e-3
+
+
+def test_cli_exit_codes_and_streams(cli):
+    clean = cli("check", SAMPLES / "cnn.onnx", "--data", CALIB)
+    assert clean.code == 0 and clean.stderr == "" and "check passed" in clean.stdout
+    shifted = cli("check", SAMPLES / "cnn.onnx", "--data", SHIFTED)
+    assert shifted.code == 1 and shifted.stderr == ""
+    assert "check failed: max-layer-kl, max-mean-shift, max-output-kl, max-output-l2" in shifted.stdout
+    missing = cli("check", SAMPLES / "cnn.onnx", "--data", SAMPLES / "nope.npy")
+    assert missing.code == 2 and missing.stdout == "" and missing.stderr.startswith("error: no such data file")
+    assert cli("check", SAMPLES / "cnn.onnx", "--fail-on", "info").code == 2
+
+
+def test_cli_policy_from_bnfold_toml_and_flags(cli, tmp_path, monkeypatch):
+    (tmp_path / "bnfold.toml").write_text("max-layer-kl = 1.0\nmax-mean-shift = 1.0\nmax-output-kl = 1.0\n"
+                                          "max-output-l2 = 1.0\n")
+    monkeypatch.chdir(tmp_path)
+    lenient = cli("check", SAMPLES / "cnn.onnx", "--data", SHIFTED, "--json")
+    assert lenient.code == 0, lenient.stdout
+    assert json.loads(lenient.stdout)["policy"]["sources"] == ["defaults", str(tmp_path / "bnfold.toml")]
+    assert cli("check", SAMPLES / "cnn.onnx", "--data", SHIFTED, "--max-layer-kl", "0.06").code == 1
+    (tmp_path / "bnfold.toml").write_text("max_layer_kl = 1.0\n")
+    typo = cli("check", SAMPLES / "cnn.onnx")
+    assert typo.code == 2 and "unknown bnfold setting 'max_layer_kl'" in typo.stderr
+
+
+def test_require_folded_fails_until_the_model_is_folded(cli, tmp_path):
+    from bnfold import fold
+
+    unfolded = cli("check", SAMPLES / "cnn.onnx", "--require-folded", "--json")
+    assert unfolded.code == 1
+    document = json.loads(unfolded.stdout)
+    assert [f["layer"] for f in document["policies"][1]["failures"]] == [layer["name"] for layer in document["layers"]]
+    folded = tmp_path / "cnn_folded.onnx"
+    assert fold(SAMPLES / "cnn.onnx", folded).passed
+    assert cli("check", folded, "--require-folded").code == 0
+
+
+def test_cli_under_github_actions_keeps_json_pure(cli, tmp_path, monkeypatch):
+    summary = tmp_path / "summary.md"
+    monkeypatch.setenv("GITHUB_ACTIONS", "true")
+    monkeypatch.setenv("GITHUB_STEP_SUMMARY", str(summary))
+    junit = tmp_path / "bnfold.xml"
+    result = cli("check", SAMPLES / "cnn.onnx", "--data", SHIFTED, "--json", "--junit-xml", junit)
+    assert result.code == 1
+    assert json.loads(result.stdout)["passed"] is False  # stdout: the JSON document alone
+    annotations = result.stderr.splitlines()
+    assert annotations and all(line.startswith(("::error ", "::warning ")) for line in annotations)
+    assert "| max-layer-kl | 0.06 | failed |" in summary.read_text()
+    cases = ET.parse(junit).getroot().find("testsuite").findall("testcase")
+    failed = {(c.get("classname"), c.get("name")) for c in cases if c.find("failure") is not None}
+    assert {name for kind, name in failed if kind == "bnfold.policy"} == {
+        "max-layer-kl", "max-mean-shift", "max-output-kl", "max-output-l2"}
+    assert ("bnfold.layer", "/bn3/BatchNormalization") in failed
+    human = cli("check", SAMPLES / "cnn.onnx", "--data", SHIFTED)
+    assert human.stderr == "" and "::error file=" in human.stdout
+
+
+def test_check_as_a_process_on_onnx_never_imports_torch(tmp_path):
+    from tests.test_startup import run_probe
+
+    completed = run_probe("check", str(SAMPLES / "cnn.onnx"), "--data", str(SHIFTED), "--json",
+                          "--junit-xml", str(tmp_path / "junit.xml"))
+    assert completed.returncode == 1, completed.stderr
+    assert json.loads(completed.stdout)["kind"] == "check"
+    assert "TORCH-MODULES: 0" in completed.stderr
+    assert ET.parse(tmp_path / "junit.xml").getroot().tag == "testsuites"

@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import io
+import json
 import math
 
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from rich.console import Console
 
 from bnfold.discrepancy import DriftLimits, OutputComparison, channel_measures, compare_layer
 from bnfold.layers import BNLayer
 from bnfold.stats import ChannelStatistics
+from tests.conftest import SAMPLES
 
 
 def numeric_kl(mean_p: float, var_p: float, mean_q: float, var_q: float) -> float:
@@ -145,3 +149,70 @@ def test_non_classifier_outputs_have_only_the_relative_distance():
     assert comparison.softmax_kl is None and comparison.top1_agreement is None and not comparison.classifier
     assert comparison.relative_l2 == pytest.approx(0.1)
     assert comparison.to_dict()["verdict"] == "ok"
+
+
+# ---------------------------------------------------------------- inspect --data on the sample models
+
+SHIFTED = SAMPLES / "shifted_calib.npy"
+LAYER_KEYS = {"samples", "mean_shift", "var_log_ratio", "kl", "fraction_beyond", "verdict"}
+MODEL_KEYS = {"samples", "relative_l2", "classifier", "softmax_kl", "top1_agreement", "verdict"}
+
+
+@pytest.fixture(scope="module")
+def shifted_cnn():
+    """cnn.pt2 inspected on sensor-shifted digits (run once: the tests below read the same report)."""
+    from bnfold import inspect
+
+    return inspect(SAMPLES / "cnn.pt2", SHIFTED)
+
+
+def test_inspect_data_json_fields(shifted_cnn):
+    assert shifted_cnn.passed  # drift informs, it does not fail inspect
+    document = json.loads(shifted_cnn.to_json())
+    assert document["data"] == str(SHIFTED)
+    assert document["recommendation"] == "statistics drifted: run bnfold recalibrate"
+    assert document["limits"] == DriftLimits().to_dict()
+    for layer in document["layers"]:
+        drift = layer["discrepancy"]
+        assert set(drift) == LAYER_KEYS and drift["samples"] > 0 and drift["verdict"] in ("ok", "drifted")
+        for measure in ("mean_shift", "var_log_ratio", "kl"):
+            assert set(drift[measure]) == {"mean", "max"} and 0 <= drift[measure]["mean"] <= drift[measure]["max"]
+    by_name = {layer["name"]: layer["discrepancy"] for layer in document["layers"]}
+    assert by_name["bn3"]["kl"]["mean"] == pytest.approx(0.163, abs=0.002)  # the measured value (discrepancy.py)
+    assert by_name["bn3"]["verdict"] == "drifted" and by_name["bn1"]["verdict"] == "ok"
+    outputs = document["model_discrepancy"]
+    assert set(outputs) == MODEL_KEYS and outputs["samples"] == 256 and outputs["classifier"] is True
+    assert outputs["top1_agreement"] == pytest.approx(0.68, abs=0.01) and outputs["verdict"] == "drifted"
+
+
+def test_inspect_without_data_has_null_drift_fields(cli):
+    document = json.loads(cli("inspect", SAMPLES / "cnn.onnx", "--json").stdout)
+    assert all(layer["discrepancy"] is None for layer in document["layers"])
+    assert (document["data"], document["limits"], document["model_discrepancy"], document["recommendation"]) == (
+        None, None, None, None)
+
+
+def test_inspect_data_table_lists_the_worst_layer_first(shifted_cnn):
+    console = Console(width=160, record=True, color_system=None, file=io.StringIO())
+    console.print(shifted_cnn)
+    lines = console.export_text().splitlines()
+    rows = [line.lstrip("│┃ ") for line in lines if line.lstrip("│┃ ").startswith("bn")]
+    assert [row.split()[0] for row in rows] == ["bn3", "bn2", "bn1"]
+    assert "drifted (0.163, 0.368)" in rows[0]
+    outputs = next(i for i, line in enumerate(lines) if line.startswith("outputs on "))
+    assert "top-1 agreement 68.0%" in lines[outputs]
+    assert lines[outputs + 1] == "statistics drifted: run bnfold recalibrate"
+
+
+def test_pytorch_and_onnx_measure_the_same_drift(shifted_cnn):
+    from bnfold import inspect
+
+    onnx_report = inspect(SAMPLES / "cnn.onnx", SHIFTED)
+    pairs = list(zip(shifted_cnn.layers, onnx_report.layers))
+    assert len(pairs) == 3
+    for torch_layer, onnx_layer in pairs:
+        ours, theirs = shifted_cnn.discrepancy[torch_layer.name], onnx_report.discrepancy[onnx_layer.name]
+        assert ours.kl.mean == pytest.approx(theirs.kl.mean, rel=1e-3)
+        assert ours.mean_shift.max == pytest.approx(theirs.mean_shift.max, rel=1e-3)
+    assert shifted_cnn.model_discrepancy.softmax_kl == pytest.approx(onnx_report.model_discrepancy.softmax_kl,
+                                                                     rel=1e-3)

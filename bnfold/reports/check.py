@@ -48,6 +48,12 @@ class PolicyResult:
     detail: str
     failures: list[Failure] = field(default_factory=list)
 
+    @property
+    def limit_text(self) -> str:
+        if isinstance(self.limit, bool):
+            return "on" if self.limit else "off"
+        return f"{self.limit:g}" if isinstance(self.limit, float) else str(self.limit)
+
     def to_dict(self) -> dict[str, Any]:
         return {"policy": self.policy, "limit": self.limit, "outcome": self.outcome.value, "detail": self.detail,
                 "failures": [f.to_dict() for f in self.failures]}
@@ -107,7 +113,7 @@ class CheckReport(Report):
         for column in ("policy", "limit", "result", "detail"):
             table.add_column(column, overflow="fold")
         for result in self.results:
-            table.add_row(result.policy, str(result.limit), Text(result.outcome.value, style=_STYLE[result.outcome]),
+            table.add_row(result.policy, result.limit_text, Text(result.outcome.value, style=_STYLE[result.outcome]),
                           result.detail)
         yield table
         for result in self.failed:
@@ -168,7 +174,7 @@ class CheckReport(Report):
         if self.inspection.data:
             lines += [f"Data: `{self.inspection.data}`", ""]
         lines += ["| policy | limit | result | detail |", "|---|---|---|---|"]
-        lines += [f"| {r.policy} | {r.limit} | {r.outcome.value} | {_cell(r.detail)} |" for r in self.results]
+        lines += [f"| {r.policy} | {r.limit_text} | {r.outcome.value} | {_cell(r.detail)} |" for r in self.results]
         drift = self.inspection.discrepancy
         if drift:
             lines += ["", "| BN layer | KL (mean / max) | mean shift (mean / max) | verdict |", "|---|---|---|---|"]
