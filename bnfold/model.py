@@ -39,6 +39,7 @@ class InputSpec:
     name: str
     shape: tuple[int | None, ...]
     dtype: str
+    dim_names: tuple[str | None, ...] = ()  # symbolic names of dynamic dims (ONNX dim_param), when recorded
 
 
 class Model(ABC):

@@ -34,7 +34,8 @@ def parse_input_shapes(text: str | None) -> list[tuple[int, ...]] | None:
 
 def random_batches(specs: Sequence[InputSpec], shapes: list[tuple[int, ...]] | None, count: int = 2,
                    seed: int = 0) -> list[Batch]:
-    """Deterministic random inputs honouring the model's input shapes (dynamic dims: batch 2, else 8)."""
+    """Deterministic random inputs honouring the model's input shapes (dynamic dims: batch 2, else 8;
+    dims sharing a symbolic name get one size, so `seq` agrees between `input_ids` and `mask`)."""
     if shapes is not None:
         names = [s.name for s in specs] or [f"input_{i}" for i in range(len(shapes))]
         if len(shapes) != len(names):
@@ -45,14 +46,22 @@ def random_batches(specs: Sequence[InputSpec], shapes: list[tuple[int, ...]] | N
         raise UsageError("the model does not record its input shape",
                          "pass --input-shape (e.g. 1,3,224,224) or --data")
     rng = np.random.default_rng(seed)
+    named: dict[str, int] = {}
     batches = []
     for _ in range(count):
         batch = {}
         for spec in specs:
-            shape = tuple(d if d is not None else (RANDOM_BATCH if i == 0 else 8) for i, d in enumerate(spec.shape))
+            names = spec.dim_names or (None,) * len(spec.shape)
+            shape = tuple(d if d is not None else _dynamic_size(named, name, i)
+                          for i, (d, name) in enumerate(zip(spec.shape, names)))
             batch[spec.name] = _random_array(rng, shape, spec.dtype)
         batches.append(batch)
     return batches
+
+
+def _dynamic_size(named: dict[str, int], name: str | None, axis: int) -> int:
+    size = RANDOM_BATCH if axis == 0 else 8
+    return named.setdefault(name, size) if name else size
 
 
 def _random_array(rng: np.random.Generator, shape: tuple[int, ...], dtype: str) -> np.ndarray:

@@ -534,3 +534,16 @@ def test_fold_writes_external_data_models_through_the_cli_path(tmp_path):
     folded = OnnxModel.load(tmp_path / "folded.onnx")
     assert count(folded.proto, BN) == 0 and folded.external_data
     assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging left behind
+
+
+def test_verification_inputs_agree_on_named_dynamic_dims():
+    # k sits on axis 1 of `a` and axis 0 of `b`: only one size for `k` lets the MatMul run.
+    rng = np.random.default_rng(40)
+    nodes = [helper.make_node("MatMul", ["a", "b"], ["ab"], name="mm"),
+             helper.make_node("Conv", ["x", "w"], ["c"], name="conv"), bn_node("c", "y")]
+    model = make(nodes, {"a": (["n", "k"], F32), "b": (["k", "n"], F32), "x": (["n", 4, 5, 5], F32)},
+                 {"ab": (None, F32), "y": (None, F32)}, {"w": weights(rng, 6, 4, 3, 3), **bn_params(rng, 6)})
+    from bnfold.folding import fold
+
+    report = fold(model)
+    assert report.passed and report.verify_error is None and report.difference.max_rel < 1e-5

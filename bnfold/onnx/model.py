@@ -57,7 +57,8 @@ class OnnxModel(Model):
             tensor = value.type.tensor_type
             shape = tuple(d.dim_value if d.HasField("dim_value") else None for d in tensor.shape.dim)
             dtype = helper.tensor_dtype_to_np_dtype(tensor.elem_type).name if tensor.elem_type else "unknown"
-            specs.append(InputSpec(value.name, shape, dtype))
+            names = tuple(d.dim_param or None for d in tensor.shape.dim)
+            specs.append(InputSpec(value.name, shape, dtype, names))
         return specs
 
     def parameter_count(self) -> int:
