@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import sys
 import traceback
+import warnings
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, Optional
@@ -298,6 +299,8 @@ def main(argv: list[str] | None = None) -> None:
     from typer._click.exceptions import ClickException, NoArgsIsHelpError
     from typer.exceptions import Abort, Exit
 
+    # torch.export's own deserializer trips this deprecation on every .pt2; it is noise to users.
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)", category=FutureWarning)
     err = stderr_console()
     try:
         # Without standalone mode, click returns the code of a typer.Exit instead of raising it.

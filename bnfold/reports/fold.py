@@ -76,8 +76,9 @@ class FoldReport(Report):
         }
 
     def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
-        table = Table(title=f"{self.model.path} ({self.model.format}): {len(self.folded)} of "
-                            f"{len(self.decisions)} BN layers folded", title_justify="left")
+        yield Text(f"{self.model.path} ({self.model.format}): {len(self.folded)} of "
+                   f"{len(self.decisions)} BN layers folded", style="bold")
+        table = Table()
         table.add_column("BN layer", overflow="fold")
         table.add_column("result", overflow="fold")
         for decision in self.decisions:
