@@ -10,7 +10,7 @@ from rich.table import Table
 from rich.text import Text
 
 from bnfold.discrepancy import DriftLimits, LayerDiscrepancy, OutputComparison
-from bnfold.layers import BNLayer, Finding, FoldDecision, FoldStatus, Severity, summarize
+from bnfold.layers import BNLayer, Finding, FoldDecision, FoldDirection, FoldStatus, Severity, summarize
 from bnfold.reports.base import SEVERITY_STYLE, Report, finding_line, fmt_number, fmt_range
 
 
@@ -101,23 +101,35 @@ class InspectReport(Report):
 
     def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
         counts = self.counts()
+        # Columns every layer shares (kind, eps) move into the title to leave room for names.
+        kinds = {layer.kind for layer in self.layers}
+        epsilons = {fmt_number(layer.eps, 2) for layer in self.layers}
+        shared = [f"all {next(iter(kinds))}"] if len(kinds) == 1 else []
+        shared += [f"eps {next(iter(epsilons))}"] if len(epsilons) == 1 else []
         title = (f"{self.model.path} ({self.model.format}): {counts['layers']} BN layers"
-                 + (f", {counts['foldable']} foldable" if counts["foldable"] is not None else ""))
-        table = Table(title=title, title_justify="left", show_lines=False)
-        for column, justify, wrap in (("layer", "left", True), ("kind", "left", True), ("ch", "right", False),
-                                      ("eps", "right", False), ("running mean", "right", False),
-                                      ("running var", "right", False), ("gain", "right", False),
-                                      ("fold", "left", True), ("health", "left", True)):
-            table.add_column(column, justify=justify, overflow="fold", no_wrap=not wrap)
+                 + (f", {counts['foldable']} foldable" if counts["foldable"] is not None else "")
+                 + (f" ({', '.join(shared)})" if shared else ""))
+        yield Text(title, style="bold")
+        table = Table(show_lines=False)
+        columns = [("layer", "left", True), ("kind", "left", True), ("ch", "right", False), ("eps", "right", False),
+                   ("running mean", "right", False), ("running var", "right", False), ("gain", "right", False),
+                   ("fold", "left", True), ("health", "left", True)]
+        hidden = {"kind"} if len(kinds) == 1 else set()
+        hidden |= {"eps"} if len(epsilons) == 1 else set()
+        for column, justify, wrap in columns:
+            if column not in hidden:
+                table.add_column(column, justify=justify, overflow="fold", no_wrap=not wrap)
         if self.discrepancy is not None:
             table.add_column("drift (KL, shift)", overflow="fold")
         for layer in self.by_drift():
             decision = self.folds.get(layer.name) if self.folds is not None else None
             drift = [] if self.discrepancy is None else [_drift(self.discrepancy.get(layer.name))]
-            table.add_row(layer.name, layer.kind, str(layer.channels), fmt_number(layer.eps, 2),
-                          fmt_range(summarize(layer.running_mean)), fmt_range(summarize(layer.running_var)),
-                          fmt_range(summarize(layer.effective_gain())),
-                          _fold_cell(decision), _health(self.findings_for(layer.name)), *drift)
+            cells = {"layer": layer.name, "kind": layer.kind, "ch": str(layer.channels),
+                     "eps": fmt_number(layer.eps, 2), "running mean": fmt_range(summarize(layer.running_mean)),
+                     "running var": fmt_range(summarize(layer.running_var)),
+                     "gain": fmt_range(summarize(layer.effective_gain())), "fold": _fold_cell(decision),
+                     "health": _health(self.findings_for(layer.name))}
+            table.add_row(*(cells[column] for column, _, _ in columns if column not in hidden), *drift)
         yield table
         for decision in (self.folds or {}).values():
             if decision.status is FoldStatus.KEPT:
@@ -141,7 +153,8 @@ def _fold_cell(decision: FoldDecision | None) -> Text:
         return Text("-", style="dim")
     if decision.status is FoldStatus.KEPT:
         return Text("kept", style="red")
-    return Text(decision.describe(), style="green")
+    arrow = "←" if decision.direction is FoldDirection.INTO_CONSUMER else "→"
+    return Text(f"{arrow} {', '.join(decision.targets)}", style="green")
 
 
 def _health(findings: list[Finding]) -> Text:
