@@ -24,6 +24,12 @@ from tests.onnx_builders import (BN, bn_node, bn_params, conv_bn, count, feeds, 
 F32 = np.float32
 
 
+def _set(node, attribute):
+    for existing in [a for a in node.attribute if a.name == attribute.name]:
+        node.attribute.remove(existing)
+    node.attribute.append(attribute)
+
+
 def only_decision(plan):
     assert len(plan.decisions) == 1
     return plan.decisions[0]
@@ -192,7 +198,7 @@ def test_concat_branch_read_elsewhere_keeps_the_bn():
 
 # --- Fold forward into the consumer ---------------------------------------------------------------
 
-def bn_then(rng, op, *, channels=4, x_shape=(2, 4, 5, 5), pads=0, group=1, between=(), **attrs):
+def bn_then(rng, op, *, channels=4, x_shape=(2, 4, 5, 5), pads=0, group=1, kernel=3, between=(), **attrs):
     inits = {**bn_params(rng, channels)}
     nodes = [bn_node("x", "n")]
     last = "n"
@@ -201,12 +207,13 @@ def bn_then(rng, op, *, channels=4, x_shape=(2, 4, 5, 5), pads=0, group=1, betwe
         nodes.append(helper.make_node(shape_op, [last, *extra], [f"t{position}"], **shape_attrs))
         last = f"t{position}"
     if op == "Conv":
-        inits["w"] = weights(rng, 8, channels // group, 3, 3)
+        inits["w"] = weights(rng, 8, channels // group, kernel, kernel)
         inits["b"] = rng.standard_normal(8).astype(F32)
         nodes.append(helper.make_node("Conv", [last, "w", "b"], ["y"], name="conv", pads=[pads] * 4, group=group))
     elif op == "Gemm":
-        inits["w"] = weights(rng, channels, 6)
-        nodes.append(helper.make_node("Gemm", [last, "w"], ["y"], name="fc", **attrs))
+        weight = weights(rng, channels, 6)
+        inits["w"], inits["c"] = weight.T.copy() if attrs.get("transB") else weight, rng.standard_normal(6).astype(F32)
+        nodes.append(helper.make_node("Gemm", [last, "w", "c"], ["y"], name="fc", **attrs))
     else:
         inits["w"] = weights(rng, channels, 6)
         nodes.append(helper.make_node("MatMul", [last, "w"], ["y"], name="mm"))
@@ -221,18 +228,27 @@ def test_bn_before_unpadded_conv_folds_forward(group):
     assert decision.direction is FoldDirection.INTO_CONSUMER and decision.targets == ["conv"]
 
 
-def test_bn_before_zero_padded_conv_is_kept():
-    decision = only_decision(plan_folds(bn_then(np.random.default_rng(13), "Conv", pads=1)))
+@pytest.mark.parametrize("kernel", [1, 3])
+def test_bn_before_zero_padded_conv_is_kept(kernel):
+    decision = only_decision(plan_folds(bn_then(np.random.default_rng(13), "Conv", pads=1, kernel=kernel)))
     assert decision.status is FoldStatus.KEPT and "zero-pads" in decision.reason
 
 
-@pytest.mark.parametrize("op, between", [
-    ("Gemm", ()), ("MatMul", ()),
-    ("Gemm", [("Flatten", {}, {})]),
-], ids=["gemm", "matmul", "flatten-gemm"])
-def test_bn_before_matrix_layers_folds_forward(op, between):
+def test_bn_before_same_padded_pointwise_conv_folds():
+    model = bn_then(np.random.default_rng(41), "Conv", kernel=1)
+    _set(model.graph.node[-1], helper.make_attribute("auto_pad", "SAME_UPPER"))
+    model.graph.node[-1].attribute.remove(next(a for a in model.graph.node[-1].attribute if a.name == "pads"))
+    folded, plan = fold_checked(model)
+    assert statuses(plan) == ["foldable"]
+
+
+@pytest.mark.parametrize("op, between, attrs", [
+    ("Gemm", (), {}), ("Gemm", (), {"alpha": 0.5, "beta": 2.0, "transB": 1}), ("MatMul", (), {}),
+    ("Gemm", [("Flatten", {}, {})], {}),
+], ids=["gemm", "gemm-alpha-beta-transb", "matmul", "flatten-gemm"])
+def test_bn_before_matrix_layers_folds_forward(op, between, attrs):
     shape = (3, 4, 1, 1) if between else (3, 4)
-    folded, _ = fold_checked(bn_then(np.random.default_rng(14), op, x_shape=shape, between=between))
+    folded, _ = fold_checked(bn_then(np.random.default_rng(14), op, x_shape=shape, between=between, **attrs))
     assert count(folded, BN) == 0 and count(folded, "MatMul") == 0
 
 
@@ -245,8 +261,8 @@ def test_bn_before_gemm_with_transposed_input_is_kept():
 
 def test_constant_mul_and_add_after_conv_fold_with_the_bn():
     rng = np.random.default_rng(16)
-    inits = {"w": weights(rng, 6, 4, 3, 3), "two": np.array(2.2, F32), "per_channel": rng.standard_normal((6, 1, 1)).astype(F32),
-             **bn_params(rng, 6)}
+    inits = {"w": weights(rng, 6, 4, 3, 3), "two": np.array(2.2, F32),
+             "per_channel": rng.standard_normal((6, 1, 1)).astype(F32), **bn_params(rng, 6)}
     nodes = [helper.make_node("Conv", ["x", "w"], ["c"], name="conv"),
              helper.make_node("Mul", ["two", "c"], ["m"], name="mul"),
              helper.make_node("Add", ["m", "per_channel"], ["a"], name="add"),
@@ -267,7 +283,8 @@ def test_spatially_varying_add_is_not_a_hand_written_bn():
 def test_conv_bn_bn_folds_both_in_passes():
     rng = np.random.default_rng(18)
     inits = {"w": weights(rng, 6, 4, 3, 3), **bn_params(rng, 6, "bn1"), **bn_params(rng, 6, "bn2")}
-    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], name="conv"), bn_node("c", "n", "bn1"), bn_node("n", "y", "bn2")]
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], name="conv"), bn_node("c", "n", "bn1"),
+             bn_node("n", "y", "bn2")]
     folded, plan = fold_checked(make(nodes, {"x": ((2, 4, 5, 5), F32)}, {"y": (None, F32)}, inits))
     assert statuses(plan) == ["foldable", "foldable"] and [n.op_type for n in folded.graph.node] == ["Conv"]
 
@@ -299,7 +316,8 @@ def test_subgraph_bodies_are_folded_with_outer_weights():
     def branch(name, prefix):
         nodes = [helper.make_node("Conv", ["x", f"w_{name}"], [f"{name}_c"], name=f"{name}_conv"),
                  bn_node(f"{name}_c", f"{name}_y", prefix)]
-        return helper.make_graph(nodes, name, [], [helper.make_tensor_value_info(f"{name}_y", onnx.TensorProto.FLOAT, None)],
+        output = helper.make_tensor_value_info(f"{name}_y", onnx.TensorProto.FLOAT, None)
+        return helper.make_graph(nodes, name, [], [output],
                                  [numpy_helper.from_array(v, k) for k, v in bn_params(rng, 6, prefix).items()])
 
     node = helper.make_node("If", ["cond"], ["y"], name="if", then_branch=branch("then", "bn_t"),
@@ -359,7 +377,8 @@ def test_only_shape_readers_do_not_block_a_fold():
     rng = np.random.default_rng(38)
     nodes = [helper.make_node("Conv", ["x", "w"], ["c"], name="conv"), bn_node("c", "n"),
              helper.make_node("Shape", ["c"], ["s"], name="shape"), helper.make_node("Reshape", ["n", "s"], ["y"])]
-    model = make(nodes, {"x": ((2, 4, 5, 5), F32)}, {"y": (None, F32)}, {"w": weights(rng, 6, 4, 3, 3), **bn_params(rng, 6)})
+    inits = {"w": weights(rng, 6, 4, 3, 3), **bn_params(rng, 6)}
+    model = make(nodes, {"x": ((2, 4, 5, 5), F32)}, {"y": (None, F32)}, inits)
     folded, _ = fold_checked(model)
     assert [n.op_type for n in folded.graph.node] == ["Conv", "Shape", "Reshape"]
 
@@ -401,7 +420,8 @@ def test_producer_read_elsewhere_is_kept_with_the_reader_named():
     rng = np.random.default_rng(25)
     nodes = [helper.make_node("Conv", ["x", "w"], ["c"], name="/layer1/conv"), bn_node("c", "n"),
              helper.make_node("Add", ["n", "c"], ["y"], name="/layer1/Add")]
-    model = make(nodes, {"x": ((2, 4, 5, 5), F32)}, {"y": (None, F32)}, {"w": weights(rng, 6, 4, 3, 3), **bn_params(rng, 6)})
+    inits = {"w": weights(rng, 6, 4, 3, 3), **bn_params(rng, 6)}
+    model = make(nodes, {"x": ((2, 4, 5, 5), F32)}, {"y": (None, F32)}, inits)
     reason = only_decision(plan_folds(model)).reason
     assert reason == "Conv /layer1/conv output 'c' also feeds Add /layer1/Add", reason
 

@@ -74,7 +74,9 @@ class Scope:
 
     def is_chain_op(self, node: onnx.NodeProto | None) -> bool:
         """A node that moves values without computing new ones (a shape op or a copying Pad)."""
-        return is_op(node, *SHAPE_OPS) or (is_op(node, "Pad") and _text(attribute(node, "mode", "constant")) in _COPY_PAD_MODES)
+        if is_op(node, "Pad"):
+            return _text(attribute(node, "mode", "constant")) in _COPY_PAD_MODES
+        return is_op(node, *SHAPE_OPS)
 
 
 def describe(node: onnx.NodeProto) -> str:
@@ -112,8 +114,13 @@ class Layer:
         return self.node.op_type
 
     @property
+    def last(self) -> onnx.NodeProto:
+        """The node whose output is the layer's output (the bias Add, when there is one)."""
+        return self.bias_add if self.bias_add is not None else self.node
+
+    @property
     def output(self) -> str:
-        return (self.bias_add or self.node).output[0]
+        return self.last.output[0]
 
     @property
     def weight_name(self) -> str:
@@ -216,7 +223,8 @@ def _matmul_with_bias(scope: Scope, add: onnx.NodeProto) -> Layer | None:
             return None
         layer = read_layer(scope, matmul, add)
         rank = scope.facts.rank(add.output[0])
-        fits = bias.ndim == 0 or (bias.shape[-1] in (1, layer.out_channels) and all(d == 1 for d in bias.shape[:-1]))
+        fits = bias.ndim == 0 or (bias.shape[-1] in (1, layer.out_channels)
+                                  and all(size == 1 for size in bias.shape[:-1]))
         return layer if fits and rank is not None and bias.ndim <= rank else None
     return None
 
@@ -368,7 +376,7 @@ def _walk_back(scope: Scope, value: str) -> tuple[onnx.NodeProto | None, list[on
     """The first non-shape node above `value`, and the shape ops in between (in data-flow order)."""
     chain: list[onnx.NodeProto] = []
     node = scope.producer(value)
-    while scope.is_chain_op(node) and node not in chain:
+    while scope.is_chain_op(node) and len(chain) <= len(scope.index.graph.node):  # a cycle ends the walk
         chain.insert(0, node)
         node = scope.producer(node.input[0])
     return node, chain
@@ -401,7 +409,7 @@ def _producer_layers(scope: Scope, value: str, reader: onnx.NodeProto, axis: int
     feature_axis = 1 if layer.op != "MatMul" else (rank - 1 if rank is not None else None)
     if feature_axis is None:
         raise Skip(f"the rank of {describe(node)}'s output is unknown, so its feature axis is too")
-    _check_path(scope, layer.bias_add or node, chain, reader, feature_axis, layer.out_channels, axis)
+    _check_path(scope, layer.last, chain, reader, feature_axis, layer.out_channels, axis)
     return [layer], False
 
 
@@ -502,7 +510,8 @@ def _pads_spare(scope: Scope, pad: onnx.NodeProto, axis: int) -> bool:
     return all(pads[i] == 0 and pads[i + half] == 0 for i, padded in enumerate(axes) if padded == axis)
 
 
-def _shared_group(scope: Scope, bn: onnx.NodeProto, layer: Layer, affine: Affine) -> list[tuple[onnx.NodeProto, Layer]]:
+def _shared_group(scope: Scope, bn: onnx.NodeProto, layer: Layer,
+                  affine: Affine) -> list[tuple[onnx.NodeProto, Layer]]:
     """The (BN, layer) pairs that fold together: when every user of a shared weight is an identical
     layer followed by an identical BN, one folded weight serves them all. Otherwise the layer folds
     alone, into copies of the weights (the other users keep the originals)."""
@@ -512,7 +521,8 @@ def _shared_group(scope: Scope, bn: onnx.NodeProto, layer: Layer, affine: Affine
         return [(bn, layer)]
 
 
-def _identical_users(scope: Scope, bn: onnx.NodeProto, layer: Layer, affine: Affine) -> list[tuple[onnx.NodeProto, Layer]]:
+def _identical_users(scope: Scope, bn: onnx.NodeProto, layer: Layer,
+                     affine: Affine) -> list[tuple[onnx.NodeProto, Layer]]:
     others = _sharers(scope, layer)
     if not others:
         return [(bn, layer)]
@@ -531,7 +541,8 @@ def _identical_users(scope: Scope, bn: onnx.NodeProto, layer: Layer, affine: Aff
         if not is_op(other_bn, BN_OP) or other_bn.input[0] != other.output[0]:
             raise Skip("no BN of its own after it")
         other_affine = bn_affine(scope, other_bn)
-        if not (np.array_equal(other_affine.scale, affine.scale) and np.array_equal(other_affine.shift, affine.shift)):
+        if not (np.array_equal(other_affine.scale, affine.scale)
+                and np.array_equal(other_affine.shift, affine.shift)):
             raise Skip("a different BN")
         group.append((other_bn, read_layer(scope, other)))
     return group
@@ -571,9 +582,11 @@ def _into_consumer(scope: Scope, bn: onnx.NodeProto, affine: Affine):
     if is_op(node, "Gemm") and attribute(node, "transA", 0):
         raise Skip(f"{describe(node)} transposes its input (transA=1), so the BN channels are not its features")
     rank = scope.facts.rank(value)
-    wanted = 1 if layer.op != "MatMul" else (rank - 1 if rank is not None else None)
+    if layer.op == "MatMul" and rank is None:
+        raise Skip(f"the rank of {describe(node)}'s input is unknown, so its feature axis is too")
+    wanted = rank - 1 if layer.op == "MatMul" else 1
     landed = track_axis(scope, chain, 1, channels)
-    if wanted is None or (channels != 1 and landed != wanted):
+    if channels != 1 and landed != wanted:
         raise Skip(f"the channel axis does not line up: {describe(node)} contracts axis {wanted} of its "
                    f"input, but the BN channels are on axis {landed}")
     if layer.in_channels != channels:
@@ -591,15 +604,11 @@ def _into_consumer(scope: Scope, bn: onnx.NodeProto, affine: Affine):
 
 
 def _zero_pads(node: onnx.NodeProto, weight: np.ndarray) -> bool:
-    """Whether the Conv may read zero padding (1-wide kernels never do)."""
-    if all(size == 1 for size in weight.shape[2:]):
-        return False
+    """Whether the Conv may read zero padding (SAME padding never pads for 1-wide kernels)."""
     auto_pad = _text(attribute(node, "auto_pad", "NOTSET"))
-    if auto_pad == "VALID":
-        return False
     if auto_pad in ("SAME_UPPER", "SAME_LOWER"):
-        return True
-    return any(attribute(node, "pads", []))
+        return any(size != 1 for size in weight.shape[2:])
+    return auto_pad != "VALID" and any(attribute(node, "pads", []))
 
 
 def _text(value: str | bytes) -> str:
