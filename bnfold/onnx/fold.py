@@ -4,7 +4,9 @@ Planning runs the fold passes on a scratch copy until nothing changes (a fold ca
 Conv -> BN -> BN, or Conv -> BN -> Mul -> Add), recording every rewrite as a `FoldAction`. Applying
 deep-copies the caller's model and replays those actions in order, so `inspect` and `fold` share one
 source of truth and the caller's ModelProto is never touched. Weights are folded in float64 by
-`bnfold.foldmath` and written once, as new initializers in the tensor's own dtype.
+`bnfold.foldmath` and written once, as new initializers in the tensor's own dtype. Originals are never
+changed in place, so a weight shared by several nodes stays intact for the others: a folded node gets
+its own copy, unless every user is an identical layer with an identical BN (then one copy serves all).
 
 Initializers that are also graph inputs fold by default: nobody feeds BN statistics at run time, and
 onnxruntime's refusal of them (it treats them as overridable) leaves most IR-4 exports unfolded. Such
