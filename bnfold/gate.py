@@ -92,8 +92,9 @@ def _layer_limit(inspection: InspectReport, name: str, limit: float, measure: Ca
 def _output_limit(inspection: InspectReport, name: str, limit: float, label: str, measure: Callable) -> PolicyResult:
     outputs = inspection.model_discrepancy
     if outputs is None:
-        return PolicyResult(name, limit, Outcome.SKIPPED, "needs --data" if inspection.data is None
-                            else "no BN layer with running statistics")
+        reason = ("needs --data" if inspection.data is None else "no BN layer with running statistics"
+                  if not inspection.discrepancy else "not measured: see the notes")
+        return PolicyResult(name, limit, Outcome.SKIPPED, reason)
     value = measure(outputs)
     if value is None:
         return PolicyResult(name, limit, Outcome.SKIPPED, "outputs are not classifier logits")

@@ -56,13 +56,18 @@ def inspect(source: object, data: object | None = None, *, fail_on: str | Severi
     return report
 
 
+# The reference statistics come from BN layers normalizing by batch statistics, which must mean something:
+# on the sample mlp the clean-data output distance is 0.072 with exact statistics, 0.075 from batches of 32,
+# 0.153 from batches of 4, and meaningless from batches of 1.
+MIN_REFERENCE_BATCH = 4
+
+
 def _measure_drift(report: InspectReport, model: Model, data: object, options: DataOptions) -> None:
     """Fill in the report's discrepancy per layer and for the outputs (see the module docstring)."""
     from bnfold.recalibration import Method, recalibrate, statistics_runner
 
     runner = statistics_runner(model)
-    # Batches of at least 2: the reference model normalizes by batch statistics.
-    stream = open_data(data, runner.inputs(), replace(options, min_batch=max(options.min_batch, 2)))
+    stream = open_data(data, runner.inputs(), replace(options, min_batch=max(options.min_batch, MIN_REFERENCE_BATCH)))
     report.data = stream.description
     report.notes.extend(stream.notes)
     layers = runner.layers()
@@ -78,8 +83,15 @@ def _measure_drift(report: InspectReport, model: Model, data: object, options: D
     reference = recalibrate(model, stream, method=Method.FAST).result
     engine = engine_for(model)
     outputs = OutputComparison(report.limits)
+    smallest = None
     for batch in stream.batches():
+        rows = len(next(iter(batch.values())))
+        smallest = rows if smallest is None else min(smallest, rows)
         outputs.add(engine.run(model, batch), engine.run(reference, batch))
+    if smallest is not None and smallest < MIN_REFERENCE_BATCH:
+        report.notes.append(f"batches of {smallest} samples are too small for batch statistics: the whole-model "
+                            f"comparison was skipped (use batches of {MIN_REFERENCE_BATCH} or more)")
+        return
     report.model_discrepancy = outputs
 
 

@@ -12,7 +12,8 @@ pyproject.toml without that table is passed over, as ruff and mypy do). Keys are
     require-folded = false     # fail while an exactly-foldable BN remains
     fail-on = "error"          # static findings that fail: "error", "warning" or "never"
 
-Unknown keys are errors, so a typo never silently turns a policy off.
+`max_layer_kl` (underscores) is read as `max-layer-kl`. Unknown keys are errors, so a typo never
+silently turns a policy off.
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ class Policy:
 
     def updated(self, settings: dict[str, Any], source: str) -> Policy:
         """A policy with `settings` (config keys; None means not given) applied on top of this one."""
-        given = {key: value for key, value in settings.items() if value is not None}
+        given = {key.replace("_", "-"): value for key, value in settings.items() if value is not None}
         if not given:
             return self
         unknown = sorted(set(given) - set(KEYS))

@@ -30,7 +30,7 @@ def test_defaults_without_any_config(tmp_path):
 
 def test_pyproject_table_then_flags_override(tmp_path):
     (tmp_path / "pyproject.toml").write_text('[project]\nname = "x"\n\n[tool.bnfold]\nmax-layer-kl = 0.1\n'
-                                             'require-folded = true\nfail-on = "warning"\n')
+                                             'require_folded = true\nfail-on = "warning"\n')
     nested = tmp_path / "deploy" / "models"
     nested.mkdir(parents=True)
     policy = load_policy(search_from=nested, flags={"max-layer-kl": 0.2, "fail-on": None, "max-output-l2": 3})
@@ -250,9 +250,9 @@ def test_cli_policy_from_bnfold_toml_and_flags(cli, tmp_path, monkeypatch):
     assert lenient.code == 0, lenient.stdout
     assert json.loads(lenient.stdout)["policy"]["sources"] == ["defaults", str(tmp_path / "bnfold.toml")]
     assert cli("check", SAMPLES / "cnn.onnx", "--data", SHIFTED, "--max-layer-kl", "0.06").code == 1
-    (tmp_path / "bnfold.toml").write_text("max_layer_kl = 1.0\n")
+    (tmp_path / "bnfold.toml").write_text("max_layer_kl = 1.0\nmax-kl = 1.0\n")  # underscores are fine
     typo = cli("check", SAMPLES / "cnn.onnx")
-    assert typo.code == 2 and "unknown bnfold setting 'max_layer_kl'" in typo.stderr
+    assert typo.code == 2 and "unknown bnfold setting 'max-kl'" in typo.stderr
 
 
 def test_require_folded_fails_until_the_model_is_folded(cli, tmp_path):
@@ -264,7 +264,11 @@ def test_require_folded_fails_until_the_model_is_folded(cli, tmp_path):
     assert [f["layer"] for f in document["policies"][1]["failures"]] == [layer["name"] for layer in document["layers"]]
     folded = tmp_path / "cnn_folded.onnx"
     assert fold(SAMPLES / "cnn.onnx", folded).passed
-    assert cli("check", folded, "--require-folded").code == 0
+    deployed = cli("check", folded, "--require-folded", "--data", SHIFTED, "--json")
+    assert deployed.code == 0, deployed.stdout  # no BN left: nothing to fold, nothing to drift
+    outcomes = {p["policy"]: (p["outcome"], p["detail"]) for p in json.loads(deployed.stdout)["policies"]}
+    assert outcomes["require-folded"] == ("passed", "no BN left")
+    assert outcomes["max-layer-kl"] == ("skipped", "no BN layer with running statistics")
 
 
 def test_cli_under_github_actions_keeps_json_pure(cli, tmp_path, monkeypatch):
@@ -296,3 +300,13 @@ def test_check_as_a_process_on_onnx_never_imports_torch(tmp_path):
     assert json.loads(completed.stdout)["kind"] == "check"
     assert "TORCH-MODULES: 0" in completed.stderr
     assert ET.parse(tmp_path / "junit.xml").getroot().tag == "testsuites"
+
+
+def test_batches_too_small_for_batch_statistics_skip_the_output_policies(cli):
+    result = cli("check", SAMPLES / "mlp.onnx", "--data", CALIB, "--batch-size", "2", "--max-samples", "64", "--json")
+    document = json.loads(result.stdout)
+    assert result.code == 0 and document["model_discrepancy"] is None
+    outcomes = {p["policy"]: (p["outcome"], p["detail"]) for p in document["policies"]}
+    assert outcomes["max-output-kl"] == ("skipped", "not measured: see the notes")
+    assert outcomes["max-layer-kl"][0] == "passed"  # per-layer statistics do not depend on the batch size
+    assert any("batches of 2 samples are too small" in note for note in document["notes"])
