@@ -1,11 +1,11 @@
 """`check`: the CI gate. Inspect the model (on data when given), then hold the result against a policy.
 
-Outputs for CI (`publish`): JUnit XML written atomically, and under GitHub Actions
+Outputs for CI: JUnit XML written atomically (`write_junit`), and under GitHub Actions
 (GITHUB_ACTIONS=true) workflow-command annotations plus a Markdown table appended to
-$GITHUB_STEP_SUMMARY. Annotations go to stdout, where GitHub documents workflow commands, except with
-`--json`: stdout then carries the JSON document alone and the annotations go to stderr, which the
-Actions runner scans for workflow commands too (its ScriptHandler feeds stdout and stderr through the
-same command parser).
+$GITHUB_STEP_SUMMARY (`publish_github`). Annotations go to stdout, where GitHub documents workflow
+commands, except with `--json`: stdout then carries the JSON document alone and the annotations go to
+stderr, which the Actions runner scans for workflow commands too (actions/runner,
+src/Runner.Worker/Handlers/ScriptHandler.cs, feeds both streams through the same command parser).
 """
 
 from __future__ import annotations
