@@ -12,10 +12,10 @@ from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
-_API = ("inspect", "fold", "recalibrate", "check", "load_model")
+_API = ("inspect", "fold", "recalibrate", "check", "bench", "load_model")
 
 if TYPE_CHECKING:
-    from bnfold.api import check, fold, inspect, load_model, recalibrate
+    from bnfold.api import bench, check, fold, inspect, load_model, recalibrate
 
 
 def __getattr__(name: str) -> Any:

@@ -6,7 +6,8 @@ engine lazily, so the ONNX path never imports torch.
 
 from __future__ import annotations
 
-from typing import Protocol
+from collections.abc import Callable
+from typing import ClassVar, Protocol
 
 import numpy as np
 
@@ -17,7 +18,9 @@ Batch = dict[str, np.ndarray]  # one batch of inputs, keyed by input name
 
 
 class Engine(Protocol):
-    """What `fold`, `inspect`, `recalibrate` and `check` need from a framework."""
+    """What `fold`, `inspect`, `recalibrate`, `check` and `bench` need from a framework."""
+
+    modes: ClassVar[tuple[str, ...]]  # how `prepare` can run a model, the first as `run` does
 
     def plan(self, model: Model, options: FoldOptions = FoldOptions()) -> FoldPlan:
         """Decide, per BN layer, whether and where it folds exactly; never changes the model."""
@@ -27,6 +30,10 @@ class Engine(Protocol):
 
     def run(self, model: Model, batch: Batch) -> list[np.ndarray]:
         """The model's outputs (eval mode) for one batch, as numpy arrays."""
+
+    def prepare(self, model: Model, batch: Batch, mode: str) -> Callable[[], object]:
+        """One forward on `batch` as a zero-argument call, with everything but the forward done up front
+        (inputs converted, session created), so that timing it measures the model alone."""
 
 
 def engine_for(model: Model) -> Engine:

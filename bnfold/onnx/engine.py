@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 
 from bnfold.onnx import runtime
@@ -12,6 +14,8 @@ from bnfold.plan import FoldOptions, FoldPlan
 
 class OnnxEngine:
     """`bnfold.engine.Engine` for ONNX models; sessions are cached per model for repeated batches."""
+
+    modes = ("onnxruntime, optimizations off", "onnxruntime, all optimizations")
 
     def __init__(self) -> None:
         self._sessions: dict[int, tuple[OnnxModel, object]] = {}
@@ -28,3 +32,8 @@ class OnnxEngine:
             cached = (model, runtime.session(model.proto))
             self._sessions[id(model)] = cached
         return runtime.run(cached[1], batch)
+
+    def prepare(self, model: OnnxModel, batch: dict[str, np.ndarray], mode: str = modes[0]) -> Callable[[], object]:
+        sess = runtime.session(model.proto, optimize=mode == self.modes[1])
+        inputs = runtime.feed(sess, batch)
+        return lambda: sess.run(None, inputs)
