@@ -290,6 +290,31 @@ def check(
     finish(report, as_json)
 
 
+@app.command()
+def bench(
+    model: ModelArg,
+    folded: Annotated[Optional[Path], typer.Option(
+        "--folded", metavar="OUT", help="The folded model to compare (bnfold fold MODEL -o OUT). "
+                                        "Without it, bnfold folds MODEL in memory first.")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(
+        "--batch-size", show_default=False, help="Samples per forward (default: 1, or --input-shape's).")] = None,
+    runs: Annotated[int, typer.Option("--runs", help="Timed runs of each model, interleaved.")] = 20,
+    warmup: Annotated[int, typer.Option("--warmup", help="Untimed runs of each model first.")] = 3,
+    input_shape: Annotated[Optional[str], typer.Option(
+        "--input-shape", metavar="SHAPE", help="Input shape when the file records none, e.g. 1,3,224,224 "
+                                               "(';' between inputs).")] = None,
+    as_json: JsonOpt = False,
+    allow_pickle: AllowPickleOpt = False,
+    model_factory: FactoryOpt = None,
+) -> None:
+    """Time the model before and after folding (PyTorch eager, or onnxruntime with and without optimizations)."""
+    from bnfold.benchmark import bench as run_bench
+
+    report = run_bench(model, folded, batch_size=batch_size, runs=runs, warmup=warmup, input_shape=input_shape,
+                       allow_pickle=allow_pickle, model_factory=model_factory)
+    finish(report, as_json)
+
+
 def _debug_enabled() -> bool:
     return os.environ.get(DEBUG_ENV, "").lower() in ("1", "true", "yes") or "--debug" in sys.argv[1:]
 
