@@ -64,6 +64,10 @@ CropOpt = Annotated[Optional[int], typer.Option("--crop", help="Images: centre-c
 MeanOpt = Annotated[str, typer.Option("--mean", help="Images: per-channel mean after scaling to [0, 1].")]
 StdOpt = Annotated[str, typer.Option("--std", help="Images: per-channel standard deviation.")]
 DEFAULT_MEAN, DEFAULT_STD = ",".join(map(str, IMAGENET_MEAN)), ",".join(map(str, IMAGENET_STD))
+ReportOpt = Annotated[Optional[Path], typer.Option(
+    "--report", metavar="PATH", help="Also write a self-contained HTML report: per-layer statistics, drift, fold "
+                                     "status and findings (one file, opens without a server).")]
+ReportForceOpt = Annotated[bool, typer.Option("--force", help="Replace an existing --report file.")]
 FactoryOpt = Annotated[Optional[str], typer.Option(
     "--model-factory", metavar="MODULE:CALLABLE",
     help="For state_dict/safetensors files: a callable that builds the model, e.g. mypkg.models:resnet18.")]
@@ -113,6 +117,23 @@ def data_options(batch_size: int, max_samples: int | None, seed: int | None, res
                        images=image_options(resize, crop, mean, std))
 
 
+def check_report_path(path: Path | None, force: bool) -> None:
+    """Refuse an unwritable --report path before the analysis runs, not after."""
+    if path is not None:
+        from bnfold.output import check_output_path
+
+        check_output_path(path, None, force=force)
+
+
+def write_report(report: Report, path: Path | None, force: bool) -> None:
+    """The --report HTML file, written whether or not the report passed (CI uploads it either way)."""
+    if path is not None:
+        from bnfold.reports.html import write_html
+
+        size = write_html(report, path, force=force)
+        stderr_console().print(f"HTML report written to {path} ({size:,} bytes)", highlight=False, soft_wrap=True)
+
+
 def finish(report: Report, as_json: bool) -> None:
     emit(report, as_json)
     raise typer.Exit(int(exit_code_for(report)))
@@ -145,6 +166,8 @@ def inspect(
     as_json: JsonOpt = False,
     fail_on: Annotated[FailOn, typer.Option(
         "--fail-on", help="Exit 1 when a finding of this severity (or worse) is present.")] = FailOn.error,
+    report_path: ReportOpt = None,
+    force: ReportForceOpt = False,
     allow_pickle: AllowPickleOpt = False,
     model_factory: FactoryOpt = None,
 ) -> None:
@@ -153,9 +176,11 @@ def inspect(
     With --data, also how far each layer's statistics have drifted from the data (worst first)."""
     from bnfold.inspection import inspect as run_inspect
 
+    check_report_path(report_path, force)
     options = data_options(batch_size, max_samples, seed, resize, crop, mean, std)
     report = run_inspect(model, data_source(data, data_fn), fail_on=fail_on.value, allow_pickle=allow_pickle,
                          model_factory=model_factory, data_options=options)
+    write_report(report, report_path, force)
     finish(report, as_json)
 
 
@@ -269,6 +294,8 @@ def check(
         "--fail-on", show_default=False, help="Static findings that fail the check (default: error).")] = None,
     junit_xml: Annotated[Optional[Path], typer.Option(
         "--junit-xml", metavar="PATH", help="Also write JUnit XML: one test case per policy and per BN layer.")] = None,
+    report_path: ReportOpt = None,
+    force: ReportForceOpt = False,
     as_json: JsonOpt = False,
     allow_pickle: AllowPickleOpt = False,
     model_factory: FactoryOpt = None,
@@ -281,11 +308,13 @@ def check(
     flags = {"max-layer-kl": max_layer_kl, "max-mean-shift": max_mean_shift, "max-output-kl": max_output_kl,
              "max-output-l2": max_output_l2, "require-folded": require_folded,
              "fail-on": fail_on.value if fail_on else None}
+    check_report_path(report_path, force)
     options = data_options(batch_size, max_samples, seed, resize, crop, mean, std)
     report = run_check(model, data_source(data, data_fn), policy=load_policy(config, flags=flags),
                        data_options=options, allow_pickle=allow_pickle, model_factory=model_factory)
     if junit_xml is not None:
         write_junit(report, junit_xml)
+    write_report(report, report_path, force)
     publish_github(report, sys.stderr if as_json else sys.stdout)  # stdout must stay pure JSON
     finish(report, as_json)
 
