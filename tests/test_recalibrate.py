@@ -415,3 +415,22 @@ def test_onnx_shared_statistics_and_opsets(opset, method, tmp_path):
     y = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
     expected = numpy_bn(np.maximum(numpy_bn(x64, *first), 0), *second)
     np.testing.assert_allclose(y, expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # the legacy exporter is the one that shares
+def test_onnx_statistics_behind_identity_nodes(tmp_path, calib):
+    """Fresh BN layers have equal statistics, which the TorchScript exporter shares through Identity nodes."""
+    torch.manual_seed(0)
+    module = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
+                           nn.Conv2d(4, 4, 3), nn.BatchNorm2d(4)).eval()
+    path = tmp_path / "fresh.onnx"
+    torch.onnx.export(module, (torch.zeros(1, 1, 8, 8),), str(path), dynamo=False, do_constant_folding=False,
+                      input_names=["input"], dynamic_axes={"input": {0: "batch"}})
+    assert any(node.op_type == "Identity" for node in onnx.load(path).graph.node)
+    report = recalibrate(path, calib, output=tmp_path / "out.onnx")
+    assert report.passes == 2 and not report.skipped
+    expected, _ = exact_oracle(module, calib, ddof=0)
+    model = onnx.load(tmp_path / "out.onnx")
+    values = {init.name: numpy_helper.to_array(init) for init in model.graph.initializer}
+    for node, layer in zip((n for n in model.graph.node if n.op_type == "BatchNormalization"), ("1", "4")):
+        assert_statistics_match(values[node.input[3]], values[node.input[4]], *expected[layer])

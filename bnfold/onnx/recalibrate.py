@@ -63,7 +63,7 @@ class OnnxStatisticsRunner:
                 self._skipped[layer.name] = "inside a subgraph (If/Loop/Scan), which bnfold cannot observe"
 
     def _unusable(self, node: onnx.NodeProto) -> str | None:
-        if len(node.input) < 5 or any(self.index.constant(name) is None for name in node.input[3:5]):
+        if len(node.input) < 5 or any(self._constant(name) is None for name in node.input[3:5]):
             return "its running statistics are not constants in the file (computed or fed at run time)"
         if is_training_mode(node, self.opset) or used_optional_outputs(node, self.index):
             return "runs in training mode: it normalizes by batch statistics and ignores the stored ones"
@@ -72,8 +72,23 @@ class OnnxStatisticsRunner:
     def inputs(self) -> list[InputSpec | str]:
         return list(self.model.input_specs())
 
+    def _constant(self, name: str) -> np.ndarray | None:
+        """A constant, also behind Identity nodes (the TorchScript exporter shares equal tensors so)."""
+        while (value := self.index.constant(name)) is None:
+            producer = self.index.producers.get(name)
+            if producer is None or producer.op_type != "Identity":
+                return None
+            name = producer.input[0]
+        return value
+
     def layers(self) -> list[BNLayer]:
-        return [layer for layer in discover(self.proto, self.opset) if layer.name in self.nodes]
+        layers = [layer for layer in discover(self.proto, self.opset) if layer.name in self.nodes]
+        for layer in layers:  # discovery does not look through Identity nodes
+            node = self.nodes[layer.name]
+            layer.running_mean, layer.running_var = (
+                np.asarray(self._constant(name), np.float64).ravel() for name in node.input[3:5])
+            layer.channels, layer.track_running_stats = layer.running_mean.size, True
+        return layers
 
     def skipped(self) -> dict[str, str]:
         return dict(self._skipped)
@@ -138,18 +153,19 @@ class OnnxStatisticsRunner:
 
     def _value_type(self, node: onnx.NodeProto) -> int:
         """The element type of a BN's input, for opsets without CastLike (there it equals the scale's)."""
-        scale = self.index.constant(node.input[1])
+        scale = self._constant(node.input[1])
         return helper.np_dtype_to_tensor_dtype(scale.dtype) if scale is not None else TensorProto.FLOAT
 
     def set_statistics(self, layer: str, mean: np.ndarray, var: np.ndarray, batches: int) -> None:
         node = self.nodes[layer]
         for position, values in ((3, mean), (4, var)):
             name = node.input[position]
-            stored = round_to(values, self.index.constant(name).dtype).reshape(self.index.constant(name).shape)
+            current = self._constant(name)
+            stored = round_to(values, current.dtype).reshape(current.shape)
             if self._exclusive_initializer(name, node):
                 initializer = next(i for i in self.proto.graph.initializer if i.name == name)
                 initializer.CopyFrom(numpy_helper.from_array(stored, name))
-            else:  # shared with another node, or a Constant node: give this BN its own tensor
+            else:  # shared with another node, or behind a Constant/Identity node: give this BN its own tensor
                 fresh = f"{name}.{_PREFIX}.{layer}"
                 self.proto.graph.initializer.append(numpy_helper.from_array(stored, fresh))
                 node.input[position] = fresh

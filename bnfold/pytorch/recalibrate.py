@@ -20,6 +20,7 @@ from __future__ import annotations
 import copy
 import functools
 import inspect
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -116,6 +117,12 @@ class _TorchRunner:
             tensors.append(tensor.to(self.device))
         return tensors
 
+    def _working_copy(self, module: nn.Module, copy_model: bool) -> nn.Module:
+        """The module the passes run on, in eval mode on the device; `float_dtype` follows its weights."""
+        working = (copy.deepcopy(module) if copy_model else module).eval().to(self.device)
+        self.float_dtype = _first_float_dtype(working.parameters())
+        return working
+
     def input_names(self) -> list[str]:
         return [item if isinstance(item, str) else item.name for item in self.inputs()]
 
@@ -168,8 +175,7 @@ class ModuleRunner(_TorchRunner):
     def __init__(self, model: ModuleModel, device: torch.device, copy_model: bool) -> None:
         super().__init__(device)
         self.model = model
-        self.module = (copy.deepcopy(model.module) if copy_model else model.module).eval().to(device)
-        self.float_dtype = _first_float_dtype(self.module.parameters())
+        self.module = self._working_copy(model.module, copy_model)
         self.bns: dict[str, _BatchNorm] = {}
         for name, child in self.module.named_modules():
             kind = bn_kind(child)
@@ -250,7 +256,7 @@ class ExportedProgramRunner(_TorchRunner):
     def __init__(self, model: ExportedProgramModel, device: torch.device, copy_model: bool) -> None:
         super().__init__(device)
         self.model = model
-        self.program = copy.deepcopy(model.program) if copy_model else model.program
+        self.program = _copy_program(model.program) if copy_model else model.program
         self.module = self.program.module().to(device)
         self.float_dtype = _first_float_dtype(self.program.state_dict.values())
         self.layer_of: dict[fx.Node, str] = {}
@@ -306,6 +312,12 @@ class ExportedProgramRunner(_TorchRunner):
         return ExportedProgramModel(self.model.path, self.program)
 
 
+def _copy_program(program: torch.export.ExportedProgram) -> torch.export.ExportedProgram:
+    with warnings.catch_warnings():  # torch's own pytree deprecation, raised while copying its specs
+        warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
+        return copy.deepcopy(program)
+
+
 def _observer(statistics: dict[str, ChannelStatistics], layer: str) -> Callable[[torch.Tensor], None]:
     def observe_batch_norm_input(inputs: torch.Tensor) -> None:
         _observe(statistics, layer, inputs)
@@ -330,8 +342,7 @@ class ScriptRunner(_TorchRunner):
     def __init__(self, model: TorchScriptModel, device: torch.device, copy_model: bool) -> None:
         super().__init__(device)
         self.model = model
-        self.module = (copy.deepcopy(model.module) if copy_model else model.module).eval().to(device)
-        self.float_dtype = _first_float_dtype(self.module.parameters())
+        self.module = self._working_copy(model.module, copy_model)
         graph = self._inlined()
         self.keys = [_stats_owner(node) for node in _top_level_batch_norms(graph)]
         for node in graph.findAllNodes("aten::batch_norm", True):
@@ -339,9 +350,8 @@ class ScriptRunner(_TorchRunner):
                 owner = _stats_owner(node)
                 if owner:
                     self._skipped[owner] = "called inside control flow (if/loop), where bnfold cannot observe it"
-        for key in self.keys:
-            if key is None:
-                self.notes.append("a batch_norm call without running statistics was left as it is")
+        if None in self.keys:
+            self.notes.append("batch_norm calls without running statistics were left as they are")
         self.names = {key for key in self.keys if key is not None} - set(self._skipped)
 
     def _inlined(self) -> torch._C.Graph:
