@@ -113,6 +113,24 @@ def recalibrate(source: object, data: object, *, method: str | Method = Method.E
 
     names = [layer.name for layer in layers]
     levels = [names] if method is Method.FAST else dependency_levels(names, runner.upstream(_first(stream)))
+    results, samples = _run_passes(runner, stream, levels, layers, skipped, batch_statistics=method is Method.FAST,
+                                   min_samples=min_samples, progress=progress)
+    report = RecalibrateReport(
+        model=ModelInfo(str(model.path), model.format.value, model.framework),
+        method=method.value, data=stream.description, samples=samples, passes=len(levels),
+        layers=results, skipped=skipped,
+        findings=_findings(results), notes=[*stream.notes, *runner.notes])
+    report.result = runner.result()
+    if target is not None:
+        atomic_write(target, report.result.save)
+        report.output = str(target)
+    return report
+
+
+def _run_passes(runner: StatisticsRunner, stream: DataSource, levels: list[list[str]], layers: list[BNLayer],
+                skipped: list[SkippedLayer], *, batch_statistics: bool, min_samples: int,
+                progress: bool) -> tuple[list[LayerRecalibration], int]:
+    """One pass per level, storing each level's new statistics before the next pass runs."""
     by_name = {layer.name: layer for layer in layers}
     results: list[LayerRecalibration] = []
     samples = 0
@@ -120,8 +138,7 @@ def recalibrate(source: object, data: object, *, method: str | Method = Method.E
         for number, level in enumerate(levels, start=1):
             counter = _RowCounter(stream.batches())
             label = f"pass {number}/{len(levels)} ({len(level)} BN layer{'s' if len(level) > 1 else ''})"
-            observed = runner.run_pass(_tracked(counter, bar, label, stream.num_batches), level,
-                                       batch_statistics=method is Method.FAST)
+            observed = runner.run_pass(_tracked(counter, bar, label, stream.num_batches), level, batch_statistics)
             samples = max(samples, counter.rows)
             if counter.rows < min_samples:
                 raise _too_few(counter.rows, min_samples)
@@ -129,20 +146,11 @@ def recalibrate(source: object, data: object, *, method: str | Method = Method.E
                 statistics = observed.get(name)
                 if statistics is None or statistics.samples == 0:
                     skipped.append(SkippedLayer(name, "the data never reached it (not called in forward)"))
-                    continue
-                results.append(_store(runner, by_name[name], statistics, number))
+                else:
+                    results.append(_store(runner, by_name[name], statistics, number))
     if not results:
         raise NoBatchNormError("no BN layer was reached by the data", "check the model's forward")
-    report = RecalibrateReport(
-        model=ModelInfo(str(model.path), model.format.value, model.framework),
-        method=method.value, data=stream.description, samples=samples, passes=len(levels),
-        layers=sorted(results, key=lambda r: names.index(r.name)), skipped=skipped,
-        findings=_findings(results), notes=[*stream.notes, *runner.notes])
-    report.result = runner.result()
-    if target is not None:
-        atomic_write(target, report.result.save)
-        report.output = str(target)
-    return report
+    return sorted(results, key=lambda result: list(by_name).index(result.name)), samples
 
 
 def statistics_runner(model: Model, *, device: str = "cpu", copy: bool = True) -> StatisticsRunner:
@@ -173,6 +181,11 @@ def _store(runner: StatisticsRunner, layer: BNLayer, statistics: ChannelStatisti
         raise DataError(f"{layer.name} saw only {statistics.count} value(s) per channel; "
                         "a variance needs more", "use more samples")
     mean, var = statistics.mean, statistics.variance(runner.variance_ddof)
+    bad = ~(np.isfinite(mean) & np.isfinite(var))
+    if bad.any():  # the data layer refuses non-finite data, so the model itself made these
+        raise DataError(f"{layer.name}'s input holds NaN/Inf in {int(bad.sum())} of {bad.size} channels although "
+                        "the data is finite: the model produces them; no statistics were stored",
+                        "check the weights before this layer (bnfold inspect lists non-finite parameters)")
     runner.set_statistics(layer.name, mean, var, statistics.batches)
     return LayerRecalibration(
         name=layer.name, kind=layer.kind, channels=layer.channels, eps=layer.eps, pass_number=pass_number,

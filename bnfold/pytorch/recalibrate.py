@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import copy
 import functools
+from abc import ABC, abstractmethod
 import inspect
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -86,7 +87,7 @@ def _observe(statistics: dict[str, ChannelStatistics], layer: str, inputs: torch
     statistics.setdefault(layer, ChannelStatistics()).add(*batch_moments(inputs))
 
 
-class _TorchRunner:
+class _TorchRunner(ABC):
     """The pass loop and buffer writes shared by the three torch runners."""
 
     variance_ddof = 1  # torch's running_var is the unbiased estimate
@@ -110,7 +111,7 @@ class _TorchRunner:
 
     def _tensors(self, batch: Batch) -> list[torch.Tensor]:
         tensors = []
-        for name in self.input_names():
+        for name in self.input_names:
             tensor = torch.from_numpy(np.ascontiguousarray(batch[name]))
             if tensor.is_floating_point():
                 tensor = tensor.to(self.float_dtype)
@@ -123,6 +124,7 @@ class _TorchRunner:
         self.float_dtype = _first_float_dtype(working.parameters())
         return working
 
+    @functools.cached_property
     def input_names(self) -> list[str]:
         return [item if isinstance(item, str) else item.name for item in self.inputs()]
 
@@ -133,16 +135,18 @@ class _TorchRunner:
             if tracked is not None:
                 tracked.fill_(batches)
 
-    # Implemented by each runner.
+    @abstractmethod
     def inputs(self) -> list[InputSpec | str]:
-        raise NotImplementedError
+        """The model's inputs, in the order its forward takes them."""
 
+    @abstractmethod
     def _instrumented(self, observe: set[str], batch_statistics: bool,
                       statistics: dict[str, ChannelStatistics]) -> Any:
-        raise NotImplementedError
+        """A context giving a forward function that feeds the `observe` layers' inputs to `statistics`."""
 
+    @abstractmethod
     def _buffers(self, layer: str) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]:
-        raise NotImplementedError
+        """(running_mean, running_var, num_batches_tracked) tensors to write a layer's statistics to."""
 
 
 def _numpy_dtype(tensor: torch.Tensor) -> str:
