@@ -71,16 +71,23 @@ def _device(name: str) -> torch.device:
 
 
 def batch_moments(inputs: torch.Tensor) -> tuple[Moments, Moments]:
-    """Moments per channel (axis 1) of a BN input, over all values and over per-sample means."""
+    """Moments per channel (axis 1) of a BN input, over all values and over per-sample means.
+
+    Two passes over one float64 copy (sums, then squared deviations in place): several times cheaper
+    than a Welford var_mean, with the same result to float64 rounding.
+    """
     if inputs.dim() < 2:
         raise DataError(f"a BN layer received a {inputs.dim()}-D tensor; BN inputs are (N, C, ...)")
-    values = inputs.detach().to(torch.float64)
-    var, mean = torch.var_mean(values, dim=[0, *range(2, values.dim())], correction=0)
-    per_sample = values.flatten(2).mean(dim=2) if values.dim() > 2 else values
-    sample_var, sample_mean = torch.var_mean(per_sample, dim=0, correction=0)
-    count = values.numel() // max(values.shape[1], 1)
-    return (Moments.from_variance(count, mean.cpu().numpy(), var.cpu().numpy()),
-            Moments.from_variance(values.shape[0], sample_mean.cpu().numpy(), sample_var.cpu().numpy()))
+    values = inputs.detach().to(torch.float64, copy=True)
+    values = values.reshape(values.shape[0], values.shape[1], -1)  # (N, C, positions)
+    rows, positions = values.shape[0], values.shape[2]
+    sample_means = values.sum(dim=2) / positions
+    mean = sample_means.mean(dim=0)
+    m2 = values.sub_(mean[None, :, None]).square_().sum(dim=(0, 2))
+    sample_m2 = (sample_means - mean).square_().sum(dim=0)
+    mean_array = mean.cpu().numpy()
+    return (Moments(rows * positions, mean_array, m2.cpu().numpy()),
+            Moments(rows, mean_array, sample_m2.cpu().numpy()))
 
 
 def _observe(statistics: dict[str, ChannelStatistics], layer: str, inputs: torch.Tensor) -> None:
