@@ -231,11 +231,13 @@ class _ProbeBuilder:
         probe = _Probe(f"{_PREFIX}/{number}")
         flat = self._add("Reshape", [value, f"{_PREFIX}/flat"], f"{probe.prefix}/flat")
         double = self._add("Cast", [flat], f"{probe.prefix}/double", to=TensorProto.DOUBLE)
-        self._mean(double, [0, 2], 1, probe.mean)
+        # Samples all have the same number of positions: the mean of their means is the channel mean.
+        self._mean(double, [2], 0, probe.sample_means)
+        channel_mean = self._mean(probe.sample_means, [0], 0, f"{probe.prefix}/channel_mean")
+        self._add("Reshape", [channel_mean, f"{_PREFIX}/channels"], probe.mean)
         self._add("Sub", [double, probe.mean], probe.deviations)
         squares = self._add("Mul", [probe.deviations, probe.deviations], f"{probe.prefix}/squares")
         self._mean(squares, [0, 2], 1, probe.var)
-        self._mean(double, [2], 0, probe.sample_means)
         self._add("Shape", [flat], probe.shape)
         return probe
 
