@@ -18,6 +18,18 @@ Names of BN layers are module paths (`layer2.0.downsample.1`); a BN written with
 after the module that owns its buffers. Reasons are for readers of this file: tests only require that a
 kept layer comes with *some* reason.
 
+Ground-truth choices worth knowing (each is exact arithmetic, and each is one a weaker folder misses):
+- a BN after an Add of two convs is kept (not one producer), although scaling both convs would be exact;
+- BN -> reflect/replicate/circular-padded conv folds forward (in ONNX: through the Pad node); BN ->
+  zero-padded conv does not;
+- a Linear output that `reshape_as` (ONNX: Shape) also reads folds: only its shape is read;
+- a conv called at several places, or with tied weights, followed by different BNs is kept in PyTorch
+  (issue 3), but folds in ONNX, where each call is its own Conv node and onnxruntime folds it too;
+- a weight-standardized conv's BN is kept in PyTorch (weight computed at run time) but folds in ONNX,
+  where the weight is a constant subgraph of initializers (issue 4; onnxruntime folds it too);
+- conv+BN pairs before and after a branch on tensor values fold: captured piecewise, their outputs
+  provably reach nothing else.
+
 `export_onnx` exports with BN kept (the TorchScript-based exporter, no constant folding, eval mode),
 `onnx_bn_modules` maps BatchNormalization nodes back to module paths, and `count_bn_ops` counts BN ops
 in an ONNX file/proto, an ExportedProgram, or an nn.Module run on an input.
