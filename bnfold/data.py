@@ -11,12 +11,18 @@
   once per pass, so it must yield the same data each time for `recalibrate --method exact`;
 - in-memory arrays, mappings of arrays, or a list of batches.
 
+Run as several processes (`DataOptions.world_size`, from torchrun), each process reads a disjoint
+share: files, arrays and lists of batches are split into contiguous runs of whole batches (the batches
+of one process, so batch composition does not change); a callable is called with `rank=` and
+`world_size=` keyword arguments and must return that rank's share (one that takes neither is refused).
+
 Every batch is checked against the model's inputs as far as they are known (names, rank, fixed
 dimensions, dtype) and for NaN/Inf; problems raise `DataError` naming the input and the sample.
 """
 
 from __future__ import annotations
 
+import inspect
 import zipfile
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -58,12 +64,16 @@ class DataOptions:
     seed: int | None = None
     images: ImageOptions = field(default_factory=ImageOptions)
     min_batch: int = 1  # a last batch smaller than this joins the one before it
+    rank: int = 0  # this process's share of the data, when `world_size` processes split it
+    world_size: int = 1
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
             raise UsageError(f"--batch-size must be at least 1, got {self.batch_size}")
         if self.max_samples is not None and self.max_samples < 1:
             raise UsageError(f"--max-samples must be at least 1, got {self.max_samples}")
+        if not 0 <= self.rank < self.world_size:
+            raise UsageError(f"rank {self.rank} is not one of {self.world_size} processes")
 
 
 class DataSource(ABC):
@@ -278,10 +288,16 @@ def _to_numpy(value: Any, label: str) -> np.ndarray:
 
 
 class ArraySource(DataSource):
-    """Indexable inputs (arrays, memory maps, an image folder) read one batch at a time."""
+    """Indexable inputs (arrays, memory maps, an image folder) read one batch at a time.
+
+    `num_samples` and `num_batches` count this process's share; `description` names the whole data.
+    """
 
     def __init__(self, arrays: Mapping[str, Any], validator: _Validator, options: DataOptions,
                  description: str) -> None:
+        scalars = [name for name, array in arrays.items() if getattr(array, "ndim", 1) == 0]
+        if scalars:
+            raise DataError(f"{description}: {scalars[0]!r} is a single number, not an array of samples")
         lengths = {name: len(array) for name, array in arrays.items()}
         if len(set(lengths.values())) > 1:
             raise DataError(f"{description}: inputs have different numbers of samples ({lengths})")
@@ -307,7 +323,9 @@ class ArraySource(DataSource):
                               "are not used")
         if not self.bounds:
             raise DataError(f"{description}: {len(self.order)} samples do not fill one batch of {batch_size}")
-        self.num_samples = used
+        first, last = share(len(self.bounds), options.rank, options.world_size)
+        self.bounds = self.bounds[first:last]
+        self.num_samples = sum(stop - start for start, stop in self.bounds)
         self.num_batches = len(self.bounds)
 
     def batches(self) -> Iterator[Batch]:
@@ -315,6 +333,13 @@ class ArraySource(DataSource):
             rows = self.order[start:stop] if self.shuffled else slice(start, stop)  # slices read mmaps in order
             batch = {name: np.array(array[rows]) for name, array in self.arrays.items()}  # read into memory
             yield self.validator.check(batch, f"{self.description}, samples {start}..{stop - 1}")
+
+
+def share(total: int, rank: int, world_size: int) -> tuple[int, int]:
+    """[first, last) of `rank`'s contiguous share of `total` items; lower ranks take one more if uneven."""
+    base, extra = divmod(total, world_size)
+    first = rank * base + min(rank, extra)
+    return first, first + base + (rank < extra)
 
 
 def _batch_bounds(total: int, size: int, min_last: int, exact: bool) -> list[tuple[int, int]]:
@@ -329,21 +354,37 @@ def _batch_bounds(total: int, size: int, min_last: int, exact: bool) -> list[tup
 
 
 class CallableSource(DataSource):
-    """Batches from the user's own pipeline: a function called once per pass."""
+    """Batches from the user's own pipeline: a function called once per pass.
 
-    def __init__(self, function: Callable[[], Iterable[Any]], validator: _Validator, options: DataOptions,
+    A function taking `rank` and `world_size` keyword arguments gets them (0 and 1 for one process);
+    split between processes, it must return only its rank's share, and `max_samples` is split too.
+    """
+
+    def __init__(self, function: Callable[..., Iterable[Any]], validator: _Validator, options: DataOptions,
                  description: str) -> None:
         self.function = function
         self.validator = validator
         self.options = options
         self.description = description
         self.notes = []
+        self.sharded = _takes_shard(function)
+        if options.world_size > 1 and not self.sharded:
+            raise UsageError(f"{description} is read by {options.world_size} processes, but the function takes "
+                             "no rank= and world_size= keyword arguments, so every process would read the same "
+                             "data", "add both parameters and return only that rank's share of the batches")
 
     def batches(self) -> Iterator[Batch]:
-        produced = self.function()
+        options = self.options
+        produced = (self.function(rank=options.rank, world_size=options.world_size) if self.sharded
+                    else self.function())
         if not isinstance(produced, Iterable):
             raise DataError(f"{self.description} returned a {type(produced).__name__}, not an iterable of batches")
-        remaining = self.options.max_samples
+        remaining = options.max_samples
+        if remaining is not None:
+            first, last = share(remaining, options.rank, options.world_size)
+            remaining = last - first
+            if remaining == 0:
+                return
         index = -1
         for index, item in enumerate(produced):
             batch = self.validator.check(self._as_mapping(item, index), f"{self.description}, batch {index}")
@@ -355,7 +396,7 @@ class CallableSource(DataSource):
             yield batch
             if remaining == 0:
                 return
-        if index < 0:
+        if index < 0 and options.world_size == 1:  # one of several processes may have no share
             raise DataError(f"{self.description} produced no batches")
 
     def _as_mapping(self, item: Any, index: int) -> Mapping[str, Any]:
@@ -370,17 +411,35 @@ class CallableSource(DataSource):
         return {self.validator.single_name(f"{self.description}, batch {index}"): item}
 
 
-def _reusable(batches: Iterable[Any]) -> Callable[[], Iterable[Any]]:
-    """A function giving the batches again on every pass; a one-shot iterator works only once."""
+def _takes_shard(function: Callable[..., Any]) -> bool:
+    """Whether `function` accepts `rank` and `world_size` as keyword arguments (by name, not **kwargs)."""
+    try:
+        parameters = inspect.signature(function).parameters
+    except (TypeError, ValueError):
+        return False
+    return all(name in parameters and parameters[name].kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD,
+                                                                  inspect.Parameter.KEYWORD_ONLY)
+               for name in ("rank", "world_size"))
+
+
+def _reusable(batches: Iterable[Any]) -> Callable[..., Iterable[Any]]:
+    """A function giving the batches again on every pass (a one-shot iterator works only once); split
+    between processes, a list of batches gives each its contiguous share."""
     used = False
 
-    def again() -> Iterable[Any]:
+    def again(rank: int = 0, world_size: int = 1) -> Iterable[Any]:
         nonlocal used
         if iter(batches) is batches and used:
             raise DataError("the batches came from a one-shot iterator, which cannot feed a second pass",
                             "pass a list, or a function that returns a fresh iterable each time")
         used = True
-        return batches
+        if world_size == 1:
+            return batches
+        if not isinstance(batches, Sequence):
+            raise UsageError(f"a {type(batches).__name__} of batches cannot be split between {world_size} "
+                             "processes", "pass a list, or a function taking rank= and world_size=")
+        first, last = share(len(batches), rank, world_size)
+        return batches[first:last]
 
     return again
 
@@ -452,4 +511,4 @@ class _ImageFolder:
 
 
 __all__ = ["ArraySource", "CallableSource", "DataOptions", "DataSource", "IMAGENET_MEAN", "IMAGENET_STD",
-           "ImageOptions", "open_data", "parse_channel_values"]
+           "ImageOptions", "open_data", "parse_channel_values", "share"]

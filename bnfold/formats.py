@@ -16,6 +16,9 @@ from bnfold.model import LoadOptions, Model, ModelFormat
 
 ZIP_MAGIC = b"PK\x03\x04"
 PICKLE_PROTO = 0x80
+# Declared unpacked size over file size above which a zip is a decompression bomb (torch stores tensors
+# uncompressed, so its archives unpack to about their own size).
+MAX_ZIP_RATIO = 100
 
 
 class FileKind:
@@ -55,8 +58,14 @@ def _sniff_zip(path: Path) -> str:
     try:
         with zipfile.ZipFile(path) as archive:
             names = archive.namelist()
-    except (zipfile.BadZipFile, OSError) as error:
+            unpacked = sum(info.file_size for info in archive.infolist())
+    except (zipfile.BadZipFile, OSError, ValueError) as error:
         raise InputError(f"{path} is a damaged zip archive ({error})") from None
+    if len(set(names)) != len(names):  # zipfile and torch's reader would disagree on which copy counts
+        raise InputError(f"{path} is a damaged zip archive (an entry name occurs twice)")
+    if unpacked > max(MAX_ZIP_RATIO * path.stat().st_size, 2**26):
+        raise InputError(f"{path} would unpack to {unpacked:,} bytes, {unpacked // path.stat().st_size}x its "
+                         "size: a zip bomb, not a model (torch stores weights uncompressed)")
     leaves = {name.split("/", 1)[-1] for name in names}
     if "archive_format" in leaves or any(leaf.startswith("models/") for leaf in leaves):
         return FileKind.EXPORTED_PROGRAM

@@ -120,6 +120,24 @@ def _never_updated(layer: BNLayer) -> bool:
                 and np.all(mean == 0.0) and np.all(var == 1.0))
 
 
+def fold_refusal(scale: np.ndarray, shift: np.ndarray, var: np.ndarray | None = None) -> str | None:
+    """Why a BN's map y = scale * x + shift must stay unfolded wherever it could go (None: it may fold).
+
+    Both engines ask before folding: a NaN or Inf multiplied into weights spreads to every output they
+    reach, and a negative running variance means the statistics are corrupt, not just unusual.
+    """
+    negative = 0 if var is None else int(np.sum(np.asarray(var, np.float64) < 0))
+    if negative:
+        return (f"its running variance is negative in {negative} channel(s): the statistics are corrupt "
+                "(run bnfold recalibrate)")
+    bad = ~(np.isfinite(scale) & np.isfinite(shift))
+    if bad.any():
+        return (f"its statistics give a non-finite scale or shift in {int(bad.sum())} of {bad.size} channel(s) "
+                "(NaN/Inf, or variance + eps <= 0); folding would spread it into the weights (run bnfold "
+                "recalibrate)")
+    return None
+
+
 def check_layers(layers: list[BNLayer]) -> list[Finding]:
     """Findings for all layers, in layer order."""
     return [finding for layer in layers for finding in check_layer(layer)]

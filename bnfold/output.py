@@ -1,11 +1,13 @@
 """Write outputs atomically: a temp file in the destination directory, then one rename.
 
 An interrupt, a full disk or a crash leaves either the old file or the new one, never a mix, and never
-touches the input unless the caller explicitly writes in place.
+touches the input unless the caller explicitly writes in place. Two runs racing for one output each
+publish a complete file; without `replace`, the later one fails instead of replacing the first.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import tempfile
@@ -30,11 +32,13 @@ def check_output_path(output: Path, source: Path | None, *, force: bool = False,
         raise OutputError(f"output directory {output.parent} is not writable")
 
 
-def atomic_write(output: Path, write: Callable[[Path], None]) -> int:
+def atomic_write(output: Path, write: Callable[[Path], None], *, replace: bool = True) -> int:
     """Call `write(path)` inside a fresh staging directory, then rename what it wrote into place.
 
     `path` already has the output's final name, so sidecar files a writer adds next to it (ONNX
-    external data, `<name>.data`) are named right; they are moved first, the output file last.
+    external data, `<name>.data`) are named right; they are moved first, the output file last. Without
+    `replace`, the output is linked into place, which fails if another run created it meanwhile (the
+    existence check before the work cannot see a run that finishes during it).
     Returns the bytes written, sidecars included.
     """
     staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".tmp", dir=output.parent))
@@ -46,9 +50,25 @@ def atomic_write(output: Path, write: Callable[[Path], None]) -> int:
             size += written.stat().st_size
             with open(written, "rb") as handle:
                 os.fsync(handle.fileno())
-            os.replace(written, output.parent / written.name)
+            _publish(written, output.parent / written.name, replace or written != target)
+    except FileExistsError:
+        raise OutputError(f"output {output} appeared while bnfold was working (another run?)",
+                          "pass --force to replace it") from None
     except OSError as error:
         raise OutputError(f"could not write {output}: {error.strerror or error}") from None
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return size
+
+
+def _publish(staged: Path, output: Path, replace: bool) -> None:
+    """Rename `staged` to `output`; without `replace`, link it, which fails if `output` exists."""
+    if replace:
+        os.replace(staged, output)
+        return
+    try:
+        os.link(staged, output)
+    except OSError as error:
+        if error.errno not in (errno.EPERM, errno.EOPNOTSUPP) or output.exists():
+            raise
+        os.replace(staged, output)  # a file system without hard links: the early check has to do

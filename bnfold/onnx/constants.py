@@ -2,14 +2,17 @@
 
 Exporters often write weights as `Constant` nodes or as small subgraphs over constants (Unsqueeze of
 an initializer, ConstantOfShape, Cast); all of these count as constants. Subgraphs are evaluated with
-onnx's reference evaluator, lazily and once per value.
+onnx's reference evaluator, lazily and once per value, and only after shape inference has bounded what
+they produce: a crafted ConstantOfShape or Expand in a 1 KB file must not allocate terabytes.
 """
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import onnx
-from onnx import helper
+from onnx import helper, numpy_helper, shape_inference
 from onnx.reference import ReferenceEvaluator
 from onnx.reference.op_run import OpRun
 
@@ -18,6 +21,9 @@ from bnfold.onnx.graph import DEFAULT_DOMAINS, GraphIndex, node_label
 # Ops whose result differs from run to run: never constant, whatever their inputs.
 _RANDOM_OPS = frozenset({"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike",
                          "Multinomial", "Bernoulli"})
+# Evaluated constants may hold this many elements beyond twice the model's stored weights, in all.
+SPARE_ELEMENTS = 2**24
+_SHAPE_DATA = 64  # inputs up to this size reach shape inference with their values (shapes, repeats)
 
 
 class Constants:
@@ -36,6 +42,8 @@ class Constants:
         self.parent = parent
         self._cache = {} if cache is None else cache  # shared across scopes: value names are unique
         self._computable = self._constant_names()
+        stored = sum(math.prod(init.dims) for init in index.initializers.values())
+        self._budget: int = 2 * stored + (parent._budget if parent is not None else SPARE_ELEMENTS)
 
     def value(self, name: str) -> np.ndarray | None:
         """The array `name` always holds, or None when it is only known at run time."""
@@ -123,12 +131,37 @@ class Constants:
             [node], "constant", [helper.make_value_info(name, untyped) for name in feeds],
             [helper.make_value_info(name, untyped) for name in node.output if name])
         model = helper.make_model(graph, opset_imports=self.opset_imports)
+        spent = sum(value.size for value in self._cache.values())
+        if (_output_elements(node, feeds, self.opset_imports) or math.inf) > self._budget - spent:
+            return {}  # unbounded or too large for a weight of this model: a run-time value
         try:
             results = ReferenceEvaluator(model, new_ops=[Unsqueeze]).run(None, feeds)
         except Exception:  # an op the reference evaluator lacks, or invalid attributes
             return {}
         outputs = [name for name in node.output if name]
         return {name: np.asarray(value) for name, value in zip(outputs, results)}
+
+
+def _output_elements(node: onnx.NodeProto, feeds: dict[str, np.ndarray],
+                     opset_imports: list[onnx.OperatorSetIdProto]) -> int | None:
+    """How many elements `node` would produce on `feeds`, by shape inference; None when unknown."""
+    try:
+        small = [numpy_helper.from_array(value, name) for name, value in feeds.items() if value.size <= _SHAPE_DATA]
+        typed = [helper.make_tensor_value_info(name, helper.np_dtype_to_tensor_dtype(value.dtype), value.shape)
+                 for name, value in feeds.items() if value.size > _SHAPE_DATA]
+        graph = helper.make_graph([node], "bound", typed, [], small)
+        inferred = shape_inference.infer_shapes(helper.make_model(graph, opset_imports=opset_imports),
+                                                strict_mode=False, data_prop=True)
+    except Exception:  # an op or dtype inference does not know
+        return None
+    shapes = {value.name: value.type.tensor_type.shape for value in inferred.graph.value_info}
+    total = 0
+    for name in filter(None, node.output):
+        shape = shapes.get(name)
+        if shape is None or not all(dim.HasField("dim_value") for dim in shape.dim):
+            return None
+        total += math.prod(dim.dim_value for dim in shape.dim)
+    return total
 
 
 def is_pure(node: onnx.NodeProto) -> bool:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 import tempfile
@@ -10,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 from google.protobuf.message import DecodeError
-from onnx import external_data_helper, helper
+from onnx import TensorProto, external_data_helper, helper
 
 from bnfold.errors import InputError
 from bnfold.layers import BNLayer
@@ -21,6 +22,10 @@ from bnfold.onnx.graph import opset_version, walk_graphs
 
 # Models at least this large (protobuf's 2 GB limit, with headroom) are saved with external data.
 EXTERNAL_DATA_THRESHOLD = 2**31 - 2**26
+# Element types packed several to a byte: their stored sizes are not checked against their dims.
+_SUB_BYTE = {getattr(TensorProto, name, -1) for name in ("INT2", "UINT2", "INT4", "UINT4", "FLOAT4E2M1",
+                                                          "FLOAT6E2M3", "FLOAT6E3M2")}
+_TYPED_FIELDS = ("float_data", "int32_data", "string_data", "int64_data", "double_data", "uint64_data")
 
 
 class OnnxModel(Model):
@@ -39,7 +44,12 @@ class OnnxModel(Model):
             proto = onnx.load(str(path), load_external_data=False)
         except (DecodeError, ValueError, OSError) as error:
             raise InputError(f"{path} is not a readable ONNX model ({error})") from None
-        return cls(path, proto, external_data=_load_external_data(proto, path.parent))
+        external = _load_external_data(proto, path.parent)
+        for tensor in external_data_helper._get_all_tensors(proto):
+            problem = _size_problem(tensor)
+            if problem:
+                raise InputError(f"{path}: tensor {tensor.name!r} {problem}; the file is damaged")
+        return cls(path, proto, external_data=external)
 
     @property
     def opset(self) -> int:
@@ -109,3 +119,29 @@ def _load_external_data(proto: onnx.ModelProto, base_dir: Path) -> bool:
     except (OSError, ValueError) as error:
         raise InputError(f"cannot read the external data of the model ({error})") from None
     return True
+
+
+def _size_problem(tensor: TensorProto) -> str | None:
+    """Why a tensor's declared shape does not match the data it stores (None when it does).
+
+    Checked once at load, so no later numpy conversion or runtime trusts a header that claims far more
+    (or fewer) elements than the file holds.
+    """
+    dims = list(tensor.dims)
+    if any(dim < 0 for dim in dims):
+        return f"has a negative dimension {dims}"
+    if tensor.data_type in _SUB_BYTE:
+        return None
+    try:
+        itemsize = helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
+    except (KeyError, ValueError, TypeError):
+        return f"has an unknown element type {tensor.data_type}"
+    elements = math.prod(dims)
+    if tensor.HasField("raw_data"):
+        stored, expected, unit = len(tensor.raw_data), elements * itemsize, "bytes"
+    else:
+        parts = 2 if tensor.data_type in (TensorProto.COMPLEX64, TensorProto.COMPLEX128) else 1
+        stored, expected, unit = sum(len(getattr(tensor, name)) for name in _TYPED_FIELDS), elements * parts, "values"
+    if stored != expected:
+        return f"declares shape {dims} ({expected:,} {unit}) but stores {stored:,}"
+    return None

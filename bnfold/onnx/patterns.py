@@ -16,6 +16,7 @@ import numpy as np
 import onnx
 
 from bnfold import foldmath
+from bnfold.health import fold_refusal
 from bnfold.layers import FoldDecision, FoldDirection, FoldStatus
 from bnfold.onnx.constants import Constants
 from bnfold.onnx.discover import is_training_mode
@@ -264,8 +265,9 @@ def bn_affine(scope: Scope, bn: onnx.NodeProto) -> Affine:
         raise Skip(f"channel count mismatch: BN has {channels} channels of parameters but its input has "
                    f"{x_shape[1]} on axis 1; the model cannot run")
     scale, shift = foldmath.bn_affine(*params, float(attribute(bn, "epsilon", 1e-5)))
-    if not (np.all(np.isfinite(scale)) and np.all(np.isfinite(shift))):
-        raise Skip("BN statistics give a non-finite scale (variance + epsilon <= 0, or NaN)")
+    refusal = fold_refusal(scale, shift, params[3])
+    if refusal:
+        raise Skip(refusal)
     return Affine(scale, shift, params[0].dtype)
 
 

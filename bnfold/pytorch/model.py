@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import io
+import logging
 import os
 import pickle
-import zipfile
-from collections.abc import Mapping
+import warnings
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +19,8 @@ from bnfold.errors import InputError, MissingDependencyError, UnsafePickleError,
 from bnfold.formats import FileKind
 from bnfold.layers import BNLayer
 from bnfold.model import InputSpec, LoadOptions, Model, ModelFormat
-from bnfold.pickle_scan import archive_pickle_imports, foreign_imports
+from bnfold.pickle_scan import (ArchiveScan, archive_pickle_imports, foreign_imports, scan_exported_program,
+                                scan_torchscript)
 from bnfold.plugins import import_callable
 from bnfold.pytorch.discover import discover_exported, discover_module
 
@@ -112,8 +116,12 @@ def _numel(tensors: Mapping[str, Any]) -> int:
 def load_torch_model(path: Path, kind: str, options: LoadOptions) -> Model:
     """Load a torch file of a sniffed kind, never unpickling code without `allow_pickle`."""
     if kind == FileKind.EXPORTED_PROGRAM:
-        return ExportedProgramModel(path, _guarded(lambda: torch.export.load(str(path)), path, "torch.export"))
+        _require_no_code(path, scan_exported_program(path), options)
+        with _torch_export_log() as failures:
+            return ExportedProgramModel(path, _guarded(lambda: torch.export.load(str(path)), path, "torch.export",
+                                                       failures))
     if kind == FileKind.TORCHSCRIPT:
+        _require_no_code(path, scan_torchscript(path), options)
         return TorchScriptModel(path, _guarded(lambda: torch.jit.load(str(path), map_location="cpu"),
                                                path, "TorchScript"))
     if kind == FileKind.SAFETENSORS:
@@ -129,30 +137,87 @@ def load_torch_model(path: Path, kind: str, options: LoadOptions) -> Model:
 
 def _load_torch_pickle(path: Path, options: LoadOptions) -> Model:
     try:
-        loaded = torch.load(str(path), map_location="cpu", weights_only=True)
+        loaded = _torch_load(path, weights_only=True)
     except pickle.UnpicklingError:
         loaded = None  # needs code: a pickled module (or other objects)
-    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as error:
+    except Exception as error:  # a damaged file makes torch raise almost any type (TypeError, KeyError...)
         raise InputError(f"{path} is not a readable torch file ({_first_line(error)})") from None
     if loaded is not None:
         return _from_state_dict(path, loaded, options)
-    imports = foreign_imports(archive_pickle_imports(path))
-    if not options.allow_pickle:
-        listed = ", ".join(imports[:8]) + (f" (+{len(imports) - 8} more)" if len(imports) > 8 else "")
-        raise UnsafePickleError(
-            f"{path} is a pickled module; loading it runs code from: {listed or 'unknown globals'}",
-            "pass --allow-pickle only if you trust this file, or save a state_dict or .pt2 instead",
-            imports)
-    if os.environ.get("TORCH_FORCE_WEIGHTS_ONLY_LOAD", "").lower() in ("1", "true", "yes", "on"):
-        raise UnsafePickleError(f"{path} is a pickled module and TORCH_FORCE_WEIGHTS_ONLY_LOAD is set",
-                                "unset it to allow --allow-pickle, or save a state_dict or .pt2 instead",
-                                imports)
-    module = _guarded(lambda: torch.load(str(path), map_location="cpu", weights_only=False), path, "pickled")
+    _require_consent(path, "is a pickled module; loading it runs code from", archive_pickle_imports(path), options)
+    module = _guarded(lambda: _torch_load(path, weights_only=False), path, "pickled")
     if isinstance(module, Mapping):
         module = next((v for v in module.values() if isinstance(v, nn.Module)), module)
     if not isinstance(module, nn.Module):
         raise InputError(f"{path} holds a {type(module).__name__}, not an nn.Module")
     return ModuleModel(path, module.eval(), ModelFormat.PICKLE)
+
+
+_SAFER = "save a state_dict or .pt2 instead"
+
+
+def _torch_load(path: Path, weights_only: bool) -> Any:
+    """torch.load by content: given a path, torch would pick its loader by the file's extension."""
+    with open(path, "rb") as handle:
+        return torch.load(handle, map_location="cpu", weights_only=weights_only)
+
+
+def _require_consent(path: Path, what: str, imports: list[str], options: LoadOptions, safer: str = _SAFER) -> None:
+    """Refuse to run code from a file without --allow-pickle, and always under TORCH_FORCE_WEIGHTS_ONLY_LOAD."""
+    shown = foreign_imports(imports) or imports  # the user's classes first; torch's own when that is all
+    if not options.allow_pickle:
+        listed = ", ".join(shown[:8]) + (f" (+{len(shown) - 8} more)" if len(shown) > 8 else "")
+        raise UnsafePickleError(f"{path} {what}: {listed or 'unknown globals'}",
+                                f"pass --allow-pickle only if you trust this file, or {safer}", shown)
+    if os.environ.get("TORCH_FORCE_WEIGHTS_ONLY_LOAD", "").lower() in ("1", "true", "yes", "on"):
+        raise UnsafePickleError(f"{path} {what.partition(';')[0]} and TORCH_FORCE_WEIGHTS_ONLY_LOAD is set",
+                                f"unset it to allow --allow-pickle, or {safer}", shown)
+
+
+def _require_no_code(path: Path, scan: ArchiveScan, options: LoadOptions) -> None:
+    """Refuse an archive whose loading or running would execute more than tensor arithmetic."""
+    runs = dict(scan.code)
+    for member, data in scan.pickles.items():
+        if not _loads_weights_only(data):
+            runs[member] = archive_pickle_imports(data)
+    if runs:
+        members = ", ".join(sorted(runs))
+        _require_consent(path, f"embeds code ({members}); loading or running it executes",
+                         sorted({name for names in runs.values() for name in names}), options,
+                         "re-export the model with code you trust")
+
+
+def _loads_weights_only(data: bytes) -> bool:
+    try:
+        with warnings.catch_warnings():  # e.g. "Detected pickle protocol 4": noise on the way to a refusal
+            warnings.simplefilter("ignore")
+            torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception:  # any failure: torch.export.load would retry without weights_only
+        return False
+    return True
+
+
+@contextmanager
+def _torch_export_log() -> Iterator[list[BaseException]]:
+    """Keep torch.export's logged load failures (with tracebacks) off stderr; collect their exceptions."""
+    failures: list[BaseException] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if record.exc_info and record.exc_info[1] is not None:
+                failures.append(record.exc_info[1])
+
+    names = [name for name in logging.root.manager.loggerDict if name.split(".")[:2] in (["torch", "export"],
+                                                                                       ["torch", "_export"])]
+    loggers = [logging.getLogger(name) for name in {"torch.export", *names}]  # torch gives some their own handlers
+    saved = [(logger.propagate, logger.handlers[:]) for logger in loggers]
+    for logger in loggers:
+        logger.propagate, logger.handlers = False, [Collect()]
+    try:
+        yield failures
+    finally:
+        for logger, (propagate, handlers) in zip(loggers, saved):
+            logger.propagate, logger.handlers = propagate, handlers
 
 
 def _from_state_dict(path: Path, loaded: Any, options: LoadOptions, safetensors: bool = False) -> Model:
@@ -195,14 +260,20 @@ def _find_state_dict(loaded: Any) -> Mapping[str, torch.Tensor] | None:
     return None
 
 
-def _guarded(load, path: Path, what: str):
-    """Run a framework loader, turning its many exception types into one clean InputError."""
+def _guarded(load, path: Path, what: str, causes: list[BaseException] = ()):
+    """Run a framework loader, turning its many exception types into one clean InputError.
+
+    `causes` are exceptions the loader logged before failing with a vaguer one; the first is the reason.
+    """
     try:
         return load()
     except (MemoryError, KeyboardInterrupt):
         raise
     except Exception as error:  # torch raises RuntimeError, ValueError, KeyError, zip errors...
-        raise InputError(f"{path} could not be loaded as a {what} model ({_first_line(error)})") from None
+        reason = _first_line(causes[0] if causes else error)
+        hint = ("it may come from another torch version: re-export it with torch " + torch.__version__
+                if "version" in reason.lower() else None)
+        raise InputError(f"{path} could not be loaded as a {what} model ({reason})", hint) from None
 
 
 def _first_line(error: BaseException) -> str:
