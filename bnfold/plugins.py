@@ -12,13 +12,14 @@ from bnfold.errors import UsageError
 
 
 def import_callable(spec: str, option: str) -> Callable[..., Any]:
-    """Resolve "package.module:callable" (the current directory is importable, as with `python -m`)."""
+    """Resolve "package.module:callable"; the current directory is importable, but searched last, so a
+    file there (an unpacked model bundle's `numpy.py`) cannot replace an installed module."""
     module_name, sep, attribute = spec.partition(":")
     if not sep or not module_name or not attribute:
         raise UsageError(f"{option} must look like package.module:callable, got {spec!r}")
     cwd = os.getcwd()
     if cwd not in sys.path:
-        sys.path.insert(0, cwd)
+        sys.path.append(cwd)
     try:
         module = importlib.import_module(module_name)
     except ImportError as error:

@@ -236,17 +236,21 @@ def test_torchscript_pickles_cannot_import_python(cli, tmp_path):
 
 
 def test_plugins_cannot_be_shadowed_by_files_in_the_working_directory(tmp_path, monkeypatch):
-    """--model-factory makes the working directory importable, but only behind installed packages."""
-    import importlib.util
+    """--model-factory makes the working directory importable, but only behind installed packages: an
+    unpacked model bundle holding numpy.py must not replace numpy for the rest of the run."""
+    import sys
+    from importlib.machinery import PathFinder
 
     from bnfold.plugins import import_callable
 
     (tmp_path / "numpy.py").write_text("raise SystemExit('shadowed')\n")
     (tmp_path / "myfactory.py").write_text("def make():\n    return 42\n")
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr("sys.path", [p for p in __import__("sys").path if p not in ("", str(tmp_path))])
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", str(tmp_path))])
     assert import_callable("myfactory:make", "--model-factory")() == 42
-    assert Path(importlib.util.find_spec("numpy").origin).parent.name == "numpy"
+    assert str(tmp_path) in sys.path
+    found = PathFinder.find_spec("numpy", sys.path)  # path order, as a later first import would see it
+    assert Path(found.origin).parent.name == "numpy"
 
 
 # ---- broken files --------------------------------------------------------------------------------------
