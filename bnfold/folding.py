@@ -33,17 +33,20 @@ def fold(source: object, output: str | Path | None = None, *, tolerance: float |
         check_output_path(output_path, source_path, force=force, in_place=in_place)
     model = as_model(source, LoadOptions(allow_pickle=allow_pickle, model_factory=model_factory))
     engine = engine_for(model)
-    plan = engine.plan(model, FoldOptions(strict_inputs=strict_inputs))
+    inputs_label = "data" if batches is not None else "random"
+    if batches is None and (verify or input_shape):  # before planning: some captures need an example
+        batches = random_batches(model.input_specs(), parse_input_shapes(input_shape), seed=seed)
+    options = FoldOptions(strict_inputs=strict_inputs, example_batch=batches[0] if batches else None)
+    plan = engine.plan(model, options)
     folded_model = engine.apply(model, plan)
     dtype = next((layer.dtype for layer in model.bn_layers()), "float32")
     tolerance = default_tolerance(dtype) if tolerance is None else tolerance
 
-    difference, verify_error, inputs_label = None, None, "skipped"
-    if verify:
-        inputs_label = "data" if batches is not None else "random"
+    difference, verify_error = None, None
+    if not verify:
+        inputs_label = "skipped"
+    else:
         try:
-            if batches is None:
-                batches = random_batches(model.input_specs(), parse_input_shapes(input_shape), seed=seed)
             difference = compare(engine, model, folded_model, batches)
         except VerificationUnavailable as error:
             verify_error = str(error)
@@ -53,6 +56,7 @@ def fold(source: object, output: str | Path | None = None, *, tolerance: float |
         verification_inputs=inputs_label, verify_error=verify_error,
         params_before=model.parameter_count(), params_after=folded_model.parameter_count(),
         size_before=source_path.stat().st_size if source_path and source_path.exists() else None,
+        notes=list(plan.notes),
     )
     report.folded_model = folded_model
     if report.passed:
@@ -60,7 +64,7 @@ def fold(source: object, output: str | Path | None = None, *, tolerance: float |
             if decision.status is FoldStatus.FOLDABLE:
                 decision.status = FoldStatus.FOLDED
         if output_path is not None:
-            report.size_after = atomic_write(output_path, folded_model.save)
+            report.size_after = atomic_write(output_path, folded_model.save, replace=force or in_place)
             report.output = str(output_path)
     return report
 

@@ -109,5 +109,28 @@ def fold_into_gemm_consumer(weight: np.ndarray, bias: np.ndarray | None, alpha: 
 
 
 def round_to(values: np.ndarray, dtype: np.dtype | str) -> np.ndarray:
-    """Round float64 results once to the model's dtype (bfloat16 via ml_dtypes when available)."""
+    """Round float64 results once to the model's dtype (bfloat16 as an ml_dtypes array, when available)."""
+    if str(dtype) == "bfloat16":
+        import ml_dtypes
+
+        return bfloat16_bits(values).view(ml_dtypes.bfloat16)
     return np.asarray(values, np.float64).astype(dtype)
+
+
+def bfloat16_bits(values: np.ndarray) -> np.ndarray:
+    """float64 rounded once (to nearest, ties to even) to bfloat16, as uint16 bit patterns.
+
+    Casting through float32 rounds twice and can land one ulp off (torch and ml_dtypes both do);
+    rounding to float32 *to odd* first keeps the second rounding exact.
+    """
+    values = np.asarray(values, np.float64)
+    with np.errstate(over="ignore"):
+        nearest = values.astype(np.float32)
+    bits = nearest.view(np.uint32).astype(np.uint64)
+    back = nearest.astype(np.float64)
+    inexact = np.isfinite(values) & (back != values)
+    bits[inexact & (np.abs(back) > np.abs(values))] -= 1  # truncate toward zero ...
+    bits[inexact] |= 1  # ... and mark the lost bits in the last place: round to odd
+    rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+    rounded[np.isnan(values)] = 0x7FC0
+    return rounded.astype(np.uint16)

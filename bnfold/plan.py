@@ -19,6 +19,9 @@ class FoldOptions:
     # ONNX: treat initializers that are also graph inputs as overridable (onnxruntime's rule) and keep
     # the BN layers that use them. By default they fold, since nobody feeds BN statistics at run time.
     strict_inputs: bool = False
+    # One batch of inputs, when the caller has one: lets engines capture graphs that need example inputs
+    # (torch.export) and prove shapes (a Linear's features really are the axis a BN normalizes).
+    example_batch: dict[str, Any] | None = field(default=None, compare=False, hash=False)
 
 
 @dataclass
@@ -27,6 +30,7 @@ class FoldPlan:
 
     decisions: list[FoldDecision]
     actions: list[Any] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # how the engine got there, for the report
 
     def by_layer(self) -> dict[str, FoldDecision]:
         return {decision.layer: decision for decision in self.decisions}

@@ -97,13 +97,29 @@ def describe_module(name: str, module: nn.Module, kind: str) -> BNLayer:
 
 
 def discover_module(module: nn.Module) -> list[BNLayer]:
-    """BN layers of an eager or scripted module, by walking its submodules."""
+    """BN layers of an eager or scripted module: its BN-like submodules, then BN ops only its graph shows."""
     layers = []
     for name, child in module.named_modules():
         kind = bn_kind(child)
         if kind is not None:
             layers.append(describe_module(name, child, kind))
-    return layers
+    return layers if isinstance(module, torch.jit.ScriptModule) else with_graph_layers(module, layers)
+
+
+def with_graph_layers(source: nn.Module | torch.export.ExportedProgram, known: list[BNLayer]) -> list[BNLayer]:
+    """`known` plus the BN layers found in the captured graph only (F.batch_norm on oddly named buffers,
+    look-alikes inside a program); the same capture and analysis that folding uses."""
+    from bnfold.pytorch.capture import capture_program, trace_functional
+    from bnfold.pytorch.fold import GraphFolder
+
+    try:
+        graph = capture_program(source).module if isinstance(source, torch.export.ExportedProgram) \
+            else trace_functional(source)
+    except Exception:  # user code that does not trace without an example input: the walk is all there is
+        return known
+    unique = list({layer.name: layer for layer in known}.values())  # a BN op called twice: one layer
+    names = {layer.name for layer in unique}
+    return unique + [layer for layer in GraphFolder(graph).layers() if layer.name not in names]
 
 
 def _schema_name(target) -> str | None:
@@ -139,23 +155,37 @@ def discover_exported(program: torch.export.ExportedProgram) -> list[BNLayer]:
         class_path = list(stack.values())[-1][1] if stack else ""
         class_name = class_path.rsplit(".", 1)[-1] if isinstance(class_path, str) and class_path else "batch_norm"
         tracked = values.get(f"{prefix}.num_batches_tracked")
-        reference = next((t for t in (mean, weight, var) if isinstance(t, torch.Tensor)), None)
-        layers.append(BNLayer(
-            name=prefix,
-            kind=class_name,
-            framework="torch",
-            channels=int(reference.numel()) if reference is not None else 0,
-            eps=float(args[positions[7]]),
-            momentum=float(args[positions[6]]) if args[positions[6]] is not None else None,
-            affine=weight is not None,
-            track_running_stats=mean is not None,
-            running_mean=_array(mean),
-            running_var=_array(var),
-            weight=_array(weight),
-            bias=_array(bias),
-            num_batches_tracked=int(tracked.item()) if isinstance(tracked, torch.Tensor) else None,
-            dtype=_dtype(weight, mean),
-            training=training,
-            extra={"node": node.name},
-        ))
-    return layers
+        layers.append(describe_tensors(
+            prefix, class_name, mean=mean, var=var, weight=weight, bias=bias, eps=float(args[positions[7]]),
+            momentum=args[positions[6]], training=training,
+            tracked=int(tracked.item()) if isinstance(tracked, torch.Tensor) else None,
+            extra={"node": node.name}))
+    return with_graph_layers(program, layers)
+
+
+def describe_tensors(name: str, kind: str, *, mean, var, weight=None, bias=None, eps: float | None = None,
+                     momentum=None, training: bool = False, tracked: int | None = None,
+                     extra: dict | None = None) -> BNLayer:
+    """A BN layer found as an op in a graph, from the tensors it reads."""
+    reference = next((t for t in (mean, weight, var) if isinstance(t, torch.Tensor)), None)
+    extra = dict(extra or {})
+    if eps is None:
+        extra["eps_unknown"] = True
+    return BNLayer(
+        name=name,
+        kind=kind,
+        framework="torch",
+        channels=int(reference.numel()) if reference is not None else 0,
+        eps=float(eps) if eps is not None else math.nan,
+        momentum=float(momentum) if isinstance(momentum, (int, float)) else None,
+        affine=weight is not None,
+        track_running_stats=mean is not None,
+        running_mean=_array(mean),
+        running_var=_array(var),
+        weight=_array(weight),
+        bias=_array(bias),
+        num_batches_tracked=tracked,
+        dtype=_dtype(weight, mean),
+        training=training,
+        extra=extra,
+    )

@@ -1,0 +1,202 @@
+"""Capture a torch model as an fx graph, on a private copy, down to the calls that BN folding rewrites.
+
+Eager modules are traced symbolically at the *functional* level: BN, conv and linear modules (and their
+subclasses and look-alikes) are traced through, so the graph holds `F.batch_norm`, `torch.conv2d`,
+`F.linear`, ... on `get_attr` tensors, and whatever else a subclass does (an activation after the
+normalization, a custom padding) stays in the graph as its own op. When symbolic tracing fails
+(data-dependent control flow), torch.export captures the model at aten level instead. ExportedPrograms
+and TorchScript (converted with torch.export) are aten-level already. `bnfold.pytorch.ops` reads both.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import logging
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager, redirect_stderr
+from dataclasses import dataclass
+
+import torch
+from torch import fx, nn
+from torch.fx.passes.shape_prop import ShapeProp
+from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.modules.conv import _ConvNd
+
+from bnfold.pytorch.discover import bn_kind
+
+SYMBOLIC = "symbolic tracing"
+EXPORT = "torch.export"
+PROGRAM = "ExportedProgram"
+TORCHSCRIPT = "TorchScript converted with torch.export"
+MODULEWISE = "module by module"
+
+
+class CaptureFailed(Exception):
+    """No graph could be captured; the message says why in user terms."""
+
+
+@dataclass
+class Capture:
+    """A graph of a private copy of the model (or, module by module, a copy made of graphs), plus how."""
+
+    module: nn.Module
+    method: str
+    example: tuple[torch.Tensor, ...] | None  # the inputs shapes were propagated with, if any
+    note: str | None = None  # why a fallback method was used
+
+
+class FunctionalTracer(fx.Tracer):
+    """Traces through BN/conv/linear modules so folds see (and keep) exactly what each one computes."""
+
+    def __init__(self, proxy_buffers: bool) -> None:
+        super().__init__()
+        # Buffers as get_attr nodes keep a look-alike's x * scale + shift arithmetic visible in the graph.
+        self.proxy_buffer_attributes = proxy_buffers
+
+    def is_leaf_module(self, module: nn.Module, qualified_name: str) -> bool:
+        if isinstance(module, (_ConvNd, nn.Linear)):
+            return False
+        if bn_kind(module) is not None:
+            # A BN in training mode stays one opaque call: it has no fixed affine map to fold.
+            return isinstance(module, _BatchNorm) and module.training
+        return super().is_leaf_module(module, qualified_name)
+
+    def call_module(self, module, forward, args, kwargs):
+        if not isinstance(module, _BatchNorm):
+            return super().call_module(module, forward, args, kwargs)
+        # BN modules check the input's rank with Python control flow, which a proxy cannot answer.
+        module._check_input_dim = _no_check
+        module._check_non_zero_input_channels = _no_check
+        try:
+            return super().call_module(module, forward, args, kwargs)
+        finally:
+            del module._check_input_dim, module._check_non_zero_input_channels
+
+
+def _no_check(_input) -> None:
+    return None
+
+
+def trace_functional(module: nn.Module) -> fx.GraphModule:
+    """A functional-level GraphModule of `module` (which it copies); raises when tracing fails."""
+    private = copy.deepcopy(module)
+    error: Exception | None = None
+    for proxy_buffers in (True, False):  # some models branch on buffer values: retry with plain buffers
+        try:
+            tracer = FunctionalTracer(proxy_buffers)
+            graph = tracer.trace(private)
+        except Exception as failure:  # user code raises anything while tracing
+            error = error or failure
+            continue
+        return fx.GraphModule(tracer.root, _portable(graph), type(module).__name__)
+    assert error is not None
+    raise error
+
+
+def capture_module(module: nn.Module, example: tuple[torch.Tensor, ...] | None) -> Capture:
+    """Symbolic tracing, with torch.export as the fallback when an example input is available."""
+    try:
+        traced = trace_functional(module)
+    except Exception as error:
+        if example is None:
+            raise CaptureFailed(f"symbolic tracing failed ({_short(error)}) and capturing with torch.export "
+                                "needs an example input (--input-shape)") from None
+        program = _export(module, example)
+        return Capture(unlift(program), EXPORT, example,
+                       note=f"symbolic tracing failed ({_short(error)}); captured with torch.export instead")
+    if example is not None:
+        try:
+            with _eval_mode(traced):  # shapes do not depend on the mode; BN statistics must not move
+                ShapeProp(traced).propagate(*example)
+        except Exception as error:  # the trace specialised on something: trust export instead
+            program = _export(module, example)
+            return Capture(unlift(program), EXPORT, example,
+                           note=f"the symbolic trace does not run ({_short(error)}); captured with torch.export")
+    return Capture(traced, SYMBOLIC, example)
+
+
+@contextmanager
+def _eval_mode(module: nn.Module) -> Iterator[None]:
+    modes = {m: m.training for m in module.modules()}
+    module.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        for m, training in modes.items():
+            m.training = training
+
+
+@contextmanager
+def quiet() -> Iterator[None]:
+    """torch.export and the TorchScript converter warn and log at length; bnfold reports outcomes itself."""
+    loggers = [logging.getLogger(name) for name in ("torch", "torch.fx.experimental.symbolic_shapes",
+                                                    "torch._export", "torch.export")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.CRITICAL)
+    try:  # export also prints a failed trace's partial graph straight to stderr
+        with warnings.catch_warnings(), redirect_stderr(io.StringIO()):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
+
+
+def _export(module: nn.Module, example: tuple[torch.Tensor, ...]) -> torch.export.ExportedProgram:
+    auto = torch.export.Dim.AUTO
+    dynamic = tuple({0: auto} if t.dim() else {} for t in example)
+    try:
+        with quiet():
+            return torch.export.export(copy.deepcopy(module), example, dynamic_shapes=dynamic, strict=False)
+    except Exception as error:
+        raise CaptureFailed(f"neither symbolic tracing nor torch.export can capture the model "
+                            f"({_short(error)})") from None
+
+
+def capture_program(program: torch.export.ExportedProgram) -> Capture:
+    """The aten graph of an ExportedProgram as a module whose tensors are attributes."""
+    return Capture(unlift(program), PROGRAM, None)
+
+
+def capture_script(module: torch.jit.ScriptModule, example: tuple[torch.Tensor, ...] | None) -> Capture:
+    """TorchScript has no fx graph: convert it with torch.export's TorchScript converter."""
+    if example is None:
+        raise CaptureFailed("analysing TorchScript converts it with torch.export, which needs an example "
+                            "input (--input-shape)")
+    from torch._export.converter import TS2EPConverter
+
+    try:
+        with quiet():
+            program = TS2EPConverter(module, example).convert()
+    except Exception as error:
+        raise CaptureFailed(f"torch.export cannot convert this TorchScript model ({_short(error)})") from None
+    return Capture(unlift(program), TORCHSCRIPT, example)
+
+
+def unlift(program: torch.export.ExportedProgram) -> fx.GraphModule:
+    """`program.module()` without its input guards, as a plain (picklable) GraphModule."""
+    module = program.module()
+    graph = module.graph
+    for node in list(graph.nodes):
+        if node.op == "call_module" and node.target == "_guards_fn":
+            graph.erase_node(node)
+    return fx.GraphModule(module, _portable(graph))
+
+
+def _portable(graph: fx.Graph) -> fx.Graph:
+    """A graph whose GraphModule pickles and loads with torch alone (no tracer class, no string types)."""
+    graph._tracer_cls = None
+    graph._tracer_extras = {}
+    for node in graph.nodes:
+        if isinstance(node.type, str):  # postponed annotations (`from __future__ import annotations`)
+            node.type = None
+    return graph
+
+
+def _short(error: BaseException) -> str:
+    lines = str(error).strip().splitlines()
+    return (lines[0][:200] if lines else type(error).__name__)

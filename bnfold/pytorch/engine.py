@@ -1,0 +1,200 @@
+"""The PyTorch engine: capture a graph, fold it, hand back the folded model in the input's format.
+
+Output formats (the folded model always loads with torch alone, never needing bnfold):
+
+- `.pt2` in, `.pt2` out: the folded graph is exported again with the input program's dynamic shapes.
+- pickled module in, pickled module out: an `fx.GraphModule` (pickled as generated Python code plus its
+  tensors). Leaf modules that stay opaque (e.g. a BN kept in training mode) keep their own classes.
+- TorchScript in, TorchScript out: the archive is converted with torch.export's TorchScript converter,
+  folded at aten level and traced back with `torch.jit.trace` on the example input, so the output
+  follows the control-flow path of that input (the converter specializes Python constants anyway).
+- state_dict + factory in: the factory's architecture still holds its BN modules, so no state_dict can
+  say "this BN is gone". The folded model is written as a torch.export program (`.pt2` content,
+  whatever the file name) or, when the folded graph cannot be exported, as a pickled GraphModule; the
+  report's notes say which.
+"""
+
+from __future__ import annotations
+
+import copy
+import weakref
+from collections.abc import Callable
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils import _pytree as pytree
+
+from bnfold.errors import UsageError
+from bnfold.layers import FoldDecision, FoldStatus
+from bnfold.model import Model, ModelFormat
+from bnfold.plan import FoldOptions, FoldPlan
+from bnfold.pytorch.capture import (MODULEWISE, Capture, CaptureFailed, capture_module, capture_program,
+                                    capture_script, quiet)
+from bnfold.pytorch.fold import GraphFolder
+from bnfold.pytorch.modulewise import fold_by_module
+from bnfold.pytorch.model import ExportedProgramModel, ModuleModel, TorchScriptModel
+from bnfold.verify import random_batches
+
+Batch = dict[str, np.ndarray]
+NOT_FOUND = ("not found in the captured computation: the forward never calls it, or computes it in a way "
+             "bnfold does not recognise")
+
+
+class TorchEngine:
+    """Plan, apply and run for ExportedProgram, TorchScript and eager (pickled or factory-built) models."""
+
+    modes = ("PyTorch eager",)
+
+    def __init__(self) -> None:
+        self._programs: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+    def plan(self, model: Model, options: FoldOptions = FoldOptions()) -> FoldPlan:
+        layers = model.bn_layers()
+        try:
+            capture = self._capture(model, options.example_batch)
+            found = GraphFolder(capture.module).fold_all()
+        except CaptureFailed as failure:
+            if not isinstance(model, ModuleModel):
+                reason = f"not analysed: {failure}"
+                return FoldPlan([FoldDecision(layer.name, FoldStatus.KEPT, reason=reason) for layer in layers],
+                                notes=[f"no graph captured: {failure}"])
+            folded, found = fold_by_module(model.module, "the model does not trace as a whole")
+            capture = Capture(folded, MODULEWISE, _inputs(model, options.example_batch)
+                              if options.example_batch is not None else None,
+                              note=f"{failure}: folded module by module instead")
+        decisions = [found.pop(layer.name, None) or FoldDecision(layer.name, FoldStatus.KEPT, reason=NOT_FOUND)
+                     for layer in layers]
+        notes = [capture.note] if capture.note else []
+        return FoldPlan(decisions + list(found.values()), actions=[capture], notes=notes)
+
+    def apply(self, model: Model, plan: FoldPlan) -> Model:
+        if not plan.foldable:
+            return model  # nothing folds: the model as it is, in its own format
+        capture: Capture = plan.actions[0]
+        with quiet():
+            folded = copy.deepcopy(capture.module)
+        if isinstance(model, ExportedProgramModel):
+            return ExportedProgramModel(model.path, _reexport(folded, model.program, capture.example))
+        if isinstance(model, TorchScriptModel):
+            with quiet(), torch.no_grad():
+                traced = torch.jit.trace(folded, capture.example, check_trace=False)
+            return TorchScriptModel(model.path, traced)
+        assert isinstance(model, ModuleModel)
+        if model.format is ModelFormat.PICKLE:
+            return ModuleModel(model.path, folded, ModelFormat.PICKLE)
+        return _state_dict_output(model, folded, capture, plan)
+
+    def run(self, model: Model, batch: Batch) -> list[np.ndarray]:
+        inputs = _inputs(model, batch)
+        with torch.no_grad():
+            outputs = self._callable(model)(*inputs)
+        return [_numpy(t) for t in pytree.tree_leaves(outputs) if isinstance(t, torch.Tensor)]
+
+    def prepare(self, model: Model, batch: Batch, mode: str = modes[0]) -> Callable[[], object]:
+        inputs, function = _inputs(model, batch), self._callable(model)
+
+        def forward() -> object:
+            with torch.inference_mode():
+                return function(*inputs)
+
+        return forward
+
+    def _capture(self, model: Model, batch: Batch | None) -> Capture:
+        if isinstance(model, ExportedProgramModel):
+            capture = capture_program(model.program)
+            batch = batch or random_batches(model.input_specs(), None, count=1)[0]
+            capture.example = _inputs(model, batch)
+            return capture
+        example = _inputs(model, batch) if batch is not None else None
+        if isinstance(model, TorchScriptModel):
+            return capture_script(model.module, example)
+        assert isinstance(model, ModuleModel)
+        return capture_module(model.module, example)
+
+    def _callable(self, model: Model) -> Callable:
+        if isinstance(model, ExportedProgramModel):
+            if model.program not in self._programs:
+                self._programs[model.program] = model.program.module()
+            return self._programs[model.program]
+        module = model.module  # type: ignore[attr-defined]
+        if any(m.training for m in module.modules()):
+            return copy.deepcopy(module)  # training-mode BN would update the caller's statistics
+        return module
+
+
+def _inputs(model: Model, batch: Batch) -> tuple[torch.Tensor, ...]:
+    """A batch as tensors, floating inputs in the dtype the model expects."""
+    if isinstance(model, ExportedProgramModel):
+        dtypes = [getattr(torch, spec.dtype, None) for spec in model.input_specs()]
+    else:
+        dtype = next((t.dtype for t in [*model.module.parameters(), *model.module.buffers()]  # type: ignore
+                      if t.is_floating_point()), None)
+        dtypes = [dtype] * len(batch)
+    tensors = []
+    for array, dtype in zip(batch.values(), dtypes + [None] * len(batch)):
+        tensor = torch.from_numpy(np.ascontiguousarray(array))
+        if dtype is not None and tensor.is_floating_point() and dtype.is_floating_point:
+            tensor = tensor.to(dtype)
+        tensors.append(tensor)
+    return tuple(tensors)
+
+
+def _numpy(tensor: torch.Tensor) -> np.ndarray:
+    tensor = tensor.detach().cpu()
+    return (tensor.float() if tensor.dtype is torch.bfloat16 else tensor).numpy()
+
+
+def _export(module: nn.Module, example: tuple[torch.Tensor, ...], dynamic) -> torch.export.ExportedProgram:
+    with quiet():
+        return torch.export.export(module, example, dynamic_shapes=dynamic, strict=False)
+
+
+def _reexport(module: nn.Module, program: torch.export.ExportedProgram,
+              example: tuple[torch.Tensor, ...]) -> torch.export.ExportedProgram:
+    """Export the folded graph with the same dynamic dimensions (and ranges) as the input program."""
+    dims: dict[str, torch.export.Dim] = {}
+    shapes = []
+    user_inputs = set(program.graph_signature.user_inputs)
+    for node in program.graph.nodes:
+        if node.op != "placeholder" or node.name not in user_inputs:
+            continue
+        value = node.meta.get("val")
+        spec = {}
+        for axis, size in enumerate(getattr(value, "shape", ())):
+            if isinstance(size, torch.SymInt):
+                spec[axis] = _dim(size, program, dims)
+        shapes.append(spec)
+    return _export(module, example, tuple(shapes))
+
+
+def _dim(size: torch.SymInt, program: torch.export.ExportedProgram, dims: dict[str, torch.export.Dim]):
+    expr = size.node.expr
+    bounds = program.range_constraints.get(expr)
+    if not getattr(expr, "is_Symbol", False) or bounds is None:
+        return torch.export.Dim.AUTO
+    if str(expr) not in dims:
+        try:
+            upper = int(bounds.upper)
+        except (TypeError, ValueError, AttributeError):
+            upper = None
+        limits = {"min": int(bounds.lower), **({"max": upper} if upper is not None else {})}
+        dims[str(expr)] = torch.export.Dim(str(expr), **limits)
+    return dims[str(expr)]
+
+
+def _state_dict_output(model: ModuleModel, folded: nn.Module, capture: Capture, plan: FoldPlan) -> Model:
+    """A state_dict cannot say a BN is gone: write a .pt2 program, or a pickled GraphModule if export fails."""
+    if capture.example is None:
+        raise UsageError("folding a state_dict model needs an example input to write the folded program",
+                         "pass --input-shape (e.g. 1,3,224,224)")
+    batch = torch.export.Dim("batch", min=1)
+    try:
+        program = _export(folded, capture.example, tuple({0: batch} if t.dim() else {} for t in capture.example))
+    except Exception as error:  # e.g. control flow export cannot capture
+        plan.notes.append("the folded model is written as a pickled torch.fx GraphModule (load with "
+                          f"torch.load(..., weights_only=False)); torch.export could not export it: {error}")
+        return ModuleModel(model.path, folded, ModelFormat.PICKLE)
+    plan.notes.append("the folded model is written as a torch.export program (load with torch.export.load): "
+                      "the factory's architecture still has its BN modules, which a state_dict cannot remove")
+    return ExportedProgramModel(model.path, program)

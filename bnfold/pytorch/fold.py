@@ -1,0 +1,741 @@
+"""Exact BN folds on a captured fx graph: where each BN's affine map can go, and moving it there.
+
+An *occurrence* is one place the model applies a BN layer: a batch-norm op, or a look-alike module's
+hand-written `x * scale + shift`. Each is y = scale * x + shift along one channel axis, and it folds
+
+- back into the conv, transposed conv or linear layer whose output only it reads, also through layout
+  ops (reshape, flatten, transpose, permute) that provably keep the channel axis;
+- split across the producers of a channel concatenation;
+- forward into the one conv or linear layer that reads it, when no zero padding meets the shift.
+
+Anything else is kept, with the reason in words. Passes run until nothing changes; the arithmetic is
+`bnfold.foldmath` in float64, rounded once to the layer's dtype.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import fx, nn
+
+from bnfold import foldmath
+from bnfold.health import fold_refusal
+from bnfold.layers import BNLayer, FoldDecision, FoldDirection, FoldStatus
+from bnfold.pytorch.discover import bn_kind, describe_tensors
+from bnfold.pytorch.ops import (Constants, arg, conv_is_transposed, fetch_attr, is_identity, kind_of,
+                                module_stack, set_arg, shape_of, spec_of, target_name, value_users)
+
+TRAINING = ("in training mode: it normalizes each batch with that batch's statistics, so there is no fixed "
+            "scale and shift to fold (call model.eval() first)")
+NO_STATS = ("no running statistics (track_running_stats=False): it normalizes each batch with its own "
+            "statistics, so there is no fixed scale and shift to fold")
+LAYER_KINDS = ("conv", "conv_transpose", "convolution", "linear")
+LAYOUT_KINDS = ("reshape", "flatten", "transpose", "permute")
+AFFINE_KINDS = ("mul", "add", "sub", "div")
+
+
+@dataclass
+class Occurrence:
+    """One application of a BN layer: y = scale * x + shift along `axis` of `input` (None: scalars only)."""
+
+    layer: str
+    kind: str
+    input: fx.Node
+    output: fx.Node  # whose users receive the BN's result
+    reader: fx.Node  # the op that reads `input` (BN op, or a look-alike's first mul/add)
+    axis: int | None = 1
+    scale: np.ndarray | None = None
+    shift: np.ndarray | None = None
+    refusal: str | None = None  # why it can never fold
+    stats: dict[str, Any] = field(default_factory=dict)  # what discovery reports about it
+
+
+@dataclass
+class LayerCall:
+    """A conv, transposed conv or linear call whose weight (and bias) are stored tensors."""
+
+    node: fx.Node
+    name: str
+    kind: str  # conv, conv_transpose, linear
+    weight: fx.Node
+    bias: fx.Node | None
+    groups: int
+
+    @property
+    def channel_axis(self) -> int:
+        return -1 if self.kind == "linear" else 1
+
+
+@dataclass
+class Update:
+    """New float64 weight and bias for the calls that share one stored weight."""
+
+    calls: list[LayerCall]
+    weight: np.ndarray
+    bias: np.ndarray
+
+
+@dataclass
+class Fold:
+    direction: FoldDirection
+    targets: list[str]
+    updates: list[Update]
+    occurrences: list[Occurrence]
+
+
+class GraphFolder:
+    """Folds every exactly-foldable BN of one GraphModule (which it changes) and says why for the rest.
+
+    `prefix` is the module path of the GraphModule inside the whole model, so layer names stay module paths.
+    """
+
+    def __init__(self, module: fx.GraphModule, prefix: str = "") -> None:
+        self.module = module
+        self.graph = module.graph
+        self.prefix = f"{prefix}." if prefix else ""
+        self.constants = Constants(module)
+        self._at_input: dict[fx.Node, Occurrence] = {}
+
+    # ---- the pass ----------------------------------------------------------------------------------------
+
+    def fold_all(self) -> dict[str, FoldDecision]:
+        """Fold until nothing changes; one decision per BN layer found in the graph."""
+        decisions: dict[str, FoldDecision] = {}
+        progress = True
+        while progress:
+            progress = False
+            for layer, occurrences in self.occurrences().items():
+                outcome = self._plan(occurrences)
+                bias = self._producer_bias(occurrences[0])
+                if isinstance(outcome, Fold):
+                    self._apply(outcome)
+                    self._record_fold(decisions, layer, outcome, bias)
+                    progress = True
+                    break
+                previous = decisions.get(layer)
+                if previous is not None and previous.status is FoldStatus.FOLDABLE:
+                    outcome = f"only some of its calls fold: {outcome}"
+                decisions[layer] = FoldDecision(layer, FoldStatus.KEPT, reason=outcome, producer_bias=bias)
+        self.module.recompile()
+        return decisions
+
+    def layers(self) -> list[BNLayer]:
+        """Every BN layer applied in the graph, described from the tensors its ops read (for discovery)."""
+        seen: dict[str, BNLayer] = {}
+        for name, occurrences in self.occurrences().items():
+            stats = occurrences[0].stats
+            if stats:
+                seen[name] = describe_tensors(name, occurrences[0].kind, **stats)
+        return list(seen.values())
+
+    def _record_fold(self, decisions: dict[str, FoldDecision], layer: str, fold: Fold, bias: str | None) -> None:
+        decision = decisions.get(layer)
+        if decision is None or decision.status is not FoldStatus.FOLDABLE:
+            decisions[layer] = FoldDecision(layer, FoldStatus.FOLDABLE, list(fold.targets), fold.direction,
+                                            producer_bias=bias)
+        else:
+            decision.targets += [t for t in fold.targets if t not in decision.targets]
+
+    # ---- occurrences -------------------------------------------------------------------------------------
+
+    def occurrences(self) -> dict[str, list[Occurrence]]:
+        """BN occurrences by layer name, in graph order."""
+        self.constants.forget()
+        found: dict[str, list[Occurrence]] = {}
+        owners: dict[str, str] = {}  # layer name -> the statistics tensor it reads (tells apart name clashes)
+        claimed: set[str] = set()
+        for node in list(self.graph.nodes):
+            spec = spec_of(node, self.module)
+            if spec is not None and spec.kind == "batch_norm":
+                occurrence = self._bn_op(node, owners, claimed)
+            elif node.op == "call_module" and bn_kind(self.module.get_submodule(str(node.target))):
+                occurrence = self._bn_module(node)
+            else:
+                continue
+            if occurrence is not None:
+                found.setdefault(occurrence.layer, []).append(occurrence)
+        for path in self._lookalike_paths(claimed):
+            occurrence = self._lookalike(path)
+            if occurrence is not None:
+                found.setdefault(occurrence.layer, []).append(occurrence)
+        self._at_input = {o.input: o for group in found.values() for o in group}
+        return found
+
+    def _bn_op(self, node: fx.Node, owners: dict[str, str], claimed: set[str]) -> Occurrence | None:
+        x = arg(node, "input")
+        if not isinstance(x, fx.Node) or self.constants.is_constant(x):
+            return None  # normalizes a stored tensor (weight standardization), not activations
+        output = self._bn_output(node)
+        mean, var, weight, bias = (arg(node, n) for n in ("running_mean", "running_var", "weight", "bias"))
+        name = self._op_layer_name(node, mean, owners)
+        if isinstance(mean, fx.Node) and mean.op == "get_attr":
+            claimed.add(str(mean.target).rpartition(".")[0])
+        training = arg(node, "training") if "training" in spec_of(node).params else False
+        stack = [cls for path, cls in module_stack(node) if self.prefix + path == name]
+        occurrence = Occurrence(name, f"F.batch_norm ({stack[-1]})" if stack else "F.batch_norm", x,
+                                output or node, node)
+        tensors = (mean, var, weight, bias)
+        if output is None:
+            occurrence.refusal = "its batch statistics outputs are read as well"
+        elif mean is None or var is None:
+            occurrence.refusal = NO_STATS
+        elif training is not False:
+            occurrence.refusal = TRAINING
+        elif not all(self.constants.is_constant(t) for t in tensors):
+            occurrence.refusal = "its statistics are computed at run time, not stored"
+        if all(self.constants.is_constant(t) for t in tensors):
+            values = [self._tensor(t) for t in tensors]
+            occurrence.stats = dict(mean=values[0], var=values[1], weight=values[2], bias=values[3],
+                                    eps=float(arg(node, "eps")), momentum=arg(node, "momentum"),
+                                    training=training is not False)
+            if occurrence.refusal is None:
+                occurrence.scale, occurrence.shift = foldmath.bn_affine(
+                    *(self._float64(v) for v in (values[2], values[3], values[0], values[1])),
+                    float(arg(node, "eps")))
+                occurrence.refusal = fold_refusal(occurrence.scale, occurrence.shift, self._float64(values[1]))
+        return occurrence
+
+    def _bn_output(self, node: fx.Node) -> fx.Node | None:
+        """The node carrying the normalized tensor (item 0 of the tuple-returning aten variants)."""
+        if not spec_of(node).tuple_output:
+            return node
+        normalized = [u for u in node.users if u.target is operator.getitem and u.args[1] == 0]
+        others = [u for u in node.users if u not in normalized and u.users]
+        return normalized[0] if len(normalized) == 1 and not others else None
+
+    def _op_layer_name(self, node: fx.Node, mean: Any, owners: dict[str, str]) -> str:
+        if isinstance(mean, fx.Node) and mean.op == "get_attr":
+            owner, _, _ = str(mean.target).rpartition(".")
+            name = self.prefix + owner if owner else (self.prefix.rstrip(".") or "<root>")
+            if owners.setdefault(name, str(mean.target)) != str(mean.target):
+                name = self.prefix + str(mean.target)  # two BN ops in one module: name them by their statistics
+            return name
+        stack = module_stack(node)
+        return self.prefix + (stack[-1][0] if stack else node.name)
+
+    def _bn_module(self, node: fx.Node) -> Occurrence:
+        """A BN module kept as one call (tracing leaves BN in training mode opaque)."""
+        module = self.module.get_submodule(str(node.target))
+        refusal = TRAINING if module.training else NO_STATS
+        return Occurrence(self.prefix + str(node.target), str(bn_kind(module)), node.args[0], node, node,
+                          refusal=refusal)
+
+    def _lookalike_paths(self, claimed: set[str]) -> list[str]:
+        """Modules holding running_mean/running_var that no BN op reads: candidates for x * scale + shift."""
+        targets = {str(n.target) for n in self.graph.nodes if n.op == "get_attr"}
+        return [t.removesuffix(".running_mean") for t in targets if t.endswith(".running_mean")
+                and t.replace(".running_mean", ".running_var") in targets
+                and t.removesuffix(".running_mean") not in claimed]
+
+    def _lookalike(self, path: str) -> Occurrence | None:
+        region = [n for n in self.graph.nodes if n.op in ("call_function", "call_method", "call_module")
+                  and any(p == path for p, _ in module_stack(n))]
+        chain = [n for n in region if not self.constants.is_constant(n)]
+        if not chain:
+            return None
+        cls = next(c for p, c in module_stack(chain[0]) if p == path)
+        occurrence = Occurrence(self.prefix + path, f"{cls} (look-alike)", chain[0], chain[-1], chain[0],
+                                axis=None, stats=self._lookalike_stats(path))
+        scale, shift, previous = np.ones(1), np.zeros(1), None
+        for node in chain:
+            step = self._affine_step(node, previous)
+            if isinstance(step, str):
+                occurrence.refusal = f"it computes more than x * scale + shift ({step})"
+                return occurrence
+            source, kind, constant, axis = step
+            if previous is None:
+                occurrence.input = source
+            if axis is not None and occurrence.axis not in (None, axis):
+                occurrence.refusal = "its scale and shift broadcast along different axes"
+                return occurrence
+            occurrence.axis = axis if axis is not None else occurrence.axis
+            scale, shift = _compose(kind, source is arg(node, "input"), scale, shift, constant)
+            previous = node
+        occurrence.scale, occurrence.shift = scale, shift
+        occurrence.refusal = fold_refusal(scale, shift)
+        return occurrence
+
+    def _affine_step(self, node: fx.Node, previous: fx.Node | None) -> tuple | str:
+        spec = spec_of(node, self.module)
+        if spec is None or spec.kind not in AFFINE_KINDS or arg(node, "alpha", spec) != 1:
+            return f"`{target_name(node)}`"
+        operands = [arg(node, "input", spec), arg(node, "other", spec)]
+        dynamic = [v for v in operands if isinstance(v, fx.Node) and not self.constants.is_constant(v)]
+        if len(dynamic) != 1 or (previous is not None and dynamic[0] is not previous):
+            return "it combines run-time tensors"
+        if previous is not None and value_users(previous) != [node]:
+            return "an intermediate result is read elsewhere"
+        if spec.kind == "div" and dynamic[0] is operands[1]:
+            return "it divides by its input"
+        source = dynamic[0]
+        if shape_of(node) is not None and shape_of(node) != shape_of(source):
+            return "its constants change the tensor's shape"
+        constant = operands[1] if source is operands[0] else operands[0]
+        values = self._float64(self._tensor(constant))
+        axes = [i - values.ndim for i, size in enumerate(values.shape) if size != 1]
+        if len(axes) > 1:
+            return "its constants vary along more than one axis"
+        return source, spec.kind, values.reshape(-1), (axes[0] if axes else None)
+
+    def _lookalike_stats(self, path: str) -> dict[str, Any]:
+        values = {}
+        for key, attr in (("mean", "running_mean"), ("var", "running_var"), ("weight", "weight"), ("bias", "bias")):
+            try:
+                values[key] = fetch_attr(self.module, f"{path}.{attr}")
+            except AttributeError:
+                values[key] = None
+        return dict(values, eps=None, momentum=None, training=False)
+
+    # ---- planning ----------------------------------------------------------------------------------------
+
+    def _plan(self, occurrences: list[Occurrence]) -> Fold | str:
+        """The first fold of a layer when every one of its calls folds, else why not."""
+        folds = []
+        for occurrence in occurrences:
+            outcome = occurrence.refusal or self._fold_for(occurrence)
+            if isinstance(outcome, str):
+                calls = len(occurrences)
+                return outcome if calls == 1 else f"{outcome} (at one of its {calls} calls)"
+            folds.append(outcome)
+        return folds[0]
+
+    def _fold_for(self, occurrence: Occurrence) -> Fold | str:
+        backward = self._backward(occurrence)
+        if isinstance(backward, Fold):
+            return backward
+        forward = self._forward(occurrence)
+        if isinstance(forward, Fold):
+            return forward
+        return backward if forward is None else f"{backward}; {forward}"
+
+    def _backward(self, occurrence: Occurrence) -> Fold | str:
+        node, path = occurrence.input, []
+        while self._is_layout(node) and len(value_users(node)) == 1:
+            path.append(node)
+            node = node.all_input_nodes[0]
+        if kind_of(node, self.module) == "cat" and all(is_identity(p, self.module) for p in path):
+            return self._split(occurrence, node, path)
+        call = self._layer_call(node)
+        if not isinstance(call, LayerCall):
+            return call if isinstance(call, str) else self._not_a_producer(node)
+        chain = [node, *reversed(path)]
+        for reader, expected in zip(chain, [*reversed(path), occurrence.reader]):
+            others = [u for u in value_users(reader) if u is not expected]
+            if others:
+                return f"{call.name}'s output also feeds {self._labels(others)}"
+        axis = self._normalized(call.channel_axis, node)
+        for step in reversed(path):
+            axis = self._map_axis(step, axis)
+        aligned = self._aligned(occurrence, axis, call)
+        if aligned is not None:
+            return aligned
+        shared = self._sharers(call, occurrence, path)
+        if isinstance(shared, str):
+            return shared
+        calls, occurrences = shared
+        scale, shift = self._per_channel(occurrence, _out_channels(self._tensor(call.weight), call))
+        if scale is None:
+            return f"it has {occurrence.scale.size} channels but {call.name} produces " \
+                   f"{_out_channels(self._tensor(call.weight), call)}"
+        update = self._producer_update(call, scale, shift)
+        update.calls = calls
+        return Fold(FoldDirection.INTO_PRODUCER, [call.name], [update], occurrences)
+
+    def _split(self, occurrence: Occurrence, cat: fx.Node, path: list[fx.Node]) -> Fold | str:
+        tensors = list(arg(cat, "tensors"))
+        dim = self._normalized(arg(cat, "dim"), cat)
+        users = value_users(cat)
+        if len(users) != 1 or (path and users != [path[-1]]):
+            return f"the concatenation it normalizes also feeds {self._labels(users)}"
+        aligned = self._aligned(occurrence, dim, None)
+        if aligned is not None:
+            return aligned
+        calls = []
+        for tensor in tensors:
+            call = self._layer_call(tensor) if isinstance(tensor, fx.Node) else None
+            if isinstance(call, str):
+                return call
+            if call is None:
+                return f"one concatenated input is {self._label(tensor)}, not a conv or linear layer"
+            if tensors.count(tensor) > 1 or value_users(tensor) != [cat]:
+                return f"{call.name}'s output also feeds {self._labels([u for u in value_users(tensor) if u is not cat])}" \
+                    if len(value_users(tensor)) > 1 else f"{call.name} is concatenated more than once"
+            if self._normalized(call.channel_axis, tensor) != dim or self._readers(call.weight) != [call.node]:
+                return f"{call.name} does not provably produce one slice of the concatenated channels alone"
+            calls.append(call)
+        sizes = [_out_channels(self._tensor(c.weight), c) for c in calls]
+        scale, shift = self._per_channel(occurrence, sum(sizes))
+        if scale is None:
+            return f"it has {occurrence.scale.size} channels but the concatenation has {sum(sizes)}"
+        bounds = np.cumsum([0, *sizes])
+        updates = [self._producer_update(c, scale[a:b], shift[a:b]) for c, a, b in zip(calls, bounds, bounds[1:])]
+        return Fold(FoldDirection.SPLIT, [c.name for c in calls], updates, [occurrence])
+
+    def _forward(self, occurrence: Occurrence) -> Fold | str | None:
+        """Fold into the next conv/linear; None when no single such consumer reads the BN output."""
+        path, users = [], value_users(occurrence.output)
+        while len(users) == 1 and self._is_layout(users[0]):
+            path.append(users[0])
+            users = value_users(users[0])
+        pad = users[0] if len(users) == 1 and kind_of(users[0], self.module) == "pad" else None
+        if pad is not None:
+            users = value_users(pad)
+        if len(users) != 1:
+            return None
+        call = self._layer_call(users[0])
+        source = pad or (path[-1] if path else occurrence.output)
+        if call is None or (isinstance(call, LayerCall) and arg(call.node, "input") is not source):
+            return None
+        if isinstance(call, str):
+            return call
+        if call.kind == "conv_transpose":
+            return f"{call.name} is a transposed convolution, which spreads the BN shift unevenly over its output"
+        axis = self._normalized(occurrence.axis, occurrence.output) if occurrence.axis is not None else None
+        for step in path:
+            axis = self._map_axis(step, axis) if axis is not None else None
+        if occurrence.axis is not None and axis != self._normalized(call.channel_axis, source):
+            return f"cannot prove that it normalizes {call.name}'s input channels"
+        weight = self._tensor(call.weight)
+        channels = weight.shape[1] * (call.groups if call.kind == "conv" else 1)
+        scale, shift = self._per_channel(occurrence, channels)
+        if scale is None:
+            return f"it has {occurrence.scale.size} channels but {call.name} reads {channels}"
+        padding = self._padding(call, pad)
+        if padding == "constant" or (padding == "zeros" and np.any(shift != 0)):
+            return (f"{call.name} pads its input with zeros, so the BN shift cannot move into its bias "
+                    "(the padded border would not see it)")
+        if self._readers(call.weight) != [call.node]:
+            return f"{call.name} shares its weight with another layer"
+        new_weight, new_bias = foldmath.fold_into_consumer(self._float64(weight), self._float64(self._tensor(call.bias)),
+                                                           scale, shift, call.groups)
+        return Fold(FoldDirection.INTO_CONSUMER, [call.name], [Update([call], new_weight, new_bias)], [occurrence])
+
+    def _padding(self, call: LayerCall, pad: fx.Node | None) -> str | None:
+        """'zeros' or 'constant' (another value) when the consumer sees padded constants, else None."""
+        if pad is not None and arg(pad, "mode") == "constant":
+            return "zeros" if (arg(pad, "value") or 0) == 0 else "constant"
+        padding = arg(call.node, "padding") if call.kind == "conv" else 0
+        if isinstance(padding, str):
+            kernel = self._tensor(call.weight).shape[2:]
+            return "zeros" if padding == "same" and any(k > 1 for k in kernel) else None
+        return "zeros" if any(p != 0 for p in (padding if isinstance(padding, (list, tuple)) else [padding])) else None
+
+    def _aligned(self, occurrence: Occurrence, axis: int | None, call: LayerCall | None) -> str | None:
+        """None when the occurrence normalizes `axis` of its input (the producer's channels), else why not."""
+        if occurrence.axis is None:
+            return None
+        bn_axis = self._normalized(occurrence.axis, occurrence.input)
+        what = f"{call.name}'s output channels" if call else "the concatenated channels"
+        if axis is None or bn_axis is None:
+            return f"cannot prove that it normalizes {what} (their axis is not known; give an example input)"
+        if axis != bn_axis:
+            return f"it normalizes axis {bn_axis} of its input, but {what} lie on axis {axis}"
+        return None
+
+    def _per_channel(self, occurrence: Occurrence, channels: int) -> tuple[np.ndarray | None, np.ndarray | None]:
+        scale, shift = occurrence.scale, occurrence.shift
+        if scale.size not in (1, channels) or shift.size not in (1, channels):
+            return None, None
+        return np.broadcast_to(scale, channels).copy(), np.broadcast_to(shift, channels).copy()
+
+    def _sharers(self, call: LayerCall, occurrence: Occurrence,
+                 path: list[fx.Node]) -> tuple[list[LayerCall], list[Occurrence]] | str:
+        """All calls reading this weight, when every one is followed by the same BN; else why not."""
+        readers = self._readers(call.weight)
+        if readers == [call.node]:
+            return [call], [occurrence]
+        calls, occurrences = [], []
+        for reader in readers:
+            other = self._layer_call(reader)
+            if not isinstance(other, LayerCall) or self._key(other.weight) != self._key(call.weight):
+                return f"{call.name}'s weight is also read by {self._label(reader)}"
+            follower = self._at_input.get(reader)
+            same = (follower is not None and follower.layer == occurrence.layer and not path
+                    and value_users(reader) == [follower.reader]
+                    and np.array_equal(follower.scale, occurrence.scale)
+                    and np.array_equal(follower.shift, occurrence.shift)
+                    and self._key(other.bias) == self._key(call.bias))
+            if not same:
+                names = sorted({self._layer_call(r).name for r in readers} - {call.name})
+                shared = f"shares its weight with {', '.join(names)}" if names else f"is called at {len(readers)} places"
+                return f"{call.name} {shared}, and not every call is followed by {occurrence.layer}"
+            calls.append(other)
+            occurrences.append(follower)
+        return calls, occurrences
+
+    # ---- graph facts -------------------------------------------------------------------------------------
+
+    def _layer_call(self, node: Any) -> LayerCall | str | None:
+        """The conv/linear call at `node`; a reason when its weights are computed; None for other ops."""
+        kind = kind_of(node, self.module) if isinstance(node, fx.Node) else None
+        if kind not in LAYER_KINDS:
+            return None
+        weight, bias = arg(node, "weight"), arg(node, "bias")
+        stack = module_stack(node)
+        name = self.prefix + (stack[-1][0] if stack else _owner(weight) or node.name)
+        if not _stored(weight) or (bias is not None and not _stored(bias)):
+            return f"{name} computes its weight at run time, so there is no stored weight to fold into"
+        if kind == "convolution":
+            kind = "conv_transpose" if conv_is_transposed(node) else "conv"
+        groups = int(arg(node, "groups")) if kind != "linear" else 1
+        return LayerCall(node, name, kind, weight, bias, groups)
+
+    def _not_a_producer(self, node: fx.Node) -> str:
+        if node.op == "placeholder":
+            where = f"of {self.prefix.rstrip('.')}" if self.prefix else f"`{node.target}` of the model"
+            return f"it normalizes the input {where}: there is no layer before it to fold into"
+        return f"it follows {self._label(node)}, not a conv or linear layer"
+
+    def _label(self, node: Any) -> str:
+        if not isinstance(node, fx.Node):
+            return repr(node)
+        call = self._layer_call(node)
+        if isinstance(call, LayerCall):
+            return call.name
+        if node.op == "call_module":
+            return self.prefix + str(node.target)
+        if kind_of(node, self.module) == "batch_norm":
+            return self._op_layer_name(node, arg(node, "running_mean"), {})
+        stack = module_stack(node)
+        where = f" in {self.prefix}{stack[-1][0]}" if stack else ""
+        return f"`{target_name(node)}`{where}"
+
+    def _labels(self, nodes: list[fx.Node]) -> str:
+        return ", ".join(dict.fromkeys(self._label(n) for n in nodes))
+
+    def _producer_bias(self, occurrence: Occurrence) -> str | None:
+        call = self._layer_call(occurrence.input)
+        if not isinstance(call, LayerCall) or call.bias is None:
+            return None
+        classes = [cls for path, cls in module_stack(call.node) if self.prefix + path == call.name]
+        return f"{classes[-1] if classes else target_name(call.node)} {call.name}"
+
+    def _is_layout(self, node: fx.Node) -> bool:
+        return kind_of(node, self.module) in LAYOUT_KINDS or is_identity(node, self.module)
+
+    def _rank(self, node: Any) -> int | None:
+        """The rank of a node's tensor: from its shape, or provable from the ops that made it."""
+        shape = shape_of(node)
+        if shape is not None or not isinstance(node, fx.Node):
+            return None if shape is None else len(shape)
+        kind = kind_of(node, self.module)
+        if kind in LAYER_KINDS and kind != "linear" and _stored(arg(node, "weight")):
+            return self._tensor(arg(node, "weight")).dim()  # a batched conv: rank of the weight
+        if kind == "flatten":
+            start, end = self._flatten_dims(node)
+            return start + 1 if end == -1 and start >= 0 else None
+        if kind in ("linear", "batch_norm") or is_identity(node, self.module) or _elementwise(node, self.module):
+            return self._rank(node.all_input_nodes[0]) if node.all_input_nodes else None
+        return None
+
+    def _normalized(self, axis: int | None, node: fx.Node) -> int | None:
+        if axis is None or axis >= 0:
+            return axis
+        rank = self._rank(node)
+        return axis + rank if rank is not None and axis + rank >= 0 else None
+
+    def _map_axis(self, node: fx.Node, axis: int | None) -> int | None:
+        """Where channel `axis` of a layout op's input lies in its output (None: not provable)."""
+        if axis is None or is_identity(node, self.module):
+            return axis
+        kind, source = kind_of(node, self.module), node.all_input_nodes[0]
+        rank = self._rank(source)
+        if kind == "transpose" and rank is not None:
+            first, second = (d % rank for d in (arg(node, "dim0"), arg(node, "dim1")))
+            return {first: second, second: first}.get(axis, axis)
+        if kind == "permute" and rank is not None:
+            dims = node.args[1:] if node.op == "call_method" and not isinstance(node.args[1], (list, tuple)) \
+                else arg(node, "dims")
+            return [d % rank for d in dims].index(axis)
+        before, after = shape_of(source), shape_of(node)
+        if before is not None and after is not None:
+            return _reshaped_axis(before, after, axis)
+        if kind == "flatten":
+            start, _ = self._flatten_dims(node)
+            return axis if 0 <= axis < start else None
+        return None
+
+    def _flatten_dims(self, node: fx.Node) -> tuple[int, int]:
+        if node.op == "call_module":
+            module = self.module.get_submodule(str(node.target))
+            return module.start_dim, module.end_dim
+        return arg(node, "start_dim"), arg(node, "end_dim")
+
+    def _tensor(self, node: Any) -> Any:
+        return self.constants.value(node) if node is not None else None
+
+    @staticmethod
+    def _float64(value: Any) -> np.ndarray | None:
+        if value is None:
+            return None
+        if isinstance(value, torch.Tensor):
+            return value.detach().to("cpu", torch.float64).numpy()
+        return np.asarray(value, dtype=np.float64)
+
+    def _key(self, node: fx.Node | None) -> tuple | None:
+        """Identity of a stored tensor (tied weights are one tensor under two names)."""
+        if node is None:
+            return None
+        tensor = self._tensor(node)
+        return (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape),
+                tuple(tensor.stride()))
+
+    def _readers(self, stored: fx.Node) -> list[fx.Node]:
+        """Every node that reads the values of a stored tensor, under any of its names."""
+        key = self._key(stored)
+        readers: list[fx.Node] = []
+        for node in self.graph.nodes:
+            if node.op == "get_attr" and self._key(node) == key:
+                readers += [u for u in value_users(node) if u not in readers]
+        return readers
+
+    # ---- rewriting ---------------------------------------------------------------------------------------
+
+    def _producer_update(self, call: LayerCall, scale: np.ndarray, shift: np.ndarray) -> Update:
+        weight = self._float64(self._tensor(call.weight))
+        bias = self._float64(self._tensor(call.bias))
+        if call.kind == "conv_transpose":
+            new_weight, new_bias = foldmath.fold_into_conv_transpose(weight, bias, scale, shift, call.groups)
+        else:
+            new_weight, new_bias = foldmath.fold_into_producer(weight, bias, scale, shift)
+        return Update([call], new_weight, new_bias)
+
+    def _apply(self, fold: Fold) -> None:
+        for update in fold.updates:
+            self._store(update)
+        for occurrence in fold.occurrences:
+            output = occurrence.output
+            output.replace_all_uses_with(occurrence.input)
+            self._erase_dead([output])
+
+    def _store(self, update: Update) -> None:
+        first = update.calls[0]
+        weight = self._tensor(first.weight)
+        assign_rounded(self.module, str(first.weight.target), update.weight, weight)
+        # The bias takes the conv's dtype, also when the BN was float32 (CASES E2).
+        nodes = [c.node for c in update.calls]
+        if first.bias is not None and self._readers(first.bias) == nodes:
+            assign_rounded(self.module, str(first.bias.target), update.bias, weight)
+            return
+        target = _free_target(self.module, f"{str(first.weight.target).rpartition('.')[0]}.bias".lstrip("."))
+        assign_rounded(self.module, target, update.bias, weight)
+        earliest = next(n for n in self.graph.nodes if n in nodes)
+        with self.graph.inserting_before(earliest):
+            bias_node = self.graph.get_attr(target)
+        old = [c.bias for c in update.calls if c.bias is not None]
+        for call in update.calls:
+            set_arg(call.node, "bias", bias_node)
+        self._erase_dead(old)
+
+    def _erase_dead(self, nodes: list[fx.Node]) -> None:
+        """Erase nodes left without users by a fold, and then their inputs that are left without users."""
+        work = list(nodes)
+        while work:
+            node = work.pop()
+            if node.graph is not self.graph or node.op in ("placeholder", "output"):
+                continue
+            checks = [u for u in node.users if u.target is torch.ops.aten._assert_tensor_metadata.default]
+            if len(checks) == len(node.users):  # export's dtype checks on a value nobody else reads
+                for check in checks:
+                    self.graph.erase_node(check)
+            if node.users:
+                continue
+            inputs = node.all_input_nodes
+            self.graph.erase_node(node)
+            work += inputs
+
+
+def _compose(kind: str, chain_first: bool, scale: np.ndarray, shift: np.ndarray,
+             constant: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(scale, shift) after one more `x <op> constant` (or `constant <op> x`) step."""
+    if kind == "mul":
+        return scale * constant, shift * constant
+    if kind == "div":
+        return scale / constant, shift / constant
+    if kind == "add":
+        return scale * np.ones_like(constant), shift + constant
+    if chain_first:  # x - c
+        return scale * np.ones_like(constant), shift - constant
+    return -scale * np.ones_like(constant), constant - shift  # c - x
+
+
+def _reshaped_axis(before: tuple, after: tuple, axis: int) -> int | None:
+    """The output axis that holds input axis `axis` unchanged through a reshape, if one provably does.
+
+    Row-major reshapes keep flat indices: channel c at input axis a is flat (outer, c, inner). An output
+    axis of the same size whose trailing dims have the same product holds exactly the same channel.
+    """
+    if axis >= len(before) or not all(isinstance(d, int) for d in before[axis:]):
+        return None
+    channels, inner = before[axis], math.prod(before[axis + 1:])
+    for candidate, size in enumerate(after):
+        tail = after[candidate + 1:]
+        if size == channels and isinstance(size, int) and all(isinstance(d, int) for d in tail) \
+                and math.prod(tail) == inner:
+            return candidate
+    return None
+
+
+def _out_channels(weight: torch.Tensor, call: LayerCall) -> int:
+    return weight.shape[1] * call.groups if call.kind == "conv_transpose" else weight.shape[0]
+
+
+def _stored(node: Any) -> bool:
+    return isinstance(node, fx.Node) and node.op == "get_attr"
+
+
+def _owner(node: Any) -> str | None:
+    return str(node.target).rpartition(".")[0] or None if _stored(node) else None
+
+
+_ELEMENTWISE = {"relu", "relu6", "gelu", "silu", "sigmoid", "tanh", "hardswish", "leaky_relu", "elu", "mish",
+                "hardtanh", "hardsigmoid"}
+
+
+def _elementwise(node: fx.Node, root: nn.Module) -> bool:
+    if node.op == "call_module":
+        return type(root.get_submodule(str(node.target))).__name__.lower() in _ELEMENTWISE
+    return target_name(node).rstrip("_") in _ELEMENTWISE
+
+
+def _rounded(values: np.ndarray, like: torch.Tensor) -> torch.Tensor:
+    """float64 results rounded once to `like`'s dtype, on its device."""
+    if like.dtype is torch.bfloat16:
+        bits = foldmath.bfloat16_bits(values)
+        return torch.from_numpy(bits.view(np.int16)).view(torch.bfloat16).to(like.device)
+    dtype = str(like.dtype).removeprefix("torch.")
+    return torch.from_numpy(np.ascontiguousarray(foldmath.round_to(values, dtype))).to(like.device)
+
+
+def assign_rounded(root: nn.Module, target: str, values: np.ndarray, like: torch.Tensor) -> None:
+    """Store float64 `values` rounded once to `like`'s dtype under `target` (replacing what is there):
+    a buffer where a buffer was, else a parameter when `like` is one."""
+    tensor = _rounded(values, like)
+    path, _, name = target.rpartition(".")
+    owner = root
+    for part in path.split(".") if path else []:
+        if not hasattr(owner, part):
+            owner.add_module(part, nn.Module())
+        owner = getattr(owner, part)
+    if name in owner._buffers:
+        owner._buffers[name] = tensor
+    elif isinstance(like, nn.Parameter):
+        owner._parameters[name] = nn.Parameter(tensor, requires_grad=like.requires_grad)
+    else:
+        owner.register_buffer(name, tensor)
+
+
+def _free_target(root: nn.Module, wanted: str) -> str:
+    candidate, number = wanted, 0
+    while True:
+        try:
+            fetch_attr(root, candidate)
+        except AttributeError:
+            return candidate
+        number += 1
+        candidate = f"{wanted}_folded{number if number > 1 else ''}"
