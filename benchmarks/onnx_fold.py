@@ -61,36 +61,53 @@ def ort_basic(path: Path, target: Path) -> tuple[int, float]:
     return sum(n.op_type == "BatchNormalization" for n in onnx.load(str(target)).graph.node), seconds
 
 
+STEPS = ("load", "plan (analysis: passes until nothing changes, on a scratch copy)",
+         "apply (replay on a fresh copy, float64 fold math, prune)",
+         "verify (original and folded in ORT, optimizations off, batch 2)", "save")
+
+
+def run(repeat: int = 3) -> dict:
+    """Best-of-`repeat` seconds per step, BN left by bnfold and by onnxruntime's basic level."""
+    with tempfile.TemporaryDirectory(prefix="bnfold-bench-") as name:
+        folder = Path(name)
+        module = randomize_bn(ResNet50().eval(), seed=0)
+        path = export_onnx(module, (1, 3, 224, 224), folder / "resnet50.onnx")
+        rows = []
+        for _ in range(repeat):
+            model, load_s = timed(lambda: OnnxModel.load(path))
+            engine = OnnxEngine()
+            plan, plan_s = timed(lambda: engine.plan(model))
+            folded, apply_s = timed(lambda: engine.apply(model, plan))
+            batches = random_batches(model.input_specs(), None, count=1)
+            difference, verify_s = timed(lambda: compare(engine, model, folded, batches))
+            _, save_s = timed(lambda: folded.save(folder / "folded.onnx"))
+            rows.append((load_s, plan_s, apply_s, verify_s, save_s))
+        left, ort_s = ort_basic(path, folder / "ort-basic.onnx")
+        size_mib = path.stat().st_size / 2**20
+    return {"repeat": repeat, "size_mib": size_mib, "parameters": model.parameter_count(),
+            "threads": torch.get_num_threads(), "steps": dict(zip(STEPS, (min(column) for column in zip(*rows)))),
+            "bn_before": sum(n.op_type == "BatchNormalization" for n in model.proto.graph.node),
+            "bn_after": sum(n.op_type == "BatchNormalization" for n in folded.proto.graph.node),
+            "ort_basic_left": left, "ort_basic_session_s": ort_s, "max_rel_error": difference.max_rel}
+
+
+def markdown(result: dict) -> str:
+    steps = result["steps"]
+    lines = ["| step | seconds |", "|---|---|", *(f"| {name} | {seconds:.2f} |" for name, seconds in steps.items())]
+    total = steps[STEPS[1]] + steps[STEPS[2]]
+    lines.append(f"| **fold total (plan + apply)** | **{total:.2f}** |")
+    return (f"ResNet-50 ONNX ({result['size_mib']:.0f} MiB, {result['parameters']:,} parameters, "
+            f"{result['bn_before']} BN), best of {result['repeat']} on {result['threads']} threads:\n\n"
+            + "\n".join(lines)
+            + f"\n\nBN left: bnfold {result['bn_after']}, onnxruntime's basic level {result['ort_basic_left']} "
+              f"(session creation {result['ort_basic_session_s']:.2f} s). Maximum relative output error "
+              f"{result['max_rel_error']:.1e} (float32).")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--repeat", type=int, default=3)
-    args = parser.parse_args()
-    folder = Path(tempfile.mkdtemp(prefix="bnfold-bench-"))
-    module = randomize_bn(ResNet50().eval(), seed=0)
-    path = export_onnx(module, (1, 3, 224, 224), folder / "resnet50.onnx")
-    rows = []
-    for _ in range(args.repeat):
-        model, load_s = timed(lambda: OnnxModel.load(path))
-        engine = OnnxEngine()
-        plan, plan_s = timed(lambda: engine.plan(model))
-        folded, apply_s = timed(lambda: engine.apply(model, plan))
-        batches = random_batches(model.input_specs(), None, count=1)
-        difference, verify_s = timed(lambda: compare(engine, model, folded, batches))
-        _, save_s = timed(lambda: folded.save(folder / "folded.onnx"))
-        rows.append((load_s, plan_s, apply_s, verify_s, save_s))
-    best = [min(column) for column in zip(*rows)]
-    left, ort_s = ort_basic(path, folder / "ort-basic.onnx")
-    bn_before = sum(n.op_type == "BatchNormalization" for n in model.proto.graph.node)
-    bn_after = sum(n.op_type == "BatchNormalization" for n in folded.proto.graph.node)
-    print(f"ResNet-50 ONNX ({path.stat().st_size / 2**20:.0f} MiB, {model.parameter_count():,} parameters, "
-          f"{bn_before} BN), best of {args.repeat} on {torch.get_num_threads()} threads\n")
-    print("| step | seconds |\n|---|---|")
-    for name, seconds in zip(("load", "plan (analysis)", "apply (rewrite)", "verify (2 ORT runs, batch 2)",
-                              "save"), best):
-        print(f"| {name} | {seconds:.2f} |")
-    print(f"| **fold total (plan + apply)** | **{best[1] + best[2]:.2f}** |")
-    print(f"\nBN left: bnfold {bn_after}, onnxruntime basic level {left} (session creation {ort_s:.2f} s); "
-          f"max relative output error {difference.max_rel:.2e}")
+    print(markdown(run(parser.parse_args().repeat)))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,166 @@
+"""Fold coverage on the zoo: how many BN layers each tool leaves, and whether its output is still right.
+
+PyTorch: bnfold vs `torch.fx.experimental.optimization.fuse`. ONNX (the zoo exported with BN kept):
+bnfold vs onnxruntime's basic level (the optimized model it writes), onnxoptimizer's `fuse_bn_into_conv`
+and onnxslim. A BN layer is "left" when the model still computes it: in PyTorch, when a forward still
+runs a batch-norm op or reads the layer's running statistics (look-alikes compute x*scale+shift by
+hand); in ONNX, a BatchNormalization node. A tool's fold only counts when its output still agrees
+with the original (relative error at most `CORRECT`); otherwise it is marked wrong.
+"""
+
+from __future__ import annotations
+
+import copy
+import tempfile
+import warnings
+from pathlib import Path
+
+import onnx
+import torch
+
+import bnfold
+from benchmarks.common import fmt_err, ort_output, ort_session, rel_error, table
+from tests.zoo import ZOO, ZooModel, bn_calls, export_onnx, onnx_bn_modules, onnx_bn_nodes, stat_reads
+
+CORRECT = 1e-4  # relative output error above which a tool's result is wrong (bnfold's fold tolerance)
+TORCH_TOOLS = ("bnfold", "fx.fuse")
+ONNX_TOOLS = ("bnfold", "ORT basic", "onnxoptimizer", "onnxslim")
+
+
+def bn_left(module: torch.nn.Module, layers: frozenset[str], x: torch.Tensor) -> int:
+    """BN layers the module still computes on `x` (a batch-norm op, or its statistics read)."""
+    calls = bn_calls(module, x)
+    computed = (set(stat_reads(module, x)) | set(calls)) & layers
+    return len(computed) + calls.get("?", 0)
+
+
+def _torch_runnable(model) -> torch.nn.Module:
+    return model.program.module() if hasattr(model, "program") else model.module
+
+
+@torch.no_grad()
+def torch_case(entry: ZooModel) -> dict:
+    original = entry.factory()
+    x = entry.example(batch=3, seed=7)
+    expected = original(x)
+    result = {"bn": bn_left(original, entry.bn_layers, x), "exact": len(entry.foldable)}
+    report = bnfold.fold(copy.deepcopy(original), input_shape=entry.shape_text(batch=2), verify=False)
+    folded = _torch_runnable(report.folded_model)
+    result["bnfold"] = {"left": bn_left(folded, entry.bn_layers, x), "error": rel_error(expected, folded(x))}
+    try:
+        from torch.fx.experimental.optimization import fuse
+
+        fused = fuse(copy.deepcopy(original))
+        result["fx.fuse"] = {"left": bn_left(fused, entry.bn_layers, x), "error": rel_error(expected, fused(x))}
+    except Exception as error:  # symbolic tracing fails on the model: nothing is fused
+        result["fx.fuse"] = {"left": result["bn"], "error": None, "failed": type(error).__name__}
+    return result
+
+
+def onnx_case(entry: ZooModel, folder: Path) -> dict:
+    import onnxoptimizer
+    import onnxslim
+
+    path = export_onnx(entry.factory(), entry.input_shape, folder / f"{entry.name}.onnx",
+                       dynamic_batch=entry.onnx_dynamic_batch)
+    proto = onnx.load(str(path))
+    x = entry.example(batch=3 if entry.onnx_dynamic_batch else None, seed=7).numpy()
+    expected = ort_output(proto, x)
+    per_module = onnx_bn_modules(proto, entry.bn_layers)
+    kept = sum(count for name, count in per_module.items() if name in entry.onnx_expected_kept)
+    result = {"bn": len(onnx_bn_nodes(proto)), "exact": len(onnx_bn_nodes(proto)) - kept,
+              "nodes": len(proto.graph.node)}
+    outputs = {"bnfold": lambda: bnfold.fold(path, verify=False).folded_model.proto,
+               "ORT basic": lambda: _ort_basic(path, folder / f"{entry.name}.basic.onnx"),
+               "onnxoptimizer": lambda: onnxoptimizer.optimize(proto, ["fuse_bn_into_conv"]),
+               "onnxslim": lambda: onnxslim.slim(copy.deepcopy(proto))}
+    for tool, make in outputs.items():
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                out = make()
+            result[tool] = {"left": len(onnx_bn_nodes(out)), "error": rel_error(expected, ort_output(out, x)),
+                            "nodes": len(out.graph.node)}
+        except Exception as error:  # a tool that crashes on the model leaves every BN
+            result[tool] = {"left": result["bn"], "error": None, "failed": f"{type(error).__name__}: {error}"[:200]}
+    return result
+
+
+def _ort_basic(path: Path, optimized: Path) -> onnx.ModelProto:
+    ort_session(path, "basic", optimized)
+    return onnx.load(str(optimized))
+
+
+def run(quick: bool = False) -> dict:
+    entries = ZOO[:4] if quick else ZOO
+    results = {}
+    with tempfile.TemporaryDirectory(prefix="bnfold-coverage-") as folder:
+        for entry in entries:
+            results[entry.name] = {"patterns": entry.patterns, "torch": torch_case(entry),
+                                   "onnx": onnx_case(entry, Path(folder)) if not entry.onnx_skip else None}
+            print(f"  coverage {entry.name}", flush=True)
+    return results
+
+
+def _cell(result: dict, tool: str) -> str:
+    outcome = result[tool]
+    if outcome.get("failed"):
+        return f"{outcome['left']} (fails)"
+    wrong = outcome["error"] is not None and outcome["error"] > CORRECT
+    return f"{outcome['left']} ({fmt_err(outcome['error'])}{', **wrong**' if wrong else ''})"
+
+
+def correct_left(outcome: dict, bn: int) -> int:
+    """BN left, counting a wrong result as folding nothing."""
+    wrong = outcome.get("failed") or (outcome["error"] is not None and outcome["error"] > CORRECT)
+    return bn if wrong else outcome["left"]
+
+
+def summary(results: dict) -> dict:
+    """Totals per tool (wrong results count as folding nothing) and where bnfold leaves more than a tool."""
+    totals: dict = {}
+    behind = []
+    for framework, tools in (("torch", TORCH_TOOLS), ("onnx", ONNX_TOOLS)):
+        cases = {name: r[framework] for name, r in results.items() if r[framework]}
+        bn = sum(c["bn"] for c in cases.values())
+        exact = sum(c["exact"] for c in cases.values())
+        totals[framework] = {"models": len(cases), "bn": bn, "exact": exact}
+        for tool in tools:
+            left = sum(correct_left(c[tool], c["bn"]) for c in cases.values())
+            wrong = [name for name, c in cases.items() if c[tool].get("error") is not None and c[tool]["error"] > CORRECT]
+            failed = [name for name, c in cases.items() if c[tool].get("failed")]
+            max_error = max((c[tool]["error"] for c in cases.values() if c[tool].get("error") is not None), default=None)
+            totals[framework][tool] = {"left": left, "folded": bn - left, "wrong": wrong, "failed": failed,
+                                       "max_error": max_error}
+        for name, case in cases.items():
+            mine = correct_left(case["bnfold"], case["bn"])
+            for tool in tools[1:]:
+                if correct_left(case[tool], case["bn"]) < mine:
+                    behind.append(f"{name} ({framework}, {tool})")
+    totals["bnfold_behind"] = behind
+    return totals
+
+
+def markdown(results: dict) -> str:
+    totals = summary(results)
+    torch_rows = [[name, r["torch"]["bn"], r["torch"]["exact"], *(_cell(r["torch"], t) for t in TORCH_TOOLS)]
+                  for name, r in results.items()]
+    onnx_rows = [[name, r["onnx"]["bn"], r["onnx"]["exact"], *(_cell(r["onnx"], t) for t in ONNX_TOOLS)]
+                 for name, r in results.items() if r["onnx"]]
+    total_rows = []
+    for framework, tools in (("PyTorch", TORCH_TOOLS), ("ONNX", ONNX_TOOLS)):
+        t = totals["torch" if framework == "PyTorch" else "onnx"]
+        for tool in tools:
+            outcome = t[tool]
+            notes = ", ".join(filter(None, [f"wrong on {', '.join(outcome['wrong'])}" if outcome["wrong"] else "",
+                                            f"fails on {', '.join(outcome['failed'])}" if outcome["failed"] else ""]))
+            total_rows.append([framework, tool, f"{outcome['folded']} of {t['exact']} ({t['bn']} BN)",
+                               outcome["left"], fmt_err(outcome["max_error"]), notes or "–"])
+    return "\n\n".join([
+        table(["framework", "tool", "BN folded correctly (of exactly foldable)", "BN left", "max rel. error",
+               "notes"], total_rows),
+        "Per model, PyTorch (cells: BN left (relative output error)):",
+        table(["model", "BN", "exactly foldable", *TORCH_TOOLS], torch_rows),
+        "Per model, ONNX export (cells: BatchNormalization nodes left (relative output error)):",
+        table(["model", "BN nodes", "exactly foldable", *ONNX_TOOLS], onnx_rows),
+    ])

@@ -1,0 +1,155 @@
+"""Recalibration throughput and peak memory, `exact` and `fast`, against plain inference over the same data.
+
+Inference is the engine's own `run` over the same batches (PyTorch eager under no_grad; onnxruntime with
+optimizations off and its default thread count, the sessions recalibration itself uses), so the ratio is
+the price of observing the BN inputs and of the extra passes. `bnfold.recalibrate` is timed whole (copying the model, batching the
+data, every pass, writing the statistics into the copy), interleaved with inference. Peak memory is
+measured in a fresh process per method: the resident-set high-water mark (Linux VmHWM, reset just before
+the call) minus the resident set before it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+import bnfold
+from benchmarks.common import REPO, THREADS, set_threads, table
+from bnfold.benchmark import time_interleaved
+from bnfold.engine import engine_for
+from bnfold.formats import as_model
+from tests.zoo import export_onnx, resnet_bottleneck
+
+SAMPLES, BATCH = 256, 32
+METHODS = ("inference", "exact", "fast")
+
+
+class WideCNN(nn.Module):
+    """Five conv-BN-ReLU layers in a chain: the convs dominate the time, as in real models, and exact
+    recalibration needs one pass per layer (the recalibration author's model, at half the width and
+    resolution to fit the time budget)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        layers, channels = [], 3
+        for out in (16, 32, 32, 64, 64):
+            layers += [nn.Conv2d(channels, out, 3, padding=1, bias=False), nn.BatchNorm2d(out), nn.ReLU()]
+            channels = out
+        self.body = nn.Sequential(*layers)
+        self.head = nn.Linear(channels, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.body(x).mean((2, 3)))
+
+
+# name: (factory, input shape of one sample)
+MODELS = {"wide CNN": (WideCNN, (3, 32, 32)), "zoo resnet_bottleneck": (resnet_bottleneck, (3, 32, 32))}
+
+
+def _setup(name: str, framework: str, folder: Path):
+    factory, shape = MODELS[name]
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        module = factory().eval()
+    data = np.random.default_rng(0).standard_normal((SAMPLES, *shape)).astype(np.float32) * 1.5 + 0.2
+    if framework == "onnx":
+        path = export_onnx(module, (1, *shape), folder / f"{name.replace(' ', '_')}.onnx")
+        return as_model(path), data
+    return as_model(module), data
+
+
+def _calls(model, data: np.ndarray) -> dict:
+    engine = engine_for(model)
+    name = model.input_specs()[0].name if model.input_specs() else "input"
+    batches = [{name: data[start:start + BATCH]} for start in range(0, len(data), BATCH)]
+
+    def inference() -> None:
+        for batch in batches:
+            engine.run(model, batch)
+
+    return {"inference": inference,
+            "exact": lambda: bnfold.recalibrate(model, data, method="exact", batch_size=BATCH),
+            "fast": lambda: bnfold.recalibrate(model, data, method="fast", batch_size=BATCH)}
+
+
+def _rss_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def peak_memory(name: str, framework: str, method: str) -> float:
+    """MiB above the resident set that one call of `method` needs at its peak (run in a fresh process)."""
+    with tempfile.TemporaryDirectory(prefix="bnfold-recal-") as folder:
+        model, data = _setup(name, framework, Path(folder))
+        call = _calls(model, data)[method]
+        Path("/proc/self/clear_refs").write_text("5")  # reset the high-water mark (Linux)
+        before = _rss_kib("VmRSS")
+        call()
+        return (_rss_kib("VmHWM") - before) / 1024
+
+
+def _measure_in_child(name: str, framework: str, method: str) -> float:
+    completed = subprocess.run([sys.executable, "-m", "benchmarks.recalibration", "--memory", name, framework, method,
+                                "--threads", str(THREADS["intra_op"])],
+                               capture_output=True, text=True, cwd=REPO, check=True, timeout=600)
+    return json.loads(completed.stdout.strip().splitlines()[-1])["peak_mib"]
+
+
+def run(quick: bool = False) -> dict:
+    results = {}
+    with tempfile.TemporaryDirectory(prefix="bnfold-recal-") as folder:
+        for name in MODELS:
+            for framework in ("torch", "onnx"):
+                model, data = _setup(name, framework, Path(folder))
+                timings = time_interleaved(_calls(model, data), runs=2 if quick else 3, warmup=1, sample_seconds=0)
+                result = {"samples": SAMPLES, "batch": BATCH}
+                for method, timing in timings.items():
+                    result[method] = {"samples_per_s": SAMPLES / timing.median,
+                                      "spread": [SAMPLES / timing.max, SAMPLES / timing.min],
+                                      "peak_mib": _measure_in_child(name, framework, method)}
+                for method in ("exact", "fast"):
+                    result[method]["vs_inference"] = result[method]["samples_per_s"] / result["inference"]["samples_per_s"]
+                results[f"{name} ({'PyTorch eager' if framework == 'torch' else 'ONNX'})"] = result
+                print(f"  recalibration {name} {framework}", flush=True)
+    return results
+
+
+def markdown(results: dict) -> str:
+    rows = []
+    for name, r in results.items():
+        cells = [name]
+        for method in METHODS:
+            spread = r[method]["spread"]
+            ratio = f" = {r[method]['vs_inference']:.2f}×" if method != "inference" else ""
+            cells.append(f"{r[method]['samples_per_s']:,.0f} ({spread[0]:,.0f}–{spread[1]:,.0f}){ratio}")
+        cells += [f"{r[m]['peak_mib']:.0f}" for m in METHODS]
+        rows.append(cells)
+    first = next(iter(results.values()))
+    return (f"{first['samples']} samples, batch {first['batch']}; samples/s: median (min–max) of interleaved "
+            "runs, and the ratio to inference; peak memory: MiB above the resident set, one fresh process "
+            "per method:\n\n"
+            + table(["model", "inference samples/s", "exact samples/s", "fast samples/s", "inference MiB",
+                     "exact MiB", "fast MiB"], rows))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--memory", nargs=3, metavar=("MODEL", "FRAMEWORK", "METHOD"), required=True)
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args()
+    set_threads(args.threads)
+    print(json.dumps({"peak_mib": peak_memory(*args.memory)}))
+
+
+if __name__ == "__main__":
+    main()
