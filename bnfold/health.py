@@ -46,6 +46,10 @@ def check_layer(layer: BNLayer) -> list[Finding]:
                     "with batch statistics at inference and cannot be folded", name,
                     "construct it with track_running_stats=True and run bnfold recalibrate"))
         return findings
+    mismatch = layer.mismatch()
+    if mismatch:
+        add(Finding("malformed-params", Severity.ERROR, f"{mismatch}: the file is damaged", name))
+        return findings
     mean, var = layer.running_mean, layer.running_var
     assert mean is not None and var is not None
     bad_mean, bad_var = ~np.isfinite(mean), ~np.isfinite(var)

@@ -63,9 +63,18 @@ class BNLayer:
     def beta(self) -> np.ndarray:
         return self.bias if self.bias is not None else np.zeros(self.channels)
 
+    def mismatch(self) -> str | None:
+        """Why the layer's vectors cannot describe one BN (their lengths differ), or None."""
+        sizes = {role: array.size for role, array in (("weight", self.weight), ("bias", self.bias),
+                                                       ("running_mean", self.running_mean),
+                                                       ("running_var", self.running_var)) if array is not None}
+        if len(set(sizes.values())) <= 1:
+            return None
+        return "parameters of different lengths (" + ", ".join(f"{k} {v}" for k, v in sizes.items()) + ")"
+
     def effective_gain(self) -> np.ndarray | None:
         """gamma / sqrt(var + eps): the per-channel factor a fold multiplies into weights."""
-        if not self.has_running_stats:
+        if not self.has_running_stats or self.mismatch():
             return None
         with np.errstate(invalid="ignore", divide="ignore"):
             return self.gamma() / np.sqrt(self.running_var + self.eps)

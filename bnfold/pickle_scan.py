@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import io
 import json
+import pickle
 import pickletools
 import re
 import zipfile
@@ -66,9 +67,12 @@ def archive_pickle_imports(source: Path | bytes) -> list[str]:
         if not zipfile.is_zipfile(stream):
             stream.seek(0)
             return pickle_imports(stream.read())
-        with zipfile.ZipFile(stream) as archive:
-            names = [n for n in archive.namelist() if n.endswith("data.pkl")]
-            return pickle_imports(archive.read(min(names, key=len))) if names else []
+        try:
+            with zipfile.ZipFile(stream) as archive:
+                names = [n for n in archive.namelist() if n.endswith("data.pkl")]
+                return pickle_imports(archive.read(min(names, key=len))) if names else []
+        except Exception:  # a damaged archive (CRC, headers, compression): nothing more can be listed
+            return ["<unreadable archive>"]
 
 
 _TORCH_WEIGHT_GLOBALS = ("torch._utils.", "torch.", "collections.OrderedDict", "builtins.")
@@ -164,3 +168,53 @@ def scan_torchscript(path: Path) -> ArchiveScan:
                 if ops:
                     scan.code[name.split("/", 1)[-1]] = ops
     return scan
+
+
+class _Stub:
+    """Stands in for every class a pickle names, so reading it imports and runs nothing."""
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        pass
+
+    def __setstate__(self, state: object) -> None:
+        pass
+
+    def __setitem__(self, key: object, value: object) -> None:  # containers (OrderedDict) fill themselves
+        pass
+
+    def append(self, value: object) -> None:
+        pass
+
+    def extend(self, values: object) -> None:
+        pass
+
+
+class _StorageReader(pickle.Unpickler):
+    def __init__(self, data: bytes) -> None:
+        super().__init__(io.BytesIO(data))
+        self.storages: list[tuple] = []
+
+    def find_class(self, module: str, name: str) -> type:
+        return type(name, (_Stub,), {"__qualname__": f"{module}.{name}"})
+
+    def persistent_load(self, pid: object) -> None:
+        self.storages.append(pid if isinstance(pid, tuple) else (pid,))
+
+
+def storage_records(data: bytes) -> list[tuple[str, str, int]]:
+    """(storage class, record key, element count) of every tensor storage a torch pickle refers to.
+
+    Read with stand-in classes: no global is imported and no code runs. Raises ValueError when the
+    pickle cannot be read or names a storage in an unexpected form.
+    """
+    reader = _StorageReader(data)
+    try:
+        reader.load()
+    except Exception as error:  # a damaged pickle: whatever went wrong, it cannot be trusted
+        raise ValueError(f"unreadable pickle ({type(error).__name__})") from None
+    records = []
+    for pid in reader.storages:
+        if len(pid) != 5 or pid[0] != "storage" or not isinstance(pid[2], str) or not isinstance(pid[4], int):
+            raise ValueError(f"unexpected storage reference {pid!r:.80}")
+        records.append((getattr(pid[1], "__qualname__", repr(pid[1])), pid[2], pid[4]))
+    return records

@@ -380,6 +380,46 @@ def test_models_onnxruntime_cannot_run_are_inspected_but_never_written(cli, tmp_
     assert not out.exists()
 
 
+def wrong_bn_scale_length(model):
+    tensor = initializer(model, first_bn(model).input[1])
+    tensor.CopyFrom(numpy_helper.from_array(np.ones(8, np.float32), tensor.name))
+
+
+def conv_group_zero(model):
+    next(a for a in model.graph.node[0].attribute if a.name == "group").i = 0
+
+
+def test_bn_parameters_of_different_lengths_are_reported_not_crashed_on(cli, tmp_path):  # found by fuzzing
+    path = onnx_variant(tmp_path, "mismatch.onnx", wrong_bn_scale_length)
+    result = cli("inspect", path, "--json")
+    assert result.code == 1, result.stderr
+    (finding,) = [f for f in json.loads(result.stdout)["findings"] if f["code"] == "malformed-params"]
+    assert "weight 8, bias 16" in finding["message"] and finding["severity"] == "error"
+    assert_refused(cli("fold", path, "-o", tmp_path / "out.onnx"), "nothing written", code=1)
+    assert not (tmp_path / "out.onnx").exists()
+
+
+@pytest.mark.parametrize("source, edit, reason", [
+    ("cnn.onnx", conv_group_zero, "does not fit group=0"),
+    ("mlp.onnx", lambda m: initializer(m, "fc1.bias").CopyFrom(numpy_helper.from_array(np.ones(3, np.float32),
+                                                                                         "fc1.bias")),
+     "bias (3,) does not fit its 128 output channels"),
+], ids=["group-0", "gemm-bias-length"])
+def test_layers_that_cannot_fit_their_weights_are_kept_with_the_reason(cli, tmp_path, source, edit, reason):
+    """Found by fuzzing: a ZeroDivisionError and a broadcast error inside the fold analysis."""
+    model = onnx.load(SAMPLES / source)
+    edit(model)
+    path = tmp_path / "odd.onnx"
+    onnx.save(model, path)
+    result = cli("inspect", path, "--json")
+    assert result.code == 0, result.stderr
+    assert any(reason in (layer["fold"]["reason"] or "") for layer in json.loads(result.stdout)["layers"])
+    assert_refused(cli("fold", path, "-o", tmp_path / "out.onnx"), "nothing written", code=1)
+    assert_refused(cli("recalibrate", path, "--data", CALIB, "-o", tmp_path / "out.onnx"),
+                   "onnxruntime cannot run the model")
+    assert not (tmp_path / "out.onnx").exists()
+
+
 def zip_with(*members: tuple[str, bytes]):
     def make(tmp_path: Path, name: str) -> Path:
         path = tmp_path / name
@@ -424,6 +464,19 @@ def torch_bytes(name: str, cut=None, zero_middle: bool = False):
     return write_bytes(data[:cut] if cut else data)
 
 
+def flip_stored_byte(source: str, leaf: str):
+    """A byte of one member's stored data flipped without updating its CRC."""
+    def make(tmp_path: Path, name: str) -> Path:
+        data = bytearray((SAMPLES / source).read_bytes())
+        with zipfile.ZipFile(SAMPLES / source) as archive:
+            info = next(i for i in archive.infolist() if i.filename.split("/", 1)[1] == leaf)
+        header = data[info.header_offset:info.header_offset + 30]
+        start = info.header_offset + 30 + int.from_bytes(header[26:28], "little") + int.from_bytes(header[28:30], "little")
+        data[start + 5] ^= 0xFF
+        return write_bytes(bytes(data))(tmp_path, name)
+    return make
+
+
 def version_edit(member: str, value: bytes, source: str = "cnn.pt2"):
     return lambda t, n: rewrite_zip(SAMPLES / source, t / n, {member: value})
 
@@ -452,6 +505,13 @@ TORCH_CASES = {
     "huge-storage": ("model.pt", huge_storage, "is not a readable torch file"),
     "safetensors-lying-header": ("model.safetensors", write_bytes(safetensors_claiming([10**6, 10**6])),
                                  "could not be loaded as a safetensors"),
+    # Found by tests/test_fuzz.py: torch.jit.load trusts tensor sizes over the stored bytes (a segfault).
+    "ts-short-record": ("cnn.ts", version_edit("data/6", lambda data: data[:100], "cnn.ts"), "holds 100 bytes"),
+    "ts-empty-record": ("mixed.ts", version_edit("data/0", b"", "mixed.ts"), "holds 0 bytes"),
+    "pt2-bad-crc": ("cnn.pt2", flip_stored_byte("cnn.pt2", "data/weights/model_weights_config.json"),
+                    "damaged zip archive (Bad CRC-32"),
+    "pt2-damaged-sample-inputs": ("cnn.pt2", version_edit("data/sample_inputs/model.pt", b"PK\x03\x04 cut"),
+                                  "cannot be proven harmless"),
 }
 
 
@@ -495,6 +555,17 @@ def bad_array(array):
     return make
 
 
+CUT_HEADER = (b"\x93NUMPY\x01\x00\x3a\x00{'descr': '<f4', 'fortran_order': False, 'shape': (64, 1, 8, 8"
+              + bytes(256))  # numpy's header tokenizer raises TokenError, not ValueError
+
+
+def npz_with(tmp_path: Path, member: bytes) -> Path:
+    path = tmp_path / "data.npz"
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("input.npy", member)
+    return path
+
+
 def image_folder(tmp_path: Path) -> Path:
     folder = tmp_path / "images"
     folder.mkdir()
@@ -520,6 +591,8 @@ DATA_CASES = {
     "empty": (bad_array(np.zeros((0, 1, 8, 8), np.float32)), "holds no samples"),
     "scalar": (bad_array(np.float32(1.0)), "is a single number, not an array of samples"),
     "not-numpy": (lambda t: write_bytes(b"\x93NUMPY garbage")(t, "data.npy"), "is not a readable .npy array"),
+    "cut-header": (lambda t: write_bytes(CUT_HEADER)(t, "data.npy"), "is not a readable .npy array"),  # fuzz
+    "npz-cut-header": (lambda t: npz_with(t, CUT_HEADER), "is not a readable .npz archive"),  # fuzz
     "non-images": (image_folder, "cannot read image"),
 }
 
@@ -616,6 +689,21 @@ def test_recalibrate_refuses_to_store_statistics_the_model_made_non_finite(tmp_p
         bnfold.recalibrate(model, data, output=tmp_path / "out.pt")
     assert not (tmp_path / "out.pt").exists()
     assert torch.isfinite(model[1].running_var).all()  # the caller's model is untouched
+
+
+def test_recalibrate_refuses_non_finite_activations_in_one_line(cli, tmp_path, recwarn):  # found by fuzzing
+    """numpy's RuntimeWarnings about the Inf must not add lines to the one-line error."""
+    def infinite_bias(model):  # channel 0 is +Inf everywhere: Inf - Inf inside the moments warns
+        tensor = initializer(model, "conv3.bias")
+        bias = numpy_helper.to_array(tensor).copy()
+        bias[0] = np.inf
+        tensor.CopyFrom(numpy_helper.from_array(bias, tensor.name))
+
+    path = onnx_variant(tmp_path, "inf.onnx", infinite_bias)
+    result = cli("recalibrate", path, "--data", CALIB, "-o", tmp_path / "out.onnx")
+    assert_refused(result, "/bn3/BatchNormalization's input holds NaN/Inf in 1 of 32 channels")
+    assert not (tmp_path / "out.onnx").exists()
+    assert not [w for w in recwarn if issubclass(w.category, RuntimeWarning)]  # they would print on stderr
 
 
 def test_recalibrate_repairs_non_finite_running_statistics(tmp_path):

@@ -204,13 +204,17 @@ def _check_layer(scope: Scope, layer: Layer) -> None:
     weight, node = layer.weight, layer.node
     if weight.dtype.kind != "f" and weight.dtype.name != "bfloat16":
         raise Skip(f"{describe(node)} has {weight.dtype.name} weights; only floating point folds")
-    if layer.op in _CONV_OPS and (weight.ndim < 3 or weight.shape[0] % layer.group):
+    if layer.op in _CONV_OPS and (weight.ndim < 3 or layer.group < 1 or weight.shape[0] % layer.group):
         raise Skip(f"{describe(node)} weight {weight.shape} does not fit group={layer.group}")
     if layer.op in ("Gemm", "MatMul"):
         if weight.ndim != 2:
             raise Skip(f"{describe(node)} has a {weight.ndim}-D weight; only 2-D weights fold")
         if scope.opset < _MATRIX_OPSET:
             raise Skip(f"{describe(node)}: Gemm/MatMul folds need opset {_MATRIX_OPSET} or later")
+    bias = layer.bias
+    if bias is not None and not (bias.shape == (layer.out_channels,) if layer.op in _CONV_OPS
+                                 else bias.shape[-1:] in ((), (1,), (layer.out_channels,))):
+        raise Skip(f"{describe(node)} bias {bias.shape} does not fit its {layer.out_channels} output channels")
 
 
 def _matmul_with_bias(scope: Scope, add: onnx.NodeProto) -> Layer | None:

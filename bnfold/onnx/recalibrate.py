@@ -35,6 +35,11 @@ from bnfold.stats import ChannelStatistics, Moments
 _PREFIX = "bnfold_recalibrate"
 
 
+def _cannot_run(error: Exception) -> InputError:
+    first = (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
+    return InputError(f"onnxruntime cannot run the model ({first})")
+
+
 class OnnxStatisticsRunner:
     """Recalibration passes over an ONNX model with onnxruntime."""
 
@@ -112,12 +117,14 @@ class OnnxStatisticsRunner:
         try:
             runnable = session(proto)
         except Exception as error:  # onnxruntime has many error types; all mean "cannot run this model"
-            first = (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
-            raise InputError(f"onnxruntime cannot run the model ({first})") from None
+            raise _cannot_run(error) from None
         names = [name for probe in probes.values() for name in probe]
         statistics = {layer: ChannelStatistics() for layer in probes}
         for batch in batches:
-            values = dict(zip(names, runnable.run(names, batch)))
+            try:
+                values = dict(zip(names, runnable.run(names, batch)))
+            except Exception as error:  # some models fail only on real shapes (a bias that does not broadcast)
+                raise _cannot_run(error) from None
             for layer, (mean, var, sample_means, shape) in probes.items():
                 rows, _, positions = (int(d) for d in values[shape])
                 statistics[layer].add(Moments.from_variance(rows * positions, values[mean], values[var]),

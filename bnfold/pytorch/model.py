@@ -7,6 +7,7 @@ import logging
 import os
 import pickle
 import warnings
+import zipfile
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -15,12 +16,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from bnfold.errors import InputError, MissingDependencyError, UnsafePickleError, UsageError
+from bnfold.errors import BnfoldError, InputError, MissingDependencyError, UnsafePickleError, UsageError
 from bnfold.formats import FileKind
 from bnfold.layers import BNLayer
 from bnfold.model import InputSpec, LoadOptions, Model, ModelFormat
 from bnfold.pickle_scan import (ArchiveScan, archive_pickle_imports, foreign_imports, scan_exported_program,
-                                scan_torchscript)
+                                scan_torchscript, storage_records)
 from bnfold.plugins import import_callable
 from bnfold.pytorch.discover import discover_exported, discover_module
 
@@ -116,12 +117,17 @@ def _numel(tensors: Mapping[str, Any]) -> int:
 def load_torch_model(path: Path, kind: str, options: LoadOptions) -> Model:
     """Load a torch file of a sniffed kind, never unpickling code without `allow_pickle`."""
     if kind == FileKind.EXPORTED_PROGRAM:
-        _require_no_code(path, scan_exported_program(path), options)
+        with _damaged_zip(path):
+            scan = scan_exported_program(path)
+        _require_no_code(path, scan, options)
         with _torch_export_log() as failures:
             return ExportedProgramModel(path, _guarded(lambda: torch.export.load(str(path)), path, "torch.export",
                                                        failures))
     if kind == FileKind.TORCHSCRIPT:
-        _require_no_code(path, scan_torchscript(path), options)
+        with _damaged_zip(path):
+            scan = scan_torchscript(path)
+            _check_records(path)
+        _require_no_code(path, scan, options)
         return TorchScriptModel(path, _guarded(lambda: torch.jit.load(str(path), map_location="cpu"),
                                                path, "TorchScript"))
     if kind == FileKind.SAFETENSORS:
@@ -182,9 +188,48 @@ def _require_no_code(path: Path, scan: ArchiveScan, options: LoadOptions) -> Non
             runs[member] = archive_pickle_imports(data)
     if runs:
         members = ", ".join(sorted(runs))
-        _require_consent(path, f"embeds code ({members}); loading or running it executes",
-                         sorted({name for names in runs.values() for name in names}), options,
-                         "re-export the model with code you trust")
+        imports = sorted({name for names in runs.values() for name in names})
+        what = (f"embeds code ({members}); loading or running it executes" if any(n[0] != "<" for n in imports)
+                else f"has damaged members that cannot be proven harmless ({members}); loading them may execute")
+        _require_consent(path, what, imports, options, "re-export the model with code you trust")
+
+
+@contextmanager
+def _damaged_zip(path: Path) -> Iterator[None]:
+    """Reading members of a damaged zip raises many types (CRC, header, compression); all mean damaged."""
+    try:
+        yield
+    except BnfoldError:
+        raise
+    except Exception as error:
+        raise InputError(f"{path} is a damaged zip archive ({_first_line(error)})") from None
+
+
+def _check_records(path: Path) -> None:
+    """Every tensor of a TorchScript archive has the bytes it claims: torch.jit.load does not check, and
+    reading past a short record crashes the process or returns other memory."""
+    with zipfile.ZipFile(path) as archive:
+        sizes = {info.filename.split("/", 1)[-1]: info.file_size for info in archive.infolist()}
+        for name in archive.namelist():
+            folder = {"data.pkl": "data/", "constants.pkl": "constants/"}.get(name.split("/", 1)[-1])
+            if folder is None:
+                continue
+            try:
+                records = storage_records(archive.read(name))
+            except ValueError as error:
+                raise InputError(f"{path}: {name.split('/', 1)[-1]} is damaged ({error})") from None
+            for storage, key, count in records:
+                itemsize, stored = _storage_itemsize(storage), sizes.get(folder + key)
+                if itemsize is None or stored is None or stored < count * itemsize:
+                    raise InputError(f"{path}: tensor data {folder}{key} holds {stored} bytes, but the model "
+                                     f"claims {count} elements of {storage}; the file is damaged")
+
+
+def _storage_itemsize(name: str) -> int | None:
+    with warnings.catch_warnings():  # typed storage classes are deprecated; their names in files are not
+        warnings.simplefilter("ignore")
+        dtype = getattr(getattr(torch, name.removeprefix("torch."), None), "dtype", None)
+    return dtype.itemsize if isinstance(dtype, torch.dtype) else None
 
 
 def _loads_weights_only(data: bytes) -> bool:
