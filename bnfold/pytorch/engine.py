@@ -59,7 +59,9 @@ class TorchEngine:
                 reason = f"not analysed: {failure}"
                 return FoldPlan([FoldDecision(layer.name, FoldStatus.KEPT, reason=reason) for layer in layers],
                                 notes=[f"no graph captured: {failure}"])
-            folded, found = fold_by_module(model.module, "the model does not trace as a whole")
+            why = ("neither symbolic tracing nor torch.export captures the model whole" if options.example_batch
+                   else "the model does not trace symbolically (an example input would let torch.export try)")
+            folded, found = fold_by_module(model.module, why)
             capture = Capture(folded, MODULEWISE, _inputs(model, options.example_batch)
                               if options.example_batch is not None else None,
                               note=f"{failure}: folded module by module instead")

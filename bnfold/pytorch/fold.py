@@ -86,6 +86,7 @@ class Fold:
     targets: list[str]
     updates: list[Update]
     occurrences: list[Occurrence]
+    bypass: list[tuple[fx.Node, fx.Node]] = field(default_factory=list)  # absorbed ops -> what they read
 
 
 class GraphFolder:
@@ -100,6 +101,7 @@ class GraphFolder:
         self.prefix = f"{prefix}." if prefix else ""
         self.constants = Constants(module)
         self._at_input: dict[fx.Node, Occurrence] = {}
+        self._claimed: set[fx.Node] = set()  # ops that belong to an occurrence (a look-alike's arithmetic)
 
     # ---- the pass ----------------------------------------------------------------------------------------
 
@@ -121,8 +123,19 @@ class GraphFolder:
                 if previous is not None and previous.status is FoldStatus.FOLDABLE:
                     outcome = f"only some of its calls fold: {outcome}"
                 decisions[layer] = FoldDecision(layer, FoldStatus.KEPT, reason=outcome, producer_bias=bias)
+        self._prune()
         self.module.recompile()
         return decisions
+
+    def _prune(self) -> None:
+        """Drop the tensors no op reads any more (folded BN statistics), so they are not saved."""
+        used = {str(n.target) for n in self.graph.nodes if n.op in ("get_attr", "call_module")}
+        named = [*self.module.named_parameters(remove_duplicate=False), *self.module.named_buffers(remove_duplicate=False)]
+        for name, _ in named:
+            if name not in used and not any(name.startswith(f"{u}.") for u in used):
+                owner, _, attr = name.rpartition(".")
+                delattr(self.module.get_submodule(owner) if owner else self.module, attr)
+        self.module.delete_all_unused_submodules()
 
     def layers(self) -> list[BNLayer]:
         """Every BN layer applied in the graph, described from the tensors its ops read (for discovery)."""
@@ -159,6 +172,7 @@ class GraphFolder:
                 continue
             if occurrence is not None:
                 found.setdefault(occurrence.layer, []).append(occurrence)
+        self._claimed = set()
         for path in self._lookalike_paths(claimed):
             occurrence = self._lookalike(path)
             if occurrence is not None:
@@ -238,6 +252,7 @@ class GraphFolder:
         chain = [n for n in region if not self.constants.is_constant(n)]
         if not chain:
             return None
+        self._claimed.update(chain)
         cls = next(c for p, c in module_stack(chain[0]) if p == path)
         occurrence = Occurrence(self.prefix + path, f"{cls} (look-alike)", chain[0], chain[-1], chain[0],
                                 axis=None, stats=self._lookalike_stats(path))
@@ -314,10 +329,16 @@ class GraphFolder:
         return backward if forward is None else f"{backward}; {forward}"
 
     def _backward(self, occurrence: Occurrence) -> Fold | str:
-        node, path = occurrence.input, []
-        while self._is_layout(node) and len(value_users(node)) == 1:
+        """Into the producer, through layout ops and through constant affine ops (x * c + d, CASES E3)."""
+        node, path, affine = occurrence.input, [], {}
+        while len(value_users(node)) == 1 and node not in self._claimed:
+            step = self._affine_step(node, None) if kind_of(node, self.module) in AFFINE_KINDS else None
+            if isinstance(step, tuple):
+                affine[node] = step
+            elif not self._is_layout(node):
+                break
             path.append(node)
-            node = node.all_input_nodes[0]
+            node = step[0] if isinstance(step, tuple) else node.all_input_nodes[0]
         if kind_of(node, self.module) == "cat" and all(is_identity(p, self.module) for p in path):
             return self._split(occurrence, node, path)
         call = self._layer_call(node)
@@ -328,9 +349,17 @@ class GraphFolder:
             others = [u for u in value_users(reader) if u is not expected]
             if others:
                 return f"{call.name}'s output also feeds {self._labels(others)}"
-        axis = self._normalized(call.channel_axis, node)
+        channels = _out_channels(self._tensor(call.weight), call)
+        axis, scale, shift = self._normalized(call.channel_axis, node), np.ones(1), np.zeros(1)
         for step in reversed(path):
-            axis = self._map_axis(step, axis)
+            if step in affine:
+                source, kind, constant, constant_axis = affine[step]
+                if constant.size not in (1, channels) or (constant_axis is not None and (
+                        axis is None or self._normalized(constant_axis, step) != axis)):
+                    return f"`{target_name(step)}` between {call.name} and it does not act per channel"
+                scale, shift = _compose(kind, source is arg(step, "input"), scale, shift, constant)
+            else:
+                axis = self._map_axis(step, axis)
         aligned = self._aligned(occurrence, axis, call)
         if aligned is not None:
             return aligned
@@ -338,13 +367,13 @@ class GraphFolder:
         if isinstance(shared, str):
             return shared
         calls, occurrences = shared
-        scale, shift = self._per_channel(occurrence, _out_channels(self._tensor(call.weight), call))
-        if scale is None:
-            return f"it has {occurrence.scale.size} channels but {call.name} produces " \
-                   f"{_out_channels(self._tensor(call.weight), call)}"
-        update = self._producer_update(call, scale, shift)
+        bn_scale, bn_shift = self._per_channel(occurrence, channels)
+        if bn_scale is None:
+            return f"it has {occurrence.scale.size} channels but {call.name} produces {channels}"
+        update = self._producer_update(call, bn_scale * scale, bn_scale * shift + bn_shift)
         update.calls = calls
-        return Fold(FoldDirection.INTO_PRODUCER, [call.name], [update], occurrences)
+        bypass = [(step, affine[step][0]) for step in path if step in affine]
+        return Fold(FoldDirection.INTO_PRODUCER, [call.name], [update], occurrences, bypass)
 
     def _split(self, occurrence: Occurrence, cat: fx.Node, path: list[fx.Node]) -> Fold | str:
         tensors = list(arg(cat, "tensors"))
@@ -531,6 +560,10 @@ class GraphFolder:
             return start + 1 if end == -1 and start >= 0 else None
         if kind in ("linear", "batch_norm") or is_identity(node, self.module) or _elementwise(node, self.module):
             return self._rank(node.all_input_nodes[0]) if node.all_input_nodes else None
+        if target_name(node) in _REDUCTIONS and len(node.args) >= 2 and isinstance(node.args[0], fx.Node):
+            rank, dims = self._rank(node.args[0]), node.args[1]
+            keep = node.kwargs.get("keepdim", node.args[2] if len(node.args) > 2 else False)
+            return None if rank is None else rank if keep else rank - (len(dims) if isinstance(dims, (list, tuple)) else 1)
         return None
 
     def _normalized(self, axis: int | None, node: fx.Node) -> int | None:
@@ -612,6 +645,9 @@ class GraphFolder:
             output = occurrence.output
             output.replace_all_uses_with(occurrence.input)
             self._erase_dead([output])
+        for node, source in fold.bypass:  # after the BN: its input may be one of them
+            node.replace_all_uses_with(source)
+            self._erase_dead([node])
 
     def _store(self, update: Update) -> None:
         first = update.calls[0]
@@ -693,6 +729,7 @@ def _owner(node: Any) -> str | None:
     return str(node.target).rpartition(".")[0] or None if _stored(node) else None
 
 
+_REDUCTIONS = {"mean", "sum", "amax", "amin"}
 _ELEMENTWISE = {"relu", "relu6", "gelu", "silu", "sigmoid", "tanh", "hardswish", "leaky_relu", "elu", "mish",
                 "hardtanh", "hardsigmoid"}
 

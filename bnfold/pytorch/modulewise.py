@@ -59,7 +59,7 @@ def _visit(module: nn.Module, path: str, root: nn.Module, decisions: dict[str, F
                                                        [_join(path, conv_name)], FoldDirection.INTO_PRODUCER)
     for name, child in list(module.named_children()):
         child_path = _join(path, name)
-        if not any(bn_kind(m) for m in child.modules()):
+        if child_path in decisions or not any(bn_kind(m) for m in child.modules()):
             continue
         try:
             traced = trace_functional(child)
@@ -68,13 +68,15 @@ def _visit(module: nn.Module, path: str, root: nn.Module, decisions: dict[str, F
                 decisions[child_path] = _kept(child_path, why)
             _visit(child, child_path, root, decisions, why)
             continue
+        if bn_kind(child) is not None:  # a lone BN module: its producer lives in the owner's code
+            refusals = [o.refusal for o in GraphFolder(traced, child_path).occurrences().get(child_path, [])]
+            decisions[child_path] = next((FoldDecision(child_path, FoldStatus.KEPT, reason=r) for r in refusals if r),
+                                         _kept(child_path, why))
+            continue
         found = GraphFolder(traced, child_path).fold_all()
         if any(d.status is FoldStatus.FOLDABLE for d in found.values()):
             setattr(module, name, traced)
-        for layer, decision in found.items():
-            if decision.status is FoldStatus.KEPT and layer == child_path:
-                decision = _kept(layer, why)  # a lone BN module: its producer lives in the owner's code
-            decisions[layer] = decision
+        decisions.update(found)
 
 
 def _kept(layer: str, why: str) -> FoldDecision:

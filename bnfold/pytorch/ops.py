@@ -61,7 +61,7 @@ def _specs() -> dict[Any, OpSpec]:
         F.linear: linear, aten.linear.default: linear,
         aten.convolution.default: OpSpec("convolution", CONVOLUTION_PARAMS, CONV_DEFAULTS),
         F.pad: pad, torch._C._nn.pad: pad, aten.pad.default: pad,
-        aten.constant_pad_nd.default: OpSpec("pad", ("input", "pad", "value"), {"value": 0}),
+        aten.constant_pad_nd.default: OpSpec("pad", ("input", "pad", "value"), {"value": 0, "mode": "constant"}),
         torch.cat: cat, aten.cat.default: cat, torch.concat: cat, torch.concatenate: cat,
         torch.reshape: reshape, aten.reshape.default: reshape, aten.view.default: reshape,
         aten._unsafe_view.default: reshape,
@@ -227,7 +227,7 @@ class Constants:
         return self._constant[value]
 
     def _check(self, node: fx.Node) -> bool:
-        if node.op == "get_attr" or _metadata_of(node) is not None:
+        if node.op == "get_attr" or self._metadata(node) is not None:
             return True
         if node.op not in ("call_function", "call_method"):
             return False
@@ -248,7 +248,7 @@ class Constants:
     def _evaluate(self, node: fx.Node) -> Any:
         if node.op == "get_attr":
             return fetch_attr(self.root, str(node.target))
-        metadata = _metadata_of(node)
+        metadata = self._metadata(node)
         if metadata is not None:
             return metadata
         args = fx.node.map_arg(node.args, self.value)
@@ -259,29 +259,27 @@ class Constants:
                 return getattr(self_value, str(node.target))(*rest, **kwargs)
             return node.target(*args, **kwargs)  # type: ignore[operator]
 
-    def leaves(self, node: Any) -> set[fx.Node]:
-        """The get_attr nodes a constant expression reads."""
-        if not isinstance(node, fx.Node):
-            return set()
-        if node.op == "get_attr":
-            return {node}
-        return set().union(*(self.leaves(n) for n in node.all_input_nodes)) if node.all_input_nodes else set()
+    def _metadata(self, node: fx.Node) -> Any:
+        """`x.dtype` / `x.device`, known without running the model: from recorded metadata, or for a
+        conv/linear output from its stored weight (torch requires the two to match)."""
+        if node.op != "call_function" or node.target is not getattr or node.args[1] not in ("dtype", "device"):
+            return None
+        source, attribute = node.args
+        if not isinstance(source, fx.Node):
+            return None
+        value = source.meta.get("val")
+        value = value if isinstance(value, torch.Tensor) else source.meta.get("tensor_meta")
+        known = getattr(value, attribute, None)
+        spec = spec_of(source)
+        if known is None and spec is not None and spec.kind in ("conv", "conv_transpose", "convolution", "linear"):
+            weight = arg(source, "weight", spec)
+            if isinstance(weight, fx.Node) and weight.op == "get_attr":
+                known = getattr(fetch_attr(self.root, str(weight.target)), attribute)
+        return known
 
     def forget(self) -> None:
         self._values.clear()
         self._constant.clear()
-
-
-def _metadata_of(node: fx.Node) -> Any:
-    """`x.dtype` / `x.device` of a tensor whose metadata was recorded: known without running the model."""
-    if node.op != "call_function" or node.target is not getattr or node.args[1] not in ("dtype", "device"):
-        return None
-    source = node.args[0]
-    if not isinstance(source, fx.Node):
-        return None
-    value = source.meta.get("val")
-    value = value if isinstance(value, torch.Tensor) else source.meta.get("tensor_meta")
-    return getattr(value, str(node.args[1]), None)
 
 
 def shape_of(node: Any) -> tuple | None:
