@@ -289,28 +289,50 @@ def test_untraceable_model_folds_module_by_module():
 # ---- numerics ---------------------------------------------------------------------------------------------
 
 
+def _assert_closer_to_exact_than_torch(folded: nn.Module, target: str, producer: nn.Module, bn: nn.Module) -> None:
+    """bnfold's folded weight and bias vs torch.nn.utils.fusion's, both against the exact float64 fold."""
+    from torch.nn.utils.fusion import fuse_conv_bn_eval, fuse_linear_bn_eval
+
+    fuse = fuse_linear_bn_eval if isinstance(producer, nn.Linear) else fuse_conv_bn_eval
+    theirs = fuse(producer, bn)
+    with torch.no_grad():
+        scale = bn.weight.double() / torch.sqrt(bn.running_var.double() + bn.eps)
+        exact_weight = producer.weight.double() * scale.reshape(-1, *[1] * (producer.weight.dim() - 1))
+        bias = producer.bias.double() if producer.bias is not None else torch.zeros_like(scale)
+        exact_bias = (bias - bn.running_mean.double()) * scale + bn.bias.double()
+    params = dict(folded.named_parameters())
+    for name, exact in (("weight", exact_weight), ("bias", exact_bias)):
+        ours, torch_fused = params[f"{target}.{name}"].detach(), getattr(theirs, name).detach()
+        assert ours.dtype == producer.weight.dtype
+        ours_error = (ours.double() - exact).abs()
+        assert (ours_error <= (torch_fused.double() - exact).abs()).all()
+        # one rounding: within half a unit in the last place of the exact value
+        dtype = producer.weight.dtype
+        half_ulp = torch.finfo(dtype).eps / 2 * torch.exp2(torch.floor(torch.log2(exact.abs().clamp_min(1e-30))))
+        assert (ours_error <= half_ulp * (1 + 1e-12)).all()
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_folded_weights_are_at_least_as_close_to_exact_as_torch_fuse(dtype):
-    from torch.nn.utils.fusion import fuse_conv_bn_eval
-
     conv, bn = nn.Conv2d(8, 16, 3, groups=2).to(dtype).eval(), nn.BatchNorm2d(16).to(dtype)
     randomized(bn, seed=3)
     with torch.no_grad():
         bn.running_var.mul_(0.01)  # large gains: where float32 arithmetic loses most
-    ours = runnable(fold(nn.Sequential(conv, bn), (1, 8, 5, 5), verify=False).folded_model)
-    theirs = fuse_conv_bn_eval(conv, bn)
-    scale = bn.weight.double() / torch.sqrt(bn.running_var.double() + bn.eps)
-    exact_weight = conv.weight.double() * scale.reshape(-1, 1, 1, 1)
-    exact_bias = (conv.bias.double() - bn.running_mean.double()) * scale + bn.bias.double()
-    state = dict(ours.named_parameters())
-    for name, exact in (("weight", exact_weight), ("bias", exact_bias)):
-        mine, torch_fused = state[f"0.{name}"], getattr(theirs, name)
-        assert mine.dtype == dtype
-        ours_error = (mine.double() - exact).abs()
-        assert (ours_error <= (torch_fused.double() - exact).abs()).all()
-        # one rounding: within half a unit in the last place of the exact value
-        ulp = torch.finfo(dtype).eps * exact.abs().clamp_min(torch.finfo(dtype).tiny)
-        assert (ours_error <= ulp).all()
+    folded = runnable(fold(nn.Sequential(conv, bn), (1, 8, 5, 5), verify=False).folded_model)
+    _assert_closer_to_exact_than_torch(folded, "0", conv, bn)
+
+
+@pytest.mark.parametrize("name", ["cnn", "mlp", "resnet"])
+def test_sample_models_fold_closer_to_exact_than_torch_fuse(name):
+    model = bnfold.load_model(SAMPLES / f"{name}_state_dict.pt",
+                              LoadOptions(model_factory=f"sample_models.architectures:make_{name}")).module
+    report = fold(model, (2, 1, 8, 8))
+    folded = runnable(report.folded_model)
+    assert report.folded
+    for decision in report.folded:
+        (target,) = decision.targets
+        _assert_closer_to_exact_than_torch(folded, target, model.get_submodule(target),
+                                           model.get_submodule(decision.layer))
 
 
 def test_half_conv_with_float32_bn_gets_a_half_bias():

@@ -224,8 +224,11 @@ class GraphFolder:
 
     def _op_layer_name(self, node: fx.Node, mean: Any, owners: dict[str, str]) -> str:
         if isinstance(mean, fx.Node) and mean.op == "get_attr":
-            owner, _, _ = str(mean.target).rpartition(".")
-            name = self.prefix + owner if owner else (self.prefix.rstrip(".") or "<root>")
+            owner, _, attribute = str(mean.target).rpartition(".")
+            if owner:
+                name = self.prefix + owner
+            else:  # statistics of the root itself: a BN module is "<root>", a functional BN its buffer's name
+                name = self.prefix.rstrip(".") or ("<root>" if attribute == "running_mean" else attribute)
             if owners.setdefault(name, str(mean.target)) != str(mean.target):
                 name = self.prefix + str(mean.target)  # two BN ops in one module: name them by their statistics
             return name
