@@ -716,3 +716,17 @@ def test_recalibrate_repairs_non_finite_running_statistics(tmp_path):
     repaired = report.result.module
     assert all(torch.isfinite(bn.running_var).all() for bn in (repaired[1], repaired[4]))
     assert not torch.isfinite(model[1].running_var).all()  # the input model is not modified
+
+
+# ---- resources -----------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_peak_memory_grows_linearly_with_the_weights():
+    """A regression guard on benchmarks/memory.py (SECURITY.md quotes its numbers): inspect and fold of a
+    32 MB model stay within fixed multiples of the weights over the interpreter's own footprint."""
+    from benchmarks.memory import measure
+
+    measured = measure(32)
+    assert measured["inspect_over_weights"] < 8, measured
+    assert measured["fold_over_weights"] < 16, measured
