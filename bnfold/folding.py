@@ -52,13 +52,12 @@ def fold(source: object, output: str | Path | None = None, *, tolerance: float |
             verify_error = str(error)
     report = FoldReport(
         model=ModelInfo(str(model.path), model.format.value, model.framework),
-        decisions=plan.decisions, tolerance=tolerance, difference=difference,
+        plan=plan, tolerance=tolerance, difference=difference,
         verification_inputs=inputs_label, verify_error=verify_error,
         params_before=model.parameter_count(), params_after=folded_model.parameter_count(),
         size_before=source_path.stat().st_size if source_path and source_path.exists() else None,
-        notes=list(plan.notes),
+        notes=list(plan.notes), folded_model=folded_model,
     )
-    report.folded_model = folded_model
     if report.passed:
         for decision in plan.decisions:
             if decision.status is FoldStatus.FOLDABLE:

@@ -10,6 +10,8 @@ from rich.table import Table
 from rich.text import Text
 
 from bnfold.layers import FoldDecision, FoldStatus
+from bnfold.model import Model
+from bnfold.plan import FoldPlan
 from bnfold.reports.base import Report, fmt_number
 from bnfold.reports.inspect import ModelInfo
 from bnfold.verify import OutputDifference
@@ -21,7 +23,7 @@ class FoldReport(Report):
 
     kind = "fold"
     model: ModelInfo
-    decisions: list[FoldDecision]
+    plan: FoldPlan
     tolerance: float
     difference: OutputDifference | None  # None: not verified
     verification_inputs: str  # "random", "data: PATH", or "skipped"
@@ -32,6 +34,7 @@ class FoldReport(Report):
     size_before: int | None = None
     size_after: int | None = None
     notes: list[str] = field(default_factory=list)
+    folded_model: Model | None = field(default=None, repr=False, compare=False)  # in memory, also when not written
 
     @property
     def verified(self) -> bool:
@@ -46,12 +49,16 @@ class FoldReport(Report):
         return self.verified or (self.skipped_verification and self.verify_error is None)
 
     @property
+    def decisions(self) -> list[FoldDecision]:
+        return self.plan.decisions
+
+    @property
     def folded(self) -> list[FoldDecision]:
-        return [d for d in self.decisions if d.status is not FoldStatus.KEPT]
+        return self.plan.foldable
 
     @property
     def kept(self) -> list[FoldDecision]:
-        return [d for d in self.decisions if d.status is FoldStatus.KEPT]
+        return self.plan.kept
 
     def body(self) -> dict[str, Any]:
         difference = self.difference.to_dict() if self.difference else {}
