@@ -253,6 +253,13 @@ def test_bn_in_training_mode_without_statistics_or_after_computed_weights_is_kep
     assert not report.folded
 
 
+def test_a_program_exported_in_training_mode_keeps_its_bn():
+    model = randomized(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))).train()
+    report = bnfold.fold(torch.export.export(model, (torch.randn(2, 3, 5, 5),)), verify=False)
+    assert [d.status for d in report.decisions] == [FoldStatus.KEPT]
+    assert "training mode" in report.decisions[0].reason
+
+
 def test_the_callers_module_is_not_changed():
     model = randomized(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)))
     before = {k: v.clone() for k, v in model.state_dict().items()}

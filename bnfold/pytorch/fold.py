@@ -194,12 +194,12 @@ class GraphFolder:
         occurrence = Occurrence(name, f"F.batch_norm ({stack[-1]})" if stack else "F.batch_norm", x,
                                 output or node, node)
         tensors = (mean, var, weight, bias)
-        if output is None:
-            occurrence.refusal = "its batch statistics outputs are read as well"
-        elif mean is None or var is None:
+        if mean is None or var is None:
             occurrence.refusal = NO_STATS
         elif training is not False:
             occurrence.refusal = TRAINING
+        elif output is None:
+            occurrence.refusal = "its batch statistics outputs are read as well"
         elif not all(self.constants.is_constant(t) for t in tensors):
             occurrence.refusal = "its statistics are computed at run time, not stored"
         if all(self.constants.is_constant(t) for t in tensors):
