@@ -355,6 +355,9 @@ def main(argv: list[str] | None = None) -> None:
 
     # torch.export's own deserializer trips this deprecation on every .pt2; it is noise to users.
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)", category=FutureWarning)
+    # bnfold finds NaN/Inf itself and names the layer; numpy's floating-point warnings about them are noise.
+    warnings.filterwarnings("ignore", message=r"(invalid value|overflow|divide by zero) encountered",
+                            category=RuntimeWarning)
     err = stderr_console()
     try:
         # Without standalone mode, click returns the code of a typer.Exit instead of raising it.

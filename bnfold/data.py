@@ -133,7 +133,7 @@ def _open_path(path: Path, validator: _Validator, options: DataOptions) -> DataS
     if suffix == ".npy":
         try:
             array = np.load(path, mmap_mode="r", allow_pickle=False)
-        except (ValueError, OSError) as error:
+        except Exception as error:  # numpy's header parser raises ValueError, SyntaxError, TokenError...
             raise DataError(f"{path} is not a readable .npy array ({error})") from None
         arrays = {validator.single_name(str(path)): array}
     elif suffix == ".npz":
@@ -158,7 +158,7 @@ def _load_npz(path: Path) -> dict[str, np.ndarray]:
                     with archive.open(info) as member:
                         mapped = np.lib.format.read_array(member, allow_pickle=False)
                 arrays[name] = mapped
-    except (zipfile.BadZipFile, ValueError, OSError) as error:
+    except Exception as error:  # zip and numpy header parsers raise many types on damaged files
         raise DataError(f"{path} is not a readable .npz archive ({error})") from None
     if not arrays:
         raise DataError(f"{path} holds no arrays")

@@ -122,7 +122,7 @@ def recalibrate(source: object, data: object, *, method: str | Method = Method.E
         findings=_findings(results), notes=[*stream.notes, *runner.notes])
     report.result = runner.result()
     if target is not None:
-        atomic_write(target, report.result.save)
+        atomic_write(target, report.result.save, replace=force or in_place)
         report.output = str(target)
     return report
 
