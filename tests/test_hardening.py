@@ -597,8 +597,9 @@ DATA_CASES = {
 }
 
 
-@pytest.mark.parametrize("case", DATA_CASES)
-@pytest.mark.parametrize("model", ["cnn.onnx", "cnn.pt2"])
+# The data layer is shared by both frameworks: every case on ONNX, a sample of them on the PyTorch path.
+@pytest.mark.parametrize("case, model", [(case, "cnn.onnx") for case in DATA_CASES]
+                         + [(case, "cnn.pt2") for case in ("nan", "wrong-shape", "strings", "non-images")])
 def test_bad_data_is_refused_by_every_command(cli, tmp_path, case, model):
     make, fragment = DATA_CASES[case]
     data = make(tmp_path)
