@@ -81,6 +81,24 @@ def test_linear_then_bn1d_over_ncl_is_never_folded():
     assert_folds(model, (2, 5, 5), set(), {"1": "axis 1"})
 
 
+class UnbatchedConvBN(nn.Module):
+    """F.batch_norm after a conv: on an unbatched (C, L) input it normalizes L, not the conv's channels."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv1d(5, 5, 1)
+        self.register_buffer("mean", torch.randn(5))
+        self.register_buffer("var", torch.rand(5) + 0.5)
+
+    def forward(self, x):
+        return F.batch_norm(self.conv(x), self.mean, self.var, training=False)
+
+
+@pytest.mark.parametrize("shape, folds", [((2, 5, 5), True), ((5, 5), False)])
+def test_conv_channels_of_unbatched_inputs_are_axis_0(shape, folds):
+    assert_folds(UnbatchedConvBN().eval(), shape, {"mean"} if folds else set(), {} if folds else {"mean": "axis 0"})
+
+
 # ---- concatenation, fold forward --------------------------------------------------------------------------
 
 

@@ -16,7 +16,7 @@ from torch import nn
 from bnfold.layers import FoldStatus
 from tests.torch_builders import bn_calls, fold, outputs, randomized, runnable
 
-SWEEP = settings(max_examples=20, deadline=None, derandomize=True,
+SWEEP = settings(max_examples=15, deadline=None, derandomize=True,
                  suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 # Relative output error a fold may add, by dtype: a few roundings of the activations.
 OUTPUT_RTOL = {torch.float64: 1e-12, torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 5e-2}

@@ -12,6 +12,10 @@ Output formats (the folded model always loads with torch alone, never needing bn
   say "this BN is gone". The folded model is written as a torch.export program (`.pt2` content,
   whatever the file name) or, when the folded graph cannot be exported, as a pickled GraphModule; the
   report's notes say which.
+
+A model that no capture takes whole (it branches on tensor values) is folded module by module
+(`bnfold.pytorch.modulewise`): the output is a copy of the model itself, with folded parts replaced by
+GraphModules, so its pickle needs the model's own classes just like the input did.
 """
 
 from __future__ import annotations
@@ -59,12 +63,7 @@ class TorchEngine:
                 reason = f"not analysed: {failure}"
                 return FoldPlan([FoldDecision(layer.name, FoldStatus.KEPT, reason=reason) for layer in layers],
                                 notes=[f"no graph captured: {failure}"])
-            why = ("neither symbolic tracing nor torch.export captures the model whole" if options.example_batch
-                   else "the model does not trace symbolically (an example input would let torch.export try)")
-            folded, found = fold_by_module(model.module, why)
-            capture = Capture(folded, MODULEWISE, _inputs(model, options.example_batch)
-                              if options.example_batch is not None else None,
-                              note=f"{failure}: folded module by module instead")
+            capture, found = _fold_by_module(model, options.example_batch, failure)
         decisions = [found.pop(layer.name, None) or FoldDecision(layer.name, FoldStatus.KEPT, reason=NOT_FOUND)
                      for layer in layers]
         notes = [capture.note] if capture.note else []
@@ -123,6 +122,15 @@ class TorchEngine:
         if any(m.training for m in module.modules()):
             return copy.deepcopy(module)  # training-mode BN would update the caller's statistics
         return module
+
+
+def _fold_by_module(model: ModuleModel, batch: Batch | None, failure: CaptureFailed) -> tuple[Capture, dict]:
+    """The fallback for models no capture takes whole: fold each part that traces on its own."""
+    why = ("neither symbolic tracing nor torch.export captures the model whole" if batch is not None
+           else "the model does not trace symbolically (an example input would let torch.export try)")
+    folded, found = fold_by_module(model.module, why)
+    example = _inputs(model, batch) if batch is not None else None
+    return Capture(folded, MODULEWISE, example, note=f"{failure}: folded module by module instead"), found
 
 
 def _inputs(model: Model, batch: Batch) -> tuple[torch.Tensor, ...]:

@@ -66,10 +66,6 @@ class LayerCall:
     bias: fx.Node | None
     groups: int
 
-    @property
-    def channel_axis(self) -> int:
-        return -1 if self.kind == "linear" else 1
-
 
 @dataclass
 class Update:
@@ -353,7 +349,7 @@ class GraphFolder:
             if others:
                 return f"{call.name}'s output also feeds {self._labels(others)}"
         channels = _out_channels(self._tensor(call.weight), call)
-        axis, scale, shift = self._normalized(call.channel_axis, node), np.ones(1), np.zeros(1)
+        axis, scale, shift = self._channel_axis(call, node), np.ones(1), np.zeros(1)
         for step in reversed(path):
             if step in affine:
                 source, kind, constant, constant_axis = affine[step]
@@ -397,7 +393,7 @@ class GraphFolder:
             if tensors.count(tensor) > 1 or value_users(tensor) != [cat]:
                 return f"{call.name}'s output also feeds {self._labels([u for u in value_users(tensor) if u is not cat])}" \
                     if len(value_users(tensor)) > 1 else f"{call.name} is concatenated more than once"
-            if self._normalized(call.channel_axis, tensor) != dim or self._readers(call.weight) != [call.node]:
+            if self._channel_axis(call, tensor) != dim or self._readers(call.weight) != [call.node]:
                 return f"{call.name} does not provably produce one slice of the concatenated channels alone"
             calls.append(call)
         sizes = [_out_channels(self._tensor(c.weight), c) for c in calls]
@@ -430,7 +426,7 @@ class GraphFolder:
         axis = self._normalized(occurrence.axis, occurrence.output) if occurrence.axis is not None else None
         for step in path:
             axis = self._map_axis(step, axis) if axis is not None else None
-        if occurrence.axis is not None and axis != self._normalized(call.channel_axis, source):
+        if occurrence.axis is not None and axis != self._channel_axis(call, source):
             return f"cannot prove that it normalizes {call.name}'s input channels"
         weight = self._tensor(call.weight)
         channels = weight.shape[1] * (call.groups if call.kind == "conv" else 1)
@@ -568,6 +564,14 @@ class GraphFolder:
             keep = node.kwargs.get("keepdim", node.args[2] if len(node.args) > 2 else False)
             return None if rank is None else rank if keep else rank - (len(dims) if isinstance(dims, (list, tuple)) else 1)
         return None
+
+    def _channel_axis(self, call: LayerCall, tensor: fx.Node) -> int | None:
+        """The channel axis of a conv/linear's input or output `tensor`: features are last for a linear;
+        a conv's channels come after the batch axis, unless the conv runs unbatched."""
+        if call.kind == "linear":
+            return self._normalized(-1, tensor)
+        unbatched = self._rank(tensor) == self._tensor(call.weight).dim() - 1
+        return 0 if unbatched else 1
 
     def _normalized(self, axis: int | None, node: fx.Node) -> int | None:
         if axis is None or axis >= 0:
