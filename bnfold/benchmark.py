@@ -84,12 +84,12 @@ def bench(source: object, folded: object | None = None, *, batch_size: int | Non
         raise InputError(f"cannot time the model on inputs {shapes_text}: {error}",
                          "pass --input-shape with the shape the model takes") from None
     rows = [_time_mode(engine, mode, model, folded_model, batch, runs, warmup) for mode in engine.modes]
-    dtype = next((layer.dtype for layer in model.bn_layers()), "float32")
+    dtypes = {layer.dtype for layer in model.bn_layers()} | difference.dtypes
     return BenchReport(
         model=ModelInfo(str(model.path), model.format.value, model.framework),
         folded_from=folded_from, inputs={name: list(array.shape) for name, array in batch.items()},
         rows=rows, runs=runs, warmup=warmup, bn_layers=len(model.bn_layers()), folded_layers=folded_layers,
-        difference=difference, tolerance=default_tolerance(dtype))
+        difference=difference, tolerance=default_tolerance(dtypes))
 
 
 def _time_mode(engine, mode: str, model: Model, folded: Model, batch: Batch, runs: int, warmup: int) -> BenchRow:

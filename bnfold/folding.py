@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from itertools import islice
 from pathlib import Path
 
+from bnfold.data import DataOptions, open_data
 from bnfold.engine import Batch, Engine, engine_for
 from bnfold.formats import as_model
 from bnfold.layers import FoldStatus
@@ -17,15 +19,18 @@ from bnfold.verify import OutputDifference, default_tolerance, parse_input_shape
 
 
 def fold(source: object, output: str | Path | None = None, *, tolerance: float | None = None,
-         input_shape: str | None = None, batches: Sequence[Batch] | None = None, verify: bool = True,
-         strict_inputs: bool = False, force: bool = False, in_place: bool = False,
-         allow_pickle: bool = False, model_factory: str | None = None, seed: int = 0) -> FoldReport:
+         input_shape: str | None = None, data: object | None = None, data_options: DataOptions | None = None,
+         batches: Sequence[Batch] | None = None, verify: bool = True, strict_inputs: bool = False,
+         force: bool = False, in_place: bool = False, allow_pickle: bool = False, model_factory: str | None = None,
+         seed: int = 0) -> FoldReport:
     """Fold every exactly-foldable BN layer and prove the result computes the same function.
 
-    Verification runs original and folded model on `batches` (or deterministic random inputs of the
-    model's input shape, `input_shape` when the file does not record one) and compares outputs. Returns
-    a `FoldReport` (truthy when verified within `tolerance`, relative); `output` is written only then.
-    The folded model itself is `report.folded_model` (in memory, also when nothing is written).
+    Verification runs original and folded model on `batches`, on the first batches of `data` (anything
+    `bnfold.data.open_data` takes) or on deterministic random inputs of the model's input shape
+    (`input_shape` when the file does not record one) and compares outputs. Returns a `FoldReport`
+    (truthy when verified within `tolerance`, relative; by default that of the least precise float type
+    among BN parameters and outputs); `output` is written only then. The folded model itself is
+    `report.folded_model` (in memory, also when nothing is written).
     """
     output_path = Path(output) if output is not None else None
     source_path = Path(source) if isinstance(source, (str, Path)) else None
@@ -33,14 +38,15 @@ def fold(source: object, output: str | Path | None = None, *, tolerance: float |
         check_output_path(output_path, source_path, force=force, in_place=in_place)
     model = as_model(source, LoadOptions(allow_pickle=allow_pickle, model_factory=model_factory))
     engine = engine_for(model)
-    inputs_label = "data" if batches is not None else "random"
-    if batches is None and (verify or input_shape):  # before planning: some captures need an example
+    inputs_label = "random" if batches is None and data is None else "data"
+    if batches is None and data is not None:  # before planning: some captures need an example
+        batches = _data_batches(model, data, data_options)
+    elif batches is None and (verify or input_shape):
         batches = random_batches(model.input_specs(), parse_input_shapes(input_shape), seed=seed)
     options = FoldOptions(strict_inputs=strict_inputs, example_batch=batches[0] if batches else None)
     plan = engine.plan(model, options)
     folded_model = engine.apply(model, plan)
-    dtype = next((layer.dtype for layer in model.bn_layers()), "float32")
-    tolerance = default_tolerance(dtype) if tolerance is None else tolerance
+    dtypes = {layer.dtype for layer in model.bn_layers()}
 
     difference, verify_error = None, None
     if not verify:
@@ -48,8 +54,10 @@ def fold(source: object, output: str | Path | None = None, *, tolerance: float |
     else:
         try:
             difference = compare(engine, model, folded_model, batches)
+            dtypes |= difference.dtypes
         except VerificationUnavailable as error:
             verify_error = str(error)
+    tolerance = default_tolerance(dtypes) if tolerance is None else tolerance
     report = FoldReport(
         model=ModelInfo(str(model.path), model.format.value, model.framework),
         plan=plan, tolerance=tolerance, difference=difference,
@@ -66,6 +74,17 @@ def fold(source: object, output: str | Path | None = None, *, tolerance: float |
             report.size_after = atomic_write(output_path, folded_model.save, replace=force or in_place)
             report.output = str(output_path)
     return report
+
+
+# Real-data verification compares this many batches: enough to cover varied inputs, cheap to run twice.
+VERIFY_BATCHES = 4
+
+
+def _data_batches(model: Model, data: object, options: DataOptions | None) -> list[Batch]:
+    from bnfold.recalibration import statistics_runner  # knows each format's input names
+
+    stream = open_data(data, statistics_runner(model, copy=False).inputs(), options)
+    return list(islice(stream.batches(), VERIFY_BATCHES))
 
 
 class VerificationUnavailable(Exception):

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -18,8 +18,10 @@ DEFAULT_TOLERANCE = {"float16": 1e-2, "bfloat16": 5e-2}
 DEFAULT_TOLERANCE_FLOAT32 = 1e-4
 
 
-def default_tolerance(dtype: str) -> float:
-    return DEFAULT_TOLERANCE.get(dtype, DEFAULT_TOLERANCE_FLOAT32)
+def default_tolerance(dtypes: Iterable[str]) -> float:
+    """The tolerance of the least precise float type involved (a float16 conv may feed a float32 BN)."""
+    return max((DEFAULT_TOLERANCE.get(dtype, DEFAULT_TOLERANCE_FLOAT32) for dtype in dtypes),
+               default=DEFAULT_TOLERANCE_FLOAT32)
 
 
 def parse_input_shapes(text: str | None) -> list[tuple[int, ...]] | None:
@@ -64,6 +66,13 @@ def _dynamic_size(named: dict[str, int], name: str | None, axis: int) -> int:
     return named.setdefault(name, size) if name else size
 
 
+def example_batch(specs: Sequence[InputSpec], shapes: list[tuple[int, ...]] | None, seed: int = 0) -> Batch | None:
+    """One random batch for shape-aware analysis, or None when the input shape is unknown."""
+    if not specs and shapes is None:
+        return None
+    return random_batches(specs, shapes, count=1, seed=seed)[0]
+
+
 def _random_array(rng: np.random.Generator, shape: tuple[int, ...], dtype: str) -> np.ndarray:
     if dtype.startswith(("int", "uint")):
         return rng.integers(0, 8, size=shape).astype(dtype)
@@ -83,12 +92,14 @@ class OutputDifference:
     batches: int = 0
     samples: int = 0
     non_finite: bool = False  # one model produced NaN/Inf where the other did not
+    dtypes: set[str] = field(default_factory=set)  # of the reference outputs: they set the default tolerance
 
     def add(self, reference: Iterable[np.ndarray], candidate: Iterable[np.ndarray]) -> None:
         reference, candidate = list(reference), list(candidate)
         if len(reference) != len(candidate):
             raise ValueError(f"output count differs: {len(reference)} vs {len(candidate)}")
         for a, b in zip(reference, candidate):
+            self.dtypes.add(np.asarray(a).dtype.name)
             a64, b64 = np.asarray(a, np.float64), np.asarray(b, np.float64)
             if a64.shape != b64.shape:
                 raise ValueError(f"output shape differs: {a64.shape} vs {b64.shape}")

@@ -1,0 +1,73 @@
+"""Library-level fold options shared by every engine: real-data verification, default tolerance, input shapes."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from bnfold import fold, inspect
+from bnfold.layers import FoldStatus
+from tests.conftest import SAMPLES
+
+
+def randomized(model: nn.Module) -> nn.Module:
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                module.running_mean.uniform_(-1, 1)
+                module.running_var.uniform_(0.5, 2)
+    return model.eval()
+
+
+class TokenNorm(nn.Module):
+    """Vision-transformer style: BN over flattened tokens after a Linear."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(8, 6)
+        self.bn = nn.BatchNorm1d(6)
+
+    def forward(self, x):  # (N, T, 8)
+        y = self.fc(x)
+        return self.bn(y.flatten(0, 1)).reshape_as(y)
+
+
+class HalfConvFloatBN(nn.Module):
+    """Autocast leftovers: a float16 conv feeding a float32 BN (CASES E2)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, bias=False).half()
+        self.bn = nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        return self.bn(self.conv(x.half()))
+
+
+def test_fold_verifies_on_real_data():
+    report = fold(SAMPLES / "cnn.pt2", data=SAMPLES / "calib.npy")
+    assert report.passed and report.verification_inputs == "data"
+    assert report.difference.samples == 4 * 32  # the first four batches of the default size
+    assert report.difference.max_rel < 1e-5
+
+
+def test_default_tolerance_follows_the_least_precise_dtype():
+    report = fold(randomized(HalfConvFloatBN()), input_shape="2,3,8,8")
+    assert report.difference.dtypes == {"float16"}
+    assert report.tolerance == 1e-2 and report.passed
+    assert [d.status for d in report.decisions] == [FoldStatus.FOLDED]
+
+
+def test_float32_models_keep_the_strict_default():
+    report = fold(SAMPLES / "cnn.onnx")
+    assert report.tolerance == 1e-4 and report.difference.dtypes == {"float32"}
+
+
+def test_inspect_input_shape_proves_what_shapes_decide():
+    model = randomized(TokenNorm())
+    without = inspect(model).folds["bn"]
+    assert without.status is FoldStatus.KEPT and "example input" in without.reason
+    with_shape = inspect(model, input_shape="2,5,8").folds["bn"]
+    assert with_shape.status is FoldStatus.FOLDABLE and with_shape.targets == ["fc"]
+    assert fold(model, input_shape="2,5,8").folded[0].layer == "bn"
