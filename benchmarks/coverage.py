@@ -4,7 +4,8 @@ PyTorch: bnfold vs `torch.fx.experimental.optimization.fuse`. ONNX (the zoo expo
 bnfold vs onnxruntime's basic level (the optimized model it writes), onnxoptimizer's `fuse_bn_into_conv`
 and onnxslim. A BN layer is "left" when the model still computes it: in PyTorch, when a forward still
 runs a batch-norm op or reads the layer's running statistics (look-alikes compute x*scale+shift by
-hand); in ONNX, a BatchNormalization node. A tool's fold only counts when its output still agrees
+hand; found by content, since tools rename or inline tensors), over inputs that take every data-dependent
+branch; in ONNX, a BatchNormalization node. A tool's fold only counts when its output still agrees
 with the original (relative error at most `CORRECT`); otherwise it is marked wrong.
 """
 
@@ -20,18 +21,54 @@ import torch
 
 import bnfold
 from benchmarks.common import fmt_err, ort_output, ort_session, rel_error, table
-from tests.zoo import ZOO, ZooModel, bn_calls, export_onnx, onnx_bn_modules, onnx_bn_nodes, stat_reads
+from tests.zoo import ZOO, ZooModel, export_onnx, onnx_bn_modules, onnx_bn_nodes
+from tests.zoo import _bn_tensors as zoo_bn_tensors
 
 CORRECT = 1e-4  # relative output error above which a tool's result is wrong (bnfold's fold tolerance)
 TORCH_TOOLS = ("bnfold", "fx.fuse")
 ONNX_TOOLS = ("bnfold", "ORT basic", "onnxoptimizer", "onnxslim")
 
 
-def bn_left(module: torch.nn.Module, layers: frozenset[str], x: torch.Tensor) -> int:
-    """BN layers the module still computes on `x` (a batch-norm op, or its statistics read)."""
-    calls = bn_calls(module, x)
-    computed = (set(stat_reads(module, x)) | set(calls)) & layers
-    return len(computed) + calls.get("?", 0)
+def bn_left(original: torch.nn.Module, candidate: torch.nn.Module, layers: frozenset[str],
+            inputs: list[torch.Tensor]) -> int:
+    """BN layers that `candidate` still computes on any of `inputs`: ops reading a layer's running
+    statistics or its scale (found by content: tools rename tensors, and a symbolic trace bakes a
+    look-alike's scale into a constant), plus batch-norm ops on no statistics."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    stats = {_fingerprint(tensor): name for name in layers for tensor in _bn_tensors(original.get_submodule(name))}
+    owners = {t.data_ptr(): stats[_fingerprint(t)] for t in [*candidate.parameters(), *candidate.buffers()]
+              if _fingerprint(t) in stats}
+    computed: set[str] = set()
+    anonymous = 0
+
+    class Recording(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            nonlocal anonymous
+            read = {owners.get(a.data_ptr()) for a in args if isinstance(a, torch.Tensor)} - {None}
+            computed.update(read)
+            anonymous += "batch_norm" in func.__name__ and not read
+            return func(*args, **(kwargs or {}))
+
+    with torch.no_grad():
+        for x in inputs:
+            with Recording():
+                candidate(x)
+    return len(computed) + anonymous // len(inputs)
+
+
+@torch.no_grad()
+def _bn_tensors(module: torch.nn.Module) -> list[torch.Tensor]:
+    """A BN layer's running statistics and, when it is affine, its per-channel scale (not its shift: a
+    folded bias-free conv's new bias equals it)."""
+    mean, var, weight, _ = zoo_bn_tensors(module) or (None,) * 4
+    if var is not None and weight is not None:
+        return [mean, var, weight * (var + module.eps).rsqrt()]
+    return [t for t in (mean, var) if t is not None]
+
+
+def _fingerprint(tensor: torch.Tensor) -> tuple:
+    return str(tensor.dtype), tensor.detach().cpu().contiguous().numpy().tobytes()
 
 
 def _torch_runnable(model) -> torch.nn.Module:
@@ -42,16 +79,19 @@ def _torch_runnable(model) -> torch.nn.Module:
 def torch_case(entry: ZooModel) -> dict:
     original = entry.factory()
     x = entry.example(batch=3, seed=7)
+    inputs = [x, 3 * x, -3 * x]  # data-dependent branches take both ways
     expected = original(x)
-    result = {"bn": bn_left(original, entry.bn_layers, x), "exact": len(entry.foldable)}
+    result = {"bn": bn_left(original, original, entry.bn_layers, inputs), "exact": len(entry.foldable)}
     report = bnfold.fold(copy.deepcopy(original), input_shape=entry.shape_text(batch=2), verify=False)
     folded = _torch_runnable(report.folded_model)
-    result["bnfold"] = {"left": bn_left(folded, entry.bn_layers, x), "error": rel_error(expected, folded(x))}
+    result["bnfold"] = {"left": bn_left(original, folded, entry.bn_layers, inputs),
+                        "error": rel_error(expected, folded(x))}
     try:
         from torch.fx.experimental.optimization import fuse
 
         fused = fuse(copy.deepcopy(original))
-        result["fx.fuse"] = {"left": bn_left(fused, entry.bn_layers, x), "error": rel_error(expected, fused(x))}
+        result["fx.fuse"] = {"left": bn_left(original, fused, entry.bn_layers, inputs),
+                             "error": rel_error(expected, fused(x))}
     except Exception as error:  # symbolic tracing fails on the model: nothing is fused
         result["fx.fuse"] = {"left": result["bn"], "error": None, "failed": type(error).__name__}
     return result

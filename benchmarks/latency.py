@@ -6,6 +6,10 @@ timed in the same interleaved rounds (`bnfold.benchmark.time_interleaved`) with 
 (PyTorch through the engine's `prepare`: `torch.inference_mode`; onnxruntime through a ready session),
 so that what differs is the model alone. "BN deleted" replaces every BN layer by an identity (keeping the activation a BN subclass
 such as timm's BatchNormAct2d applies): it computes something else, but it is as fast as any fold can be.
+bnfold's folded eager model is a torch.fx GraphModule, so eager PyTorch also times the BN-deleted model
+traced into one (`torch.fx.symbolic_trace`, where it traces): the same arithmetic in the same form, which
+separates what folding leaves from what the GraphModule form costs. A second, identical copy of the
+original is timed in the same rounds too: its ratio to the original (A/A) is the noise of the run.
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ MODELS = [("resnet_basic", (1, 3, 64, 64)), ("resnet_bottleneck", (1, 3, 64, 64)
 QUICK_MODELS = ["resnet_basic", "densenet"]
 BATCHES = (1, 8)
 VARIANTS = ("original", "folded", "deleted")
+AGAIN = "original, again"  # the A/A control
 SESSION_REPEATS = 3
 ORT_LEVELS = {"disabled": "optimizations off", "all": "all optimizations"}
 
@@ -66,10 +71,14 @@ def _shape_text(shape: tuple[int, ...]) -> str:
 
 
 def _summary(timings: dict) -> dict:
-    return {**{name: timing.to_dict() for name, timing in timings.items()},
-            "folded/original": ratio(timings["folded"], timings["original"]),
-            "folded/deleted": ratio(timings["folded"], timings["deleted"]),
-            "deleted/original": ratio(timings["deleted"], timings["original"])}
+    summary = {**{name: timing.to_dict() for name, timing in timings.items()},
+               "folded/original": ratio(timings["folded"], timings["original"]),
+               "folded/deleted": ratio(timings["folded"], timings["deleted"]),
+               "deleted/original": ratio(timings["deleted"], timings["original"]),
+               "A/A": ratio(timings[AGAIN], timings["original"])}
+    if "deleted, traced" in timings:
+        summary["folded/deleted, traced"] = ratio(timings["folded"], timings["deleted, traced"])
+    return summary
 
 
 def _input(shape: tuple[int, ...], batch: int) -> np.ndarray:
@@ -92,11 +101,11 @@ def _time_ort(protos: dict, level: str, shape: tuple[int, ...], batch: int, runs
 
 
 def _sessions(protos: dict, level: str) -> dict:
-    seconds: dict[str, list[float]] = {name: [] for name in protos}
+    seconds: dict[str, list[float]] = {name: [] for name in VARIANTS}
     for _ in range(SESSION_REPEATS):
-        for name, proto in protos.items():
+        for name in VARIANTS:
             start = time.perf_counter()
-            ort_session(proto, level)
+            ort_session(protos[name], level)
             seconds[name].append(time.perf_counter() - start)
     return {name: statistics.median(values) for name, values in seconds.items()}
 
@@ -107,7 +116,12 @@ def case(name: str, shape: tuple[int, ...], runs: int, folder: Path) -> dict:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         folded = bnfold.fold(module, input_shape=_shape_text((2, *shape[1:])), verify=False).folded_model
-    eager = {"original": as_model(module), "folded": folded, "deleted": as_model(deleted)}
+    eager = {"original": as_model(module), "folded": folded, "deleted": as_model(deleted),
+             AGAIN: as_model(copy.deepcopy(module))}
+    try:
+        eager["deleted, traced"] = as_model(torch.fx.symbolic_trace(deleted))
+    except Exception:  # Python control flow on sizes: the BN-deleted model does not trace
+        pass
     result: dict = {"shape": list(shape), "eager": {}, "onnx": {}, "sessions": {}}
     for batch in BATCHES:
         result["eager"][batch] = _time_eager(eager, shape, batch, runs)
@@ -116,6 +130,7 @@ def case(name: str, shape: tuple[int, ...], runs: int, folder: Path) -> dict:
     protos = {"original": onnx.load(str(original_path)),
               "folded": bnfold.fold(original_path, verify=False).folded_model.proto,
               "deleted": onnx.load(str(export_onnx(deleted, shape, folder / f"{name}.deleted.onnx")))}
+    protos[AGAIN] = protos["original"]  # timed on a session of its own
     for level, label in ORT_LEVELS.items():
         result["onnx"][label] = {batch: _time_ort(protos, level, shape, batch, runs) for batch in BATCHES}
         result["sessions"][label] = _sessions(protos, level)
@@ -134,6 +149,10 @@ def run(quick: bool = False) -> dict:
     return results
 
 
+def _session_ratio(results: dict, label: str) -> float:
+    return statistics.median(r["sessions"][label]["folded"] / r["sessions"][label]["original"] for r in results.values())
+
+
 def configurations(results: dict):
     """(model, runtime label, batch, summary) for every timed configuration."""
     for name, result in results.items():
@@ -148,20 +167,24 @@ def markdown(results: dict) -> str:
     eager_rows, onnx_rows = [], []
     for name, runtime, batch, summary in configurations(results):
         cells = [name, batch, fmt_ms(summary["original"]), fmt_ms(summary["folded"]), fmt_ms(summary["deleted"]),
-                 fmt_ratio(summary["folded/original"]), fmt_ratio(summary["folded/deleted"])]
+                 fmt_ratio(summary["A/A"]), fmt_ratio(summary["folded/original"]), fmt_ratio(summary["folded/deleted"])]
         if runtime == "PyTorch eager":
-            eager_rows.append(cells)
+            traced = summary.get("folded/deleted, traced")
+            eager_rows.append([*cells, fmt_ratio(traced) if traced else "does not trace"])
         else:
             onnx_rows.append([cells[0], runtime, *cells[1:]])
     session_rows = [[name, mode,
                      *(f"{result['sessions'][mode][v] * 1e3:.3g}" for v in VARIANTS)]
                     for name, result in results.items() for mode in result["sessions"]]
-    header = ["batch", "original ms", "folded ms", "BN deleted ms", "folded / original", "folded / BN deleted"]
+    header = ["batch", "original ms", "folded ms", "BN deleted ms", "A/A (noise)", "folded / original",
+              "folded / BN deleted"]
     return "\n\n".join([
         "PyTorch eager (ratios: median of per-round ratios, min–max over rounds; below 1 = folded faster):",
-        table(["model", *header], eager_rows),
+        table(["model", *header, "folded / BN deleted as GraphModule"], eager_rows),
         "onnxruntime (the same models exported with BN kept; folded by bnfold; BN-deleted export):",
         table(["model", "graph optimizations", *header], onnx_rows),
-        f"onnxruntime session creation, ms (median of {SESSION_REPEATS}, interleaved):",
+        f"onnxruntime session creation, ms (median of {SESSION_REPEATS}, interleaved); folded / original, median "
+        "over models: " + ", ".join(f"{label} {_session_ratio(results, label):.2f}×" for label in ORT_LEVELS.values())
+        + ":",
         table(["model", "graph optimizations", *(f"{v}" for v in VARIANTS)], session_rows),
     ])
