@@ -71,6 +71,10 @@ ReportForceOpt = Annotated[bool, typer.Option("--force", help="Replace an existi
 FactoryOpt = Annotated[Optional[str], typer.Option(
     "--model-factory", metavar="MODULE:CALLABLE",
     help="For state_dict/safetensors files: a callable that builds the model, e.g. mypkg.models:resnet18.")]
+InputShapeOpt = Annotated[Optional[str], typer.Option(
+    "--input-shape", metavar="SHAPE", help="Input shape when the file records none (eager modules, TorchScript), "
+                                           "e.g. 1,3,224,224 (';' between inputs): folds that depend on shapes "
+                                           "are then proven rather than refused.")]
 
 
 def stdout_console() -> Console:
@@ -168,6 +172,7 @@ def inspect(
         "--fail-on", help="Exit 1 when a finding of this severity (or worse) is present.")] = FailOn.error,
     report_path: ReportOpt = None,
     force: ReportForceOpt = False,
+    input_shape: InputShapeOpt = None,
     allow_pickle: AllowPickleOpt = False,
     model_factory: FactoryOpt = None,
 ) -> None:
@@ -179,7 +184,7 @@ def inspect(
     check_report_path(report_path, force)
     options = data_options(batch_size, max_samples, seed, resize, crop, mean, std)
     report = run_inspect(model, data_source(data, data_fn), fail_on=fail_on.value, allow_pickle=allow_pickle,
-                         model_factory=model_factory, data_options=options)
+                         model_factory=model_factory, data_options=options, input_shape=input_shape)
     write_report(report, report_path, force)
     finish(report, as_json)
 
@@ -192,9 +197,16 @@ def fold(
                                "Without it, bnfold folds and verifies but writes nothing.")] = None,
     tolerance: Annotated[Optional[float], typer.Option(
         help="Maximum relative output error max|a-b|/max|a| (default 1e-4 for float32, 1e-2 for float16).")] = None,
-    input_shape: Annotated[Optional[str], typer.Option(
-        "--input-shape", metavar="SHAPE", help="Input shape for verification when the file records none, "
-                                               "e.g. 1,3,224,224 (';' between inputs).")] = None,
+    input_shape: InputShapeOpt = None,
+    data: Annotated[Optional[Path], typer.Option(
+        "--data", help="Verify on the first batches of this data (.npy, .npz or image directory) instead of "
+                       "random inputs.")] = None,
+    data_fn: DataFnOpt = None,
+    batch_size: BatchSizeOpt = 32,
+    resize: ResizeOpt = None,
+    crop: CropOpt = None,
+    mean: MeanOpt = DEFAULT_MEAN,
+    std: StdOpt = DEFAULT_STD,
     no_verify: Annotated[bool, typer.Option("--no-verify", help="Write without comparing outputs (not recommended).")] = False,
     strict_inputs: Annotated[bool, typer.Option(
         "--strict-inputs", help="ONNX: keep BN whose parameters are also graph inputs (onnxruntime's rule).")] = False,
@@ -207,9 +219,10 @@ def fold(
     """Fold BN into neighbouring Conv/ConvTranspose/Linear/Gemm/MatMul weights, verify, and write."""
     from bnfold.folding import fold as run_fold
 
-    report = run_fold(model, output, tolerance=tolerance, input_shape=input_shape, verify=not no_verify,
-                      strict_inputs=strict_inputs, force=force, in_place=in_place, allow_pickle=allow_pickle,
-                      model_factory=model_factory)
+    options = data_options(batch_size, None, None, resize, crop, mean, std)
+    report = run_fold(model, output, tolerance=tolerance, input_shape=input_shape, data=data_source(data, data_fn),
+                      data_options=options, verify=not no_verify, strict_inputs=strict_inputs, force=force,
+                      in_place=in_place, allow_pickle=allow_pickle, model_factory=model_factory)
     finish(report, as_json)
 
 
@@ -296,6 +309,7 @@ def check(
         "--junit-xml", metavar="PATH", help="Also write JUnit XML: one test case per policy and per BN layer.")] = None,
     report_path: ReportOpt = None,
     force: ReportForceOpt = False,
+    input_shape: InputShapeOpt = None,
     as_json: JsonOpt = False,
     allow_pickle: AllowPickleOpt = False,
     model_factory: FactoryOpt = None,
@@ -311,7 +325,8 @@ def check(
     check_report_path(report_path, force)
     options = data_options(batch_size, max_samples, seed, resize, crop, mean, std)
     report = run_check(model, data_source(data, data_fn), policy=load_policy(config, flags=flags),
-                       data_options=options, allow_pickle=allow_pickle, model_factory=model_factory)
+                       data_options=options, allow_pickle=allow_pickle, model_factory=model_factory,
+                       input_shape=input_shape)
     if junit_xml is not None:
         write_junit(report, junit_xml)
     write_report(report, report_path, force)

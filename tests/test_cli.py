@@ -141,3 +141,17 @@ def test_real_subprocess_run():
                                capture_output=True, text=True, cwd=REPO, timeout=120)
     assert completed.returncode == 0, completed.stderr
     assert len(json.loads(completed.stdout)["layers"]) == 2
+
+
+def test_fold_verifies_on_real_data(cli):
+    result = cli("fold", SAMPLES / "mlp.onnx", "--data", SAMPLES / "calib.npy", "--batch-size", "16", "--json")
+    assert result.code == 0, result.stderr
+    document = json.loads(result.stdout)
+    assert document["verification_inputs"] == "data"
+    assert document["verification"]["samples"] == 4 * 16
+
+
+def test_inspect_accepts_an_input_shape(cli):
+    result = cli("inspect", SAMPLES / "mlp_pickle.pt", "--allow-pickle", "--input-shape", "2,1,8,8", "--json")
+    assert result.code == 0, result.stderr
+    assert all(layer["fold"]["status"] == "foldable" for layer in json.loads(result.stdout)["layers"])
