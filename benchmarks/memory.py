@@ -29,6 +29,7 @@ subprocess.run(sys.argv[1:], check=False, stdout=subprocess.DEVNULL)
 print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
 """
 BASELINE = "import bnfold.cli, bnfold.onnx.model, bnfold.onnx.fold, onnxruntime"
+SIZES = (100, 300)  # MB of weights
 
 
 def conv_bn_stack(megabytes: float, seed: int = 0) -> onnx.ModelProto:
@@ -76,6 +77,23 @@ def measure(megabytes: float) -> dict[str, float]:
     for key in ("inspect_mb", "fold_no_verify_mb", "fold_mb"):
         results[key.replace("_mb", "_over_weights")] = (results[key] - results["baseline_mb"]) / weights
     return results
+
+
+def run(quick: bool = False) -> dict:
+    """`run_all.py`'s section: two model sizes show how memory grows (one in `--quick` mode)."""
+    return {"sizes": [measure(megabytes) for megabytes in (SIZES[:1] if quick else SIZES)]}
+
+
+def markdown(result: dict) -> str:
+    from benchmarks.common import table
+
+    rows = [[f"{r['weights_mb']:.0f} MB", *(f"{r[key + '_mb']:.0f} MB ({r[key + '_over_weights']:.1f}x)"
+                                            for key in ("inspect", "fold_no_verify", "fold"))]
+            for r in result["sizes"]]
+    baseline = result["sizes"][0]["baseline_mb"]
+    return (f"Peak resident memory per command (baseline: the interpreter with bnfold, onnx and onnxruntime "
+            f"imported, {baseline:.0f} MB; in parentheses: MB over the baseline per MB of weights):\n\n"
+            + table(["weights", "inspect", "fold --no-verify", "fold (verified)"], rows))
 
 
 def main() -> None:

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import statistics
 
-from benchmarks import coverage, distributed_scaling, latency, numerics, onnx_fold, recalibration, startup
+from benchmarks import coverage, distributed_scaling, latency, memory, numerics, onnx_fold, recalibration, startup
 from benchmarks.common import table
 
 LIMIT_TARGET = 1.03  # folded within 3% of the BN-deleted limit (eager PyTorch)
 NOISE = 0.02  # a median ratio within 2% of 1 is not called slower: the spread of equal models is wider
 RECAL_TARGET = 0.85  # fast recalibration throughput relative to inference
+MEMORY_TARGET = 2.0  # SECURITY.md: peak memory about twice the weights (plus one batch)
 
 
 def _median(values) -> float:
@@ -43,6 +44,10 @@ def verdicts(results: dict) -> list[tuple[str, bool, str]]:
         low = [f"{name} ({value:.2f}×)" for name, value in ratios.items() if value < RECAL_TARGET]
         rows.append((f"fast recalibration ≥ {RECAL_TARGET} of inference throughput", not low,
                      "holds on every model" if not low else "below on " + "; ".join(low)))
+    if "memory" in results:
+        worst = max(r["fold_over_weights"] for r in results["memory"]["sizes"])
+        rows.append((f"peak memory about {MEMORY_TARGET:.0f}x the weights (SECURITY.md)", worst <= MEMORY_TARGET,
+                     f"verified fold peaks at {worst:.1f}x the weights over the baseline (section 8)"))
     return rows
 
 
@@ -136,7 +141,8 @@ def render(results: dict) -> str:
     sections = [("coverage", "1. Fold coverage", coverage), ("latency", "2. CPU latency", latency),
                 ("numerics", "3. Fold numerics", numerics), ("recalibration", "4. Recalibration", recalibration),
                 ("startup", "5. CLI start-up", startup), ("onnx_fold", "6. ONNX fold time: ResNet-50", onnx_fold),
-                ("distributed", "7. Recalibration across processes", distributed_scaling)]
+                ("distributed", "7. Recalibration across processes", distributed_scaling),
+                ("memory", "8. Peak memory: inspect and fold of a large ONNX model", memory)]
     for key, title, module in sections:
         if key in results:
             parts += [f"## {title}", "", (module.__doc__ or "").strip(), "", module.markdown(results[key]), "",
@@ -148,7 +154,7 @@ def _why_not(results: dict) -> list[str]:
     """Plain words on every target that does not hold, and why, worked out from the results."""
     lines = []
     if "latency" in results:
-        band = noise(results["latency"])
+        band = noise(results["latency"])["p90"]
         for name, runtime, batch, s in latency.configurations(results["latency"]):
             limit, original = s["folded/deleted"], s["folded/original"]
             if runtime == "PyTorch eager" and limit["median"] > LIMIT_TARGET:
@@ -156,7 +162,7 @@ def _why_not(results: dict) -> list[str]:
                              + _limit_reason(name, s, band))
             if original["median"] > 1 + NOISE:
                 lines.append(f"- {name}, {runtime}, batch {batch}: folded {_ratio(original)} × the original. "
-                             + _slower_reason(runtime, original, band))
+                             + _slower_reason(runtime, s, band))
     if "recalibration" in results and any(r["fast"]["vs_inference"] < RECAL_TARGET
                                           for r in results["recalibration"].values()):
         lines.append(
@@ -168,24 +174,41 @@ def _why_not(results: dict) -> list[str]:
             "ONNX, fast recalibration replaces every BN by its arithmetic on batch statistics plus probe "
             "outputs, all run unoptimized. Exact recalibration needs one pass per dependency level (5 for the "
             "wide CNN's chain), so its ratio is about the fast ratio divided by the number of levels.")
+    if "memory" in results and any(r["fold_over_weights"] > MEMORY_TARGET for r in results["memory"]["sizes"]):
+        lines.append("- Peak memory above 2x the weights: planning, applying and verifying a fold each hold "
+                     "copies of the weights (section 8 says which); it grows linearly, never beyond.")
     return (["Where a target does not hold, and why:", "", *lines, ""]) if lines else []
 
 
 def _resolution(results: dict) -> list[str]:
     if "latency" not in results:
         return []
+    band = noise(results["latency"])
     return [f"Resolution: the original timed against an identical copy of itself in the same rounds (A/A) "
-            f"came out up to {noise(results['latency']):.1%} from 1 (median per configuration); latency "
-            "differences smaller than that are noise of this shared machine.", ""]
+            f"comes out typically {band['median']:.1%} from 1, in 90% of configurations within {band['p90']:.1%}, "
+            f"at worst {band['max']:.1%} (median per configuration). A latency ratio within its own "
+            "configuration's A/A deviation, or within the 90% band, is called noise below.", ""]
 
 
 def _ratio(value: dict) -> str:
     return f"{value['median']:.3f} (rounds {value['min']:.2f}–{value['max']:.2f})"
 
 
-def noise(results: dict) -> float:
-    """How far from 1 the A/A controls (the original against an identical copy) got in this run."""
-    return max(abs(s["A/A"]["median"] - 1) for *_, s in latency.configurations(results))
+def noise(results: dict) -> dict[str, float]:
+    """How far from 1 the A/A controls (the original against an identical copy) got in this run: the
+    median, the 90th percentile and the worst over configurations."""
+    deviations = sorted(abs(s["A/A"]["median"] - 1) for *_, s in latency.configurations(results))
+    return {"median": statistics.median(deviations), "p90": deviations[int(0.9 * (len(deviations) - 1))],
+            "max": deviations[-1]}
+
+
+def _within_noise(value: dict, summary: dict, band: float) -> bool:
+    """A ratio no further from 1 than this configuration's own A/A control, or than most A/A controls."""
+    return abs(value["median"] - 1) <= max(abs(summary["A/A"]["median"] - 1), band)
+
+
+def _aa(summary: dict) -> str:
+    return f"this configuration's A/A control: {summary['A/A']['median']:.3f}"
 
 
 def _limit_reason(name: str, summary: dict, band: float) -> str:
@@ -198,18 +221,18 @@ def _limit_reason(name: str, summary: dict, band: float) -> str:
     if traced is not None and traced["median"] <= LIMIT_TARGET:
         return (f"Against the BN-deleted model in the same torch.fx GraphModule form it is {_ratio(traced)}: "
                 "the gap is the cost of that form (see the latency section), not BN left.")
-    if summary["folded/deleted"]["median"] - 1 <= band:
-        return f"Within the noise of this run (A/A controls up to {band:.1%} from 1)."
-    return "Beyond the noise of this run and not explained by kept BN layers (see benchmarks/results.json)."
+    if _within_noise(summary["folded/deleted"], summary, band):
+        return f"Within the noise of this run ({_aa(summary)})."
+    return f"Beyond the noise of this run ({_aa(summary)}) and not explained by kept BN layers."
 
 
-def _slower_reason(runtime: str, value: dict, band: float) -> str:
-    if value["median"] - 1 > band:
-        return "Beyond the noise of this run (see benchmarks/results.json)."
-    fused = ("onnxruntime fuses Conv+BN itself at this level, so both run the same fused graph; "
-             if runtime == "all optimizations" else "")
-    reason = f"{fused}within the noise of this run (A/A controls up to {band:.1%} from 1)."
-    return reason[0].upper() + reason[1:]
+def _slower_reason(runtime: str, summary: dict, band: float) -> str:
+    if runtime == "all optimizations":
+        return ("At this level onnxruntime fuses Conv+BN itself, so both models run the same fused graph and "
+                f"the difference can only be noise ({_aa(summary)}).")
+    if _within_noise(summary["folded/original"], summary, band):
+        return f"Within the noise of this run ({_aa(summary)})."
+    return f"Beyond the noise of this run ({_aa(summary)}); not explained."
 
 
 NOTES = {
@@ -239,6 +262,19 @@ NOTES = {
         "loses several ulp on weights and hundreds on biases (where mean and bias cancel). The folded "
         "model's own output error is then no larger than the unfolded model's: with large running means "
         "it is far smaller, because the cancellation happens once, in float64, instead of at every inference.",
+        ""],
+    "memory": [
+        "What it means: memory grows linearly with the weights (no file makes bnfold allocate more than its "
+        "own size suggests: declared tensor sizes are checked at load and constant subgraphs are bounded, see "
+        "SECURITY.md), but above the ~2x target. Where it goes, measured step by step on the 99 MB model: the "
+        "loaded model (1x); fold planning works on a deep copy (1x) whose shape inference makes a transient "
+        "weightless copy of the whole protobuf first (1x), simulates every fold with new initializers while "
+        "the old ones are pruned only at the end (1x) and caches every weight it reads as a numpy array (1x); "
+        "applying the plan replays it on another copy (1x); verification keeps an onnxruntime session per "
+        "model, each with its own serialized copy of the weights (2x). Freed memory is largely kept by the "
+        "allocator (`malloc_trim` after the fold returns RSS from 889 to 348 MB), so the live peak is lower "
+        "than the resident one. `tests/test_hardening.py::test_peak_memory_grows_linearly_with_the_weights` "
+        "guards these ratios.",
         ""],
     "startup": [
         "What it means: `bnfold --help` costs about as much as importing onnx, and inspecting an ONNX model "

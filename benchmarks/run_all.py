@@ -24,13 +24,15 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks import coverage, latency, numerics, onnx_fold, recalibration, startup  # noqa: E402
+from benchmarks import (  # noqa: E402
+    coverage, distributed_scaling, latency, memory, numerics, onnx_fold, recalibration, startup)
 from benchmarks.common import REPO, set_threads  # noqa: E402
 from benchmarks.report import render  # noqa: E402
 
 SECTIONS = {"coverage": coverage.run, "latency": latency.run, "numerics": numerics.run,
             "recalibration": recalibration.run, "startup": startup.run,
-            "onnx_fold": lambda quick: onnx_fold.run(repeat=1 if quick else 2)}
+            "onnx_fold": lambda quick: onnx_fold.run(repeat=1 if quick else 2),
+            "distributed": distributed_scaling.run, "memory": memory.run}
 RESULTS = REPO / "benchmarks" / "results.json"
 
 
