@@ -71,3 +71,11 @@ def test_inspect_input_shape_proves_what_shapes_decide():
     with_shape = inspect(model, input_shape="2,5,8").folds["bn"]
     assert with_shape.status is FoldStatus.FOLDABLE and with_shape.targets == ["fc"]
     assert fold(model, input_shape="2,5,8").folded[0].layer == "bn"
+
+
+def test_batch_one_example_keeps_the_pt2_batch_dynamic(tmp_path):
+    """torch.export specializes size-1 axes; folding with --input-shape 1,... must still write a dynamic batch."""
+    output = tmp_path / "cnn.pt2"
+    assert fold(SAMPLES / "cnn.pt2", output, input_shape="1,1,8,8").passed
+    program = torch.export.load(str(output)).module()
+    assert program(torch.rand(5, 1, 8, 8)).shape == (5, 10)

@@ -157,7 +157,19 @@ def _numpy(tensor: torch.Tensor) -> np.ndarray:
 
 def _export(module: nn.Module, example: tuple[torch.Tensor, ...], dynamic) -> torch.export.ExportedProgram:
     with quiet():
-        return torch.export.export(module, example, dynamic_shapes=dynamic, strict=False)
+        return torch.export.export(module, _widened(example, dynamic), dynamic_shapes=dynamic, strict=False)
+
+
+def _widened(example: tuple[torch.Tensor, ...], dynamic) -> tuple[torch.Tensor, ...]:
+    """The example with every dynamic axis at least 2 long: export specializes a size-1 axis to a constant
+    and then rejects its own dynamic-dimension request (e.g. `fold --input-shape 1,...` of a .pt2)."""
+    widened = []
+    for tensor, axes in zip(example, dynamic):
+        for axis in axes or {}:
+            if tensor.shape[axis] < 2:
+                tensor = torch.cat([tensor, tensor], dim=axis)
+        widened.append(tensor)
+    return tuple(widened)
 
 
 def _reexport(module: nn.Module, program: torch.export.ExportedProgram,
