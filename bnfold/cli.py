@@ -54,7 +54,8 @@ DataOpt = Annotated[Optional[Path], typer.Option(
                                    "inputs) or a directory of images.")]
 DataFnOpt = Annotated[Optional[str], typer.Option(
     "--data-fn", metavar="MODULE:CALLABLE",
-    help="A function returning an iterable of batches (tensors, tuples or dicts), called once per pass.")]
+    help="A function returning an iterable of batches (tensors, tuples or dicts), called once per pass; "
+         "under torchrun it gets rank= and world_size= keyword arguments and returns that rank's share.")]
 BatchSizeOpt = Annotated[int, typer.Option("--batch-size", help="Samples per forward pass.")]
 MaxSamplesOpt = Annotated[Optional[int], typer.Option("--max-samples", help="Use at most this many samples.")]
 SeedOpt = Annotated[Optional[int], typer.Option(
@@ -256,7 +257,11 @@ def recalibrate(
     allow_pickle: AllowPickleOpt = False,
     model_factory: FactoryOpt = None,
 ) -> None:
-    """Re-estimate every BN layer's running mean and variance on your data, exactly, and write the model."""
+    """Re-estimate every BN layer's running mean and variance on your data, exactly, and write the model.
+
+    Under torchrun (torchrun --nproc-per-node N -m bnfold recalibrate ...) every process reads its share
+    of the data, their statistics are merged exactly, and rank 0 writes the model and prints the report.
+    """
     from bnfold.recalibration import recalibrate as run_recalibrate
 
     source = data_source(data, data_fn)
@@ -270,6 +275,10 @@ def recalibrate(
         output=output, force=force, in_place=in_place, batch_size=batch_size, max_samples=max_samples,
         seed=seed, images=images, device=device, allow_pickle=allow_pickle, model_factory=model_factory,
         progress=True)
+    from bnfold.distributed import world
+
+    if not world().root:  # under torchrun every rank has the same statistics; rank 0 alone prints them
+        raise typer.Exit(int(exit_code_for(report)))
     finish(report, as_json)
 
 

@@ -26,6 +26,7 @@ import inspect
 import zipfile
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,7 +34,7 @@ from typing import Any
 import numpy as np
 
 from bnfold.engine import Batch
-from bnfold.errors import DataError, MissingDependencyError, UsageError
+from bnfold.errors import BnfoldError, DataError, MissingDependencyError, UsageError
 from bnfold.model import InputSpec
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -375,8 +376,9 @@ class CallableSource(DataSource):
 
     def batches(self) -> Iterator[Batch]:
         options = self.options
-        produced = (self.function(rank=options.rank, world_size=options.world_size) if self.sharded
-                    else self.function())
+        with self._user_code():
+            produced = (self.function(rank=options.rank, world_size=options.world_size) if self.sharded
+                        else self.function())
         if not isinstance(produced, Iterable):
             raise DataError(f"{self.description} returned a {type(produced).__name__}, not an iterable of batches")
         remaining = options.max_samples
@@ -386,7 +388,7 @@ class CallableSource(DataSource):
             if remaining == 0:
                 return
         index = -1
-        for index, item in enumerate(produced):
+        for index, item in enumerate(self._items(produced)):
             batch = self.validator.check(self._as_mapping(item, index), f"{self.description}, batch {index}")
             if remaining is not None:
                 rows = next(iter(batch.values())).shape[0]
@@ -398,6 +400,28 @@ class CallableSource(DataSource):
                 return
         if index < 0 and options.world_size == 1:  # one of several processes may have no share
             raise DataError(f"{self.description} produced no batches")
+
+    def _items(self, produced: Iterable[Any]) -> Iterator[Any]:
+        iterator = iter(produced)
+        while True:
+            with self._user_code():
+                try:
+                    item = next(iterator)
+                except StopIteration:
+                    return
+            yield item
+
+    @contextmanager
+    def _user_code(self) -> Iterator[None]:
+        """An exception inside the user's pipeline is a data problem to report, not a bug in bnfold."""
+        try:
+            yield
+        except BnfoldError:
+            raise
+        except Exception as error:
+            line = (str(error).strip().splitlines() or [""])[0][:300]
+            raise DataError(f"{self.description} raised {type(error).__name__}: {line}",
+                            "run with --debug to see its traceback") from error
 
     def _as_mapping(self, item: Any, index: int) -> Mapping[str, Any]:
         names = self.validator.names

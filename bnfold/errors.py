@@ -9,6 +9,7 @@
     ├── NoBatchNormError             the model has no BN layer to work on
     ├── MissingDependencyError       an optional package is not installed
     ├── OutputError                  an output that cannot be written safely
+    ├── DistributedError             another rank failed, or the ranks lost contact (torchrun)
     └── CheckFailed                  exit 1: verification or a policy failed
 
 Anything else escaping the library is a bug and keeps its traceback (exit 3).
@@ -74,6 +75,10 @@ class MissingDependencyError(BnfoldError):
 
 class OutputError(BnfoldError):
     """An output path that cannot be written without risking a file."""
+
+
+class DistributedError(BnfoldError):
+    """A job of several processes failed elsewhere: another rank raised, crashed or stopped answering."""
 
 
 class CheckFailed(BnfoldError):

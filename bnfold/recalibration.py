@@ -26,6 +26,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from bnfold.data import DataOptions, DataSource, ImageOptions, open_data
+from bnfold.distributed import World, joined
 from bnfold.engine import Batch
 from bnfold.errors import DataError, NoBatchNormError, UsageError
 from bnfold.formats import as_model
@@ -84,53 +85,74 @@ def recalibrate(source: object, data: object, *, method: str | Method = Method.E
                 batch_size: int = 32, max_samples: int | None = None, seed: int | None = None,
                 images: ImageOptions | None = None, device: str = "cpu", allow_pickle: bool = False,
                 model_factory: str | None = None, min_samples: int = MIN_SAMPLES,
-                progress: bool = False) -> RecalibrateReport:
+                progress: bool = False, distributed: bool | None = None) -> RecalibrateReport:
     """Re-estimate the running statistics of every BN layer of `source` on `data`.
 
     `source` is a model path or object (as for `inspect`); `data` anything `bnfold.data.open_data`
     takes (.npy/.npz path, image directory, arrays, a function returning batches). The model is
     copied, never changed; the result is written to `output` (or over the input with `in_place`), and
     is always available as `report.result`. `progress` shows a bar on stderr when it is a terminal.
+
+    Launched by torchrun (WORLD_SIZE > 1), every rank reads its share of `data`, the ranks' statistics
+    are merged exactly, every rank returns the same statistics and model, and rank 0 alone writes `output`
+    (`bnfold.distributed`). `distributed=False` runs alone all the same (say, on one rank of a job).
     """
     method = Method(method)
     source_path = Path(source) if isinstance(source, (str, Path)) else None
     target = _target(source_path, output, in_place)
-    if target is not None:
-        check_output_path(target, source_path, force=force, in_place=in_place)
-    model = as_model(source, LoadOptions(allow_pickle=allow_pickle, model_factory=model_factory))
-    runner = statistics_runner(model, device=device, copy=source_path is None)
+    with joined(device, distributed) as world:
+        with world.agree_on_failure():  # a rank can fail here alone: its data, its device, its disk
+            if target is not None and world.root:
+                check_output_path(target, source_path, force=force, in_place=in_place)
+            model = as_model(source, LoadOptions(allow_pickle=allow_pickle, model_factory=model_factory))
+            runner = statistics_runner(model, device=world.device(device), copy=source_path is None)
+            layers, skipped = _recalibratable(runner, model)
+            stream = open_data(data, runner.inputs(), DataOptions(
+                batch_size=batch_size, max_samples=max_samples, seed=seed, images=images or ImageOptions(),
+                min_batch=2 if method is Method.FAST else 1, rank=world.rank, world_size=world.size))
+        if stream.num_samples is not None and (available := world.total(stream.num_samples)) < min_samples:
+            raise _too_few(available, min_samples)
+
+        levels: list[list[str]] | None = [[layer.name for layer in layers]]
+        if method is Method.EXACT:
+            with world.agree_on_failure():  # rank 0 plans: without a graph, the plan depends on its data
+                levels = dependency_levels(levels[0], runner.upstream(_first(stream))) if world.root else None
+            levels = world.broadcast(levels)
+        results, samples = _run_passes(runner, stream, levels, layers, skipped, world,
+                                       batch_statistics=method is Method.FAST, min_samples=min_samples,
+                                       progress=progress and world.root)
+        notes = [*stream.notes, *runner.notes]
+        if world.size > 1:
+            notes.append(f"{world.size} processes (torch.distributed) each read their share of the data; "
+                         "their statistics were merged exactly")
+        report = RecalibrateReport(
+            model=ModelInfo(str(model.path), model.format.value, model.framework),
+            method=method.value, data=stream.description, samples=samples, passes=len(levels),
+            layers=results, skipped=skipped, findings=_findings(results), notes=notes)
+        report.result = runner.result()
+        if target is not None:
+            with world.agree_on_failure():  # every rank learns whether rank 0's write worked
+                if world.root:
+                    atomic_write(target, report.result.save, replace=force or in_place)
+            report.output = str(target)
+    return report
+
+
+def _recalibratable(runner: StatisticsRunner, model: Model) -> tuple[list[BNLayer], list[SkippedLayer]]:
+    """The layers to recalibrate and those left alone; none at all is an error."""
     layers = runner.layers()
     skipped = [SkippedLayer(name, reason) for name, reason in runner.skipped().items()]
     if not layers:
         reasons = "; ".join(f"{s.name}: {s.reason}" for s in skipped)
         raise NoBatchNormError(f"{model.path} has no BN layer that can be recalibrated"
                                + (f" ({reasons})" if reasons else ""))
-    stream = open_data(data, runner.inputs(), DataOptions(
-        batch_size=batch_size, max_samples=max_samples, seed=seed, images=images or ImageOptions(),
-        min_batch=2 if method is Method.FAST else 1))
-    if stream.num_samples is not None and stream.num_samples < min_samples:
-        raise _too_few(stream.num_samples, min_samples)
-
-    names = [layer.name for layer in layers]
-    levels = [names] if method is Method.FAST else dependency_levels(names, runner.upstream(_first(stream)))
-    results, samples = _run_passes(runner, stream, levels, layers, skipped, batch_statistics=method is Method.FAST,
-                                   min_samples=min_samples, progress=progress)
-    report = RecalibrateReport(
-        model=ModelInfo(str(model.path), model.format.value, model.framework),
-        method=method.value, data=stream.description, samples=samples, passes=len(levels),
-        layers=results, skipped=skipped,
-        findings=_findings(results), notes=[*stream.notes, *runner.notes])
-    report.result = runner.result()
-    if target is not None:
-        atomic_write(target, report.result.save, replace=force or in_place)
-        report.output = str(target)
-    return report
+    return layers, skipped
 
 
 def _run_passes(runner: StatisticsRunner, stream: DataSource, levels: list[list[str]], layers: list[BNLayer],
-                skipped: list[SkippedLayer], *, batch_statistics: bool, min_samples: int,
+                skipped: list[SkippedLayer], world: World, *, batch_statistics: bool, min_samples: int,
                 progress: bool) -> tuple[list[LayerRecalibration], int]:
-    """One pass per level, storing each level's new statistics before the next pass runs."""
+    """One pass per level, storing each level's new statistics (of every rank's data) before the next."""
     by_name = {layer.name: layer for layer in layers}
     results: list[LayerRecalibration] = []
     samples = 0
@@ -138,10 +160,15 @@ def _run_passes(runner: StatisticsRunner, stream: DataSource, levels: list[list[
         for number, level in enumerate(levels, start=1):
             counter = _RowCounter(stream.batches())
             label = f"pass {number}/{len(levels)} ({len(level)} BN layer{'s' if len(level) > 1 else ''})"
-            observed = runner.run_pass(_tracked(counter, bar, label, stream.num_batches), level, batch_statistics)
-            samples = max(samples, counter.rows)
-            if counter.rows < min_samples:
-                raise _too_few(counter.rows, min_samples)
+            with world.agree_on_failure():  # a rank's data can fail mid-pass
+                observed = runner.run_pass(_tracked(counter, bar, label, stream.num_batches), level,
+                                           batch_statistics)
+                _check_channels(observed, by_name)
+            observed = world.all_reduce_statistics(observed, {name: by_name[name].channels for name in level})
+            rows = world.total(counter.rows)
+            samples = max(samples, rows)
+            if rows < min_samples:
+                raise _too_few(rows, min_samples)
             for name in level:
                 statistics = observed.get(name)
                 if statistics is None or statistics.samples == 0:
@@ -172,11 +199,15 @@ def _target(source: Path | None, output: str | Path | None, in_place: bool) -> P
     return source if in_place else (Path(output) if output is not None else None)
 
 
+def _check_channels(observed: Mapping[str, ChannelStatistics], layers: Mapping[str, BNLayer]) -> None:
+    for name, statistics in observed.items():
+        if statistics.mean.size != layers[name].channels:
+            raise DataError(f"{name} has {layers[name].channels} channels but its input has "
+                            f"{statistics.mean.size} on axis 1", "is the data laid out channels-first?")
+
+
 def _store(runner: StatisticsRunner, layer: BNLayer, statistics: ChannelStatistics,
            pass_number: int) -> LayerRecalibration:
-    if statistics.mean.size != layer.channels:
-        raise DataError(f"{layer.name} has {layer.channels} channels but its input has "
-                        f"{statistics.mean.size} on axis 1", "is the data laid out channels-first?")
     if statistics.count < 2:
         raise DataError(f"{layer.name} saw only {statistics.count} value(s) per channel; "
                         "a variance needs more", "use more samples")

@@ -69,16 +69,23 @@ class ChannelStatistics:
     mean: values inside one image are correlated, samples are the independent unit).
     """
 
-    def __init__(self) -> None:
-        self.values = Moments(0, np.zeros(0), np.zeros(0))
-        self.sample_means = Moments(0, np.zeros(0), np.zeros(0))
-        self.batches = 0
+    def __init__(self, values: Moments | None = None, sample_means: Moments | None = None, batches: int = 0) -> None:
+        empty = Moments(0, np.zeros(0), np.zeros(0))
+        self.values = values if values is not None else empty
+        self.sample_means = sample_means if sample_means is not None else empty
+        self.batches = batches
 
     def add(self, values: Moments, sample_means: Moments) -> None:
         """Merge one batch, given as the moments of its values and of its per-sample means."""
         self.values = self.values.merge(values)
         self.sample_means = self.sample_means.merge(sample_means)
         self.batches += 1
+
+    def merge(self, other: ChannelStatistics) -> None:
+        """Merge statistics accumulated elsewhere (another process's share of the data), exactly."""
+        self.values = self.values.merge(other.values)
+        self.sample_means = self.sample_means.merge(other.sample_means)
+        self.batches += other.batches
 
     def add_array(self, batch: np.ndarray, channel_axis: int = 1) -> None:
         """Merge one batch of shape (N, C, *spatial) (channels on `channel_axis`)."""
