@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -84,12 +85,23 @@ def gloo_threads() -> int:
                for task in os.listdir("/proc/self/task"))
 
 
+def leftover_gloo_threads(before: int, patience: float = 10.0) -> int:
+    """Threads of released groups beyond `before`, once they have had `patience` seconds to wind down
+    (a destroyed group's thread exits asynchronously; on a loaded machine that takes a moment)."""
+    deadline = time.monotonic() + patience
+    while gloo_threads() > before and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return gloo_threads() - before
+
+
 if __name__ == "__main__":
     import torch.distributed as dist
 
     data, out = Path(sys.argv[1]), Path(sys.argv[2])
     dist.init_process_group("gloo")  # as the user's own script would: bnfold uses the group it finds
-    before = gloo_threads()
+    default_group = dist.distributed_c10d._get_default_group()
     _cli(data, out / "cli.pt2")
+    before = gloo_threads()  # the default group's, named by now (a new thread names itself)
     results = recalibrated(data, distributed=True)
-    np.savez(out / f"rank{os.environ['RANK']}.npz", leftover_gloo_threads=gloo_threads() - before, **results)
+    np.savez(out / f"rank{os.environ['RANK']}.npz", leftover_gloo_threads=leftover_gloo_threads(before),
+             default_group_collectives=default_group._get_sequence_number_for_group(), **results)
