@@ -81,8 +81,11 @@ def test_every_rank_ends_with_the_statistics_of_one_process(job, alone):
     completed, out = job
     assert completed.returncode == 0, completed.stderr
     ranks = [dict(np.load(out / f"rank{rank}.npz")) for rank in (0, 1)]
-    # Every command released its process group: a gloo worker thread still holding a tensor when the
-    # interpreter shuts down aborts the process (SIGABRT at exit, in a few percent of runs on a busy machine).
+    # Every command ran its collectives on a group of its own and released it, never on the default
+    # group (which modules torch imports keep alive): a gloo worker thread still holding a collective's
+    # tensor when the interpreter shuts down aborts the process (SIGABRT at exit, in a few percent of
+    # runs on a busy machine).
+    assert [int(rank.pop("default_group_collectives")) for rank in ranks] == [0, 0]
     assert [int(rank.pop("leftover_gloo_threads")) for rank in ranks] == [0, 0]
     assert ranks[0].keys() == ranks[1].keys()
     assert all(np.array_equal(ranks[0][key], ranks[1][key]) for key in ranks[0])  # bit-identical buffers
