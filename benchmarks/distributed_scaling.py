@@ -105,26 +105,37 @@ def run(quick: bool = False) -> dict:
     return results
 
 
+def _speedups(measured: dict) -> tuple[float, float]:
+    """How much faster 2 processes were than 1: the whole command, and the work alone (total - fixed)."""
+    one, two = (measured["seconds"][name] for name in CONFIGS)
+    return one["total"] / two["total"], (one["total"] - one["fixed"]) / (two["total"] - two["fixed"])
+
+
 def markdown(results: dict) -> str:
     rows = []
     for method, measured in results["methods"].items():
-        seconds = measured["seconds"]
-        work = {name: parts["total"] - parts["fixed"] for name, parts in seconds.items()}
-        difference = measured["largest_relative_difference"]
+        seconds, difference = measured["seconds"], measured["largest_relative_difference"]
+        whole, work = _speedups(measured)
         for name, (processes, _) in CONFIGS.items():
             low, high = measured["spread"][name]
-            versus = "" if processes == 1 else (
-                f"{seconds['1 process']['total'] / seconds[name]['total']:.2f}× / "
-                f"{work['1 process'] / work[name]:.2f}×; buffers "
-                + ("identical" if difference == 0 else f"within {difference:.1e}"))
+            versus = "" if processes == 1 else f"{whole:.2f}× / {work:.2f}×; buffers " + (
+                "identical" if difference == 0 else f"within {difference:.1e}")
             rows.append([method, name, f"{seconds[name]['total']:.1f} ({low:.1f}–{high:.1f})",
-                         f"{seconds[name]['fixed']:.1f}", f"{work[name]:.1f}", versus])
+                         f"{seconds[name]['fixed']:.1f}", f"{seconds[name]['total'] - seconds[name]['fixed']:.1f}",
+                         versus])
+    speedups = {method: _speedups(measured) for method, measured in results["methods"].items()}
+    works = sorted(work for _, work in speedups.values())
+    fixed = [next(iter(results["methods"].values()))["seconds"][name]["fixed"] for name in CONFIGS]
     load = ", ".join(f"{value:.1f}" for value in results["load_before"])
     return (f"{results['samples']:,} samples of {'x'.join(map(str, SHAPE))}, batch {results['batch']}, "
             f"{results['cores']} cores, median (min–max) of {results['rounds']} interleaved rounds; load average "
             f"before the run {load} (1, 5, 15 min). Fixed: the same command on {OVERHEAD_SAMPLES} samples; "
             "work: total minus fixed. Speed-up of 2 processes over 1, whole command / work alone:\n\n"
-            + table(["method", "configuration", "total s", "fixed s", "work s", "2 processes vs 1"], rows))
+            + table(["method", "configuration", "total s", "fixed s", "work s", "2 processes vs 1"], rows)
+            + f"\n\nTwo processes did the work that grows with the data {works[0]:.2f}–{works[-1]:.2f}× as fast "
+            f"as one; the fixed cost went from {fixed[0]:.0f} s to {fixed[1]:.0f} s, so the whole command's "
+            "speed-up was " + " and ".join(f"{whole:.2f}× for `{method}`" for method, (whole, _) in speedups.items())
+            + ".")
 
 
 if __name__ == "__main__":

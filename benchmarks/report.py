@@ -280,4 +280,14 @@ NOTES = {
         "What it means: `bnfold --help` costs about as much as importing onnx, and inspecting an ONNX model "
         "about twice that (loading onnx and numpy, reading the model); none of it imports torch.",
         ""],
+    "distributed": [
+        "What it means: two processes on two cores do not halve the time. The cores are shared with whatever "
+        "else runs (the load average is above the table), each process also spends time outside the model "
+        "(reading and checking batches), and the fixed cost doubles: torchrun's launcher and two interpreters "
+        "import torch on the same cores. More processes pay when the work dominates: more data, larger "
+        "models, more cores or machines. The statistics are those of one process either way (merged exactly), "
+        "so the choice is only about time. Every configuration uses one thread per process, as torchrun sets "
+        "it: in a 4,000-sample trial under heavy load (load average 8), one process with two intra-op threads "
+        "was 10× slower than with one (likely its two threads waiting for each other on a busy core).",
+        ""],
 }
