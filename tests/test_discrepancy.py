@@ -193,7 +193,8 @@ def test_inspect_without_data_has_null_drift_fields(cli):
 
 
 def test_inspect_data_table_lists_the_worst_layer_first(shifted_cnn):
-    console = Console(width=160, record=True, color_system=None, file=io.StringIO())
+    # wide enough that the "outputs on <path>" line never wraps, however deep the checkout lies
+    console = Console(width=400, record=True, color_system=None, file=io.StringIO())
     console.print(shifted_cnn)
     lines = console.export_text().splitlines()
     rows = [line.lstrip("│┃ ") for line in lines if line.lstrip("│┃ ").startswith("bn")]
