@@ -150,6 +150,7 @@ class FoldDirection(str, Enum):
     INTO_PRODUCER = "into-producer"  # Conv/Linear -> BN: scale the producer's weights
     INTO_CONSUMER = "into-consumer"  # BN -> Conv/Linear: fold forward into the next layer
     SPLIT = "split"  # Concat of producers -> BN: one slice of the BN per producer
+    SUM = "sum"  # Add of producers -> BN: the whole scale into every producer, the shift into one
 
 
 @dataclass

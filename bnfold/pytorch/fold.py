@@ -6,6 +6,7 @@ hand-written `x * scale + shift`. Each is y = scale * x + shift along one channe
 - back into the conv, transposed conv or linear layer whose output only it reads, also through layout
   ops (reshape, flatten, transpose, permute) that provably keep the channel axis;
 - split across the producers of a channel concatenation;
+- into every conv or linear layer of a sum of their outputs (the shift into one of them);
 - forward into the one conv or linear layer that reads it, when no zero padding meets the shift.
 
 Anything else is kept, with the reason in words. Passes run until nothing changes; the arithmetic is
@@ -73,7 +74,7 @@ class Update:
 
     calls: list[LayerCall]
     weight: np.ndarray
-    bias: np.ndarray
+    bias: np.ndarray | None  # None: the calls stay without bias
 
 
 @dataclass
@@ -338,8 +339,11 @@ class GraphFolder:
                 break
             path.append(node)
             node = step[0] if isinstance(step, tuple) else node.all_input_nodes[0]
-        if kind_of(node, self.module) == "cat" and all(is_identity(p, self.module) for p in path):
-            return self._split(occurrence, node, path)
+        if all(is_identity(p, self.module) for p in path):
+            if kind_of(node, self.module) == "cat":
+                return self._split(occurrence, node, path)
+            if self._is_sum(node):
+                return self._sum(occurrence, node, path)
         call = self._layer_call(node)
         if not isinstance(call, LayerCall):
             return call if isinstance(call, str) else self._not_a_producer(node)
@@ -377,25 +381,15 @@ class GraphFolder:
     def _split(self, occurrence: Occurrence, cat: fx.Node, path: list[fx.Node]) -> Fold | str:
         tensors = list(arg(cat, "tensors"))
         dim = self._normalized(arg(cat, "dim"), cat)
-        users = value_users(cat)
-        if len(users) != 1 or (path and users != [path[-1]]):
-            return f"the concatenation it normalizes also feeds {self._labels(users)}"
-        aligned = self._aligned(occurrence, dim, None)
-        if aligned is not None:
-            return aligned
-        calls = []
-        for tensor in tensors:
-            call = self._layer_call(tensor) if isinstance(tensor, fx.Node) else None
-            if isinstance(call, str):
-                return call
-            if call is None:
-                return f"one concatenated input is {self._label(tensor)}, not a conv or linear layer"
-            if tensors.count(tensor) > 1 or value_users(tensor) != [cat]:
-                return f"{call.name}'s output also feeds {self._labels([u for u in value_users(tensor) if u is not cat])}" \
-                    if len(value_users(tensor)) > 1 else f"{call.name} is concatenated more than once"
-            if self._channel_axis(call, tensor) != dim or self._readers(call.weight) != [call.node]:
-                return f"{call.name} does not provably produce one slice of the concatenated channels alone"
-            calls.append(call)
+        reason = self._also_read(occurrence, cat, path, "concatenation") or self._aligned(occurrence, dim, None)
+        if reason is not None:
+            return reason
+        calls = self._branches([(tensor, cat) for tensor in tensors], "concatenated")
+        if isinstance(calls, str):
+            return calls
+        for call, tensor in zip(calls, tensors):
+            if self._channel_axis(call, tensor) != dim:
+                return f"cannot prove that {call.name}'s output channels lie on the concatenated axis"
         sizes = [_out_channels(self._tensor(c.weight), c) for c in calls]
         scale, shift = self._per_channel(occurrence, sum(sizes))
         if scale is None:
@@ -403,6 +397,77 @@ class GraphFolder:
         bounds = np.cumsum([0, *sizes])
         updates = [self._producer_update(c, scale[a:b], shift[a:b]) for c, a, b in zip(calls, bounds, bounds[1:])]
         return Fold(FoldDirection.SPLIT, [c.name for c in calls], updates, [occurrence])
+
+    def _sum(self, occurrence: Occurrence, add: fx.Node, path: list[fx.Node]) -> Fold | str:
+        """BN(a + b) = (s*a + t) + s*b: the scale into every summed layer, the shift into one of them."""
+        reason = self._also_read(occurrence, add, path, "sum")
+        if reason is not None:
+            return reason
+        terms = self._terms(add)
+        calls = self._branches(terms, "summed")
+        if isinstance(calls, str):
+            return calls
+        ranks = {self._rank(node) for node in [add, *(term for term, _ in terms)]} - {None}
+        if len(ranks) > 1:
+            return f"the sum broadcasts tensors of ranks {', '.join(map(str, sorted(ranks)))} against each other"
+        for call, (term, _) in zip(calls, terms):
+            aligned = self._aligned(occurrence, self._channel_axis(call, term), call)
+            if aligned is not None:
+                return aligned
+        sizes = [_out_channels(self._tensor(c.weight), c) for c in calls]
+        if len(set(sizes)) > 1:
+            return f"the sum broadcasts over channels ({' + '.join(f'{n} from {c.name}' for c, n in zip(calls, sizes))})"
+        scale, shift = self._per_channel(occurrence, sizes[0])
+        if scale is None:
+            return f"it has {occurrence.scale.size} channels but the sum has {sizes[0]}"
+        carrier = next((c for c in calls if c.bias is not None), calls[0])  # spares the others a new bias
+        updates = [self._producer_update(c, scale, shift if c is carrier else None) for c in calls]
+        return Fold(FoldDirection.SUM, [c.name for c in calls], updates, [occurrence])
+
+    def _is_sum(self, node: Any) -> bool:
+        """An add of two run-time tensors (x + constant is an affine step, not a sum)."""
+        spec = spec_of(node, self.module) if isinstance(node, fx.Node) else None
+        if spec is None or spec.kind != "add" or arg(node, "alpha", spec) != 1:
+            return False
+        operands = (arg(node, "input", spec), arg(node, "other", spec))
+        return all(isinstance(v, fx.Node) and not self.constants.is_constant(v) for v in operands)
+
+    def _terms(self, add: fx.Node) -> list[tuple[Any, fx.Node]]:
+        """(term, the add that reads it) of a chain of adds whose partial sums only the next add reads."""
+        terms = []
+        for operand in (arg(add, "input"), arg(add, "other")):
+            if self._is_sum(operand) and value_users(operand) == [add]:
+                terms += self._terms(operand)
+            else:
+                terms.append((operand, add))
+        return terms
+
+    def _also_read(self, occurrence: Occurrence, node: fx.Node, path: list[fx.Node], noun: str) -> str | None:
+        """Why the BN is not the only reader of the concatenation or sum `node` it normalizes, if it is not."""
+        expected = path[-1] if path else occurrence.reader
+        others = [u for u in value_users(node) if u is not expected]
+        return f"the {noun} it normalizes also feeds {self._labels(others)}" if others else None
+
+    def _branches(self, inputs: list[tuple[Any, fx.Node]], verb: str) -> list[LayerCall] | str:
+        """The conv/linear call behind each (input, reader) pair, when that reader alone reads its output
+        and no other call reads its weight (each call takes its own share of the BN); else why not."""
+        calls = []
+        tensors = [tensor for tensor, _ in inputs]
+        for tensor, reader in inputs:
+            call = self._layer_call(tensor)
+            if isinstance(call, str):
+                return call
+            if call is None:
+                return f"one {verb} input is {self._label(tensor)}, not a conv or linear layer"
+            if tensors.count(tensor) > 1:
+                return f"{call.name} is {verb} more than once"
+            others = [u for u in value_users(tensor) if u is not reader]
+            if others:
+                return f"{call.name}'s output also feeds {self._labels(others)}"
+            if self._readers(call.weight) != [call.node]:
+                return f"{call.name} shares its weight with another layer"
+            calls.append(call)
+        return calls
 
     def _forward(self, occurrence: Occurrence) -> Fold | str | None:
         """Fold into the next conv/linear; None when no single such consumer reads the BN output."""
@@ -636,14 +701,17 @@ class GraphFolder:
 
     # ---- rewriting ---------------------------------------------------------------------------------------
 
-    def _producer_update(self, call: LayerCall, scale: np.ndarray, shift: np.ndarray) -> Update:
+    def _producer_update(self, call: LayerCall, scale: np.ndarray, shift: np.ndarray | None) -> Update:
+        """Weight and bias after y = scale * layer(x) + shift. Without a shift (a summed layer that leaves
+        it to another) a layer without bias stays without one."""
         weight = self._float64(self._tensor(call.weight))
         bias = self._float64(self._tensor(call.bias))
+        offset = np.zeros_like(scale) if shift is None else shift
         if call.kind == "conv_transpose":
-            new_weight, new_bias = foldmath.fold_into_conv_transpose(weight, bias, scale, shift, call.groups)
+            new_weight, new_bias = foldmath.fold_into_conv_transpose(weight, bias, scale, offset, call.groups)
         else:
-            new_weight, new_bias = foldmath.fold_into_producer(weight, bias, scale, shift)
-        return Update([call], new_weight, new_bias)
+            new_weight, new_bias = foldmath.fold_into_producer(weight, bias, scale, offset)
+        return Update([call], new_weight, None if shift is None and bias is None else new_bias)
 
     def _apply(self, fold: Fold) -> None:
         for update in fold.updates:
@@ -660,6 +728,8 @@ class GraphFolder:
         first = update.calls[0]
         weight = self._tensor(first.weight)
         assign_rounded(self.module, str(first.weight.target), update.weight, weight)
+        if update.bias is None:
+            return
         # The bias takes the conv's dtype, also when the BN was float32 (CASES E2).
         nodes = [c.node for c in update.calls]
         if first.bias is not None and self._readers(first.bias) == nodes:
