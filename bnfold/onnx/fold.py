@@ -145,7 +145,7 @@ class _FoldState:
                     maps[link.affine] = (node, bn_affine(scope, node), node.input[0])
                 else:
                     maps[link.affine] = (node, elementwise_affine(scope, node, layer), layer.output)
-            affine = maps[link.affine][1].sliced(link.start, link.stop or layer.out_channels)
+            affine = link.share(maps[link.affine][1], layer.out_channels)
             if names is None or not action.shared:
                 weight, bias = _producer_fold(layer, affine)
                 names = self._write_layer(scope, layer, weight, bias, link.gemm)
@@ -195,9 +195,10 @@ class _FoldState:
         if layer.op == "Gemm":  # the folded C already includes beta
             _set_attribute(node, helper.make_attribute("beta", 1.0))
 
-    def _point_matmul(self, graph: onnx.GraphProto, layer: Layer, weight: str, bias: str, gemm: bool) -> None:
+    def _point_matmul(self, graph: onnx.GraphProto, layer: Layer, weight: str, bias: str | None,
+                      gemm: bool) -> None:
         node, bias_add = layer.node, layer.bias_add
-        if gemm:  # a 2-D input: one Gemm replaces MatMul (+ Add), keeping the last output name
+        if gemm and bias is not None:  # a 2-D input: one Gemm replaces MatMul (+ Add), keeping the last output name
             output = layer.output
             if bias_add is not None:
                 self._remove(graph, bias_add, keep=node.output[0])
@@ -205,6 +206,8 @@ class _FoldState:
             node.CopyFrom(helper.make_node("Gemm", [node.input[0], weight, bias], [output], name=node.name))
             return
         node.input[1] = weight
+        if bias is None:  # a summed MatMul without bias that leaves the BN shift to another layer
+            return
         if bias_add is not None:
             position = 0 if bias_add.input[0] == layer.bias_name else 1
             bias_add.input[position] = bias

@@ -2,7 +2,8 @@
 
 An eval-mode BN is y = scale * x + shift per channel (axis 1). It folds exactly into a weighted layer
 whose output features are those channels (into the producer), into each branch of a channel Concat
-(split), or into the layer that reads its output (into the consumer). Every check here is a
+(split), into every layer of an Add or Sum of layer outputs (sum: each takes the scale, one the shift),
+or into the layer that reads its output (into the consumer). Every check here is a
 precondition of one of those rewrites; a failed check raises `Skip` with a reason for the user. The
 graph surgery lives in `bnfold.onnx.fold`.
 """
@@ -170,6 +171,12 @@ class Link:
     start: int = 0  # the channels of the map this layer takes (a Concat branch); stop None: all
     stop: int | None = None
     gemm: bool = False  # rewrite MatMul (+ Add) as one Gemm (its input is 2-D)
+    shift: bool = True  # False: a summed layer that takes only the scale (another one takes the shift)
+
+    def share(self, affine: Affine, channels: int) -> Affine:
+        """The part of the map this layer takes: its slice of the channels, with the shift or without."""
+        part = affine.sliced(self.start, self.stop or channels)
+        return part if self.shift else Affine(part.scale, None, part.dtype)
 
 
 @dataclass(frozen=True)
@@ -344,9 +351,13 @@ def _decision(scope: Scope, bn: onnx.NodeProto, layers: list[Layer], direction: 
 
 
 def _into_producers(scope: Scope, bn: onnx.NodeProto, affine: Affine):
-    layers, split = _producer_layers(scope, bn.input[0], bn, 1)
+    layers, direction = _producer_layers(scope, bn.input[0], bn, 1)
     channels = affine.scale.size
-    total = sum(layer.out_channels for layer in layers)
+    sizes = [layer.out_channels for layer in layers]
+    if direction is FoldDirection.SUM and len(set(sizes)) > 1:
+        terms = " + ".join(f"{layer.out_channels} from {describe(layer.node)}" for layer in layers)
+        raise Skip(f"the sum broadcasts over channels ({terms})")
+    total = sum(sizes) if direction is FoldDirection.SPLIT else sizes[0]
     if total != channels:
         names = " + ".join(f"{layer.out_channels} ({describe(layer.node)})" for layer in layers)
         raise Skip(f"channel count mismatch: BN has {channels} channels but its input has {names}; "
@@ -356,7 +367,11 @@ def _into_producers(scope: Scope, bn: onnx.NodeProto, affine: Affine):
             raise Skip(f"mixed dtypes: {describe(layer.node)} is {layer.weight.dtype.name}, BN is "
                        f"{affine.dtype.name}")
     path = scope.index.path
-    if split:
+    if direction is FoldDirection.SUM:
+        carrier = next((layer for layer in layers if layer.bias is not None), layers[0])  # spares a new bias
+        links = tuple(_link(scope, bn, layer, shift=layer is carrier) for layer in layers)
+        return FoldAction(path, direction, links), [_decision(scope, bn, layers, direction)]
+    if direction is FoldDirection.SPLIT:
         links, start = [], 0
         for layer in layers:
             stop = start + layer.out_channels
@@ -372,10 +387,11 @@ def _into_producers(scope: Scope, bn: onnx.NodeProto, affine: Affine):
                     for member_bn, member in group]
 
 
-def _link(scope: Scope, affine_node: onnx.NodeProto, layer: Layer, start: int = 0, stop: int | None = None) -> Link:
+def _link(scope: Scope, affine_node: onnx.NodeProto, layer: Layer, start: int = 0, stop: int | None = None,
+          shift: bool = True) -> Link:
     gemm = layer.op == "MatMul" and scope.facts.rank(layer.node.input[0]) == 2
     bias_add = layer.bias_add.output[0] if layer.bias_add is not None else None
-    return Link(affine_node.output[0], layer.node.output[0], bias_add, start, stop, gemm)
+    return Link(affine_node.output[0], layer.node.output[0], bias_add, start, stop, gemm, shift)
 
 
 def _walk_back(scope: Scope, value: str) -> tuple[onnx.NodeProto | None, list[onnx.NodeProto]]:
@@ -388,8 +404,10 @@ def _walk_back(scope: Scope, value: str) -> tuple[onnx.NodeProto | None, list[on
     return node, chain
 
 
-def _producer_layers(scope: Scope, value: str, reader: onnx.NodeProto, axis: int) -> tuple[list[Layer], bool]:
-    """The layers whose output features reach `value` on `axis`; True when split by a Concat."""
+def _producer_layers(scope: Scope, value: str, reader: onnx.NodeProto,
+                     axis: int) -> tuple[list[Layer], FoldDirection]:
+    """The layers whose output features reach `value` on `axis`: one producer (INTO_PRODUCER), the
+    branches of a Concat (SPLIT) or the terms of a sum (SUM)."""
     node, chain = _walk_back(scope, value)
     if node is None:
         source = chain[0].input[0] if chain else value
@@ -400,23 +418,50 @@ def _producer_layers(scope: Scope, value: str, reader: onnx.NodeProto, axis: int
         if rank is None:
             raise Skip(f"the rank of {describe(node)}'s output is unknown")
         concat_axis = int(attribute(node, "axis", 1)) % rank
-        layers = []
-        for name in node.input:
-            if list(node.input).count(name) > 1:
-                raise Skip(f"{describe(node)} reads {name!r} twice")
-            try:
-                layers += _producer_layers(scope, name, node, concat_axis)[0]
-            except Skip as skip:
-                raise Skip(f"{describe(node)} input {name!r}: {skip.reason}") from None
+        layers = [layer for name in node.input
+                  for layer in _branch(scope, node, name, concat_axis, FoldDirection.SPLIT)]
         _check_path(scope, node, chain, reader, concat_axis, sum(layer.out_channels for layer in layers), axis)
-        return layers, True
+        return layers, FoldDirection.SPLIT
+    if _is_sum(scope, node):
+        moving = [step for step in chain if step.op_type != "Identity"]
+        if moving:
+            raise Skip(f"{describe(moving[0])} between {describe(node)} and it may move the channels")
+        rank = scope.facts.rank(node.output[0])
+        layers = []
+        for name in node.input:  # broadcasting aligns trailing axes
+            term_rank = scope.facts.rank(name)
+            if rank is None or term_rank is None or term_rank < rank - axis:
+                raise Skip(f"{describe(node)} may broadcast {name!r} across the channel axis")
+            layers += _branch(scope, node, name, axis - rank + term_rank, FoldDirection.SUM)
+        _check_path(scope, node, chain, reader, axis, layers[0].out_channels, axis)
+        return layers, FoldDirection.SUM
     layer = _as_producer(scope, node)
     rank = scope.facts.rank(layer.output)
     feature_axis = 1 if layer.op != "MatMul" else (rank - 1 if rank is not None else None)
     if feature_axis is None:
         raise Skip(f"the rank of {describe(node)}'s output is unknown, so its feature axis is too")
     _check_path(scope, layer.last, chain, reader, feature_axis, layer.out_channels, axis)
-    return [layer], False
+    return [layer], FoldDirection.INTO_PRODUCER
+
+
+def _is_sum(scope: Scope, node: onnx.NodeProto) -> bool:
+    """An Add or Sum of run-time values only (Add of a constant is a bias or a hand-written shift)."""
+    return (is_op(node, "Add", "Sum") and scope.opset >= _MATRIX_OPSET and all(node.input)
+            and not any(scope.constants.is_constant(name) for name in node.input))
+
+
+def _branch(scope: Scope, node: onnx.NodeProto, name: str, axis: int, combined: FoldDirection) -> list[Layer]:
+    """The layers behind input `name` of a Concat (SPLIT) or sum (SUM) `node`: a producer, or more
+    of the same combination (a Concat of Concats, a sum of sums)."""
+    if list(node.input).count(name) > 1:
+        raise Skip(f"{describe(node)} reads {name!r} twice")
+    try:
+        layers, direction = _producer_layers(scope, name, node, axis)
+    except Skip as skip:
+        raise Skip(f"{describe(node)} input {name!r}: {skip.reason}") from None
+    if direction not in (FoldDirection.INTO_PRODUCER, combined):
+        raise Skip(f"{describe(node)} input {name!r} is a {direction.value} of layers, not one layer's output")
+    return layers
 
 
 def _as_producer(scope: Scope, node: onnx.NodeProto) -> Layer:
