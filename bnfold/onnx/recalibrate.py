@@ -1,11 +1,14 @@
 """Observe BN inputs and write new running statistics in ONNX models (see `bnfold.recalibration`).
 
 Each pass runs a copy of the graph with a small probe in front of every observed BatchNormalization:
-its input is reshaped to (N, C, L), cast to double, and reduced to the batch's per-channel mean and
-population variance, per-sample means and the shape; those come out as extra graph outputs, so only
-C-sized vectors leave onnxruntime, never the activations. For the fast method the BN node itself is
-replaced by the same arithmetic normalizing by those batch statistics (any opset, no training-mode
-kernel needed). For the exact method each pass runs with the statistics written by the passes before.
+its input is reshaped to (N, C, L) and each sample's mean and variance over its L positions are
+reduced in the input's precision (float32 at least), about the sample's own mean so that no offset
+cancels; the (N, C) results are cast to double and combined into the batch's per-channel mean and
+population variance. Those, the variance of the sample means and the shape come out as extra graph
+outputs, so only C-sized vectors leave onnxruntime, never the activations. For the fast method the BN node reads
+the probe's mean and variance instead of its stored ones, so it normalizes by the batch's statistics
+(any opset, no training-mode kernel needed). For the exact method each pass runs with the statistics
+written by the passes before.
 
 ONNX stores the population variance M2/n: BatchNormalization divides by sqrt(var + eps), and the
 population variance is what normalizes the calibration data exactly (ONNX's own training mode also
@@ -29,6 +32,7 @@ from bnfold.onnx.discover import discover, is_training_mode, used_optional_outpu
 from bnfold.onnx.graph import BN_OP, DEFAULT_DOMAINS, GraphIndex, attribute, node_label, opset_version
 from bnfold.onnx.model import OnnxModel
 from bnfold.onnx.runtime import session
+from bnfold.onnx.shapes import infer_facts
 from bnfold.recalibration import GraphStep, upstream_layers
 from bnfold.stats import ChannelStatistics, Moments
 
@@ -56,6 +60,7 @@ class OnnxStatisticsRunner:
         self.notes: list[str] = []
         self._skipped: dict[str, str] = {}
         self.nodes: dict[str, onnx.NodeProto] = {}
+        self._input_types = None
         for node in self.proto.graph.node:
             if node.op_type == BN_OP and node.domain in DEFAULT_DOMAINS:
                 reason = self._unusable(node)
@@ -118,50 +123,54 @@ class OnnxStatisticsRunner:
             runnable = session(proto)
         except Exception as error:  # onnxruntime has many error types; all mean "cannot run this model"
             raise _cannot_run(error) from None
-        names = [name for probe in probes.values() for name in probe]
+        names = [name for probe in probes.values() for name in probe.outputs]
         statistics = {layer: ChannelStatistics() for layer in probes}
         for batch in batches:
             try:
                 values = dict(zip(names, runnable.run(names, batch)))
             except Exception as error:  # some models fail only on real shapes (a bias that does not broadcast)
                 raise _cannot_run(error) from None
-            for layer, (mean, var, sample_means, shape) in probes.items():
-                rows, _, positions = (int(d) for d in values[shape])
-                statistics[layer].add(Moments.from_variance(rows * positions, values[mean], values[var]),
-                                      Moments.of(values[sample_means], channel_axis=1))
+            for layer, probe in probes.items():
+                rows, _, positions = (int(d) for d in values[probe.shape])
+                statistics[layer].add(Moments.from_variance(rows * positions, values[probe.mean], values[probe.var]),
+                                      Moments.from_variance(rows, values[probe.mean], values[probe.spread]))
         return statistics
 
-    def _instrumented(self, observe: set[str],
-                      batch_statistics: bool) -> tuple[onnx.ModelProto, dict[str, tuple[str, str, str, str]]]:
+    def _instrumented(self, observe: set[str], batch_statistics: bool) -> tuple[onnx.ModelProto, dict[str, _Probe]]:
         """A copy of the model with probes (and, for the fast method, batch-statistics BN) in place."""
         proto = _copy(self.proto)
         graph = proto.graph
         builder = _ProbeBuilder(graph, self.opset)
-        probes: dict[str, tuple[str, str, str, str]] = {}
+        probes: dict[str, _Probe] = {}
         nodes: list[onnx.NodeProto] = []
         for node in graph.node:
             layer = node_label(node) if node.op_type == BN_OP else None
-            if layer not in self.nodes or not (layer in observe or batch_statistics):
-                nodes.append(node)
-                continue
-            probe = builder.moments(node.input[0], len(nodes))
-            nodes.extend(builder.nodes)
-            if layer in observe:
-                probes[layer] = (probe.mean, probe.var, probe.sample_means, probe.shape)
-            if batch_statistics:  # the BN node is replaced by the same arithmetic on batch statistics
-                builder.normalize(node, probe, self._value_type(node))
+            if layer in self.nodes and (layer in observe or batch_statistics):
+                probe = builder.moments(node.input[0], len(nodes), self._reduces_in_place(node))
                 nodes.extend(builder.nodes)
-            else:
-                nodes.append(node)
+                if layer in observe:
+                    probes[layer] = probe
+                if batch_statistics:
+                    nodes.extend(builder.normalize_by(node, probe, self._constant(node.input[3]).dtype))
+            nodes.append(node)
         graph.ClearField("node")
         graph.node.extend(nodes)
-        graph.output.extend(helper.ValueInfoProto(name=name) for probe in probes.values() for name in probe)
+        graph.output.extend(helper.ValueInfoProto(name=name) for probe in probes.values() for name in probe.outputs)
         return proto, probes
 
-    def _value_type(self, node: onnx.NodeProto) -> int:
-        """The element type of a BN's input, for opsets without CastLike (there it equals the scale's)."""
-        scale = self._constant(node.input[1])
-        return helper.np_dtype_to_tensor_dtype(scale.dtype) if scale is not None else TensorProto.FLOAT
+    def _reduces_in_place(self, node: onnx.NodeProto) -> bool:
+        """Whether a BN's input is float32 or double, precise enough to reduce without a cast.
+
+        Before opset 15 the input has the scale's type; from 15 on they may differ, and shape inference
+        tells (a value of unknown type is cast, which is always safe).
+        """
+        if self.opset < 15:
+            dtype = self._constant(node.input[1]).dtype
+        else:
+            if self._input_types is None:
+                self._input_types = infer_facts(self.proto)
+            dtype = self._input_types.dtype(node.input[0])
+        return dtype in (np.float32, np.float64)
 
     def set_statistics(self, layer: str, mean: np.ndarray, var: np.ndarray, batches: int) -> None:
         node = self.nodes[layer]
@@ -192,26 +201,25 @@ def _copy(proto: onnx.ModelProto) -> onnx.ModelProto:
 
 
 class _Probe:
-    """Names of one probe's values."""
+    """Names of one probe's values; `outputs` are what a pass reads back."""
 
     def __init__(self, prefix: str) -> None:
-        self.deviations = f"{prefix}/deviations"
         self.mean = f"{prefix}/mean"
         self.var = f"{prefix}/var"
-        self.sample_means = f"{prefix}/sample_means"
+        self.spread = f"{prefix}/spread"  # the population variance of the sample means
         self.shape = f"{prefix}/shape"
         self.prefix = prefix
+        self.outputs = (self.mean, self.var, self.spread, self.shape)
 
 
 class _ProbeBuilder:
-    """Emits the probe and batch-normalization nodes (double precision) for the model's opset."""
+    """Emits the probe and batch-statistics nodes for the model's opset."""
 
     def __init__(self, graph: onnx.GraphProto, opset: int) -> None:
         self.graph = graph
         self.opset = opset
         self.nodes: list[onnx.NodeProto] = []
         self._constant("flat", np.array([0, 0, -1], np.int64))
-        self._constant("channels", np.array([1, -1, 1], np.int64))
 
     def _constant(self, name: str, value: np.ndarray) -> str:
         full = f"{_PREFIX}/{name}"
@@ -229,40 +237,37 @@ class _ProbeBuilder:
             return self._add("ReduceMean", [value, axes_name], output, keepdims=keepdims)
         return self._add("ReduceMean", [value], output, axes=axes, keepdims=keepdims)
 
-    def moments(self, value: str, number: int) -> _Probe:
-        """Batch mean and population variance per channel of `value` (N, C, ...), in double.
+    def moments(self, value: str, number: int, in_place: bool) -> _Probe:
+        """The batch's mean and population variance per channel of `value` (N, C, ...), in double.
 
-        The new nodes are left in `self.nodes`, as for `normalize`.
+        Samples all have the same number of positions, so the channel mean is the mean of the sample
+        means, and the variance the mean of the sample variances plus the variance of the sample means.
+        `in_place`: reduce in the value's own type (float32 or double) rather than a float32 cast.
+        The new nodes are left in `self.nodes`.
         """
         self.nodes = []
-        probe = _Probe(f"{_PREFIX}/{number}")
-        flat = self._add("Reshape", [value, f"{_PREFIX}/flat"], f"{probe.prefix}/flat")
-        double = self._add("Cast", [flat], f"{probe.prefix}/double", to=TensorProto.DOUBLE)
-        # Samples all have the same number of positions: the mean of their means is the channel mean.
-        self._mean(double, [2], 0, probe.sample_means)
-        channel_mean = self._mean(probe.sample_means, [0], 0, f"{probe.prefix}/channel_mean")
-        self._add("Reshape", [channel_mean, f"{_PREFIX}/channels"], probe.mean)
-        self._add("Sub", [double, probe.mean], probe.deviations)
-        squares = self._add("Mul", [probe.deviations, probe.deviations], f"{probe.prefix}/squares")
-        self._mean(squares, [0, 2], 1, probe.var)
+        probe = _Probe(p := f"{_PREFIX}/{number}")
+        flat = self._add("Reshape", [value, f"{_PREFIX}/flat"], f"{p}/flat")
+        work = flat if in_place else self._add("Cast", [flat], f"{p}/float", to=TensorProto.FLOAT)
+        sample_mean = self._mean(work, [2], 1, f"{p}/sample_mean")
+        deviations = self._add("Sub", [work, sample_mean], f"{p}/deviations")
+        squares = self._add("Mul", [deviations, deviations], f"{p}/squares")
+        sample_var = self._mean(squares, [2], 0, f"{p}/sample_var")
+        sample_means = self._add("Cast", [self._mean(sample_mean, [2], 0, f"{p}/sample_mean_nc")],
+                                 f"{p}/sample_means", to=TensorProto.DOUBLE)
+        self._mean(sample_means, [0], 0, probe.mean)
+        between = self._add("Sub", [sample_means, probe.mean], f"{p}/between")
+        within = self._mean(self._add("Cast", [sample_var], f"{p}/sample_var_double", to=TensorProto.DOUBLE),
+                            [0], 0, f"{p}/within")
+        self._mean(self._add("Mul", [between, between], f"{p}/between_squares"), [0], 0, probe.spread)
+        self._add("Add", [within, probe.spread], probe.var)
         self._add("Shape", [flat], probe.shape)
         return probe
 
-    def normalize(self, node: onnx.NodeProto, probe: _Probe, value_type: int) -> None:
-        """Nodes computing the BN's output with the batch's statistics, under the BN's output name."""
+    def normalize_by(self, node: onnx.NodeProto, probe: _Probe, dtype: np.dtype) -> list[onnx.NodeProto]:
+        """Nodes that make BN `node` normalize by the probe's batch statistics (stored as `dtype`)."""
         self.nodes = []
-        p = probe.prefix
-        eps = self._constant(f"{p}/eps", np.array(float(attribute(node, "epsilon", 1e-5)), np.float64))
-        std = self._add("Sqrt", [self._add("Add", [probe.var, eps], f"{p}/var_eps")], f"{p}/std")
-        normalized = self._add("Div", [probe.deviations, std], f"{p}/normalized")
-        scale, bias = (
-            self._add("Reshape", [self._add("Cast", [node.input[i]], f"{p}/{what}_double", to=TensorProto.DOUBLE),
-                                  f"{_PREFIX}/channels"], f"{p}/{what}")
-            for i, what in ((1, "scale"), (2, "bias")))
-        shifted = self._add("Add", [self._add("Mul", [normalized, scale], f"{p}/scaled"), bias], f"{p}/shifted")
-        if self.opset >= 15:
-            cast = self._add("CastLike", [shifted, node.input[0]], f"{p}/cast")
-        else:
-            cast = self._add("Cast", [shifted], f"{p}/cast", to=value_type)
-        original_shape = self._add("Shape", [node.input[0]], f"{p}/input_shape")
-        self._add("Reshape", [cast, original_shape], node.output[0])
+        for position, value in ((3, probe.mean), (4, probe.var)):
+            node.input[position] = self._add("Cast", [value], f"{probe.prefix}/batch_{position}",
+                                             to=helper.np_dtype_to_tensor_dtype(dtype))
+        return self.nodes

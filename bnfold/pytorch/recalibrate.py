@@ -2,17 +2,20 @@
 
 One runner per kind of torch object, because each is instrumented differently:
 
-- eager `nn.Module` (pickle, state_dict + factory): forward pre-hooks on the BN modules; the fast
-  method flips only BN modules to batch statistics (`training=True` with `track_running_stats=False`,
-  which reads and writes no buffer). Dependencies come from a torch.fx trace; a model fx cannot trace
-  gets one BN layer per pass, in call order (always correct, just more passes).
+- eager `nn.Module` (pickle, state_dict + factory): forward pre-hooks on the BN modules.
+  Dependencies come from a torch.fx trace; a model fx cannot trace gets one BN layer per pass, in call
+  order (always correct, just more passes).
 - ExportedProgram (.pt2): `program.module()` is an fx GraphModule whose BN ops read the program's own
-  buffers; an observer call is inserted before each BN op, and for the fast method the op is switched
-  to batch statistics. The buffers are updated in place and the program is saved as a .pt2 again.
+  buffers; an observer call is inserted before each BN op. The buffers are updated in place and the
+  program is saved as a .pt2 again.
 - TorchScript: the inlined forward graph gets the BN inputs as extra outputs (and batch-statistics BN
   ops for the fast method), compiled into a function that runs on the module's own attributes.
 
-Batch moments are reduced on the device in float64 and handed to `bnfold.stats` as `Moments`.
+Batch moments are reduced on the device in float64 and handed to `bnfold.stats` as `Moments`. For the
+fast method, the hook or observer that reduces a BN's input also writes the batch's mean and population
+variance into that BN's running buffers, so the BN, still in eval mode, normalizes by the batch's
+statistics exactly as in training, without reducing its input a second time (a training-mode BN
+computes its own, slower, Welford reduction). The buffers are restored after the pass.
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ from bnfold.errors import DataError, UsageError
 from bnfold.foldmath import round_to
 from bnfold.layers import BNLayer
 from bnfold.model import InputSpec, Model
-from bnfold.pytorch.discover import BN_ATEN_SIGNATURES, bn_kind, discover_exported, discover_module
+from bnfold.pytorch.discover import BN_ATEN_SIGNATURES, bn_kind, describe_module, discover_exported, discover_module
 from bnfold.pytorch.model import ExportedProgramModel, ModuleModel, TorchScriptModel
 from bnfold.recalibration import GraphStep, upstream_layers
 from bnfold.stats import ChannelStatistics, Moments
@@ -73,25 +76,53 @@ def _device(name: str) -> torch.device:
 def batch_moments(inputs: torch.Tensor) -> tuple[Moments, Moments]:
     """Moments per channel (axis 1) of a BN input, over all values and over per-sample means.
 
-    Two passes over one float64 copy (sums, then squared deviations in place): several times cheaper
-    than a Welford var_mean, with the same result to float64 rounding.
+    Each sample's mean and squared deviations over its positions are reduced in the input's precision
+    (float32 at least; torch sums by cascade, so the relative error stays near 1e-7, below that of the
+    activations themselves), about the sample's own mean so that no offset cancels; samples are then
+    merged in float64. This halves the cost of reducing a float64 copy, the largest cost of observing.
     """
     if inputs.dim() < 2:
         raise DataError(f"a BN layer received a {inputs.dim()}-D tensor; BN inputs are (N, C, ...)")
-    values = inputs.detach().to(torch.float64, copy=True)
+    values = inputs.detach()
     values = values.reshape(values.shape[0], values.shape[1], -1)  # (N, C, positions)
+    if values.dtype not in (torch.float32, torch.float64):
+        values = values.float()
     rows, positions = values.shape[0], values.shape[2]
-    sample_means = values.sum(dim=2) / positions
+    sample_means = values.mean(dim=2)
+    within = (values - sample_means[..., None]).square_().sum(dim=2).double().sum(dim=0)
+    sample_means = sample_means.double()
     mean = sample_means.mean(dim=0)
-    m2 = values.sub_(mean[None, :, None]).square_().sum(dim=(0, 2))
     sample_m2 = (sample_means - mean).square_().sum(dim=0)
-    mean_array = mean.cpu().numpy()
-    return (Moments(rows * positions, mean_array, m2.cpu().numpy()),
-            Moments(rows, mean_array, sample_m2.cpu().numpy()))
+    mean_array, sample_m2 = mean.cpu().numpy(), sample_m2.cpu().numpy()
+    return (Moments(rows * positions, mean_array, within.cpu().numpy() + positions * sample_m2),
+            Moments(rows, mean_array, sample_m2))
 
 
-def _observe(statistics: dict[str, ChannelStatistics], layer: str, inputs: torch.Tensor) -> None:
-    statistics.setdefault(layer, ChannelStatistics()).add(*batch_moments(inputs))
+BufferPair = tuple[torch.Tensor, torch.Tensor]  # a BN's (running_mean, running_var)
+
+
+def _observe(statistics: dict[str, ChannelStatistics] | None, layer: str, inputs: torch.Tensor,
+             normalize_by_batch: BufferPair | None = None) -> None:
+    """Reduce one BN input: into `statistics` (when given), and into the BN's buffers (fast method)."""
+    values, sample_means = batch_moments(inputs)
+    if statistics is not None:
+        statistics.setdefault(layer, ChannelStatistics()).add(values, sample_means)
+    if normalize_by_batch is not None:
+        running_mean, running_var = normalize_by_batch
+        running_mean.copy_(torch.from_numpy(values.mean))
+        running_var.copy_(torch.from_numpy(values.variance()))
+
+
+@contextmanager
+def _buffers_restored(pairs: Iterable[BufferPair]) -> Iterator[None]:
+    """Put the running statistics back after a pass that normalized by batch statistics through them."""
+    saved = [(pair, (pair[0].clone(), pair[1].clone())) for pair in pairs]
+    try:
+        yield
+    finally:
+        for (running_mean, running_var), (mean, var) in saved:
+            running_mean.copy_(mean)
+            running_var.copy_(var)
 
 
 class _TorchRunner(ABC):
@@ -204,7 +235,7 @@ class ModuleRunner(_TorchRunner):
         return list(_forward_names(self.module.forward))
 
     def layers(self) -> list[BNLayer]:
-        return [layer for layer in discover_module(self.module) if layer.name in self.bns]
+        return [describe_module(name, bn, bn_kind(bn)) for name, bn in self.bns.items()]
 
     def upstream(self, probe: Batch) -> dict[str, set[str]]:
         class BatchNormLeaves(fx.Tracer):
@@ -238,20 +269,19 @@ class ModuleRunner(_TorchRunner):
     @contextmanager
     def _instrumented(self, observe: set[str], batch_statistics: bool,
                       statistics: dict[str, ChannelStatistics]) -> Iterator[Callable[..., Any]]:
-        hooks = [self.bns[name].register_forward_pre_hook(
-                 functools.partial(lambda name, _module, args: _observe(statistics, name, args[0]), name))
-                 for name in observe]
-        modes = {name: (bn.training, bn.track_running_stats) for name, bn in self.bns.items()}
+        def hook(name: str, bn: _BatchNorm, args: tuple[torch.Tensor, ...]) -> None:
+            _observe(statistics if name in observe else None, name, args[0],
+                     (bn.running_mean, bn.running_var) if batch_statistics else None)
+
+        hooked = self.bns if batch_statistics else {name: self.bns[name] for name in observe}
+        hooks = [bn.register_forward_pre_hook(functools.partial(hook, name)) for name, bn in hooked.items()]
+        pairs = [(bn.running_mean, bn.running_var) for bn in self.bns.values()] if batch_statistics else []
         try:
-            if batch_statistics:
-                for bn in self.bns.values():  # batch statistics, and no buffer read or written
-                    bn.training, bn.track_running_stats = True, False
-            yield self.module
+            with _buffers_restored(pairs):
+                yield self.module
         finally:
-            for hook in hooks:
-                hook.remove()
-            for name, (training, tracking) in modes.items():
-                self.bns[name].training, self.bns[name].track_running_stats = training, tracking
+            for handle in hooks:
+                handle.remove()
 
     def _buffers(self, layer: str) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]:
         bn = self.bns[layer]
@@ -277,8 +307,9 @@ class ExportedProgramRunner(_TorchRunner):
                 continue
             if node.target._schema.name not in BN_ATEN_SIGNATURES:
                 continue
-            mean = node.args[3] if len(node.args) > 3 else None
-            key = mean.target.rsplit(".", 1)[0] if isinstance(mean, fx.Node) and mean.op == "get_attr" else None
+            mean, var = (node.args[3], node.args[4]) if len(node.args) > 4 else (None, None)
+            buffers = all(isinstance(arg, fx.Node) and arg.op == "get_attr" for arg in (mean, var))
+            key = mean.target.rsplit(".", 1)[0] if buffers else None
             if key is None:
                 self._skipped[named.get(node.name, node.name)] = "no running statistics"
             elif node.target not in (_EVAL_BATCH_NORM, _EVAL_NATIVE_BATCH_NORM) or \
@@ -303,14 +334,15 @@ class ExportedProgramRunner(_TorchRunner):
         graph = fx.Graph()
         copies: dict[fx.Node, fx.Node] = {}
         graph.output(graph.graph_copy(self.module.graph, copies))
+        pairs = {node: (self.module.get_buffer(node.args[3].target), self.module.get_buffer(node.args[4].target))
+                 for node in self.layer_of} if batch_statistics else {}
         for original, key in self.layer_of.items():
-            node = copies[original]
-            if key in observe:
-                with graph.inserting_before(node):
-                    graph.call_function(_observer(statistics, key), (node.args[0],))
-            if batch_statistics:
-                _use_batch_statistics(node)
-        yield fx.GraphModule(self.module, graph)
+            if key in observe or batch_statistics:
+                observer = _observer(statistics if key in observe else None, key, pairs.get(original))
+                with graph.inserting_before(node := copies[original]):
+                    graph.call_function(observer, (node.args[0],))
+        with _buffers_restored(pairs.values()):
+            yield fx.GraphModule(self.module, graph)
 
     def _buffers(self, layer: str) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]:
         found = []
@@ -323,28 +355,18 @@ class ExportedProgramRunner(_TorchRunner):
         return ExportedProgramModel(self.model.path, self.program)
 
 
-def _copy_program(program: torch.export.ExportedProgram) -> torch.export.ExportedProgram:
-    with warnings.catch_warnings():  # torch's own pytree deprecation, raised while copying its specs
-        warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
-        return copy.deepcopy(program)
-
-
-def _observer(statistics: dict[str, ChannelStatistics], layer: str) -> Callable[[torch.Tensor], None]:
+def _observer(statistics: dict[str, ChannelStatistics] | None, layer: str,
+              normalize_by_batch: BufferPair | None) -> Callable[[torch.Tensor], None]:
     def observe_batch_norm_input(inputs: torch.Tensor) -> None:
-        _observe(statistics, layer, inputs)
+        _observe(statistics, layer, inputs, normalize_by_batch)
 
     return observe_batch_norm_input
 
 
-def _use_batch_statistics(node: fx.Node) -> None:
-    """Make an eval-mode aten BN op normalize by the batch's statistics, touching no buffer."""
-    args = list(node.args)
-    if node.target is _EVAL_BATCH_NORM:  # (input, weight, bias, mean, var, training, momentum, eps, cudnn)
-        args[3], args[4], args[5] = None, None, True
-        node.args = tuple(args)
-    else:  # _native_batch_norm_legit_no_training(input, weight, bias, mean, var, momentum, eps)
-        node.target = torch.ops.aten._native_batch_norm_legit.no_stats
-        node.args = (args[0], args[1], args[2], True, args[5], args[6])
+def _copy_program(program: torch.export.ExportedProgram) -> torch.export.ExportedProgram:
+    with warnings.catch_warnings():  # torch's own pytree deprecation, raised while copying its specs
+        warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
+        return copy.deepcopy(program)
 
 
 class ScriptRunner(_TorchRunner):
