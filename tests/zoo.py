@@ -12,14 +12,17 @@ and dropout), `Conv2dSame` (a conv subclass padding with `F.pad`) and `MixedConv
 `Conv2d` with a `norm` child and `FrozenBatchNorm2d` look-alike; LeViT's `Linear`+`BatchNorm1d` over
 flattened tokens and its BN->Linear heads; EfficientDet's heads that share convs across levels with
 per-level BN; U-Net decoders with grouped ConvTranspose; 1-D and 3-D nets; `F.batch_norm` on buffers
-with library-specific names; SyncBatchNorm and LazyBatchNorm.
+with library-specific names; SyncBatchNorm and LazyBatchNorm; pre-activation ResNets whose stage
+transitions feed a BN the sum of a residual branch and a projection shortcut; sums of parallel branches.
 
 Names of BN layers are module paths (`layer2.0.downsample.1`); a BN written with `F.batch_norm` is named
 after the module that owns its buffers. Reasons are for readers of this file: tests only require that a
 kept layer comes with *some* reason.
 
 Ground-truth choices worth knowing (each is exact arithmetic, and each is one a weaker folder misses):
-- a BN after an Add of two convs is kept (not one producer), although scaling both convs would be exact;
+- a BN after an Add of layer outputs folds into every summed layer (the scale into each, the shift into one)
+  when it alone reads the sum, each layer's output feeds only the sum and the channels line up (a branch
+  broadcast over space folds, one broadcast over channels does not); an identity shortcut is no layer;
 - BN -> reflect/replicate/circular-padded conv folds forward (in ONNX: through the Pad node); BN ->
   zero-padded conv does not;
 - a Linear output that `reshape_as` (ONNX: Shape) also reads folds: only its shape is read;
@@ -908,7 +911,7 @@ class EdgeCaseNet(nn.Module):
         h = self.stem(x)
         r = self.conv_res(h)
         h = F.relu(self.bn_res(r) + r)  # the conv output is also read by the Add
-        h = F.relu(self.bn_sum(self.conv_a(h) + self.conv_b(h)))  # BN after an Add of two convs
+        h = F.relu(self.bn_sum(self.conv_a(h) + self.conv_b(h)))  # BN after an Add of two convs: it folds
         h = F.relu(self.bn_ws(self.conv_ws(h)))  # conv weight computed at run time
         h = F.relu(self.bn_nostats(self.conv_nostats(h)))  # batch statistics even in eval mode
         return self.fc(h.mean((2, 3)))
@@ -1055,6 +1058,96 @@ class DenseNet(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------------------
+# 20. Pre-activation ResNet (ResNet v2): at a stage transition the next BN reads the sum of the residual
+#     branch and the projection shortcut alone; identity shortcuts and outputs read twice keep their BN
+# ---------------------------------------------------------------------------------------------------------
+
+
+class PreActResBlock(nn.Module):
+    """kuangliu/pytorch-cifar's PreActBlock: relu(bn1(x)) feeds conv1 and, when the shape changes, a 1x1
+    projection shortcut (else the shortcut is x itself); the block returns conv2(relu(bn2(...))) + shortcut."""
+
+    def __init__(self, cin: int, cout: int, stride: int = 1) -> None:
+        super().__init__()
+        self.bn1 = nn.BatchNorm2d(cin)
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.shortcut = None
+        if stride != 1 or cin != cout:
+            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.bn1(x))
+        shortcut = self.shortcut(out) if self.shortcut is not None else x
+        out = self.conv2(F.relu(self.bn2(self.conv1(out))))
+        return out + shortcut
+
+
+class PreActResNet(nn.Module):
+    """conv stem, identity block, projection block, projection block (reads the previous projection
+    block's sum alone), identity block, final BN -> ReLU -> pool -> fc."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, 1, 1, bias=False)
+        self.layer1 = nn.Sequential(PreActResBlock(8, 8), PreActResBlock(8, 16, 2))
+        self.layer2 = nn.Sequential(PreActResBlock(16, 32, 2), PreActResBlock(32, 32))
+        self.bn = nn.BatchNorm2d(32)
+        self.linear = nn.Linear(32, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.layer2(self.layer1(self.conv1(x)))
+        return self.linear(F.relu(self.bn(out)).mean((2, 3)))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 21. Sums of parallel branches before a BN: three convs (ACNet/RepVGG-style), a decoder merge of a grouped
+#     ConvTranspose and a lateral conv, a global-context branch broadcast over space, two Linear heads;
+#     kept: a 1-channel gate broadcast over channels, a summed conv output that is also read elsewhere
+# ---------------------------------------------------------------------------------------------------------
+
+
+class BranchSumNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = ConvBNAct(3, 8, 3)
+        self.branch3x3 = nn.Conv2d(8, 8, 3, 1, 1, bias=False)
+        self.branch1x1 = nn.Conv2d(8, 8, 1, bias=False)
+        self.branch_dw = nn.Conv2d(8, 8, 3, 1, 1, groups=8, bias=True)
+        self.bn_branches = nn.BatchNorm2d(8)
+        self.down = nn.Conv2d(8, 16, 3, 2, 1, bias=False)
+        self.bn_down = nn.BatchNorm2d(16)
+        self.up = nn.ConvTranspose2d(16, 8, 2, 2, groups=2, bias=False)
+        self.lateral = nn.Conv2d(8, 8, 1, bias=True)
+        self.bn_merge = nn.BatchNorm2d(8)
+        self.local = nn.Conv2d(8, 8, 3, 1, 1, bias=False)
+        self.context = nn.Conv2d(8, 8, 1, bias=False)
+        self.bn_context = nn.BatchNorm2d(8)
+        self.value = nn.Conv2d(8, 8, 1, bias=False)
+        self.gate = nn.Conv2d(8, 1, 1)
+        self.bn_gate = nn.BatchNorm2d(8)
+        self.probe = nn.Conv2d(8, 8, 1, bias=False)
+        self.mix = nn.Conv2d(8, 8, 1, bias=False)
+        self.bn_probe = nn.BatchNorm2d(8)
+        self.fc_a = nn.Linear(8, 10)
+        self.fc_b = nn.Linear(8, 10, bias=False)
+        self.bn_head = nn.BatchNorm1d(10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.stem(x)
+        h = F.relu(self.bn_branches(self.branch3x3(h) + self.branch1x1(h) + self.branch_dw(h)))
+        deep = F.relu(self.bn_down(self.down(h)))
+        h = F.relu(self.bn_merge(self.up(deep) + self.lateral(h)))
+        h = F.relu(self.bn_context(self.local(h) + self.context(F.adaptive_avg_pool2d(h, 1))))
+        h = F.relu(self.bn_gate(self.value(h) + self.gate(h)))
+        probe = self.probe(h)
+        h = F.relu(self.bn_probe(probe + self.mix(h))) * torch.sigmoid(probe)
+        pooled = h.mean((2, 3))
+        return self.bn_head(self.fc_a(pooled) + self.fc_b(F.relu(pooled)))
+
+
+# ---------------------------------------------------------------------------------------------------------
 # Deterministic construction with non-trivial statistics
 # ---------------------------------------------------------------------------------------------------------
 
@@ -1197,6 +1290,14 @@ def sync_lazy_skeleton() -> nn.Module:
 
 def densenet() -> nn.Module:
     return _build(DenseNet, 21)
+
+
+def preact_resnet() -> nn.Module:
+    return _build(PreActResNet, 22)
+
+
+def branch_sum() -> nn.Module:
+    return _build(BranchSumNet, 23)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -1389,16 +1490,14 @@ ZOO: list[ZooModel] = [
     ),
     ZooModel(
         "edge_cases", edge_cases, (1, 3, 16, 16),
-        "conv output also read by a residual Add, BN after an Add of two convs, weight-standardized conv "
-        "(weight computed at run time), BN without running statistics",
-        _names("stem.1"),
+        "conv output also read by a residual Add, BN after an Add of two convs (folds into both), "
+        "weight-standardized conv (weight computed at run time), BN without running statistics",
+        _names("stem.1", "bn_sum"),
         {"bn_res": _CONV_ALSO_READ + " (the residual Add)",
-         "bn_sum": "produced by an Add of two convs, not by one conv; a ReLU follows",
          "bn_ws": "the conv's weight is computed at run time (weight standardization)",
          "bn_nostats": "no running statistics: normalizes with batch statistics in eval mode"},
         # In ONNX the standardized weight is a constant subgraph of initializers: it folds (issue 4).
         onnx_kept={"bn_res": _CONV_ALSO_READ + " (the residual Add)",
-                   "bn_sum": "produced by an Add of two convs, not by one conv; a ReLU follows",
                    "bn_nostats": "no running statistics: normalizes with batch statistics"},
         # The exporter writes a BN without running statistics only with a static batch (as a
         # BatchNormalization with training_mode=1 whose mean and variance are computed from the input).
@@ -1437,6 +1536,25 @@ ZOO: list[ZooModel] = [
          "features.denseblock2.denselayer1.norm1": "produced by an average pool; a ReLU follows",
          "features.denseblock2.denselayer2.norm1": "a concat of features also read elsewhere; a ReLU follows",
          "features.norm5": "a concat of features also read elsewhere; a ReLU follows"},
+    ),
+    ZooModel(
+        "preact_resnet", preact_resnet, (1, 3, 16, 16),
+        "pre-activation ResNet: BN after the sum of a residual branch and a projection shortcut (folds into "
+        "both convs); BN after sums read by an identity shortcut too, or adding the identity (kept)",
+        _names("layer1.0.bn2", "layer1.1.bn2", "layer2.0.bn1", "layer2.0.bn2", "layer2.1.bn2"),
+        {"layer1.0.bn1": "the stem conv output is also the identity shortcut; a ReLU follows",
+         "layer1.1.bn1": "one summed conv output (the stem's) is also read by layer1.0.bn1; a ReLU follows",
+         "layer2.1.bn1": "the sum it normalizes is also the identity shortcut; a ReLU follows",
+         "bn": "one summed input is the identity shortcut, a sum read twice, not a layer; a ReLU follows"},
+    ),
+    ZooModel(
+        "branch_sum", branch_sum, (1, 3, 16, 16),
+        "BN after sums of layer outputs: three parallel convs (a chain of Adds), grouped ConvTranspose + "
+        "lateral conv, a conv on pooled features broadcast over space, two Linear heads; a 1-channel gate "
+        "broadcast over channels and a summed conv output also read elsewhere (kept)",
+        _names("stem.1", "bn_branches", "bn_down", "bn_merge", "bn_context", "bn_head"),
+        {"bn_gate": "the sum broadcasts the 1-channel gate over 8 channels; a ReLU follows",
+         "bn_probe": "the probe conv's output is also read by a sigmoid; a ReLU follows"},
     ),
 ]
 
