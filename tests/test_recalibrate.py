@@ -434,3 +434,54 @@ def test_onnx_statistics_behind_identity_nodes(tmp_path, calib):
     values = {init.name: numpy_helper.to_array(init) for init in model.graph.initializer}
     for node, layer in zip((n for n in model.graph.node if n.op_type == "BatchNormalization"), ("1", "4")):
         assert_statistics_match(values[node.input[3]], values[node.input[4]], *expected[layer])
+
+
+BN_INPUTS = {  # what a BN layer may see: centred, offset far beyond the spread, constant channels, pixels
+    "centred": lambda g: torch.randn(8, 16, 12, 12, generator=g) * 2,
+    "offset 1000 std": lambda g: torch.randn(8, 16, 12, 12, generator=g) + 1000,
+    "after relu": lambda g: torch.relu(torch.randn(8, 16, 12, 12, generator=g)),
+    "constant channels": lambda g: torch.cat([torch.full((8, 3, 12, 12), 7.0),
+                                              torch.randn(8, 13, 12, 12, generator=g) - 3], dim=1),
+    "bn1d": lambda g: torch.randn(64, 40, generator=g) + 5,
+    "pixels": lambda g: torch.rand(4, 3, 64, 64, generator=g) * 255,
+    "float16": lambda g: (torch.randn(8, 16, 12, 12, generator=g) + 2).half(),
+}
+
+
+def onnx_batch_moments(inputs: np.ndarray):
+    """The moments the ONNX probe reduces for a lone BN layer reading `inputs`."""
+    from bnfold.onnx.model import OnnxModel
+    from bnfold.onnx.recalibrate import OnnxStatisticsRunner
+
+    channels, dtype = inputs.shape[1], helper.np_dtype_to_tensor_dtype(inputs.dtype)
+    inits = [numpy_helper.from_array(np.full(channels, value, inputs.dtype), name)
+             for name, value in (("scale", 1), ("bias", 0), ("mean", 0), ("var", 1))]
+    graph = helper.make_graph(
+        [helper.make_node("BatchNormalization", ["x", "scale", "bias", "mean", "var"], ["y"], name="bn")], "one",
+        [helper.make_tensor_value_info("x", dtype, list(inputs.shape))], [helper.make_tensor_value_info("y", dtype, None)],
+        inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    statistics = OnnxStatisticsRunner(OnnxModel(None, model)).run_pass([{"x": inputs}], ["bn"], batch_statistics=False)
+    return statistics["bn"].values, statistics["bn"].sample_means
+
+
+def torch_batch_moments(inputs: np.ndarray):
+    from bnfold.pytorch.recalibrate import batch_moments
+
+    return batch_moments(torch.from_numpy(inputs))
+
+
+@pytest.mark.parametrize("reduce", [torch_batch_moments, onnx_batch_moments], ids=["torch", "onnx"])
+@pytest.mark.parametrize("case", BN_INPUTS)
+def test_batch_moments_match_float64_whatever_the_offset(case, reduce):
+    inputs = BN_INPUTS[case](torch.Generator().manual_seed(0)).numpy()
+    values, sample_means = reduce(inputs)
+    flat = inputs.astype(np.float64).reshape(inputs.shape[0], inputs.shape[1], -1)
+    per_channel = flat.transpose(1, 0, 2).reshape(flat.shape[1], -1)
+    variance, spread = per_channel.var(axis=1), np.sqrt(per_channel.var(axis=1) + 1e-12)
+    assert values.count == per_channel.shape[1] and sample_means.count == flat.shape[0]
+    # float32 inputs carry ~6e-8 relative precision: the mean is good to that fraction of its size
+    assert np.all(np.abs(values.mean - per_channel.mean(axis=1)) <= 1e-7 * np.abs(per_channel.mean(axis=1)) + 1e-6 * spread)
+    assert np.allclose(values.variance(), variance, rtol=2e-6, atol=1e-12)
+    # the spread of sample means only feeds the standard error: float32 sample means are ample for it
+    assert np.allclose(sample_means.variance(), flat.mean(axis=2).var(axis=0), rtol=1e-4, atol=1e-12)

@@ -252,13 +252,16 @@ class _ProbeBuilder:
         sample_mean = self._mean(work, [2], 1, f"{p}/sample_mean")
         deviations = self._add("Sub", [work, sample_mean], f"{p}/deviations")
         squares = self._add("Mul", [deviations, deviations], f"{p}/squares")
-        sample_var = self._mean(squares, [2], 0, f"{p}/sample_var")
-        sample_means = self._add("Cast", [self._mean(sample_mean, [2], 0, f"{p}/sample_mean_nc")],
-                                 f"{p}/sample_means", to=TensorProto.DOUBLE)
+        # (N, C) in double from here on; the deviations' own mean corrects the rounded sample mean
+        rounded, correction, mean_square = (
+            self._add("Cast", [self._mean(value, [2], 0, f"{p}/{name}")], f"{p}/{name}_double", to=TensorProto.DOUBLE)
+            for value, name in ((sample_mean, "rounded_mean"), (deviations, "correction"), (squares, "mean_square")))
+        sample_means = self._add("Add", [rounded, correction], f"{p}/sample_means")
+        sample_var = self._add("Sub", [mean_square, self._add("Mul", [correction, correction], f"{p}/correction_squared")],
+                               f"{p}/sample_var")
         self._mean(sample_means, [0], 0, probe.mean)
         between = self._add("Sub", [sample_means, probe.mean], f"{p}/between")
-        within = self._mean(self._add("Cast", [sample_var], f"{p}/sample_var_double", to=TensorProto.DOUBLE),
-                            [0], 0, f"{p}/within")
+        within = self._mean(sample_var, [0], 0, f"{p}/within")
         self._mean(self._add("Mul", [between, between], f"{p}/between_squares"), [0], 0, probe.spread)
         self._add("Add", [within, probe.spread], probe.var)
         self._add("Shape", [flat], probe.shape)

@@ -73,13 +73,17 @@ def _device(name: str) -> torch.device:
     return device
 
 
+# A sum of squares loses about float32 epsilon times (1 + mean²/variance) of a sample's M2 to
+# cancellation when the mean is subtracted afterwards; above this ratio deviations are squared instead.
+_CANCELLATION_RATIO = 10.0
+
+
 def batch_moments(inputs: torch.Tensor) -> tuple[Moments, Moments]:
     """Moments per channel (axis 1) of a BN input, over all values and over per-sample means.
 
-    Each sample's mean and squared deviations over its positions are reduced in the input's precision
-    (float32 at least; torch sums by cascade, so the relative error stays near 1e-7, below that of the
-    activations themselves), about the sample's own mean so that no offset cancels; samples are then
-    merged in float64. This halves the cost of reducing a float64 copy, the largest cost of observing.
+    Each sample's mean and M2 over its positions are reduced in the input's precision (float32 at
+    least: torch sums by cascade, so the relative error stays near 1e-7, below that of the activations
+    themselves); samples are then merged in float64.
     """
     if inputs.dim() < 2:
         raise DataError(f"a BN layer received a {inputs.dim()}-D tensor; BN inputs are (N, C, ...)")
@@ -88,14 +92,36 @@ def batch_moments(inputs: torch.Tensor) -> tuple[Moments, Moments]:
     if values.dtype not in (torch.float32, torch.float64):
         values = values.float()
     rows, positions = values.shape[0], values.shape[2]
-    sample_means = values.mean(dim=2)
-    within = (values - sample_means[..., None]).square_().sum(dim=2).double().sum(dim=0)
-    sample_means = sample_means.double()
+    sample_means, within = _sample_moments(values)
     mean = sample_means.mean(dim=0)
     sample_m2 = (sample_means - mean).square_().sum(dim=0)
     mean_array, sample_m2 = mean.cpu().numpy(), sample_m2.cpu().numpy()
-    return (Moments(rows * positions, mean_array, within.cpu().numpy() + positions * sample_m2),
+    return (Moments(rows * positions, mean_array, within.sum(dim=0).cpu().numpy() + positions * sample_m2),
             Moments(rows, mean_array, sample_m2))
+
+
+def _sample_moments(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per sample and channel of (N, C, positions) values: the mean and M2 about it, in float64 (N, C).
+
+    One pass for the means and one for the sums of squares where the mean is small against the spread;
+    elsewhere the deviations from the mean are squared, and their own mean corrects the rounding of
+    the mean (which matters once the offset is thousands of standard deviations).
+    """
+    positions = values.shape[2]
+    means = values.mean(dim=2)
+    precise_means = means.double()
+    if positions == 1:
+        return precise_means, torch.zeros_like(precise_means)
+    offsets = precise_means.square().mul_(positions)
+    m2 = torch.linalg.vector_norm(values, dim=2).double().square_().sub_(offsets)
+    risky = (offsets > _CANCELLATION_RATIO * m2).any(dim=0).nonzero().flatten()  # channels; constant ones too
+    if risky.numel():
+        index = slice(None) if 2 * risky.numel() > values.shape[1] else risky  # a view beats a large gather
+        deviations = values[:, index] - means[:, index, None]
+        correction = deviations.mean(dim=2).double()
+        precise_means[:, index] += correction
+        m2[:, index] = deviations.square_().sum(dim=2).double() - positions * correction.square()
+    return precise_means, m2
 
 
 BufferPair = tuple[torch.Tensor, torch.Tensor]  # a BN's (running_mean, running_var)
