@@ -178,5 +178,5 @@ class FoldDecision:
         if self.status is FoldStatus.KEPT:
             return f"kept: {self.reason}"
         arrow = "→" if self.direction is not FoldDirection.INTO_CONSUMER else "←"
-        targets = ", ".join(self.targets)
+        targets = (" + " if self.direction is FoldDirection.SUM else ", ").join(self.targets)
         return f"{self.status.value} {arrow} {targets}" if targets else self.status.value

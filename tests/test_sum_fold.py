@@ -48,6 +48,7 @@ def test_torch_sum_folds_scale_into_every_layer_and_the_shift_into_one(biased, t
     report = assert_folds(randomized(Branches(biased=biased, transposed=transposed)), (2, 4, 6, 6), {"bn"})
     decision = report.decisions[0]
     assert decision.direction is FoldDirection.SUM and decision.targets == ["a", "b", "c"]
+    assert decision.describe() == "folded → a + b + c"
     assert report.difference.max_rel <= EXACT
     biases = {name for name, _ in report.folded_model.module.named_parameters() if name.endswith("bias")}
     assert biases == ({"b.bias"} if biased else {"a.bias"})  # one bias carries the shift
