@@ -114,7 +114,7 @@ METHOD = """\
 - **One intra-op thread** (`--threads`) for PyTorch and for onnxruntime sessions the benchmarks create: on
   a shared 2-core machine the spin-waits of multi-threaded kernels turn a neighbour's load into 100×
   outliers. One thread measures the model, not the neighbours; the ratios are what matters.
-- **Models** are the repository's own (`tests/zoo.py`, 21 architectures with hand-derived fold ground
+- **Models** are the repository's own (`tests/zoo.py`, {zoo} architectures with hand-derived fold ground
   truth, and the ResNet-50 layout of `benchmarks/onnx_fold.py`) with randomized BN statistics, so
   everything runs offline. The zoo models are small (a few thousand to a few hundred thousand parameters);
   latency runs them at 64×64 instead of their test resolution so that arithmetic, not Python dispatch,
@@ -137,7 +137,8 @@ def render(results: dict) -> str:
     parts += ["## Headline", "", *(f"- {line}" for line in headline(results)), ""]
     rows = [[target, "yes" if holds else "**no**", evidence] for target, holds, evidence in verdicts(results)]
     parts += ["## Targets", "", table(["target", "holds", "evidence"], rows), "", *_resolution(results),
-              *_why_not(results), "## Machine and method", "", _machine(results["machine"]), "", METHOD]
+              *_why_not(results), "## Machine and method", "", _machine(results["machine"]), "",
+              METHOD.format(zoo=len(coverage.ZOO))]
     sections = [("coverage", "1. Fold coverage", coverage), ("latency", "2. CPU latency", latency),
                 ("numerics", "3. Fold numerics", numerics), ("recalibration", "4. Recalibration", recalibration),
                 ("startup", "5. CLI start-up", startup), ("onnx_fold", "6. ONNX fold time: ResNet-50", onnx_fold),
