@@ -4,7 +4,8 @@ Output formats (the folded model always loads with torch alone, never needing bn
 
 - `.pt2` in, `.pt2` out: the folded graph is exported again with the input program's dynamic shapes.
 - pickled module in, pickled module out: an `fx.GraphModule` (pickled as generated Python code plus its
-  tensors). Leaf modules that stay opaque (e.g. a BN kept in training mode) keep their own classes.
+  tensors), streamlined for eager calls (`bnfold.pytorch.streamline`). Leaf modules that stay opaque
+  (e.g. a BN kept in training mode) keep their own classes.
 - TorchScript in, TorchScript out: the archive is converted with torch.export's TorchScript converter,
   folded at aten level and traced back with `torch.jit.trace` on the example input, so the output
   follows the control-flow path of that input (the converter specializes Python constants anyway).
@@ -38,6 +39,7 @@ from bnfold.pytorch.capture import (MODULEWISE, Capture, CaptureFailed, capture_
 from bnfold.pytorch.fold import GraphFolder
 from bnfold.pytorch.modulewise import fold_by_module
 from bnfold.pytorch.model import ExportedProgramModel, ModuleModel, TorchScriptModel
+from bnfold.pytorch.streamline import streamline
 from bnfold.verify import random_batches
 
 Batch = dict[str, np.ndarray]
@@ -82,6 +84,7 @@ class TorchEngine:
                 traced = torch.jit.trace(folded, capture.example, check_trace=False)
             return TorchScriptModel(model.path, traced)
         assert isinstance(model, ModuleModel)
+        streamline(folded)  # eager outputs run the folded graph's Python code on every call
         if model.format is ModelFormat.PICKLE:
             return ModuleModel(model.path, folded, ModelFormat.PICKLE)
         return _state_dict_output(model, folded, capture, plan)

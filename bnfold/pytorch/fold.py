@@ -126,6 +126,8 @@ class GraphFolder:
 
     def _prune(self) -> None:
         """Drop the tensors no op reads any more (folded BN statistics), so they are not saved."""
+        for node in [n for n in self.graph.nodes if n.op == "get_attr" and not n.users]:
+            self.graph.erase_node(node)  # torch.export fetches every buffer, also those no op reads
         used = {str(n.target) for n in self.graph.nodes if n.op in ("get_attr", "call_module")}
         named = [*self.module.named_parameters(remove_duplicate=False), *self.module.named_buffers(remove_duplicate=False)]
         for name, _ in named:
