@@ -7,13 +7,16 @@ anything else is a bug and keeps its traceback. Nothing here imports torch.
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 import traceback
 import warnings
+from collections.abc import Callable
 from enum import Enum
+from inspect import Parameter, Signature, signature
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional
 
 import typer
 from rich.console import Console
@@ -48,27 +51,11 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document o
 AllowPickleOpt = Annotated[bool, typer.Option(
     "--allow-pickle", help="Allow unpickling a full torch.save(model) file. This runs code from the file: "
                            "use only for files you trust.")]
-# The data layer's options, shared by every command that reads data (bnfold.data).
-DataOpt = Annotated[Optional[Path], typer.Option(
-    "--data", metavar="PATH", help=".npy (inputs of a one-input model), .npz (arrays named after the "
-                                   "inputs) or a directory of images.")]
-DataFnOpt = Annotated[Optional[str], typer.Option(
-    "--data-fn", metavar="MODULE:CALLABLE",
-    help="A function returning an iterable of batches (tensors, tuples or dicts), called once per pass; "
-         "under torchrun it gets rank= and world_size= keyword arguments and returns that rank's share.")]
-BatchSizeOpt = Annotated[int, typer.Option("--batch-size", help="Samples per forward pass.")]
-MaxSamplesOpt = Annotated[Optional[int], typer.Option("--max-samples", help="Use at most this many samples.")]
-SeedOpt = Annotated[Optional[int], typer.Option(
-    "--seed", help="Shuffle the samples with this seed before --max-samples (default: file order).")]
-ResizeOpt = Annotated[Optional[int], typer.Option("--resize", help="Images: resize the shorter side to this.")]
-CropOpt = Annotated[Optional[int], typer.Option("--crop", help="Images: centre-crop to this square size.")]
-MeanOpt = Annotated[str, typer.Option("--mean", help="Images: per-channel mean after scaling to [0, 1].")]
-StdOpt = Annotated[str, typer.Option("--std", help="Images: per-channel standard deviation.")]
-DEFAULT_MEAN, DEFAULT_STD = ",".join(map(str, IMAGENET_MEAN)), ",".join(map(str, IMAGENET_STD))
 ReportOpt = Annotated[Optional[Path], typer.Option(
     "--report", metavar="PATH", help="Also write a self-contained HTML report: per-layer statistics, drift, fold "
                                      "status and findings (one file, opens without a server).")]
 ReportForceOpt = Annotated[bool, typer.Option("--force", help="Replace an existing --report file.")]
+OutputForceOpt = Annotated[bool, typer.Option("--force", help="Replace an existing output file.")]
 FactoryOpt = Annotated[Optional[str], typer.Option(
     "--model-factory", metavar="MODULE:CALLABLE",
     help="For state_dict/safetensors files: a callable that builds the model, e.g. mypkg.models:resnet18.")]
@@ -111,15 +98,55 @@ def data_source(data: Path | None, data_fn: str | None) -> object | None:
     return import_callable(data_fn, "--data-fn")
 
 
-def image_options(resize: int | None, crop: int | None, mean: str, std: str) -> ImageOptions:
-    return ImageOptions(resize=resize, crop=crop, mean=parse_channel_values(mean, "--mean"),
-                        std=parse_channel_values(std, "--std"))
+def _option(name: str, default: Any, kind: Any, *flags: str, **info: Any) -> Parameter:
+    return Parameter(name, Parameter.POSITIONAL_OR_KEYWORD, default=default,
+                     annotation=Annotated[kind, typer.Option(*flags, **info)])
 
 
-def data_options(batch_size: int, max_samples: int | None, seed: int | None, resize: int | None,
-                 crop: int | None, mean: str, std: str) -> DataOptions:
-    return DataOptions(batch_size=batch_size, max_samples=max_samples, seed=seed,
-                       images=image_options(resize, crop, mean, std))
+# The data layer's options (bnfold.data), declared once here for every command that reads data.
+DATA_OPTIONS = (
+    _option("data", None, Optional[Path], "--data", metavar="PATH",
+            help=".npy (inputs of a one-input model), .npz (arrays named after the inputs) or a directory of "
+                 "images."),
+    _option("data_fn", None, Optional[str], "--data-fn", metavar="MODULE:CALLABLE",
+            help="A function returning an iterable of batches (tensors, tuples or dicts), called once per pass; "
+                 "under torchrun it gets rank= and world_size= keyword arguments and returns that rank's share."),
+    _option("batch_size", 32, int, "--batch-size", help="Samples per forward pass."),
+    _option("max_samples", None, Optional[int], "--max-samples", help="Use at most this many samples."),
+    _option("seed", None, Optional[int], "--seed",
+            help="Shuffle the samples with this seed before --max-samples (default: file order)."),
+    _option("resize", None, Optional[int], "--resize", help="Images: resize the shorter side to this."),
+    _option("crop", None, Optional[int], "--crop", help="Images: centre-crop to this square size."),
+    _option("mean", ",".join(map(str, IMAGENET_MEAN)), str, "--mean", metavar="M,M,M",
+            help="Images: per-channel mean, after scaling to [0, 1]."),
+    _option("std", ",".join(map(str, IMAGENET_STD)), str, "--std", metavar="S,S,S",
+            help="Images: per-channel standard deviation, after scaling to [0, 1]."),
+)
+
+
+def reads_data(*, sampling: bool = True) -> Callable[[Callable[..., None]], Callable[..., None]]:
+    """Give a command the data options right after MODEL (`sampling=False`: without --max-samples and
+    --seed); it receives them as keyword-only `data` (what --data or --data-fn names, or None) and
+    `data_options`. Typer reads the command's `__signature__`, so the options are declared only here."""
+    options = [option for option in DATA_OPTIONS if sampling or option.name not in ("max_samples", "seed")]
+
+    def decorate(command: Callable[..., None]) -> Callable[..., None]:
+        model, *rest = (parameter for parameter in signature(command, eval_str=True).parameters.values()
+                        if parameter.name not in ("data", "data_options"))
+
+        @functools.wraps(command)
+        def run(**arguments: Any) -> None:
+            given = {option.name: arguments.pop(option.name) for option in options}
+            source = data_source(given.pop("data"), given.pop("data_fn"))
+            images = ImageOptions(resize=given.pop("resize"), crop=given.pop("crop"),
+                                  mean=parse_channel_values(given.pop("mean"), "--mean"),
+                                  std=parse_channel_values(given.pop("std"), "--std"))
+            command(**arguments, data=source, data_options=DataOptions(**given, images=images))
+
+        run.__signature__ = Signature([model, *options, *rest])  # type: ignore[attr-defined]
+        return run
+
+    return decorate
 
 
 def check_report_path(path: Path | None, force: bool) -> None:
@@ -157,17 +184,9 @@ def _root(
 
 
 @app.command()
+@reads_data()
 def inspect(
     model: ModelArg,
-    data: DataOpt = None,
-    data_fn: DataFnOpt = None,
-    batch_size: BatchSizeOpt = 32,
-    max_samples: MaxSamplesOpt = None,
-    seed: SeedOpt = None,
-    resize: ResizeOpt = None,
-    crop: CropOpt = None,
-    mean: MeanOpt = DEFAULT_MEAN,
-    std: StdOpt = DEFAULT_STD,
     as_json: JsonOpt = False,
     fail_on: Annotated[FailOn, typer.Option(
         "--fail-on", help="Exit 1 when a finding of this severity (or worse) is present.")] = FailOn.error,
@@ -176,6 +195,9 @@ def inspect(
     input_shape: InputShapeOpt = None,
     allow_pickle: AllowPickleOpt = False,
     model_factory: FactoryOpt = None,
+    *,
+    data: object | None,
+    data_options: DataOptions,
 ) -> None:
     """List every BN layer with its statistics, health findings and whether it can be folded.
 
@@ -183,46 +205,41 @@ def inspect(
     from bnfold.inspection import inspect as run_inspect
 
     check_report_path(report_path, force)
-    options = data_options(batch_size, max_samples, seed, resize, crop, mean, std)
-    report = run_inspect(model, data_source(data, data_fn), fail_on=fail_on.value, allow_pickle=allow_pickle,
-                         model_factory=model_factory, data_options=options, input_shape=input_shape)
+    report = run_inspect(model, data, fail_on=fail_on.value, allow_pickle=allow_pickle,
+                         model_factory=model_factory, data_options=data_options, input_shape=input_shape)
     write_report(report, report_path, force)
     finish(report, as_json)
 
 
 @app.command()
+@reads_data(sampling=False)
 def fold(
     model: ModelArg,
     output: Annotated[Optional[Path], typer.Option(
-        "-o", "--output", help="Where to write the folded model (same format as the input). "
-                               "Without it, bnfold folds and verifies but writes nothing.")] = None,
+        "-o", "--output", metavar="PATH", help="Where to write the folded model (same format as the input). "
+                                               "Without it, bnfold folds and verifies but writes nothing.")] = None,
     tolerance: Annotated[Optional[float], typer.Option(
         help="Maximum relative output error max|a-b|/max|a| (default 1e-4 for float32, 1e-2 for float16).")] = None,
     input_shape: InputShapeOpt = None,
-    data: Annotated[Optional[Path], typer.Option(
-        "--data", help="Verify on the first batches of this data (.npy, .npz or image directory) instead of "
-                       "random inputs.")] = None,
-    data_fn: DataFnOpt = None,
-    batch_size: BatchSizeOpt = 32,
-    resize: ResizeOpt = None,
-    crop: CropOpt = None,
-    mean: MeanOpt = DEFAULT_MEAN,
-    std: StdOpt = DEFAULT_STD,
     no_verify: Annotated[bool, typer.Option("--no-verify", help="Write without comparing outputs (not recommended).")] = False,
     strict_inputs: Annotated[bool, typer.Option(
         "--strict-inputs", help="ONNX: keep BN whose parameters are also graph inputs (onnxruntime's rule).")] = False,
-    force: Annotated[bool, typer.Option("--force", help="Replace an existing output file.")] = False,
+    force: OutputForceOpt = False,
     in_place: Annotated[bool, typer.Option("--in-place", help="Allow the output to be the input file.")] = False,
     as_json: JsonOpt = False,
     allow_pickle: AllowPickleOpt = False,
     model_factory: FactoryOpt = None,
+    *,
+    data: object | None,
+    data_options: DataOptions,
 ) -> None:
-    """Fold BN into neighbouring Conv/ConvTranspose/Linear/Gemm/MatMul weights, verify, and write."""
+    """Fold BN into neighbouring Conv/ConvTranspose/Linear/Gemm/MatMul weights, verify, and write.
+
+    Verified on random inputs, or with --data on the first batches of the data."""
     from bnfold.folding import fold as run_fold
 
-    options = data_options(batch_size, None, None, resize, crop, mean, std)
-    report = run_fold(model, output, tolerance=tolerance, input_shape=input_shape, data=data_source(data, data_fn),
-                      data_options=options, verify=not no_verify, strict_inputs=strict_inputs, force=force,
+    report = run_fold(model, output, tolerance=tolerance, input_shape=input_shape, data=data,
+                      data_options=data_options, verify=not no_verify, strict_inputs=strict_inputs, force=force,
                       in_place=in_place, allow_pickle=allow_pickle, model_factory=model_factory)
     finish(report, as_json)
 
@@ -233,29 +250,25 @@ class RecalibrationMethod(str, Enum):
 
 
 @app.command()
+@reads_data()
 def recalibrate(
     model: ModelArg,
-    data: DataOpt = None,
-    data_fn: DataFnOpt = None,
     output: Annotated[Optional[Path], typer.Option(
-        "-o", "--output", help="Where to write the recalibrated model (same format as the input).")] = None,
+        "-o", "--output", metavar="PATH",
+        help="Where to write the recalibrated model (same format as the input).")] = None,
     in_place: Annotated[bool, typer.Option("--in-place", help="Overwrite the input model file.")] = False,
-    force: Annotated[bool, typer.Option("--force", help="Replace an existing output file.")] = False,
+    force: OutputForceOpt = False,
     method: Annotated[RecalibrationMethod, typer.Option(
         "--method", help="exact: each BN gets the statistics it sees at inference once the layers before it "
                          "are recalibrated (one pass per dependency level); fast: one pass with only the BN "
                          "layers normalizing by batch statistics.")] = RecalibrationMethod.exact,
-    batch_size: BatchSizeOpt = 32,
-    max_samples: MaxSamplesOpt = None,
-    seed: SeedOpt = None,
-    resize: ResizeOpt = None,
-    crop: CropOpt = None,
-    mean: MeanOpt = DEFAULT_MEAN,
-    std: StdOpt = DEFAULT_STD,
     device: Annotated[str, typer.Option("--device", help="cpu, or cuda when a GPU is present.")] = "cpu",
     as_json: JsonOpt = False,
     allow_pickle: AllowPickleOpt = False,
     model_factory: FactoryOpt = None,
+    *,
+    data: object | None,
+    data_options: DataOptions,
 ) -> None:
     """Re-estimate every BN layer's running mean and variance on your data, exactly, and write the model.
 
@@ -264,16 +277,14 @@ def recalibrate(
     """
     from bnfold.recalibration import recalibrate as run_recalibrate
 
-    source = data_source(data, data_fn)
-    if source is None:
+    if data is None:
         raise UsageError("pass exactly one of --data PATH and --data-fn MODULE:CALLABLE")
     if output is None and not in_place:
         raise UsageError("say where to write the result: -o PATH, or --in-place to overwrite the input")
-    images = image_options(resize, crop, mean, std)
     report = run_recalibrate(
-        model, source, method=method.value,
-        output=output, force=force, in_place=in_place, batch_size=batch_size, max_samples=max_samples,
-        seed=seed, images=images, device=device, allow_pickle=allow_pickle, model_factory=model_factory,
+        model, data, method=method.value, output=output, force=force, in_place=in_place,
+        batch_size=data_options.batch_size, max_samples=data_options.max_samples, seed=data_options.seed,
+        images=data_options.images, device=device, allow_pickle=allow_pickle, model_factory=model_factory,
         progress=True)
     from bnfold.distributed import world
 
@@ -291,19 +302,12 @@ def _limit_option(key: str, help_text: str):
 
 
 @app.command()
+@reads_data()
 def check(
     model: ModelArg,
-    data: DataOpt = None,
-    data_fn: DataFnOpt = None,
-    batch_size: BatchSizeOpt = 32,
-    max_samples: MaxSamplesOpt = None,
-    seed: SeedOpt = None,
-    resize: ResizeOpt = None,
-    crop: CropOpt = None,
-    mean: MeanOpt = DEFAULT_MEAN,
-    std: StdOpt = DEFAULT_STD,
     config: Annotated[Optional[Path], typer.Option(
-        "--config", help="bnfold.toml, or pyproject.toml with [tool.bnfold] (default: the nearest one).")] = None,
+        "--config", metavar="PATH",
+        help="bnfold.toml, or pyproject.toml with [tool.bnfold] (default: the nearest one).")] = None,
     max_layer_kl: _limit_option("max-layer-kl", "Fail when a BN layer's channel-mean KL(data || running) exceeds X") = None,
     max_mean_shift: _limit_option("max-mean-shift", "Fail when a BN layer's channel-mean mean shift exceeds X") = None,
     max_output_kl: _limit_option("max-output-kl", "Fail when the softmax KL, running vs data statistics, exceeds X") = None,
@@ -322,6 +326,9 @@ def check(
     as_json: JsonOpt = False,
     allow_pickle: AllowPickleOpt = False,
     model_factory: FactoryOpt = None,
+    *,
+    data: object | None,
+    data_options: DataOptions,
 ) -> None:
     """Gate a model in CI: exit 1 when a policy fails (static findings, folding, statistics drift on --data)."""
     from bnfold.gate import check as run_check
@@ -332,9 +339,8 @@ def check(
              "max-output-l2": max_output_l2, "require-folded": require_folded,
              "fail-on": fail_on.value if fail_on else None}
     check_report_path(report_path, force)
-    options = data_options(batch_size, max_samples, seed, resize, crop, mean, std)
-    report = run_check(model, data_source(data, data_fn), policy=load_policy(config, flags=flags),
-                       data_options=options, allow_pickle=allow_pickle, model_factory=model_factory,
+    report = run_check(model, data, policy=load_policy(config, flags=flags),
+                       data_options=data_options, allow_pickle=allow_pickle, model_factory=model_factory,
                        input_shape=input_shape)
     if junit_xml is not None:
         write_junit(report, junit_xml)
@@ -353,9 +359,7 @@ def bench(
         "--batch-size", show_default=False, help="Samples per forward (default: 1, or --input-shape's).")] = None,
     runs: Annotated[int, typer.Option("--runs", help="Timed runs of each model, interleaved.")] = 20,
     warmup: Annotated[int, typer.Option("--warmup", help="Untimed runs of each model first.")] = 3,
-    input_shape: Annotated[Optional[str], typer.Option(
-        "--input-shape", metavar="SHAPE", help="Input shape when the file records none, e.g. 1,3,224,224 "
-                                               "(';' between inputs).")] = None,
+    input_shape: InputShapeOpt = None,
     as_json: JsonOpt = False,
     allow_pickle: AllowPickleOpt = False,
     model_factory: FactoryOpt = None,
