@@ -61,17 +61,25 @@ class DriftLimits:
                 "max_output_kl": self.max_output_kl, "max_output_l2": self.max_output_l2}
 
 
-def channel_measures(data_mean: np.ndarray, data_var: np.ndarray, running_mean: np.ndarray,
-                     running_var: np.ndarray, eps: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Per channel (mean_shift, var_log_ratio, kl), as defined in the module docstring."""
-    data_mean, running_mean = np.asarray(data_mean, np.float64), np.asarray(running_mean, np.float64)
+def shift_and_ratio(data_mean: np.ndarray, data_var: np.ndarray, running_mean: np.ndarray,
+                    running_var: np.ndarray, eps: float) -> tuple[np.ndarray, np.ndarray]:
+    """Per channel, the mean shift |m_d - m_r| / sqrt(v_r + eps) and the variance ratio
+    (v_d + eps) / (v_r + eps); also the `recalibrate` report's old-to-new drift. A stored variance below
+    -eps has no deviation: the shift is NaN there, as the layer's output is."""
     data_var = np.asarray(data_var, np.float64) + eps
     running_var = np.asarray(running_var, np.float64) + eps
     with np.errstate(invalid="ignore", divide="ignore"):
-        delta = data_mean - running_mean
-        mean_shift = np.abs(delta) / np.sqrt(running_var)
-        log_ratio = np.log(data_var / running_var)
-        kl = 0.5 * (data_var / running_var - 1.0 - log_ratio + delta * delta / running_var)
+        delta = np.asarray(data_mean, np.float64) - np.asarray(running_mean, np.float64)
+        return np.abs(delta) / np.sqrt(running_var), data_var / running_var
+
+
+def channel_measures(data_mean: np.ndarray, data_var: np.ndarray, running_mean: np.ndarray,
+                     running_var: np.ndarray, eps: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per channel (mean_shift, var_log_ratio, kl), as defined in the module docstring."""
+    mean_shift, ratio = shift_and_ratio(data_mean, data_var, running_mean, running_var, eps)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        log_ratio = np.log(ratio)
+        kl = 0.5 * (ratio - 1.0 - log_ratio + mean_shift * mean_shift)
     return mean_shift, np.abs(log_ratio), kl
 
 
@@ -197,4 +205,5 @@ def log_softmax(logits: np.ndarray) -> np.ndarray:
     return shifted - np.log(np.sum(np.exp(shifted), axis=1, keepdims=True))
 
 
-__all__ = ["DriftLimits", "LayerDiscrepancy", "OutputComparison", "Spread", "channel_measures", "compare_layer"]
+__all__ = ["DriftLimits", "LayerDiscrepancy", "OutputComparison", "Spread", "channel_measures", "compare_layer",
+           "shift_and_ratio"]

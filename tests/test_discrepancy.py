@@ -50,6 +50,23 @@ def test_mean_shift_and_variance_ratio_use_eps_like_the_layer():
     assert shift[1] == 0.0
 
 
+def test_recalibrate_report_measures_drift_as_inspect_does():
+    """Old → new statistics in the recalibrate report are running → data statistics in inspect --data."""
+    from bnfold.reports.recalibrate import LayerRecalibration
+
+    old_mean, old_var = np.array([0.0, 1.0, 0.0]), np.array([1.0, 4.0, -1.0])  # -1: a damaged variance
+    new_mean, new_var = np.array([0.5, 1.0, 0.0]), np.ones(3)
+    layer = LayerRecalibration(name="bn", kind="BatchNorm2d", channels=3, eps=1e-5, pass_number=1, samples=8,
+                               values_per_channel=8, batches=1, old_mean=old_mean, old_var=old_var,
+                               new_mean=new_mean, new_var=new_var, standard_error=np.zeros(3))
+    shift, ratio = layer.drift()
+    inspect_shift, inspect_log_ratio, _ = channel_measures(new_mean, new_var, old_mean, old_var, eps=1e-5)
+    np.testing.assert_array_equal(shift, inspect_shift)
+    np.testing.assert_allclose(np.abs(np.log(ratio[:2])), inspect_log_ratio[:2], rtol=1e-15)
+    assert shift[0] == pytest.approx(0.5, rel=1e-4) and ratio[1] == pytest.approx(0.25, rel=1e-4)
+    summary = layer.to_dict()["mean_shift_in_old_std"]  # the damaged channel has no deviation to shift by
+    assert summary["non_finite"] == 1 and summary["max"] == pytest.approx(0.5, rel=1e-4)
+
 finite = st.floats(-5, 5, allow_nan=False)
 positive = st.floats(1e-3, 10, allow_nan=False)
 

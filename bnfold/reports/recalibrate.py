@@ -10,6 +10,7 @@ from rich.console import Console, ConsoleOptions, RenderResult
 from rich.table import Table
 from rich.text import Text
 
+from bnfold.discrepancy import shift_and_ratio
 from bnfold.layers import Finding, summarize
 from bnfold.model import Model
 from bnfold.reports.base import Report, finding_line, fmt_number
@@ -34,25 +35,19 @@ class LayerRecalibration:
     new_var: np.ndarray
     standard_error: np.ndarray  # of new_mean, per channel, from the spread of per-sample means
 
-    def mean_shift(self) -> np.ndarray | None:
-        """|new - old mean| in units of the old standard deviation: how far the input distribution moved."""
+    def drift(self) -> tuple[np.ndarray | None, np.ndarray | None]:
+        """Per channel, how far the input moved: the mean shift in old standard deviations and the variance
+        ratio new/old (the gain changes by its inverse square root), as `inspect --data` measures drift."""
         if self.old_mean is None or self.old_var is None:
-            return None
-        with np.errstate(invalid="ignore", divide="ignore"):
-            return np.abs(self.new_mean - self.old_mean) / np.sqrt(np.maximum(self.old_var, 0) + self.eps)
-
-    def variance_ratio(self) -> np.ndarray | None:
-        """(new var + eps) / (old var + eps): the factor the layer's gain changes by, squared and inverted."""
-        if self.old_var is None:
-            return None
-        with np.errstate(invalid="ignore", divide="ignore"):
-            return (self.new_var + self.eps) / (self.old_var + self.eps)
+            return None, None
+        return shift_and_ratio(self.new_mean, self.new_var, self.old_mean, self.old_var, self.eps)
 
     def relative_error(self) -> np.ndarray:
         """Standard error of the new mean in units of the new standard deviation (0.05 = known to 5%)."""
         return self.standard_error / np.sqrt(self.new_var + self.eps)
 
     def to_dict(self) -> dict[str, Any]:
+        shift, ratio = self.drift()
         return {
             "name": self.name,
             "kind": self.kind,
@@ -65,8 +60,8 @@ class LayerRecalibration:
             "new_mean": summarize(self.new_mean),
             "old_var": summarize(self.old_var),
             "new_var": summarize(self.new_var),
-            "mean_shift_in_old_std": summarize(self.mean_shift()),
-            "variance_ratio": summarize(self.variance_ratio()),
+            "mean_shift_in_old_std": summarize(shift),
+            "variance_ratio": summarize(ratio),
             "standard_error": summarize(self.standard_error),
             "relative_standard_error": summarize(self.relative_error()),
         }
@@ -128,7 +123,7 @@ class RecalibrateReport(Report):
                                 ("max shift (σ)", "right"), ("var ratio", "right"), ("max rel. SE", "right")):
             table.add_column(column, justify=justify, overflow="fold")
         for layer in self.layers:
-            shift, ratio = layer.mean_shift(), layer.variance_ratio()
+            shift, ratio = layer.drift()
             table.add_row(
                 layer.name, str(layer.pass_number), str(layer.samples),
                 f"{_over_channels(layer.old_mean, np.mean)} → {_over_channels(layer.new_mean, np.mean)}",
