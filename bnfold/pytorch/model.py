@@ -59,12 +59,11 @@ class ExportedProgramModel(Model):
         torch.export.save(self.program, str(path))
 
 
-class TorchScriptModel(Model):
-    """A TorchScript archive (torch.jit.save)."""
+class _ModuleBacked(Model):
+    """A model held as a module (TorchScript or eager): its BN layers are submodules, and it records no
+    inputs. A base of its own, not ModuleModel: the engines tell eager modules from TorchScript by type."""
 
-    format = ModelFormat.TORCHSCRIPT
-
-    def __init__(self, path: Path, module: torch.jit.ScriptModule) -> None:
+    def __init__(self, path: Path, module: nn.Module) -> None:
         super().__init__(path)
         self.module = module
 
@@ -76,28 +75,25 @@ class TorchScriptModel(Model):
 
     def parameter_count(self) -> int:
         return _numel(self.module.state_dict())
+
+
+class TorchScriptModel(_ModuleBacked):
+    """A TorchScript archive (torch.jit.save)."""
+
+    format = ModelFormat.TORCHSCRIPT
+    module: torch.jit.ScriptModule
 
     def save(self, path: Path) -> None:
         torch.jit.save(self.module, str(path))
 
 
-class ModuleModel(Model):
+class ModuleModel(_ModuleBacked):
     """An eager nn.Module: unpickled (with consent) or built by a factory and given a state_dict."""
 
     def __init__(self, path: Path, module: nn.Module, fmt: ModelFormat, safetensors: bool = False) -> None:
-        super().__init__(path)
-        self.module = module
+        super().__init__(path, module)
         self.format = fmt
         self.safetensors = safetensors
-
-    def bn_layers(self) -> list[BNLayer]:
-        return discover_module(self.module)
-
-    def input_specs(self) -> list[InputSpec]:
-        return []
-
-    def parameter_count(self) -> int:
-        return _numel(self.module.state_dict())
 
     def save(self, path: Path) -> None:
         if self.format is ModelFormat.PICKLE:
