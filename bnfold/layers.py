@@ -177,6 +177,10 @@ class FoldDecision:
         """A short human description for tables."""
         if self.status is FoldStatus.KEPT:
             return f"kept: {self.reason}"
-        arrow = "→" if self.direction is not FoldDirection.INTO_CONSUMER else "←"
-        targets = (" + " if self.direction is FoldDirection.SUM else ", ").join(self.targets)
-        return f"{self.status.value} {arrow} {targets}" if targets else self.status.value
+        return f"{self.status.value} {self.destination()}" if self.targets else self.status.value
+
+    def destination(self) -> str:
+        """Where the BN went, as every report shows it: '→ conv', '← next conv' (folded forward),
+        '→ a, b' (split across a concat), '→ a + b' (every summed layer took it)."""
+        arrow = "←" if self.direction is FoldDirection.INTO_CONSUMER else "→"
+        return f"{arrow} {(' + ' if self.direction is FoldDirection.SUM else ', ').join(self.targets)}"

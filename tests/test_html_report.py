@@ -116,6 +116,19 @@ def test_kept_reasons_fold_targets_and_findings_are_shown(plain):
         assert finding.code in by_name[finding.layer] and " ".join(finding.message.split()) in by_name[finding.layer]
 
 
+def test_a_bn_folded_into_a_sum_reads_as_in_the_tables():
+    """Every summed conv takes the whole BN: 'conv1 + conv2', as FoldDecision.describe writes it for the
+    fold and inspect tables, not 'conv1, conv2' (a split across a concat)."""
+    rng = np.random.default_rng(0)
+    nodes = [helper.make_node("Conv", ["x", "w1"], ["a"], name="conv1"),
+             helper.make_node("Conv", ["x", "w2"], ["b"], name="conv2"),
+             helper.make_node("Add", ["a", "b"], ["s"], name="add"), bn_node("s", "y")]
+    report = inspect(make(nodes, {"x": ([1, 4, 5, 5], np.float32)}, {"y": (None, np.float32)},
+                          {"w1": weights(rng, 6, 4, 1, 1), "w2": weights(rng, 6, 4, 1, 1), **bn_params(rng, 6)}))
+    (card,) = cards(parse(render_html(report)))
+    assert text(card.find(".//p[@class='fold']")) == "fold foldable → conv1 + conv2"
+    assert "→ conv1 + conv2" in [span.text for span in card.iter("span")]  # the pill beside the name
+
 def test_per_channel_charts_draw_one_bar_per_channel(plain):
     root = parse(render_html(plain))
     for card, layer in zip(cards(root), _ordered(plain, card_names(root))):

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from bnfold.discrepancy import LayerDiscrepancy
-from bnfold.layers import BNLayer, Finding, FoldDecision, FoldDirection, FoldStatus, Severity
+from bnfold.layers import BNLayer, Finding, FoldDecision, FoldStatus, Severity
 from bnfold.output import atomic_write, check_output_path
 from bnfold.reports.base import fmt_number
 from bnfold.reports.check import CheckReport, Outcome
@@ -251,18 +251,11 @@ def _fold_pill(decision: FoldDecision | None) -> str:
         return _pill("fold unknown", "muted")
     if decision.status is FoldStatus.KEPT:
         return _pill("kept", "warn")
-    return _pill(f"→ {', '.join(decision.targets)}", "good wrap")
+    return _pill(decision.destination(), "good wrap")
 
 
 def _fold_text(decision: FoldDecision | None) -> str:
-    if decision is None:
-        return "fold analysis not available for this model"
-    if decision.status is FoldStatus.KEPT:
-        return f"kept: {decision.reason}"
-    targets = ", ".join(decision.targets)
-    how = {FoldDirection.INTO_CONSUMER: "forward into the next layer", FoldDirection.SPLIT: "split across"}.get(
-        decision.direction, "into")
-    return f"{decision.status.value}: {how} {targets}"
+    return decision.describe() if decision is not None else "fold analysis not available for this model"
 
 
 def _health_pills(findings: list[Finding]) -> str:

@@ -10,7 +10,7 @@ from rich.table import Table
 from rich.text import Text
 
 from bnfold.discrepancy import DriftLimits, LayerDiscrepancy, OutputComparison
-from bnfold.layers import BNLayer, Finding, FoldDecision, FoldDirection, FoldStatus, Severity, summarize
+from bnfold.layers import BNLayer, Finding, FoldDecision, FoldStatus, Severity, summarize
 from bnfold.reports.base import SEVERITY_STYLE, Report, finding_line, fmt_number, fmt_range
 
 
@@ -153,8 +153,7 @@ def _fold_cell(decision: FoldDecision | None) -> Text:
         return Text("-", style="dim")
     if decision.status is FoldStatus.KEPT:
         return Text("kept", style="red")
-    arrow = "←" if decision.direction is FoldDirection.INTO_CONSUMER else "→"
-    return Text(f"{arrow} {', '.join(decision.targets)}", style="green")
+    return Text(decision.destination(), style="green")
 
 
 def _health(findings: list[Finding]) -> Text:
