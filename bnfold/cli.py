@@ -393,9 +393,10 @@ def main(argv: list[str] | None = None) -> None:
     except BnfoldError as error:
         if _debug_enabled():
             traceback.print_exc()
-        err.print(Text.assemble(("error: ", "bold red"), error.message), highlight=False, soft_wrap=True)
-        if error.hint:
-            err.print(Text(f"hint: {error.hint}", style="dim"), highlight=False, soft_wrap=True)
+        if not error.reported_by_root:  # under torchrun, an error every rank shares is printed once
+            err.print(Text.assemble(("error: ", "bold red"), error.message), highlight=False, soft_wrap=True)
+            if error.hint:
+                err.print(Text(f"hint: {error.hint}", style="dim"), highlight=False, soft_wrap=True)
         sys.exit(int(error.exit_code))
     except Exit as done:
         sys.exit(done.exit_code)

@@ -8,9 +8,11 @@ is an average of per-rank estimates (biased when shards differ in size).
 
 A step that can fail on one rank only (its data, its GPU) runs under `agree_on_failure`: afterwards
 every rank has failed or none has, so rank 0 never writes a result another rank could not help
-compute. A rank that dies outright breaks the connection, which the others report as a
-`DistributedError`; the process group's timeout (`BNFOLD_DISTRIBUTED_TIMEOUT` seconds, default 1800)
-bounds how long a rank waits for one that stops answering, and torchrun stops the rest when one exits.
+compute. An error every rank met alike (a missing data file) is printed by rank 0 alone; a rank's own
+failure by that rank, and by rank 0 as "rank N failed". A rank that dies outright breaks the
+connection, which the others report as a `DistributedError`; the process group's timeout
+(`BNFOLD_DISTRIBUTED_TIMEOUT` seconds, default 1800) bounds how long a rank waits for one that stops
+answering, and torchrun stops the rest when one exits.
 
 A single process gets the plain `World`, whose exchanges do nothing: it never imports torch.
 """
@@ -99,7 +101,8 @@ class ProcessGroupWorld(World):
         self._share(None)
 
     def _share(self, error: Exception | None) -> None:
-        """Tell every rank whether this one failed; raise on a rank that did not when another did."""
+        """Tell every rank whether this one failed; raise on a rank that did not when another did. An
+        error rank 0 met word for word is marked `reported_by_root`: rank 0 prints it for the job."""
         dist = _torch_distributed()
         statuses: list[tuple[str, str | None] | None] = [None] * self.size
         with self._collective("agreeing on failures"):
@@ -109,6 +112,8 @@ class ProcessGroupWorld(World):
             rank, (message, hint) = failed[0]
             others = f" (and {len(failed) - 1} more)" if len(failed) > 1 else ""
             raise DistributedError(f"rank {rank} of {self.size} failed{others}: {message}", hint)
+        if isinstance(error, BnfoldError) and not self.root and statuses[self.rank] == statuses[0]:
+            error.reported_by_root = True
 
     def all_reduce_statistics(self, statistics: dict[str, ChannelStatistics],
                               channels: Mapping[str, int]) -> dict[str, ChannelStatistics]:

@@ -34,6 +34,8 @@ class BnfoldError(Exception):
     """A failure the user can act on: printed as one line plus an optional hint."""
 
     exit_code: ExitCode = ExitCode.USAGE
+    # Under torchrun: rank 0 failed with the same message and prints it, so this rank stays quiet.
+    reported_by_root: bool = False
 
     def __init__(self, message: str, hint: str | None = None) -> None:
         super().__init__(message)

@@ -101,7 +101,16 @@ def test_a_failing_rank_fails_the_job_and_nothing_is_written(tmp_path):
     assert completed.returncode != 0
     assert "error: rank 1 of 2 failed: batches from failing_shard() raised OSError: shard 1 of the calibration " \
            "set is unreadable" in completed.stderr
+    assert "error: batches from failing_shard() raised OSError" in completed.stderr  # rank 1's own line
     assert completed.stdout == "" and not output.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_an_error_every_rank_meets_is_printed_once(tmp_path):
+    missing = tmp_path / "missing.npy"
+    completed = torchrun("-m", "bnfold", "recalibrate", str(SAMPLES / "cnn.onnx"), "--data", str(missing),
+                         "-o", str(tmp_path / "out.onnx"))
+    assert completed.returncode != 0
+    assert completed.stderr.count(f"error: no such data file or directory: {missing}") == 1  # by rank 0
 
 
 def test_a_crashed_rank_ends_the_job_instead_of_hanging_it(tmp_path):
