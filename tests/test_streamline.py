@@ -6,9 +6,11 @@ from __future__ import annotations
 import io
 
 import numpy as np
+import pytest
 import torch
 from torch import fx, nn
 
+from bnfold.pytorch.capture import quiet, unlift
 from bnfold.pytorch.streamline import streamline
 from tests.torch_builders import fold, outputs, randomized, runnable
 from tests.zoo import ZOO_BY_NAME
@@ -109,8 +111,39 @@ def test_a_round_trip_stays_when_its_source_is_read_elsewhere():
         assert torch.equal(graph(x), RoundTrip(shared)(x))
 
 
-def test_tensors_that_no_op_reads_are_not_fetched_or_saved():
+def test_an_exported_graph_calls_torch_bindings_and_fetches_only_what_it_reads():
     entry = ZOO_BY_NAME["mobilenetv2_timm"]  # Conv2dSame: captured with torch.export, which fetches every buffer
-    folded = runnable(fold(entry.factory(), entry.input_shape).folded_model)
+    model, x = entry.factory(), entry.example(batch=2)
+    folded = runnable(fold(model, entry.input_shape).folded_model)
     assert not [node for node in folded.graph.nodes if node.op == "get_attr" and not node.users]
     assert not [name for name in folded.state_dict() if name.endswith("num_batches_tracked")]
+    assert not [node for node in folded.graph.nodes if isinstance(node.target, torch._ops.OpOverload)]
+    again = _reloaded(folded)
+    assert "torch.conv2d(" in again.code
+    assert np.allclose(outputs(model, x), outputs(again, x), rtol=1e-5, atol=1e-6)
+
+
+def test_aten_ops_without_a_function_binding_stay_as_they_are():
+    graph = fx.Graph()
+    x = graph.placeholder("x")
+    viewed = graph.call_function(torch.ops.aten.view.default, (x, [2, 6]))  # a Tensor method only
+    graph.output(graph.call_function(torch.ops.aten.relu.default, (viewed,)))
+    module = fx.GraphModule(nn.Module(), graph)
+    streamline(module)
+    assert [node.target for node in module.graph.nodes if node.op == "call_function"] == [
+        torch.ops.aten.view.default, torch.relu]
+    x = torch.randn(3, 4)
+    assert torch.equal(module(x), x.view(2, 6).relu())
+
+
+@pytest.mark.parametrize("name", ["vit_bn", "unet", "tcn1d"])  # attention and token ops, ConvTranspose and
+def test_streamlined_export_graphs_compute_bit_for_bit_the_same(name):  # concat, circular padding
+    entry = ZOO_BY_NAME[name]
+    model, x = entry.factory(), entry.example(batch=2)
+    with quiet():
+        graph = unlift(torch.export.export(model, (x,), strict=False))
+    expected = outputs(graph, x)
+    streamline(graph)
+    left = {node.target.__name__ for node in graph.graph.nodes if isinstance(node.target, torch._ops.OpOverload)}
+    assert left <= {"view.default", "reshape_as.default"}  # Tensor methods: no function binding
+    assert np.array_equal(outputs(graph, x), expected)

@@ -9,7 +9,10 @@ folding:
 - stateless torch.nn leaf modules (no tensors, children or hooks, the same code in training and eval
   mode) become the functional calls their forward makes, and an Identity disappears;
 - a `reshape_as`/`view_as` back to the tensor that a chain of flatten/reshape ops started from (what is
-  left of `bn(x.flatten(0, 1)).reshape_as(x)` once the BN is folded) becomes that tensor.
+  left of `bn(x.flatten(0, 1)).reshape_as(x)` once the BN is folded) becomes that tensor;
+- an aten op of a graph captured with torch.export (`torch.ops.aten.conv2d.default`, a Python object
+  whose call parses its arguments against the schema: microseconds per op) becomes torch's generated
+  binding of the same operator (`torch.conv2d`), which dispatches to the same kernel.
 
 Every module that holds tensors keeps its name, so the folded model's state_dict keys stay the original
 model's module paths.
@@ -18,7 +21,9 @@ model's module paths.
 from __future__ import annotations
 
 import copy
+import types
 
+import torch
 from torch import fx, nn
 
 from bnfold.pytorch.ops import kind_of
@@ -30,8 +35,8 @@ def streamline(root: nn.Module) -> None:
     """Streamline every GraphModule in `root` (changed in place); outputs do not change."""
     for module in list(root.modules()):
         if isinstance(module, fx.GraphModule):
-            inlined = _inline_stateless(module)
-            if _drop_round_trips(module) or inlined:
+            changed = [_inline_stateless(module), _drop_round_trips(module), _bind_aten_ops(module)]
+            if any(changed):
                 module.graph.lint()
                 module.delete_all_unused_submodules()
                 module.recompile()
@@ -114,3 +119,28 @@ def _round_trip_source(node: fx.Node, module: fx.GraphModule) -> fx.Node | None:
     if chain is not source or not links or set(source.users) != {links[-1], node}:
         return None
     return source
+
+
+def _bind_aten_ops(module: fx.GraphModule) -> bool:
+    changed = False
+    for node in module.graph.nodes:
+        if node.op == "call_function" and isinstance(node.target, torch._ops.OpOverload):
+            binding = _binding(node.target)
+            if binding is not None:
+                node.target = binding
+                changed = True
+    return changed
+
+
+def _binding(op: torch._ops.OpOverload) -> types.BuiltinFunctionType | None:
+    """torch's generated Python binding of an aten operator (`torch.conv2d`, `torch._C._nn.pad`), if the
+    generated code can name it. Bindings are generated from the operator's schemas, so the arguments the
+    graph passes (positional and keyword-only as in the schema) select an overload of the same operator."""
+    if op.namespace != "aten":
+        return None
+    name = op._schema.name.split("::")[1]
+    for space, public in ((torch._C._VariableFunctions, torch), (torch._C._nn, torch._C._nn)):
+        binding = getattr(space, name, None)
+        if isinstance(binding, types.BuiltinFunctionType) and getattr(public, name, None) is binding:
+            return binding
+    return None
