@@ -39,8 +39,8 @@ def fold_into_producer(weight: np.ndarray, bias: np.ndarray | None, scale: np.nd
 
     Conv (C_out, C_in/g, *k): axis 0. Linear (out, in): axis 0. MatMul/Gemm B (K, N): axis 1.
     """
-    weight = np.asarray(weight, np.float64)
-    new_weight = weight * _broadcast(scale, weight.ndim, out_axis)
+    new_weight = np.array(weight, np.float64)  # the one float64 copy, scaled in place (weights can be large)
+    new_weight *= _broadcast(scale, new_weight.ndim, out_axis)
     return new_weight, _bias(bias, scale.size) * scale + shift
 
 
@@ -67,16 +67,16 @@ def fold_into_consumer(weight: np.ndarray, bias: np.ndarray | None, scale: np.nd
     Exact for the shift only when the consumer sees no zero padding (the caller checks): padded zeros
     would have been `shift` before the fold. Input channel of group g, row k is g * (C_in/g) + k.
     """
-    weight = np.asarray(weight, np.float64)
-    c_out, per_group = weight.shape[0], weight.shape[1]
+    new_weight = np.array(weight, np.float64, order="C")  # the one float64 copy, scaled in place below
+    c_out, per_group = new_weight.shape[0], new_weight.shape[1]
     if c_out % groups or scale.size != per_group * groups:
-        raise ValueError(f"weight {weight.shape} does not fit groups={groups}, C_in={scale.size}")
-    kernel = weight.shape[2:]
-    grouped = weight.reshape(groups, c_out // groups, per_group, *kernel)
+        raise ValueError(f"weight {new_weight.shape} does not fit groups={groups}, C_in={scale.size}")
+    kernel = new_weight.shape[2:]
+    grouped = new_weight.reshape(groups, c_out // groups, per_group, *kernel)  # a view
     scale_g = scale.reshape(groups, 1, per_group, *([1] * len(kernel)))
     shift_g = shift.reshape(groups, 1, per_group, *([1] * len(kernel)))
-    new_weight = (grouped * scale_g).reshape(weight.shape)
     extra_bias = (grouped * shift_g).reshape(groups, c_out // groups, -1).sum(axis=2).reshape(c_out)
+    grouped *= scale_g
     return new_weight, _bias(bias, c_out) + extra_bias
 
 

@@ -40,7 +40,7 @@ class Constants:
         self.opset_imports = opset_imports
         self.strict_inputs = strict_inputs
         self.parent = parent
-        self._cache = {} if cache is None else cache  # shared across scopes: value names are unique
+        self._cache = {} if cache is None else cache  # evaluated values, shared across scopes: names are unique
         self._computable = self._constant_names()
         stored = sum(math.prod(init.dims) for init in index.initializers.values())
         self._budget: int = 2 * stored + (parent._budget if parent is not None else SPARE_ELEMENTS)
@@ -55,10 +55,9 @@ class Constants:
             return None
         owner = self._owner(name)
         node = owner.index.producers.get(name)
-        if node is None:  # an initializer
-            value = owner.index.constant(name)
-        else:
-            value = owner._evaluate(node).get(name)
+        if node is None or node.op_type == "Constant":  # stored in the model: read again, never held twice
+            return owner.index.constant(name)
+        value = owner._evaluate(node).get(name)
         if value is not None:
             self._cache[name] = value
         return value
@@ -116,9 +115,6 @@ class Constants:
 
     def _evaluate(self, node: onnx.NodeProto) -> dict[str, np.ndarray]:
         """Run one constant node; an evaluation failure just means "not a constant"."""
-        if node.op_type == "Constant":
-            value = self.index.constant(node.output[0])
-            return {} if value is None else {node.output[0]: value}
         feeds = {}
         for name in node.input:
             if name:

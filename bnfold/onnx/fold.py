@@ -2,8 +2,11 @@
 
 Planning runs the fold passes on a scratch copy until nothing changes (a fold can expose the next one:
 Conv -> BN -> BN, or Conv -> BN -> Mul -> Add), recording every rewrite as a `FoldAction`. Applying
-deep-copies the caller's model and replays those actions in order, so `inspect` and `fold` share one
-source of truth and the caller's ModelProto is never touched. Weights are folded in float64 by
+replays those actions in order on a fresh copy, so `inspect` and `fold` share one source of truth and
+the caller's ModelProto is never touched. Both copies are weightless (`bnfold.onnx.weightless`): they
+read the caller's weights and hold only what a fold writes, so planning costs no copy of the weights
+(its folded weights are stand-ins of the right shape and dtype: analysis reads nothing else of a
+layer's weight) and the folded model holds one. Weights are folded in float64 by
 `bnfold.foldmath` and written once, as new initializers in the tensor's own dtype. Originals are never
 changed in place, so a weight shared by several nodes stays intact for the others: a folded node gets
 its own copy, unless every user is an identical layer with an identical BN (then one copy serves all).
@@ -15,14 +18,13 @@ inputs are removed once nothing reads them. `FoldOptions(strict_inputs=True)` ke
 
 from __future__ import annotations
 
-import copy
 import json
 from collections import Counter
 from collections.abc import Iterable
 
 import numpy as np
 import onnx
-from onnx import helper, numpy_helper
+from onnx import helper
 
 from bnfold import __version__, foldmath
 from bnfold.layers import FoldDecision, FoldDirection, FoldStatus
@@ -31,6 +33,7 @@ from bnfold.onnx.graph import BN_OP, GraphIndex, attribute, node_label, opset_ve
 from bnfold.onnx.patterns import (ELEMENTWISE_OPS, Affine, FoldAction, Layer, Link, Scope, Skip, analyze,
                                   bn_affine, elementwise_affine, is_op, read_layer)
 from bnfold.onnx.shapes import ValueFacts, infer_facts
+from bnfold.onnx.weightless import Weightless
 from bnfold.plan import FoldOptions, FoldPlan
 
 METADATA_KEY = "bnfold.fold"
@@ -38,7 +41,7 @@ METADATA_KEY = "bnfold.fold"
 
 def plan_folds(model: onnx.ModelProto, options: FoldOptions = FoldOptions()) -> FoldPlan:
     """Per-BN decisions and the rewrites that carry them out; `model` is not changed."""
-    state = _FoldState(copy.deepcopy(model), options, analyse=True)
+    state = _FoldState(model, options, analyse=True)
     decisions = {label: FoldDecision(label, FoldStatus.KEPT, reason="not analysed")
                  for label in state.bn_labels()}
     actions: list[FoldAction] = []
@@ -67,22 +70,25 @@ def plan_folds(model: onnx.ModelProto, options: FoldOptions = FoldOptions()) -> 
 
 def apply_folds(model: onnx.ModelProto, plan: FoldPlan) -> onnx.ModelProto:
     """A new model with the plan's actions carried out, dead weights removed and provenance recorded."""
-    state = _FoldState(copy.deepcopy(model), FoldOptions(), analyse=False)
+    state = _FoldState(model, FoldOptions(), analyse=False)
     for action in plan.actions:
         try:
             state.execute(action)
         except (Skip, KeyError, AttributeError) as error:
             raise ValueError(f"the fold plan does not match this model ({error})") from None
     state.finish(plan)
-    return state.proto
+    return state.weightless.restore()
 
 
 class _FoldState:
-    """A model being folded, with an index per graph that is rebuilt after every rewrite."""
+    """A weightless copy of a model being folded, with an index per graph that is rebuilt after every
+    rewrite. With `analyse` (planning), folded weights are stand-ins; otherwise they are computed."""
 
-    def __init__(self, proto: onnx.ModelProto, options: FoldOptions, *, analyse: bool) -> None:
-        self.proto = proto
+    def __init__(self, model: onnx.ModelProto, options: FoldOptions, *, analyse: bool) -> None:
+        self.weightless = Weightless(model)
+        self.proto = proto = self.weightless.proto
         self.options = options
+        self.analyse = analyse
         self.opset = opset_version(proto)
         self.facts = infer_facts(proto) if analyse else ValueFacts()
         self._graphs = {index.path: (index.graph, index.parent) for index in walk_graphs(proto.graph)}
@@ -95,20 +101,23 @@ class _FoldState:
 
     def refresh(self) -> None:
         self.scopes: dict[str, Scope] = {}
-        self._readers: dict[str, list[onnx.NodeProto]] = {}
+        readers: dict[str, list[onnx.NodeProto]] = {}
+
+        def reader_list(name: str) -> list[onnx.NodeProto]:  # a bound method would make a reference cycle,
+            return readers.get(name, [])  # keeping the state and the weights it reads until a collection
+
         for path, (graph, parent) in self._graphs.items():
             index = GraphIndex(graph, path, parent)
+            index.initializers = {name: self.weightless.original(tensor) or tensor
+                                  for name, tensor in index.initializers.items()}
             outer = self.scopes[parent].constants if parent is not None else None
             constants = Constants(index, list(self.proto.opset_import), strict_inputs=self.options.strict_inputs,
                                   parent=outer, cache=self._cache)
-            self.scopes[path] = Scope(index, constants, self.facts, self.opset, self._reader_list)
+            self.scopes[path] = Scope(index, constants, self.facts, self.opset, reader_list)
             for node in graph.node:
                 for name in node.input:
                     if name:
-                        self._readers.setdefault(name, []).append(node)
-
-    def _reader_list(self, name: str) -> list[onnx.NodeProto]:
-        return self._readers.get(name, [])
+                        readers.setdefault(name, []).append(node)
 
     def bn_labels(self) -> list[str]:
         return [node_label(node, path) for path, (graph, _) in self._graphs.items()
@@ -172,12 +181,12 @@ class _FoldState:
     def _write_layer(self, scope: Scope, layer: Layer, weight: np.ndarray | None, bias: np.ndarray | None,
                      gemm: bool) -> tuple[str, str | None]:
         """New initializers for the folded weight and bias (None: unchanged), wired into the layer."""
-        graph, dtype = scope.index.graph, layer.weight.dtype
+        graph = scope.index.graph
         weight_name, bias_name = layer.weight_name, layer.bias_name
         if weight is not None:
-            weight_name = self._initializer(graph, layer.weight_name, weight, dtype)
+            weight_name = self._initializer(graph, layer.weight_name, weight)
         if bias is not None:
-            bias_name = self._initializer(graph, layer.bias_name or f"{layer.weight_name}_bias", bias, dtype)
+            bias_name = self._initializer(graph, layer.bias_name or f"{layer.weight_name}_bias", bias)
         self._point_layer(scope, layer, weight_name, bias_name, gemm)
         return weight_name, bias_name
 
@@ -219,10 +228,15 @@ class _FoldState:
         node.output[0] = unbiased
         graph.node.insert(_position(graph, node) + 1, add)
 
-    def _initializer(self, graph: onnx.GraphProto, base: str, values: np.ndarray, dtype: np.dtype) -> str:
+    def _initializer(self, graph: onnx.GraphProto, base: str, values: np.ndarray) -> str:
+        """A new initializer holding `values` (rounded already); while planning, only its shape and dtype."""
         name = self._names.fresh(f"{base}_folded")
-        tensor = numpy_helper.from_array(foldmath.round_to(values, dtype), name)
-        graph.initializer.append(tensor)
+        tensor = graph.initializer.add(name=name, dims=values.shape,
+                                       data_type=helper.np_dtype_to_tensor_dtype(values.dtype))
+        if self.analyse:  # shape and dtype are all that analysis reads of a folded weight
+            self._cache[name] = np.broadcast_to(np.zeros((), values.dtype), values.shape)
+        else:  # raw data is little-endian; written straight into the model, not copied in with a tensor
+            tensor.raw_data = values.astype(values.dtype.newbyteorder("<"), copy=False).tobytes()
         self._created.append((graph, helper.make_tensor_value_info(name, tensor.data_type, tensor.dims)))
         return name
 
@@ -289,7 +303,7 @@ class _FoldState:
 
 
 def _producer_fold(layer: Layer, affine: Affine) -> tuple[np.ndarray | None, np.ndarray | None]:
-    """Folded (weight, bias) in float64 for a map after the layer; None where nothing changes."""
+    """Folded (weight, bias) for a map after the layer, in its dtype; None where nothing changes."""
     channels = layer.out_channels
     scale = affine.scale if affine.scale is not None else np.ones(channels)
     shift = affine.shift if affine.shift is not None else np.zeros(channels)
@@ -302,17 +316,27 @@ def _producer_fold(layer: Layer, affine: Affine) -> tuple[np.ndarray | None, np.
         weight, bias = foldmath.fold_into_producer(layer.weight, layer.bias, scale, shift,
                                                    out_axis=1 if layer.op == "MatMul" else 0)
     keep_bias = affine.shift is not None or layer.bias is not None
-    return (weight if affine.scale is not None else None), (bias if keep_bias else None)
+    return (_rounded(weight, layer) if affine.scale is not None else None,
+            _rounded(bias, layer) if keep_bias else None)
 
 
 def _consumer_fold(layer: Layer, affine: Affine) -> tuple[np.ndarray, np.ndarray]:
-    """Folded (weight, bias) in float64 for a BN before the layer."""
+    """Folded (weight, bias) for a BN before the layer, in its dtype."""
     if layer.op == "Conv":
-        return foldmath.fold_into_consumer(layer.weight, layer.bias, affine.scale, affine.shift, layer.group)
-    if layer.op == "Gemm":
-        return foldmath.fold_into_gemm_consumer(layer.weight, layer.bias, *_alpha_beta(layer.node), affine.scale,
-                                                affine.shift, layer.trans_b)
-    return foldmath.fold_into_matrix_consumer(layer.weight, layer.bias, affine.scale, affine.shift, in_axis=0)
+        weight, bias = foldmath.fold_into_consumer(layer.weight, layer.bias, affine.scale, affine.shift, layer.group)
+    elif layer.op == "Gemm":
+        weight, bias = foldmath.fold_into_gemm_consumer(layer.weight, layer.bias, *_alpha_beta(layer.node),
+                                                        affine.scale, affine.shift, layer.trans_b)
+    else:
+        weight, bias = foldmath.fold_into_matrix_consumer(layer.weight, layer.bias, affine.scale, affine.shift,
+                                                          in_axis=0)
+    return _rounded(weight, layer), _rounded(bias, layer)
+
+
+def _rounded(values: np.ndarray, layer: Layer) -> np.ndarray:
+    """Float64 fold results rounded once to the layer's dtype, so that no float64 copy of a weight
+    outlives its fold (it would sit next to the rounded weight and its bytes)."""
+    return foldmath.round_to(values, layer.weight.dtype)
 
 
 def _alpha_beta(node: onnx.NodeProto) -> tuple[float, float]:

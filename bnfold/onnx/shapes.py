@@ -1,9 +1,10 @@
 """Static shapes and element types of values, from ONNX shape inference on a weightless copy.
 
 Folding through Reshape/Flatten/Transpose is exact only when the shapes prove where the channels go;
-these facts are what the proof uses. Inference runs on a copy whose large tensors carry no data (fast
-on big models), whose nodes are topologically sorted and whose IR version lets inference see every
-initializer; a model that inference rejects simply yields fewer facts.
+these facts are what the proof uses. Inference runs on a copy whose large tensors carry no data
+(`bnfold.onnx.weightless`: fast, and no second copy of the weights), whose nodes are topologically
+sorted and whose IR version lets inference see every initializer; a model that inference rejects
+simply yields fewer facts.
 """
 
 from __future__ import annotations
@@ -17,9 +18,9 @@ import onnx
 from onnx import helper, shape_inference
 
 from bnfold.onnx.graph import walk_graphs
+from bnfold.onnx.weightless import Weightless
 
 Shape = tuple[int | None, ...]
-_KEEP_DATA_UP_TO = 64  # elements; shape tensors stay, weights lose their data
 
 
 @dataclass
@@ -71,16 +72,9 @@ def infer_facts(model: onnx.ModelProto) -> ValueFacts:
 
 
 def _skeleton(model: onnx.ModelProto) -> onnx.ModelProto:
-    skeleton = onnx.ModelProto()
-    skeleton.CopyFrom(model)
+    skeleton = Weightless(model).proto
     skeleton.ir_version = max(skeleton.ir_version, 4)  # IR 3 hides initializers that are not inputs
     for index in walk_graphs(skeleton.graph):
-        for init in index.graph.initializer:
-            if int(np.prod(init.dims)) > _KEEP_DATA_UP_TO:
-                for name in ("raw_data", "float_data", "double_data", "int32_data", "int64_data",
-                             "uint64_data", "external_data"):
-                    init.ClearField(name)
-                init.data_location = onnx.TensorProto.DEFAULT
         _sort_nodes(index.graph)
     return skeleton
 
