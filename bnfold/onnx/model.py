@@ -18,6 +18,7 @@ from bnfold.layers import BNLayer
 from bnfold.model import InputSpec, Model, ModelFormat
 from bnfold.onnx.discover import discover
 from bnfold.onnx.graph import opset_version, walk_graphs
+from bnfold.onnx.weightless import Weightless, copy_fields, varint
 
 
 # Models at least this large (protobuf's 2 GB limit, with headroom) are saved with external data.
@@ -76,26 +77,101 @@ class OnnxModel(Model):
                    for init in index.graph.initializer)
 
     def save(self, path: Path) -> None:
-        """Write `path`; large models (or ones read with external data) get the sidecar `<name>.data`.
+        save_model(self.proto, path, external=self.external_data)
 
-        Both files are written into a fresh directory next to `path` and then renamed into place:
-        onnx appends to an existing sidecar, which would corrupt an older model's data.
-        """
-        if not (self.external_data or self.proto.ByteSize() >= EXTERNAL_DATA_THRESHOLD):
-            onnx.save(self.proto, str(path))
-            return
-        location = f"{path.name}.data"
-        staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-        try:
-            proto = onnx.ModelProto()
-            proto.CopyFrom(self.proto)  # saving with external data rewrites the tensors it moves
-            onnx.save_model(proto, str(staging / path.name), save_as_external_data=True,
-                            all_tensors_to_one_file=True, location=location, size_threshold=1024)
-            if (staging / location).exists():
-                os.replace(staging / location, path.parent / location)
-            os.replace(staging / path.name, path)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
+
+def save_model(proto: onnx.ModelProto, path: Path, *, external: bool = False) -> None:
+    """Write `path`; large models (or `external`: ones read with external data) get the sidecar
+    `<name>.data`.
+
+    Both files are written into a fresh directory next to `path` and then renamed into place, so
+    an older model's sidecar is replaced whole, never mixed with the new one.
+    """
+    weightless = Weightless(proto)
+    if not (external or _serialized_size(weightless) >= EXTERNAL_DATA_THRESHOLD):
+        write_model(weightless, path)
+        return
+    location = f"{path.name}.data"
+    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        write_model(weightless, staging / path.name, external=True)
+        if (staging / location).exists():
+            os.replace(staging / location, path.parent / location)
+        os.replace(staging / path.name, path)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def write_model(weightless: Weightless, path: Path, *, external: bool = False) -> None:
+    """Write the model `weightless` was copied from, one large tensor at a time (this fills in or
+    re-points the copy's stand-ins: use a copy once).
+
+    protobuf serializes a whole message into one buffer that grows by doubling, then copies it into
+    Python bytes: up to three times the model at once. This writes the same bytes (fields in field
+    number order, as protobuf does), serializing each large tensor on its own. With `external`, large
+    tensors go to a new sidecar `<name>.data` instead.
+    """
+    proto = weightless.proto
+    if external:
+        _write_sidecar(weightless, path)
+    else:
+        weightless.restore(main_graph=False)  # subgraph weights travel with the structure
+    if external or not proto.HasField("graph"):
+        path.write_bytes(proto.SerializeToString())
+        return
+    tensors = [weightless.original(tensor) or tensor for tensor in proto.graph.initializer]
+    graph_head, graph_tail = _split(proto.graph, _INITIALIZER)
+    model_head, model_tail = _split(proto, _GRAPH)
+    graph_size = len(graph_head) + len(graph_tail) + sum(_field_size(tensor.ByteSize()) for tensor in tensors)
+    with path.open("wb") as handle:
+        handle.write(model_head + _key(_GRAPH) + varint(graph_size) + graph_head)
+        for tensor in tensors:
+            data = tensor.SerializeToString()
+            handle.write(_key(_INITIALIZER) + varint(len(data)))
+            handle.write(data)
+        handle.write(graph_tail + model_tail)
+
+
+_GRAPH = onnx.ModelProto.DESCRIPTOR.fields_by_name["graph"].number
+_INITIALIZER = onnx.GraphProto.DESCRIPTOR.fields_by_name["initializer"].number
+_LENGTH_DELIMITED = 2  # protobuf wire type of embedded messages
+
+
+def _write_sidecar(weightless: Weightless, path: Path) -> None:
+    """Write the data of every stand-in to `<path>.data` and point the stand-ins at it."""
+    stand_ins = list(weightless.stand_ins())
+    if not stand_ins:
+        return
+    location = f"{path.name}.data"
+    with (path.parent / location).open("wb") as sidecar:
+        for tensor, original in stand_ins:
+            offset = sidecar.tell()
+            sidecar.write(original.raw_data)
+            del tensor.external_data[:]
+            for key, value in (("location", location), ("offset", offset), ("length", sidecar.tell() - offset)):
+                tensor.external_data.add(key=key, value=str(value))
+
+
+def _serialized_size(weightless: Weightless) -> int:
+    """The model's serialized size, without serializing it whole (protobuf's ByteSize does)."""
+    return weightless.proto.ByteSize() + sum(original.ByteSize() for _, original in weightless.stand_ins())
+
+
+def _split(message, number: int) -> tuple[bytes, bytes]:
+    """The serialized fields of `message` numbered below and above `number`."""
+    head, tail = type(message)(), type(message)()
+    copy_fields(head, message, lambda field: field.number < number, unknown=False)
+    copy_fields(tail, message, lambda field: field.number > number)  # protobuf writes unknown fields last
+    return head.SerializeToString(), tail.SerializeToString()
+
+
+def _field_size(size: int) -> int:
+    """Bytes of one initializer field holding `size` bytes: key, length, data."""
+    return len(_key(_INITIALIZER)) + len(varint(size)) + size
+
+
+def _key(number: int) -> bytes:
+    return varint(number << 3 | _LENGTH_DELIMITED)
 
 
 def _load_external_data(proto: onnx.ModelProto, base_dir: Path) -> bool:

@@ -12,27 +12,29 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-_PROTOBUF_LIMIT = 2**31 - 1  # larger models must travel as a file with external data
+from bnfold import memory
+from bnfold.onnx.model import save_model
 
 
 def session(model: onnx.ModelProto, optimize: bool = False):
     """An unoptimized CPU session (`optimize`: every graph optimization on, as deployments run it);
-    raises onnxruntime's own errors when the model cannot load."""
+    raises onnxruntime's own errors when the model cannot load.
+
+    The model reaches onnxruntime as a file in a temporary directory, written a tensor at a time: from
+    bytes, onnxruntime would hold the serialized model, its own copy and the parsed graph at once (three
+    times the weights); from a file it keeps one copy, and models over protobuf's 2 GB limit work too.
+    """
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize
                                         else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
     options.log_severity_level = 4  # failures surface as exceptions; no console noise
-    providers = ["CPUExecutionProvider"]
-    if model.ByteSize() < _PROTOBUF_LIMIT:
-        return ort.InferenceSession(model.SerializeToString(), options, providers=providers)
-    with tempfile.TemporaryDirectory(prefix="bnfold-ort-") as folder:
+    with tempfile.TemporaryDirectory(prefix="bnfold-ort-", ignore_cleanup_errors=True) as folder:
         path = Path(folder) / "model.onnx"
-        copy = onnx.ModelProto()
-        copy.CopyFrom(model)  # saving with external data rewrites the tensors it moves
-        onnx.save_model(copy, str(path), save_as_external_data=True, location="model.onnx.data")
-        return ort.InferenceSession(str(path), options, providers=providers)
+        save_model(model, path)
+        memory.release()  # the writer's buffers, before onnxruntime allocates its copy
+        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
 def run(sess, batch: dict[str, np.ndarray]) -> list[np.ndarray]:
