@@ -22,7 +22,7 @@ import typer
 from rich.console import Console
 from rich.text import Text
 
-from bnfold import __version__
+from bnfold import __version__, memory
 from bnfold.data import IMAGENET_MEAN, IMAGENET_STD, DataOptions, ImageOptions, parse_channel_values
 from bnfold.errors import BnfoldError, ExitCode, UsageError
 from bnfold.reports.base import Report
@@ -386,6 +386,7 @@ def main(argv: list[str] | None = None) -> None:
     # bnfold finds NaN/Inf itself and names the layer; numpy's floating-point warnings about them are noise.
     warnings.filterwarnings("ignore", message=r"(invalid value|overflow|divide by zero) encountered",
                             category=RuntimeWarning)
+    memory.map_large_blocks()  # freed weights go back to the OS at once (bnfold.memory)
     err = stderr_console()
     try:
         # Without standalone mode, click returns the code of a typer.Exit instead of raising it.

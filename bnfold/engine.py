@@ -6,7 +6,7 @@ engine lazily, so the ONNX path never imports torch.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import ClassVar, Protocol
 
 import numpy as np
@@ -30,6 +30,10 @@ class Engine(Protocol):
 
     def run(self, model: Model, batch: Batch) -> list[np.ndarray]:
         """The model's outputs (eval mode) for one batch, as numpy arrays."""
+
+    def outputs(self, model: Model, batches: Sequence[Batch]) -> list[list[np.ndarray]]:
+        """`run` on every batch, with nothing set up for the model (a runtime session holding a copy of
+        its weights) kept after the call."""
 
     def prepare(self, model: Model, batch: Batch, mode: str) -> Callable[[], object]:
         """One forward on `batch` as a zero-argument call, with everything but the forward done up front

@@ -6,6 +6,9 @@ from collections.abc import Sequence
 from itertools import islice
 from pathlib import Path
 
+import numpy as np
+
+from bnfold import memory
 from bnfold.data import DataOptions, open_data
 from bnfold.engine import Batch, Engine, engine_for
 from bnfold.formats import as_model
@@ -45,24 +48,33 @@ def fold(source: object, output: str | Path | None = None, *, tolerance: float |
         batches = random_batches(model.input_specs(), parse_input_shapes(input_shape), seed=seed)
     options = FoldOptions(strict_inputs=strict_inputs, example_batch=batches[0] if batches else None)
     plan = engine.plan(model, options)
-    folded_model = engine.apply(model, plan)
     dtypes = {layer.dtype for layer in model.bn_layers()}
+    info = ModelInfo(str(model.path), model.format.value, model.framework)
+    params_before = model.parameter_count()
 
-    difference, verify_error = None, None
+    expected, difference, verify_error = None, None, None
     if not verify:
         inputs_label = "skipped"
-    else:
+    else:  # the original runs first and alone: one runtime (one more copy of the weights) at a time
         try:
-            difference = compare(engine, model, folded_model, batches)
+            expected = outputs(engine, model, batches, "original")
+        except VerificationUnavailable as error:
+            verify_error = str(error)
+    folded_model = engine.apply(model, plan)
+    if source_path is not None:
+        del model  # loaded here, needed no more: the folded model runs without the original in memory
+    memory.release()
+    if expected is not None:
+        try:
+            difference = differences(expected, outputs(engine, folded_model, batches, "folded"))
             dtypes |= difference.dtypes
         except VerificationUnavailable as error:
             verify_error = str(error)
     tolerance = default_tolerance(dtypes) if tolerance is None else tolerance
     report = FoldReport(
-        model=ModelInfo(str(model.path), model.format.value, model.framework),
-        plan=plan, tolerance=tolerance, difference=difference,
+        model=info, plan=plan, tolerance=tolerance, difference=difference,
         verification_inputs=inputs_label, verify_error=verify_error,
-        params_before=model.parameter_count(), params_after=folded_model.parameter_count(),
+        params_before=params_before, params_after=folded_model.parameter_count(),
         size_before=source_path.stat().st_size if source_path and source_path.exists() else None,
         notes=list(plan.notes), folded_model=folded_model,
     )
@@ -92,18 +104,24 @@ class VerificationUnavailable(Exception):
 
 
 def compare(engine: Engine, reference: Model, candidate: Model, batches: Sequence[Batch]) -> OutputDifference:
-    """Run both models on every batch and accumulate the output difference."""
+    """Run the reference on every batch, then the candidate, and accumulate the output difference."""
+    expected = outputs(engine, reference, batches, "original")
+    return differences(expected, outputs(engine, candidate, batches, "folded"))
+
+
+def outputs(engine: Engine, model: Model, batches: Sequence[Batch], role: str) -> list[list[np.ndarray]]:
+    """The `role` ("original" or "folded") model's outputs per batch; VerificationUnavailable when it
+    does not run (an original that does not run proves nothing either)."""
+    try:
+        return engine.outputs(model, batches)
+    except Exception as error:
+        raise VerificationUnavailable(f"the {role} model does not run: {_short(error)}") from None
+
+
+def differences(expected: Sequence[list[np.ndarray]], actual: Sequence[list[np.ndarray]]) -> OutputDifference:
     difference = OutputDifference()
-    for batch in batches:
-        try:
-            expected = engine.run(reference, batch)
-        except Exception as error:  # the original itself does not run: nothing can be proven
-            raise VerificationUnavailable(f"the original model does not run: {_short(error)}") from None
-        try:
-            actual = engine.run(candidate, batch)
-        except Exception as error:
-            raise VerificationUnavailable(f"the folded model does not run: {_short(error)}") from None
-        difference.add(expected, actual)
+    for reference, candidate in zip(expected, actual, strict=True):
+        difference.add(reference, candidate)
     return difference
 
 

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
+from bnfold import memory
 from bnfold.onnx import runtime
 from bnfold.onnx.fold import apply_folds, plan_folds
 from bnfold.onnx.model import OnnxModel
@@ -32,6 +33,13 @@ class OnnxEngine:
             cached = (model, runtime.session(model.proto))
             self._sessions[id(model)] = cached
         return runtime.run(cached[1], batch)
+
+    def outputs(self, model: OnnxModel, batches: Sequence[dict[str, np.ndarray]]) -> list[list[np.ndarray]]:
+        sess = runtime.session(model.proto)
+        results = [runtime.run(sess, batch) for batch in batches]
+        del sess  # its copy of the weights goes back to the OS before the caller's next step
+        memory.release()
+        return results
 
     def prepare(self, model: OnnxModel, batch: dict[str, np.ndarray], mode: str = modes[0]) -> Callable[[], object]:
         sess = runtime.session(model.proto, optimize=mode == self.modes[1])

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import copy
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -94,6 +94,9 @@ class TorchEngine:
         with torch.no_grad():
             outputs = self._callable(model)(*inputs)
         return [_numpy(t) for t in pytree.tree_leaves(outputs) if isinstance(t, torch.Tensor)]
+
+    def outputs(self, model: Model, batches: Sequence[Batch]) -> list[list[np.ndarray]]:
+        return [self.run(model, batch) for batch in batches]
 
     def prepare(self, model: Model, batch: Batch, mode: str = modes[0]) -> Callable[[], object]:
         inputs, function = _inputs(model, batch), self._callable(model)
