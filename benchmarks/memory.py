@@ -1,11 +1,12 @@
-"""Peak memory of `bnfold inspect` and `bnfold fold` on a large ONNX model, against its weight size.
+"""Peak memory of `bnfold inspect` and `bnfold fold` on a large model, against its weight size.
 
 SECURITY.md promises memory bounded by about twice the model's weights plus one batch. This builds a
-Conv+BN stack with `--megabytes` of float32 weights (default 100; onnx.helper only, no torch), runs each
-command in its own process and reads that process's peak resident memory. The baseline is the same
-interpreter importing bnfold, onnx and onnxruntime without touching a model.
+Conv+BN stack with `--megabytes` of float32 weights (default 100) as ONNX (onnx.helper only, no torch)
+or, with `--torch`, as a torch.export `.pt2`, runs each command in its own process and reads that
+process's peak resident memory. The baseline is the same interpreter importing bnfold and the
+framework (onnx and onnxruntime, or torch) without touching a model.
 
-    .venv/bin/python benchmarks/memory.py [--megabytes 100]
+    .venv/bin/python benchmarks/memory.py [--megabytes 100] [--torch]
 """
 
 from __future__ import annotations
@@ -28,16 +29,17 @@ import resource, subprocess, sys
 subprocess.run(sys.argv[1:], check=False, stdout=subprocess.DEVNULL)
 print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
 """
-BASELINE = "import bnfold.cli, bnfold.onnx.model, bnfold.onnx.fold, onnxruntime"
+BASELINE = {"onnx": "import bnfold.cli, bnfold.onnx.model, bnfold.onnx.fold, onnxruntime",
+            "torch": "import bnfold.cli, torch"}
 SIZES = (100, 300)  # MB of weights
+COMMANDS = ("inspect", "fold_no_verify", "fold")
 
 
 def conv_bn_stack(megabytes: float, seed: int = 0) -> onnx.ModelProto:
     """3x3 convolutions of CHANNELS channels, each followed by BN, until the weights reach `megabytes`."""
     rng = np.random.default_rng(seed)
-    layers = max(1, round(megabytes * 2**20 / (CHANNELS * CHANNELS * 9 * 4)))
     nodes, inits, x = [], [], "x"
-    for i in range(layers):
+    for i in range(_layers(megabytes)):
         weight = (rng.standard_normal((CHANNELS, CHANNELS, 3, 3)) / 48).astype(np.float32)
         inits.append(numpy_helper.from_array(weight, f"w{i}"))
         for role, value in (("scale", rng.random(CHANNELS) + 0.5), ("bias", rng.standard_normal(CHANNELS)),
@@ -54,6 +56,30 @@ def conv_bn_stack(megabytes: float, seed: int = 0) -> onnx.ModelProto:
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
 
 
+def save_torch_stack(megabytes: float, path: Path, seed: int = 0) -> None:
+    """The same stack as an eval-mode torch module, exported with a dynamic batch and saved as `.pt2`."""
+    import torch
+    from torch import nn
+
+    torch.manual_seed(seed)
+    layers = []
+    for _ in range(_layers(megabytes)):
+        bn = nn.BatchNorm2d(CHANNELS)
+        with torch.no_grad():
+            bn.weight.uniform_(0.5, 1.5)
+            bn.bias.normal_()
+            bn.running_mean.normal_()
+            bn.running_var.uniform_(0.5, 1.5)
+        layers += [nn.Conv2d(CHANNELS, CHANNELS, 3, padding=1, bias=False), bn]
+    program = torch.export.export(nn.Sequential(*layers).eval(), (torch.randn(2, CHANNELS, 4, 4),),
+                                  dynamic_shapes=({0: torch.export.Dim("batch", min=1)},))
+    torch.export.save(program, str(path))
+
+
+def _layers(megabytes: float) -> int:
+    return max(1, round(megabytes * 2**20 / (CHANNELS * CHANNELS * 9 * 4)))
+
+
 def peak_mb(*command: str) -> float:
     """Peak resident memory (MiB) of one process running `command`."""
     completed = subprocess.run([sys.executable, "-c", MEASURE, *command], capture_output=True, text=True,
@@ -61,45 +87,73 @@ def peak_mb(*command: str) -> float:
     return int(completed.stdout.strip()) / 1024
 
 
-def measure(megabytes: float) -> dict[str, float]:
+def measure(megabytes: float, framework: str = "onnx") -> dict[str, float]:
+    """Peak MB of each command (and over the baseline per MB of weights) on a stack of `megabytes`."""
     with tempfile.TemporaryDirectory() as folder:
-        path = Path(folder) / "stack.onnx"
-        onnx.save(conv_bn_stack(megabytes), path)
+        suffix = ".onnx" if framework == "onnx" else ".pt2"
+        path = Path(folder) / f"stack{suffix}"
+        if framework == "onnx":
+            onnx.save(conv_bn_stack(megabytes), path)
+        else:
+            save_torch_stack(megabytes, path)
         weights = path.stat().st_size / 2**20
         bnfold = [sys.executable, "-m", "bnfold"]
         results = {
             "weights_mb": weights,
-            "baseline_mb": peak_mb(sys.executable, "-c", BASELINE),
+            "baseline_mb": peak_mb(sys.executable, "-c", BASELINE[framework]),
             "inspect_mb": peak_mb(*bnfold, "inspect", str(path)),
-            "fold_no_verify_mb": peak_mb(*bnfold, "fold", str(path), "-o", str(Path(folder) / "a.onnx"), "--no-verify"),
-            "fold_mb": peak_mb(*bnfold, "fold", str(path), "-o", str(Path(folder) / "b.onnx")),
+            "fold_no_verify_mb": peak_mb(*bnfold, "fold", str(path), "-o", str(Path(folder) / f"a{suffix}"),
+                                         "--no-verify"),
+            "fold_mb": peak_mb(*bnfold, "fold", str(path), "-o", str(Path(folder) / f"b{suffix}")),
         }
-    for key in ("inspect_mb", "fold_no_verify_mb", "fold_mb"):
-        results[key.replace("_mb", "_over_weights")] = (results[key] - results["baseline_mb"]) / weights
+    for command in COMMANDS:
+        results[f"{command}_over_weights"] = (results[f"{command}_mb"] - results["baseline_mb"]) / weights
     return results
 
 
+def growth(small: dict, large: dict) -> dict[str, float]:
+    """MB of peak memory per further MB of weights, per command: the slope between two sizes, free of
+    what a command costs whatever the model (code, runtime set-up, the largest layer's arithmetic)."""
+    more = large["weights_mb"] - small["weights_mb"]
+    return {command: (large[f"{command}_mb"] - small[f"{command}_mb"]) / more for command in COMMANDS}
+
+
 def run(quick: bool = False) -> dict:
-    """`run_all.py`'s section: two model sizes show how memory grows (one in `--quick` mode)."""
-    return {"sizes": [measure(megabytes) for megabytes in (SIZES[:1] if quick else SIZES)]}
+    """`run_all.py`'s section: two ONNX model sizes show how memory grows (one in `--quick` mode), and
+    the PyTorch path on the smaller size."""
+    return {"sizes": [measure(megabytes) for megabytes in (SIZES[:1] if quick else SIZES)],
+            "torch": measure(SIZES[0], "torch")}
 
 
 def markdown(result: dict) -> str:
     from benchmarks.common import table
 
-    rows = [[f"{r['weights_mb']:.0f} MB", *(f"{r[key + '_mb']:.0f} MB ({r[key + '_over_weights']:.1f}x)"
-                                            for key in ("inspect", "fold_no_verify", "fold"))]
-            for r in result["sizes"]]
-    baseline = result["sizes"][0]["baseline_mb"]
-    return (f"Peak resident memory per command (baseline: the interpreter with bnfold, onnx and onnxruntime "
-            f"imported, {baseline:.0f} MB; in parentheses: MB over the baseline per MB of weights):\n\n"
-            + table(["weights", "inspect", "fold --no-verify", "fold (verified)"], rows))
+    def row(label: str, r: dict) -> list[str]:
+        return [label, f"{r['weights_mb']:.0f} MB",
+                *(f"{r[command + '_mb']:.0f} MB ({r[command + '_over_weights']:.1f}x)" for command in COMMANDS)]
+
+    sizes = result["sizes"]
+    rows = [row("ONNX", r) for r in sizes] + ([row("PyTorch .pt2", result["torch"])] if "torch" in result else [])
+    text = (f"Peak resident memory per command (baseline: the interpreter with bnfold and the framework imported, "
+            f"{sizes[0]['baseline_mb']:.0f} MB for ONNX"
+            + (f", {result['torch']['baseline_mb']:.0f} MB for PyTorch" if "torch" in result else "")
+            + "; in parentheses: MB over the baseline per MB of weights):\n\n"
+            + table(["model", "weights", "inspect", "fold --no-verify", "fold (verified)"], rows))
+    if len(sizes) > 1:
+        slopes = growth(sizes[0], sizes[-1])
+        text += ("\n\nEach further MB of ONNX weights costs, at the peak: "
+                 + ", ".join(f"{label} {slopes[command]:.2f} MB" for label, command in
+                             zip(("inspect", "fold --no-verify", "fold"), COMMANDS))
+                 + f" (between {sizes[0]['weights_mb']:.0f} and {sizes[-1]['weights_mb']:.0f} MB).")
+    return text
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--megabytes", type=float, default=100.0)
-    results = measure(parser.parse_args().megabytes)
+    parser.add_argument("--torch", action="store_true", help="a torch.export .pt2 instead of ONNX")
+    args = parser.parse_args()
+    results = measure(args.megabytes, "torch" if args.torch else "onnx")
     print(json.dumps({key: round(value, 2) for key, value in results.items()}, indent=1))
 
 

@@ -723,11 +723,12 @@ def test_recalibrate_repairs_non_finite_running_statistics(tmp_path):
 
 
 @pytest.mark.slow
-def test_peak_memory_grows_linearly_with_the_weights():
-    """A regression guard on benchmarks/memory.py (SECURITY.md quotes its numbers): inspect and fold of a
-    32 MB model stay within fixed multiples of the weights over the interpreter's own footprint."""
-    from benchmarks.memory import measure
+def test_peak_memory_is_about_twice_the_weights():
+    """A regression guard on benchmarks/memory.py (SECURITY.md quotes its numbers): each further MB of
+    ONNX weights costs inspect and fold about 2 MB at their peak (1.8-2.0 measured between 36 and 63 MB),
+    and at 63 MB even the verified fold, with its fixed costs, stays below 3x (2.8 measured)."""
+    from benchmarks.memory import COMMANDS, growth, measure
 
-    measured = measure(32)
-    assert measured["inspect_over_weights"] < 8, measured
-    assert measured["fold_over_weights"] < 16, measured
+    small, large = measure(32), measure(64)
+    assert max(growth(small, large).values()) < 2.3, (small, large)
+    assert all(large[f"{command}_over_weights"] < 3.1 for command in COMMANDS), large
