@@ -3,8 +3,8 @@
 A folded GraphModule runs one line of generated Python per node, and each line that calls a leaf module
 first walks to it through nested attribute lookups (`getattr(self.trunk, "0").f.a`) and then pays a full
 module call for what is usually one function: ReLU, SiLU, pooling. On small models at batch 1 that
-overhead is a tenth of the run time, more than the BN layers saved (BENCHMARKS.md section 2). So, after
-folding:
+overhead is up to a sixth of the run time, more than the BN layers saved (BENCHMARKS.md section 2). So,
+after folding:
 
 - stateless torch.nn leaf modules (no tensors, children or hooks, the same code in training and eval
   mode) become the functional calls their forward makes, and an Identity disappears;
@@ -68,7 +68,8 @@ def _functional_graph(module: nn.Module, arity: int) -> fx.Graph | None:
     the same thing whatever the module's mode; None for anything else."""
     if (not type(module).__module__.startswith("torch.nn.") or any(True for _ in module.parameters())
             or any(True for _ in module.buffers()) or any(True for _ in module.children())
-            or module._forward_hooks or module._forward_pre_hooks):
+            or module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
+            or module._backward_pre_hooks):
         return None
     graphs = []
     for training in (False, True):  # Dropout's code reads the mode: it stays a module
