@@ -9,8 +9,10 @@ zoo's ground truth; in ResNet-50 all of them) by an identity, keeping the activa
 timm's BatchNormAct2d applies, and keeps the BN layers that no exact fold can remove: it computes
 something else, but no fold can be faster. Where a model has such layers (densenet), eager PyTorch also
 times it with every BN deleted, which says what the layers that cannot fold cost. Eager PyTorch also
-times the folded GraphModule as folding leaves it, before `bnfold.pytorch.streamline` turns its
-parameterless leaf modules into function calls: what that form costs. A second, identical copy of the
+times two more forms of the same fold: "hand-folded", the BN-deleted model holding the folded weights
+and biases (the fold's arithmetic in the original's own code: what the fold costs before any question of
+form), and the folded GraphModule as folding leaves it, before `bnfold.pytorch.streamline` turns its
+parameterless leaf modules into function calls (what that form costs). A second, identical copy of the
 original is timed in the same rounds too: its ratio to the original (A/A) is the noise of the run.
 
     .venv/bin/python benchmarks/latency.py [--models regnety,densenet] [--eager-only] [--runs 21]
@@ -54,6 +56,7 @@ VARIANTS = ("original", "folded", "deleted")
 AGAIN = "original, again"  # the A/A control
 EVERY_BN = "every BN deleted"  # only where some BN cannot fold exactly
 RAW = "folded, not streamlined"  # the folded GraphModule as folding leaves it (eager only)
+HAND = "hand-folded"  # the BN-deleted model with the folded weights and biases (eager only)
 SESSION_REPEATS = 3
 ORT_LEVELS = {"disabled": "optimizations off", "all": "all optimizations"}
 
@@ -83,6 +86,19 @@ def delete_bn(model: nn.Module, names: set[str]) -> nn.Module:
     return copied
 
 
+def hand_folded(deleted: nn.Module, folded: nn.Module, example: torch.Tensor) -> nn.Module:
+    """The BN-deleted model holding the folded model's conv and linear tensors: the fold's arithmetic in the
+    original eager code (the folded tensors keep their module paths)."""
+    copied, modules = copy.deepcopy(deleted), dict(deleted.named_modules())
+    for name, tensor in folded.state_dict().items():
+        owner, _, leaf = name.rpartition(".")
+        if isinstance(modules.get(owner), (nn.modules.conv._ConvNd, nn.Linear)):
+            setattr(copied.get_submodule(owner), leaf, nn.Parameter(tensor.clone(), requires_grad=False))
+    with torch.no_grad():
+        torch.testing.assert_close(copied(example), folded(example))
+    return copied
+
+
 def _shape_text(shape: tuple[int, ...]) -> str:
     return ",".join(str(d) for d in shape)
 
@@ -97,6 +113,7 @@ def _summary(timings: dict) -> dict:
         summary["folded/every BN deleted"] = ratio(timings["folded"], timings[EVERY_BN])
     if RAW in timings:
         summary["not streamlined/deleted"] = ratio(timings[RAW], timings["deleted"])
+        summary["hand-folded/deleted"] = ratio(timings[HAND], timings["deleted"])
     return summary
 
 
@@ -138,8 +155,10 @@ def case(name: str, shape: tuple[int, ...], runs: int, folder: Path, onnx_runtim
         folded = bnfold.fold(module, input_shape=_shape_text((2, *shape[1:])), verify=False).folded_model
         with mock.patch("bnfold.pytorch.engine.streamline", lambda module: None):
             raw = bnfold.fold(module, input_shape=_shape_text((2, *shape[1:])), verify=False).folded_model
+    example = torch.from_numpy(_input(shape, 2))
     eager = {"original": as_model(module), "folded": folded, "deleted": as_model(deleted),
-             AGAIN: as_model(copy.deepcopy(module)), RAW: raw}
+             AGAIN: as_model(copy.deepcopy(module)), RAW: raw,
+             HAND: as_model(hand_folded(deleted, folded.module, example))}
     if exact != bn_module_names(module):
         eager[EVERY_BN] = as_model(delete_bn(module, bn_module_names(module)))
     result: dict = {"shape": list(shape), "eager": {}, "onnx": {}, "sessions": {}}
@@ -193,13 +212,14 @@ def markdown(results: dict) -> str:
         cells = [name, batch, fmt_ms(summary["original"]), fmt_ms(summary["folded"]), fmt_ms(summary["deleted"]),
                  fmt_ratio(summary["A/A"]), fmt_ratio(summary["folded/original"]), fmt_ratio(summary["folded/deleted"])]
         if runtime == "PyTorch eager":
-            eager_rows.append([*cells, fmt_ratio(summary["not streamlined/deleted"])])
+            eager_rows.append([*cells, fmt_ratio(summary["hand-folded/deleted"]),
+                               fmt_ratio(summary["not streamlined/deleted"])])
         else:
             onnx_rows.append([cells[0], runtime, *cells[1:]])
     header = ["batch", "original ms", "folded ms", "BN deleted ms", "A/A (noise)", "folded / original",
               "folded / BN deleted"]
     parts = ["PyTorch eager (ratios: median of per-round ratios, min–max over rounds; below 1 = folded faster):",
-             table(["model", *header, "not streamlined / BN deleted"], eager_rows)]
+             table(["model", *header, "hand-folded / BN deleted", "not streamlined / BN deleted"], eager_rows)]
     parts += [f"{name}, batch {batch}: folded / every BN deleted {fmt_ratio(summary['folded/every BN deleted'])}, "
               "the cost of the BN layers that no exact fold removes."
               for name, runtime, batch, summary in configurations(results)
