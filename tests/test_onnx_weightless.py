@@ -12,9 +12,10 @@ import onnx
 import pytest
 from onnx import helper, numpy_helper
 
+import bnfold
 from bnfold.onnx.fold import apply_folds, plan_folds
-from bnfold.onnx.model import OnnxModel, save_model
 from bnfold.onnx.graph import walk_graphs
+from bnfold.onnx.model import OnnxModel, save_model
 from bnfold.onnx.weightless import Weightless
 from tests.conftest import SAMPLES
 from tests.onnx_builders import BN, bn_node, bn_params, count, make, weights
@@ -93,3 +94,12 @@ def test_folding_hands_out_no_stand_in_and_keeps_what_it_does_not_fold():
     assert all(not tensor.external_data and tensor.HasField("raw_data") for tensor in tensors)
     assert then_branch(folded).initializer[0] == then_branch(model).initializer[0]
     assert UNKNOWN_FIELD in folded.SerializeToString()  # a newer ONNX's fields survive the fold
+
+
+def test_fold_of_a_model_given_in_memory_leaves_it_as_it_was():
+    model = branchy_model()
+    before = model.SerializeToString()
+    report = bnfold.fold(model, batches=[{"x": np.ones((2, 8, 5, 5), np.float32), "flag": np.array(True)}])
+    assert report.passed and report.difference.max_rel < 1e-5
+    assert model.SerializeToString() == before  # only a model bnfold loaded itself is dropped early
+    assert count(report.folded_model.proto, BN) == 0 and count(model, BN) == 1
