@@ -7,7 +7,7 @@ timed in the same interleaved rounds (`bnfold.benchmark.time_interleaved`) with 
 so that what differs is the model alone. "BN deleted" replaces every BN layer that folds exactly (the
 zoo's ground truth; in ResNet-50 all of them) by an identity, keeping the activation a BN subclass such as
 timm's BatchNormAct2d applies, and keeps the BN layers that no exact fold can remove: it computes
-something else, but no fold can be faster. Where a model has such layers (densenet), eager PyTorch also
+something else, and no exact fold computes less. Where a model has such layers (densenet), eager PyTorch also
 times it with every BN deleted, which says what the layers that cannot fold cost. Eager PyTorch also
 times two more forms of the same fold: "hand-folded", the BN-deleted model holding the folded weights
 and biases (the fold's arithmetic in the original's own code: what the fold costs before any question of
