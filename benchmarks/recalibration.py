@@ -28,7 +28,9 @@ from bnfold.engine import engine_for
 from bnfold.formats import as_model
 from tests.zoo import export_onnx, resnet_bottleneck
 
-SAMPLES, BATCH = 256, 32
+# Enough batches that one-time costs (copying the model, building the instrumented graph) weigh what
+# they weigh in real use, where recalibration reads thousands of samples.
+SAMPLES, QUICK_SAMPLES, BATCH = 1024, 256, 32
 METHODS = ("inference", "exact", "fast")
 
 
@@ -54,12 +56,12 @@ class WideCNN(nn.Module):
 MODELS = {"wide CNN": (WideCNN, (3, 32, 32)), "zoo resnet_bottleneck": (resnet_bottleneck, (3, 32, 32))}
 
 
-def _setup(name: str, framework: str, folder: Path):
+def _setup(name: str, framework: str, folder: Path, samples: int):
     factory, shape = MODELS[name]
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         module = factory().eval()
-    data = np.random.default_rng(0).standard_normal((SAMPLES, *shape)).astype(np.float32) * 1.5 + 0.2
+    data = np.random.default_rng(0).standard_normal((samples, *shape)).astype(np.float32) * 1.5 + 0.2
     if framework == "onnx":
         path = export_onnx(module, (1, *shape), folder / f"{name.replace(' ', '_')}.onnx")
         return as_model(path), data
@@ -87,10 +89,10 @@ def _rss_kib(field: str) -> int:
     raise RuntimeError(f"{field} not in /proc/self/status")
 
 
-def peak_memory(name: str, framework: str, method: str) -> float:
+def peak_memory(name: str, framework: str, method: str, samples: int) -> float:
     """MiB above the resident set that one call of `method` needs at its peak (run in a fresh process)."""
     with tempfile.TemporaryDirectory(prefix="bnfold-recal-") as folder:
-        model, data = _setup(name, framework, Path(folder))
+        model, data = _setup(name, framework, Path(folder), samples)
         call = _calls(model, data)[method]
         Path("/proc/self/clear_refs").write_text("5")  # reset the high-water mark (Linux)
         before = _rss_kib("VmRSS")
@@ -98,25 +100,25 @@ def peak_memory(name: str, framework: str, method: str) -> float:
         return (_rss_kib("VmHWM") - before) / 1024
 
 
-def _measure_in_child(name: str, framework: str, method: str) -> float:
+def _measure_in_child(name: str, framework: str, method: str, samples: int) -> float:
     completed = subprocess.run([sys.executable, "-m", "benchmarks.recalibration", "--memory", name, framework, method,
-                                "--threads", str(THREADS["intra_op"])],
+                                "--threads", str(THREADS["intra_op"]), "--samples", str(samples)],
                                capture_output=True, text=True, cwd=REPO, check=True, timeout=600)
     return json.loads(completed.stdout.strip().splitlines()[-1])["peak_mib"]
 
 
 def run(quick: bool = False) -> dict:
-    results = {}
+    results, samples = {}, QUICK_SAMPLES if quick else SAMPLES
     with tempfile.TemporaryDirectory(prefix="bnfold-recal-") as folder:
         for name in MODELS:
             for framework in ("torch", "onnx"):
-                model, data = _setup(name, framework, Path(folder))
+                model, data = _setup(name, framework, Path(folder), samples)
                 timings = time_interleaved(_calls(model, data), runs=2 if quick else 3, warmup=1, sample_seconds=0)
-                result = {"samples": SAMPLES, "batch": BATCH}
+                result = {"samples": samples, "batch": BATCH}
                 for method, timing in timings.items():
-                    result[method] = {"samples_per_s": SAMPLES / timing.median,
-                                      "spread": [SAMPLES / timing.max, SAMPLES / timing.min],
-                                      "peak_mib": _measure_in_child(name, framework, method)}
+                    result[method] = {"samples_per_s": samples / timing.median,
+                                      "spread": [samples / timing.max, samples / timing.min],
+                                      "peak_mib": _measure_in_child(name, framework, method, samples)}
                 for method in ("exact", "fast"):
                     result[method]["vs_inference"] = result[method]["samples_per_s"] / result["inference"]["samples_per_s"]
                 results[f"{name} ({'PyTorch eager' if framework == 'torch' else 'ONNX'})"] = result
@@ -146,9 +148,10 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--memory", nargs=3, metavar=("MODEL", "FRAMEWORK", "METHOD"), required=True)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--samples", type=int, default=SAMPLES)
     args = parser.parse_args()
     set_threads(args.threads)
-    print(json.dumps({"peak_mib": peak_memory(*args.memory)}))
+    print(json.dumps({"peak_mib": peak_memory(*args.memory, args.samples)}))
 
 
 if __name__ == "__main__":
