@@ -73,8 +73,7 @@ def _device(name: str) -> torch.device:
     return device
 
 
-# A sum of squares loses about float32 epsilon times (1 + mean²/variance) of a sample's M2 to
-# cancellation when the mean is subtracted afterwards; above this ratio deviations are squared instead.
+# Above this mean²/variance ratio a sample's M2 comes from squared deviations, not a sum of squares.
 _CANCELLATION_RATIO = 10.0
 
 
@@ -83,7 +82,8 @@ def batch_moments(inputs: torch.Tensor) -> tuple[Moments, Moments]:
 
     Each sample's mean and M2 over its positions are reduced in the input's precision (float32 at
     least: torch sums by cascade, so the relative error stays near 1e-7, below that of the activations
-    themselves); samples are then merged in float64.
+    themselves); the (N, C) results leave the device once and samples are merged in float64, in numpy,
+    where small arrays cost microseconds rather than a tensor operation's overhead each.
     """
     if inputs.dim() < 2:
         raise DataError(f"a BN layer received a {inputs.dim()}-D tensor; BN inputs are (N, C, ...)")
@@ -93,34 +93,37 @@ def batch_moments(inputs: torch.Tensor) -> tuple[Moments, Moments]:
         values = values.float()
     rows, positions = values.shape[0], values.shape[2]
     sample_means, within = _sample_moments(values)
-    mean = sample_means.mean(dim=0)
-    sample_m2 = (sample_means - mean).square_().sum(dim=0)
-    mean_array, sample_m2 = mean.cpu().numpy(), sample_m2.cpu().numpy()
-    return (Moments(rows * positions, mean_array, within.sum(dim=0).cpu().numpy() + positions * sample_m2),
-            Moments(rows, mean_array, sample_m2))
+    mean = sample_means.mean(axis=0)
+    sample_m2 = np.square(sample_means - mean).sum(axis=0)
+    return (Moments(rows * positions, mean, within.sum(axis=0) + positions * sample_m2),
+            Moments(rows, mean, sample_m2))
 
 
-def _sample_moments(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _sample_moments(values: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
     """Per sample and channel of (N, C, positions) values: the mean and M2 about it, in float64 (N, C).
 
-    One pass for the means and one for the sums of squares where the mean is small against the spread;
-    elsewhere the deviations from the mean are squared, and their own mean corrects the rounding of
-    the mean (which matters once the offset is thousands of standard deviations).
+    One pass for the means and one for the sums of squares, where the mean is small against the spread
+    (a sum of squares loses about float32 epsilon times 1 + mean²/variance of M2 to cancellation);
+    elsewhere the deviations from the mean are squared, and their own mean corrects the rounding of the
+    mean (which matters once the offset is thousands of standard deviations).
     """
     positions = values.shape[2]
-    means = values.mean(dim=2)
-    precise_means = means.double()
     if positions == 1:
-        return precise_means, torch.zeros_like(precise_means)
-    offsets = precise_means.square().mul_(positions)
-    m2 = torch.linalg.vector_norm(values, dim=2).double().square_().sub_(offsets)
-    risky = (offsets > _CANCELLATION_RATIO * m2).any(dim=0).nonzero().flatten()  # channels; constant ones too
-    if risky.numel():
-        index = slice(None) if 2 * risky.numel() > values.shape[1] else risky  # a view beats a large gather
-        deviations = values[:, index] - means[:, index, None]
-        correction = deviations.mean(dim=2).double()
-        precise_means[:, index] += correction
-        m2[:, index] = deviations.square_().sum(dim=2).double() - positions * correction.square()
+        means = values.reshape(values.shape[:2]).double().cpu().numpy()
+        return means, np.zeros_like(means)
+    means = values.mean(dim=2)
+    host = torch.stack((means, torch.linalg.vector_norm(values, dim=2))).double().cpu().numpy()
+    precise_means, m2 = host[0], np.square(host[1])
+    offsets = positions * np.square(precise_means)
+    m2 -= offsets
+    risky = np.flatnonzero((offsets > _CANCELLATION_RATIO * m2).any(axis=0))  # channels; constant ones too
+    if risky.size:
+        index = slice(None) if 2 * risky.size > values.shape[1] else risky  # a view beats a large gather
+        device_index = index if isinstance(index, slice) else torch.from_numpy(risky).to(values.device)
+        deviations = values[:, device_index] - means[:, device_index, None]
+        exact = torch.stack((deviations.mean(dim=2), deviations.square_().sum(dim=2))).double().cpu().numpy()
+        precise_means[:, index] += exact[0]
+        m2[:, index] = exact[1] - positions * np.square(exact[0])
     return precise_means, m2
 
 
