@@ -119,10 +119,9 @@ def growth(small: dict, large: dict) -> dict[str, float]:
 
 
 def run(quick: bool = False) -> dict:
-    """`run_all.py`'s section: two ONNX model sizes show how memory grows (one in `--quick` mode), and
-    the PyTorch path on the smaller size."""
-    return {"sizes": [measure(megabytes) for megabytes in (SIZES[:1] if quick else SIZES)],
-            "torch": measure(SIZES[0], "torch")}
+    """`run_all.py`'s section: two model sizes per format show how memory grows (one in `--quick` mode)."""
+    megabytes = SIZES[:1] if quick else SIZES
+    return {"sizes": [measure(mb) for mb in megabytes], "torch": [measure(mb, "torch") for mb in megabytes]}
 
 
 def markdown(result: dict) -> str:
@@ -132,19 +131,19 @@ def markdown(result: dict) -> str:
         return [label, f"{r['weights_mb']:.0f} MB",
                 *(f"{r[command + '_mb']:.0f} MB ({r[command + '_over_weights']:.1f}x)" for command in COMMANDS)]
 
-    sizes = result["sizes"]
-    rows = [row("ONNX", r) for r in sizes] + ([row("PyTorch .pt2", result["torch"])] if "torch" in result else [])
+    formats = (("ONNX", result["sizes"]), ("PyTorch .pt2", result["torch"]))
     text = (f"Peak resident memory per command (baseline: the interpreter with bnfold and the framework imported, "
-            f"{sizes[0]['baseline_mb']:.0f} MB for ONNX"
-            + (f", {result['torch']['baseline_mb']:.0f} MB for PyTorch" if "torch" in result else "")
-            + "; in parentheses: MB over the baseline per MB of weights):\n\n"
-            + table(["model", "weights", "inspect", "fold --no-verify", "fold (verified)"], rows))
-    if len(sizes) > 1:
-        slopes = growth(sizes[0], sizes[-1])
-        text += ("\n\nEach further MB of ONNX weights costs, at the peak: "
-                 + ", ".join(f"{label} {slopes[command]:.2f} MB" for label, command in
-                             zip(("inspect", "fold --no-verify", "fold"), COMMANDS))
-                 + f" (between {sizes[0]['weights_mb']:.0f} and {sizes[-1]['weights_mb']:.0f} MB).")
+            f"{result['sizes'][0]['baseline_mb']:.0f} MB for ONNX, {result['torch'][0]['baseline_mb']:.0f} MB for "
+            "PyTorch; in parentheses: MB over the baseline per MB of weights):\n\n"
+            + table(["model", "weights", "inspect", "fold --no-verify", "fold (verified)"],
+                    [row(label, r) for label, sizes in formats for r in sizes]))
+    for label, sizes in formats:
+        if len(sizes) > 1:
+            slopes = growth(sizes[0], sizes[-1])
+            text += (f"\n\nEach further MB of {label} weights costs, at the peak: "
+                     + ", ".join(f"{name} {slopes[command]:.2f} MB" for name, command in
+                                 zip(("inspect", "fold --no-verify", "fold"), COMMANDS))
+                     + f" (between {sizes[0]['weights_mb']:.0f} and {sizes[-1]['weights_mb']:.0f} MB).")
     return text
 
 

@@ -286,6 +286,32 @@ def test_the_callers_module_is_not_changed():
     assert isinstance(model[1], nn.BatchNorm2d)
 
 
+def test_planning_computes_no_folded_weight_and_applying_computes_them_in_fold_order():
+    """The plan holds one-element stand-ins where folded weights go (`inspect` costs no copy of the
+    weights); apply computes them, here two folds into one conv (a BN from each side), and leaves the
+    plan as it was: applying it again gives the same weights."""
+    from bnfold.formats import as_model
+    from bnfold.plan import FoldOptions
+    from bnfold.pytorch.engine import TorchEngine
+
+    model = randomized(nn.Sequential(nn.Conv2d(3, 4, 1), nn.ReLU(), nn.BatchNorm2d(4), nn.Conv2d(4, 4, 1, bias=False),
+                                     nn.BatchNorm2d(4)))
+    x = torch.randn(2, 3, 5, 5)
+    program = as_model(torch.export.export(model, (x,)))
+    engine = TorchEngine()
+    plan = engine.plan(program, FoldOptions(example_batch={"x": x.numpy()}))
+    assert [(d.layer, d.status, d.targets) for d in plan.decisions] == [
+        ("2", FoldStatus.FOLDABLE, ["3"]), ("4", FoldStatus.FOLDABLE, ["3"])]
+    planned = plan.actions[0].module.state_dict()
+    assert {name for name, t in planned.items() if t.untyped_storage().nbytes() == t.element_size()} == \
+        {"3.weight", "3.bias"}
+    first, second = (engine.apply(program, plan).program for _ in range(2))
+    assert all(torch.equal(t, second.state_dict[name]) for name, t in first.state_dict.items())
+    expected, actual = outputs(model, x), outputs(first.module(), x)
+    assert np.abs(expected - actual).max() <= 1e-5 * np.abs(expected).max()
+    assert first.state_dict["3.weight"].untyped_storage().nbytes() == 4 * 4 * 4
+
+
 class Branchy(nn.Module):
     """Branches on activation values: neither torch.fx nor torch.export captures it whole."""
 

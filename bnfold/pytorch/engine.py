@@ -22,6 +22,7 @@ GraphModules, so its pickle needs the model's own classes just like the input di
 from __future__ import annotations
 
 import copy
+import functools
 import weakref
 from collections.abc import Callable, Sequence
 
@@ -59,24 +60,27 @@ class TorchEngine:
         layers = model.bn_layers()
         try:
             capture = self._capture(model, options.example_batch)
-            found = GraphFolder(capture.module).fold_all()
+            folder = GraphFolder(capture.module)
+            found = folder.fold_all()
+            build = folder.folded  # the folded weights are computed only when applied
         except CaptureFailed as failure:
             if not isinstance(model, ModuleModel):
                 reason = f"not analysed: {failure}"
                 return FoldPlan([FoldDecision(layer.name, FoldStatus.KEPT, reason=reason) for layer in layers],
                                 notes=[f"no graph captured: {failure}"])
             capture, found = _fold_by_module(model, options.example_batch, failure)
+            build = functools.partial(copy.deepcopy, capture.module)
         decisions = [found.pop(layer.name, None) or FoldDecision(layer.name, FoldStatus.KEPT, reason=NOT_FOUND)
                      for layer in layers]
         notes = [capture.note] if capture.note else []
-        return FoldPlan(decisions + list(found.values()), actions=[capture], notes=notes)
+        return FoldPlan(decisions + list(found.values()), actions=[capture, build], notes=notes)
 
     def apply(self, model: Model, plan: FoldPlan) -> Model:
         if not plan.foldable:
             return model  # nothing folds: the model as it is, in its own format
-        capture: Capture = plan.actions[0]
+        capture, build = plan.actions
         with quiet():
-            folded = copy.deepcopy(capture.module)
+            folded = build()
         if isinstance(model, ExportedProgramModel):
             return ExportedProgramModel(model.path, _reexport(folded, model.program, capture.example))
         if isinstance(model, TorchScriptModel):

@@ -15,8 +15,12 @@ Anything else is kept, with the reason in words. Passes run until nothing change
 
 from __future__ import annotations
 
+import copy
+import functools
 import math
 import operator
+import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -70,11 +74,23 @@ class LayerCall:
 
 @dataclass
 class Update:
-    """New float64 weight and bias for the calls that share one stored weight."""
+    """New weight and bias for the calls that share one stored weight, as the float64 arithmetic that
+    makes them from the weight and bias those calls read."""
 
     calls: list[LayerCall]
-    weight: np.ndarray
-    bias: np.ndarray | None  # None: the calls stay without bias
+    arithmetic: Callable[[np.ndarray, np.ndarray | None], tuple[np.ndarray, np.ndarray]]
+    biased: bool = True  # False: the calls stay without bias
+
+
+@dataclass
+class Deferred:
+    """An update's arithmetic, left to `GraphFolder.folded`: the tensors the calls read when it was
+    planned (stand-ins, when an earlier update made them) and the stand-ins it left in their place."""
+
+    arithmetic: Callable[[np.ndarray, np.ndarray | None], tuple[np.ndarray, np.ndarray]]
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+    results: list[tuple[str, torch.Tensor]] = field(default_factory=list)  # (target, stand-in): weight, bias
 
 
 @dataclass
@@ -89,7 +105,10 @@ class Fold:
 class GraphFolder:
     """Folds every exactly-foldable BN of one GraphModule (which it changes) and says why for the rest.
 
-    `prefix` is the module path of the GraphModule inside the whole model, so layer names stay module paths.
+    Folding rewrites the graph but leaves each folded weight a stand-in of its shape and dtype (analysis
+    reads nothing else of it), so deciding costs no copy of the weights; `folded` then computes them
+    into a new module. `prefix` is the module path of the GraphModule inside the whole model, so layer
+    names stay module paths.
     """
 
     def __init__(self, module: fx.GraphModule, prefix: str = "") -> None:
@@ -99,6 +118,7 @@ class GraphFolder:
         self.constants = Constants(module)
         self._at_input: dict[fx.Node, Occurrence] = {}
         self._claimed: set[fx.Node] = set()  # ops that belong to an occurrence (a look-alike's arithmetic)
+        self._deferred: list[Deferred] = []
 
     # ---- the pass ----------------------------------------------------------------------------------------
 
@@ -123,6 +143,27 @@ class GraphFolder:
         self._prune()
         self.module.recompile()
         return decisions
+
+    def folded(self) -> fx.GraphModule:
+        """The folded module, after `fold_all`: the rewritten graph on the same tensors, with each
+        stand-in replaced by the weights it stands for, computed in the order the folds were made."""
+        with warnings.catch_warnings():  # copying an exported graph's codegen trips torch's own deprecations
+            warnings.simplefilter("ignore", FutureWarning)
+            module = fx.GraphModule(self.module, copy.deepcopy(self.graph), type(self.module).__name__)
+        for holder in module.modules():  # the graph and the modules fx made to hold its tensors have no mode
+            if holder is module or type(holder) is nn.Module:  # of their own; in training mode they would
+                holder.training = False  # make `TorchEngine.run` copy the whole model before every run
+        read = {str(node.target) for node in module.graph.nodes if node.op == "get_attr"}
+        made: dict[int, torch.Tensor] = {}  # id(stand-in) -> what it stands for
+        for deferred in self._deferred:
+            weight, bias = (made.get(id(t), t) if t is not None else None for t in (deferred.weight, deferred.bias))
+            values = deferred.arithmetic(_values(weight), _values(bias))
+            for (target, stand_in), result in zip(deferred.results, values):
+                # The bias takes the conv's dtype, also when the BN was float32 (CASES E2).
+                tensor = _rounded(result, weight)
+                # A result that a later fold replaced under another name is only that fold's input.
+                made[id(stand_in)] = assign(module, target, tensor, weight) if target in read else tensor
+        return module
 
     def _prune(self) -> None:
         """Drop the tensors no op reads any more (folded BN statistics), so they are not saved."""
@@ -506,9 +547,8 @@ class GraphFolder:
                     "(the padded border would not see it)")
         if self._readers(call.weight) != [call.node]:
             return f"{call.name} shares its weight with another layer"
-        new_weight, new_bias = foldmath.fold_into_consumer(self._float64(weight), self._float64(self._tensor(call.bias)),
-                                                           scale, shift, call.groups)
-        return Fold(FoldDirection.INTO_CONSUMER, [call.name], [Update([call], new_weight, new_bias)], [occurrence])
+        arithmetic = functools.partial(foldmath.fold_into_consumer, scale=scale, shift=shift, groups=call.groups)
+        return Fold(FoldDirection.INTO_CONSUMER, [call.name], [Update([call], arithmetic)], [occurrence])
 
     def _padding(self, call: LayerCall, pad: fx.Node | None) -> str | None:
         """'zeros' or 'constant' (another value) when the consumer sees padded constants, else None."""
@@ -706,14 +746,13 @@ class GraphFolder:
     def _producer_update(self, call: LayerCall, scale: np.ndarray, shift: np.ndarray | None) -> Update:
         """Weight and bias after y = scale * layer(x) + shift. Without a shift (a summed layer that leaves
         it to another) a layer without bias stays without one."""
-        weight = self._float64(self._tensor(call.weight))
-        bias = self._float64(self._tensor(call.bias))
         offset = np.zeros_like(scale) if shift is None else shift
         if call.kind == "conv_transpose":
-            new_weight, new_bias = foldmath.fold_into_conv_transpose(weight, bias, scale, offset, call.groups)
+            arithmetic = functools.partial(foldmath.fold_into_conv_transpose, scale=scale, shift=offset,
+                                           groups=call.groups)
         else:
-            new_weight, new_bias = foldmath.fold_into_producer(weight, bias, scale, offset)
-        return Update([call], new_weight, None if shift is None and bias is None else new_bias)
+            arithmetic = functools.partial(foldmath.fold_into_producer, scale=scale, shift=offset)
+        return Update([call], arithmetic, biased=shift is not None or call.bias is not None)
 
     def _apply(self, fold: Fold) -> None:
         for update in fold.updates:
@@ -729,16 +768,18 @@ class GraphFolder:
     def _store(self, update: Update) -> None:
         first = update.calls[0]
         weight = self._tensor(first.weight)
-        assign_rounded(self.module, str(first.weight.target), update.weight, weight)
-        if update.bias is None:
+        deferred = Deferred(update.arithmetic, weight, self._tensor(first.bias))
+        self._deferred.append(deferred)
+        deferred.results.append(self._stand_in(str(first.weight.target), weight.shape, weight))
+        if not update.biased:
             return
-        # The bias takes the conv's dtype, also when the BN was float32 (CASES E2).
+        bias_shape = (_out_channels(weight, first),)
         nodes = [c.node for c in update.calls]
         if first.bias is not None and self._readers(first.bias) == nodes:
-            assign_rounded(self.module, str(first.bias.target), update.bias, weight)
+            deferred.results.append(self._stand_in(str(first.bias.target), bias_shape, weight))
             return
         target = _free_target(self.module, f"{str(first.weight.target).rpartition('.')[0]}.bias".lstrip("."))
-        assign_rounded(self.module, target, update.bias, weight)
+        deferred.results.append(self._stand_in(target, bias_shape, weight))
         earliest = next(n for n in self.graph.nodes if n in nodes)
         with self.graph.inserting_before(earliest):
             bias_node = self.graph.get_attr(target)
@@ -746,6 +787,11 @@ class GraphFolder:
         for call in update.calls:
             set_arg(call.node, "bias", bias_node)
         self._erase_dead(old)
+
+    def _stand_in(self, target: str, shape: tuple[int, ...], like: torch.Tensor) -> tuple[str, torch.Tensor]:
+        """Put a tensor of `shape` and `like`'s dtype and device that holds one element under `target`."""
+        zero = torch.zeros((), dtype=like.dtype, device=like.device)
+        return target, assign(self.module, target, zero.expand(shape), like)
 
     def _erase_dead(self, nodes: list[fx.Node]) -> None:
         """Erase nodes left without users by a fold, and then their inputs that are left without users."""
@@ -819,6 +865,15 @@ def _elementwise(node: fx.Node, root: nn.Module) -> bool:
     return target_name(node).rstrip("_") in _ELEMENTWISE
 
 
+def _values(tensor: torch.Tensor | None) -> np.ndarray | None:
+    """A stored tensor's values for `foldmath`, which makes the one float64 copy itself: a view where
+    numpy has the dtype (a float64 copy first would double what folding the largest layer costs)."""
+    if tensor is None:
+        return None
+    tensor = tensor.detach().cpu()
+    return (tensor.double() if tensor.dtype is torch.bfloat16 else tensor).numpy()
+
+
 def _rounded(values: np.ndarray, like: torch.Tensor) -> torch.Tensor:
     """float64 results rounded once to `like`'s dtype, on its device."""
     if like.dtype is torch.bfloat16:
@@ -829,9 +884,13 @@ def _rounded(values: np.ndarray, like: torch.Tensor) -> torch.Tensor:
 
 
 def assign_rounded(root: nn.Module, target: str, values: np.ndarray, like: torch.Tensor) -> None:
-    """Store float64 `values` rounded once to `like`'s dtype under `target` (replacing what is there):
-    a buffer where a buffer was, else a parameter when `like` is one."""
-    tensor = _rounded(values, like)
+    """Store float64 `values` rounded once to `like`'s dtype under `target` (see `assign`)."""
+    assign(root, target, _rounded(values, like), like)
+
+
+def assign(root: nn.Module, target: str, tensor: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """Store `tensor` under `target` (replacing what is there): a buffer where a buffer was, else a
+    parameter when `like` is one. Returns what is stored."""
     path, _, name = target.rpartition(".")
     owner = root
     for part in path.split(".") if path else []:
@@ -844,6 +903,7 @@ def assign_rounded(root: nn.Module, target: str, values: np.ndarray, like: torch
         owner._parameters[name] = nn.Parameter(tensor, requires_grad=like.requires_grad)
     else:
         owner.register_buffer(name, tensor)
+    return getattr(owner, name)
 
 
 def _free_target(root: nn.Module, wanted: str) -> str:

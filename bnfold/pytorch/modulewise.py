@@ -73,9 +73,10 @@ def _visit(module: nn.Module, path: str, root: nn.Module, decisions: dict[str, F
             decisions[child_path] = next((FoldDecision(child_path, FoldStatus.KEPT, reason=r) for r in refusals if r),
                                          _kept(child_path, why))
             continue
-        found = GraphFolder(traced, child_path).fold_all()
+        folder = GraphFolder(traced, child_path)
+        found = folder.fold_all()
         if any(d.status is FoldStatus.FOLDABLE for d in found.values()):
-            setattr(module, name, traced)
+            setattr(module, name, folder.folded())
         decisions.update(found)
 
 
