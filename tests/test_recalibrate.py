@@ -1,14 +1,16 @@
 """`recalibrate` against independent oracles, on real data (sklearn digits) with a sensor shift.
 
-The oracles use plain torch in float64 on all samples at once, one BN layer per pass in module order
-(exact), or the BN modules alone switched to train mode over the same batches (fast): no bnfold code,
-no streaming merge, no dependency analysis. The sample `mlp` has Dropout upstream of a BN and BN1d
-after a Linear; its files exist in every format.
+The oracles (`tests/recalibration_oracle.py`) use plain torch in float64 on all samples: exact as a
+fixed point of whole-data passes, fast with the BN calls alone normalizing by each batch's statistics: no
+bnfold code, no streaming merge, no dependency analysis. The sample `mlp` has Dropout upstream of a BN and
+BN1d after a Linear; its files exist in every format. `tests/test_zoo_recalibration.py` runs the same
+oracles over every zoo architecture.
 """
 
 from __future__ import annotations
 
 import copy
+import functools
 import json
 
 import numpy as np
@@ -23,6 +25,7 @@ from bnfold.errors import DataError, NoBatchNormError, OutputError, UsageError
 from bnfold.recalibration import dependency_levels, recalibrate, upstream_layers
 from sample_models.architectures import make_mlp
 from tests.conftest import SAMPLES
+from tests.recalibration_oracle import assert_statistics_match, channel_statistics, exact_oracle, fast_oracle
 from tests.test_startup import run_probe
 
 CALIB = SAMPLES / "shifted_calib.npy"
@@ -48,52 +51,7 @@ def shifted_test() -> tuple[np.ndarray, np.ndarray]:
         return test["x"], test["y"]
 
 
-def bn_modules(module: nn.Module) -> dict[str, nn.Module]:
-    return {name: m for name, m in module.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)}
-
-
-def channel_statistics(inputs: torch.Tensor, ddof: int) -> tuple[np.ndarray, np.ndarray]:
-    values = inputs.transpose(0, 1).reshape(inputs.shape[1], -1).numpy()
-    return values.mean(axis=1), values.var(axis=1, ddof=ddof)
-
-
-def exact_oracle(module: nn.Module, data: np.ndarray, ddof: int) -> tuple[dict, nn.Module]:
-    """Layer by layer in module order, float64, all samples in one batch, in eval mode."""
-    model = copy.deepcopy(module).double().eval()
-    inputs = torch.from_numpy(data).double()
-    expected = {}
-    for name, bn in bn_modules(model).items():
-        seen = []
-        handle = bn.register_forward_pre_hook(lambda _m, args: seen.append(args[0]))
-        with torch.no_grad():
-            model(inputs)
-        handle.remove()
-        expected[name] = channel_statistics(seen[0], ddof)
-        bn.running_mean.copy_(torch.from_numpy(expected[name][0]))
-        bn.running_var.copy_(torch.from_numpy(expected[name][1]))
-    return expected, model
-
-
-def fast_oracle(module: nn.Module, data: np.ndarray, ddof: int) -> tuple[dict, nn.Module]:
-    """One pass in batches of BATCH with only the BN modules in train mode (dropout stays off)."""
-    model = copy.deepcopy(module).double().eval()
-    seen: dict[str, list[torch.Tensor]] = {name: [] for name in bn_modules(model)}
-    for name, bn in bn_modules(model).items():
-        bn.train()
-        bn.register_forward_pre_hook(lambda _m, args, name=name: seen[name].append(args[0]))
-    inputs = torch.from_numpy(data).double()
-    with torch.no_grad():
-        for start in range(0, len(inputs), BATCH):
-            model(inputs[start:start + BATCH])
-    expected = {name: channel_statistics(torch.cat(batches), ddof) for name, batches in seen.items()}
-    model.eval()
-    for name, bn in bn_modules(model).items():
-        bn.running_mean.copy_(torch.from_numpy(expected[name][0]))
-        bn.running_var.copy_(torch.from_numpy(expected[name][1]))
-    return expected, model
-
-
-ORACLES = {"exact": exact_oracle, "fast": fast_oracle}
+ORACLES = {"exact": exact_oracle, "fast": functools.partial(fast_oracle, batch=BATCH)}
 
 
 def accuracy(logits: np.ndarray, labels: np.ndarray) -> float:
@@ -103,13 +61,6 @@ def accuracy(logits: np.ndarray, labels: np.ndarray) -> float:
 def torch_accuracy(model: nn.Module, test) -> float:
     with torch.no_grad():
         return accuracy(model(torch.from_numpy(test[0]).to(next(model.parameters()).dtype)).numpy(), test[1])
-
-
-def assert_statistics_match(stored_mean, stored_var, oracle_mean, oracle_var):
-    """Within 1e-4 relative: means relative to the channel's scale (a mean may be ~0), variances plain."""
-    scale = np.abs(oracle_mean) + np.sqrt(oracle_var)
-    assert np.max(np.abs(np.asarray(stored_mean, np.float64) - oracle_mean) / scale) < 1e-4
-    np.testing.assert_allclose(np.asarray(stored_var, np.float64), oracle_var, rtol=1e-4)
 
 
 def stored_torch_statistics(path, kind) -> tuple[nn.Module, dict[str, tuple[np.ndarray, np.ndarray]]]:
@@ -189,7 +140,7 @@ def test_exact_is_not_one_plain_pass_with_old_statistics(trained_mlp, calib):
     model.bn2.register_forward_pre_hook(lambda _m, args: seen.append(args[0]))
     with torch.no_grad():
         model(torch.from_numpy(calib).double())
-    shortcut_mean, _ = channel_statistics(seen[0], ddof=1)
+    shortcut_mean, _ = channel_statistics(seen, ddof=1)
     expected, _ = exact_oracle(trained_mlp, calib, ddof=1)
     report = recalibrate(trained_mlp, calib)
     new_mean = report.result.module.bn2.running_mean.numpy()
