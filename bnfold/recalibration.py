@@ -17,6 +17,7 @@ its running_var estimates), ONNX the population variance M2/n (what its BatchNor
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Hashable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from enum import Enum
@@ -63,8 +64,8 @@ class StatisticsRunner(Protocol):
     def skipped(self) -> dict[str, str]:
         """BN layers that cannot be recalibrated, with the reason."""
 
-    def upstream(self, probe: Batch) -> dict[str, set[str]]:
-        """For each layer, every BN layer its input depends on (`probe` may be run to find out)."""
+    def upstream(self, batches: Iterable[Batch]) -> dict[str, set[str]]:
+        """For each layer, every BN layer its input depends on (a runner without a graph runs `batches`)."""
 
     def run_pass(self, batches: Iterable[Batch], observe: Sequence[str],
                  batch_statistics: bool) -> dict[str, ChannelStatistics]:
@@ -116,7 +117,7 @@ def recalibrate(source: object, data: object, *, method: str | Method = Method.E
         levels: list[list[str]] | None = [[layer.name for layer in layers]]
         if method is Method.EXACT:
             with world.agree_on_failure():  # rank 0 plans: without a graph, the plan depends on its data
-                levels = dependency_levels(levels[0], runner.upstream(_first(stream))) if world.root else None
+                levels = dependency_levels(levels[0], runner.upstream(_nonempty(stream))) if world.root else None
             levels = world.broadcast(levels)
         results, samples = _run_passes(runner, stream, levels, layers, skipped, world,
                                        batch_statistics=method is Method.FAST, min_samples=min_samples,
@@ -242,10 +243,13 @@ def _too_few(samples: int, minimum: int) -> DataError:
                      "provide more data (or raise --max-samples)")
 
 
-def _first(stream: DataSource) -> Batch:
-    for batch in stream.batches():
-        return batch
-    raise DataError(f"{stream.description} holds no batches")
+def _nonempty(stream: DataSource) -> Iterator[Batch]:
+    """The stream's batches, the first one read already: a stream without any is an error here."""
+    batches = iter(stream.batches())
+    first = next(batches, None)
+    if first is None:
+        raise DataError(f"{stream.description} holds no batches")
+    return itertools.chain([first], batches)
 
 
 class _RowCounter:

@@ -103,7 +103,7 @@ class OnnxStatisticsRunner:
     def skipped(self) -> dict[str, str]:
         return dict(self._skipped)
 
-    def upstream(self, probe: Batch) -> dict[str, set[str]]:
+    def upstream(self, batches: Iterable[Batch]) -> dict[str, set[str]]:
         reads: dict[int, list[str]] = {}
         for value, consumers in self.index.consumers.items():  # includes values captured by subgraphs
             for consumer in consumers:

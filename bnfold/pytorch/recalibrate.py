@@ -2,9 +2,12 @@
 
 One runner per kind of torch object, because each is instrumented differently:
 
-- eager `nn.Module` (pickle, state_dict + factory): forward pre-hooks on the BN modules.
-  Dependencies come from a torch.fx trace; a model fx cannot trace gets one BN layer per pass, in call
-  order (always correct, just more passes).
+- eager `nn.Module` (pickle, state_dict + factory): forward pre-hooks on the BN modules, and
+  `F.batch_norm` intercepted where a module that is no BN module calls it on its own buffers.
+  Dependencies come from a torch.fx trace. A model fx cannot trace is planned from one eval pass over
+  the data: each layer comes after every layer called before it, in any batch (more passes, and
+  correct as long as the branches the stored statistics take are those the new ones take: a branch on
+  activation values that the new statistics switch is not followed; recalibrating the result again is).
 - ExportedProgram (.pt2): `program.module()` is an fx GraphModule whose BN ops read the program's own
   buffers; an observer call is inserted before each BN op. The buffers are updated in place and the
   program is saved as a .pt2 again.
@@ -24,22 +27,26 @@ import copy
 import functools
 from abc import ABC, abstractmethod
 import inspect
+import math
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import fx, nn
 from torch.nn.modules.batchnorm import _BatchNorm
+from torch.overrides import TorchFunctionMode
 
 from bnfold.engine import Batch
 from bnfold.errors import DataError, UsageError
 from bnfold.foldmath import round_to
 from bnfold.layers import BNLayer
 from bnfold.model import InputSpec, Model
-from bnfold.pytorch.discover import BN_ATEN_SIGNATURES, bn_kind, describe_module, discover_exported, discover_module
+from bnfold.pytorch.discover import (BN_ATEN_SIGNATURES, bn_kind, describe_module, describe_tensors,
+                                     discover_exported, discover_module)
 from bnfold.pytorch.model import ExportedProgramModel, ModuleModel, TorchScriptModel
 from bnfold.recalibration import GraphStep, upstream_layers
 from bnfold.stats import ChannelStatistics, Moments
@@ -224,6 +231,11 @@ def _first_float_dtype(tensors: Iterable[torch.Tensor]) -> torch.dtype:
     return next((t.dtype for t in tensors if t.is_floating_point()), torch.float32)
 
 
+def _resolve(module: nn.Module, path: str | None) -> Any:
+    """The attribute at a dotted path ("stem.norm.mu"; ScriptModules have no get_submodule), or None."""
+    return functools.reduce(getattr, path.split("."), module) if path else None
+
+
 def _fx_steps(graph: fx.Graph, layer_of: Callable[[fx.Node], str | None]) -> Iterator[GraphStep]:
     for node in graph.nodes:
         yield node.all_input_nodes, [node], layer_of(node)
@@ -241,7 +253,12 @@ def _forward_names(forward: Callable[..., Any]) -> list[str]:
 
 
 class ModuleRunner(_TorchRunner):
-    """An eager nn.Module, observed through forward pre-hooks on its BN modules."""
+    """An eager nn.Module, observed through forward pre-hooks on its BN modules.
+
+    `F.batch_norm` called on the buffers of a module that is no BN module (a hand-written BN with
+    statistics named `mu`/`sigma2`) is a layer too, found in the fx trace and observed by intercepting
+    the call; the trace is taken only when a module other than a BN owns 1-D floating buffers.
+    """
 
     def __init__(self, model: ModuleModel, device: torch.device, copy_model: bool) -> None:
         super().__init__(device)
@@ -259,65 +276,170 @@ class ModuleRunner(_TorchRunner):
                 self._skipped[name] = "no running statistics (track_running_stats=False)"
             else:
                 self.bns[name] = child
+        self.functional = self._functional_batch_norms()
 
-    def inputs(self) -> list[InputSpec | str]:
-        return list(_forward_names(self.module.forward))
+    def _functional_batch_norms(self) -> dict[str, BNLayer]:
+        """F.batch_norm calls on the running statistics of modules that are no BN module, by owner."""
+        if not any(bn_kind(module) is None and any(b.dim() == 1 and b.is_floating_point()
+                                                   for b in module.buffers(recurse=False))
+                   for module in self.module.modules()):
+            return {}
+        graph = self._graph
+        found: dict[str, BNLayer] = {}
+        for node in graph.nodes if graph is not None else ():
+            call = _functional_call(node)
+            if call is None or not all(isinstance(call[key], fx.Node) and call[key].op == "get_attr"
+                                       for key in ("running_mean", "running_var")):
+                continue
+            owner = call["running_mean"].target.rpartition(".")[0]
+            if owner in self.bns or owner in self._skipped or owner in found:
+                continue
+            if call["training"] is not False:
+                self._skipped[owner] = "F.batch_norm in training mode: it normalizes by batch statistics"
+                continue
+            tensors = {key: _resolve(self.module, call[key].target if isinstance(call[key], fx.Node) else None)
+                       for key in ("running_mean", "running_var", "weight", "bias")}
+            found[owner] = describe_tensors(
+                owner, f"F.batch_norm ({type(self.module.get_submodule(owner)).__name__})",
+                mean=tensors["running_mean"], var=tensors["running_var"], weight=tensors["weight"],
+                bias=tensors["bias"], eps=call["eps"] if isinstance(call["eps"], float) else None,
+                momentum=call["momentum"], extra={"buffers": (call["running_mean"].target, call["running_var"].target)})
+        return found
 
-    def layers(self) -> list[BNLayer]:
-        return [describe_module(name, bn, bn_kind(bn)) for name, bn in self.bns.items()]
+    def _statistics(self, layer: str) -> BufferPair:
+        if layer in self.bns:
+            return self.bns[layer].running_mean, self.bns[layer].running_var
+        mean, var = self.functional[layer].extra["buffers"]
+        return _resolve(self.module, mean), _resolve(self.module, var)
 
-    def upstream(self, probe: Batch) -> dict[str, set[str]]:
+    @functools.cached_property
+    def _graph(self) -> fx.Graph | None:
+        """The fx graph with BN modules as leaves; None (and a note) when fx cannot trace the model."""
         class BatchNormLeaves(fx.Tracer):
             def is_leaf_module(self, module: nn.Module, qualified_name: str) -> bool:
                 return bn_kind(module) is not None or super().is_leaf_module(module, qualified_name)
 
         try:
-            graph = BatchNormLeaves().trace(self.module)
+            return BatchNormLeaves().trace(self.module)
         except Exception as error:  # fx cannot trace data-dependent control flow and more
             reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:160]
-            self.notes.append(f"torch.fx cannot trace the model ({reason}); "
-                              "layers were recalibrated one per pass, in call order")
-            return self._call_order(probe)
-        return upstream_layers(_fx_steps(graph, lambda node: node.target if node.op == "call_module"
-                                         and node.target in self.bns else None))
+            self._untraceable = reason
+            return None
 
-    def _call_order(self, probe: Batch) -> dict[str, set[str]]:
-        """Without a graph, assume each layer depends on every layer called before it."""
+    def inputs(self) -> list[InputSpec | str]:
+        return list(_forward_names(self.module.forward))
+
+    def layers(self) -> list[BNLayer]:
+        modules = [describe_module(name, bn, bn_kind(bn)) for name, bn in self.bns.items()]
+        return modules + list(self.functional.values())
+
+    def upstream(self, batches: Iterable[Batch]) -> dict[str, set[str]]:
+        graph = self._graph
+        if graph is None:
+            self.notes.append(f"torch.fx cannot trace the model ({self._untraceable}); the passes follow "
+                              "the order in which the data calls the BN layers")
+            return self._call_order(batches)
+        functional = {layer.extra["buffers"][0]: name for name, layer in self.functional.items()}
+
+        def layer_of(node: fx.Node) -> str | None:
+            if node.op == "call_module":
+                return node.target if node.target in self.bns else None
+            call = _functional_call(node)
+            mean = call["running_mean"] if call is not None else None
+            return functional.get(mean.target) if isinstance(mean, fx.Node) and mean.op == "get_attr" else None
+
+        return upstream_layers(_fx_steps(graph, layer_of))
+
+    def _call_order(self, batches: Iterable[Batch]) -> dict[str, set[str]]:
+        """Without a graph, assume each layer depends on every layer called before it, in any batch (one
+        eval pass over the data: a branch on the input can call other layers batch by batch)."""
+        upstream: dict[str, set[str]] = {}
         order: list[str] = []
-        hooks = [module.register_forward_pre_hook(functools.partial(lambda name, *_: order.append(name), name))
-                 for name, module in self.bns.items()]
-        try:
-            with torch.no_grad():
-                self.module(*self._tensors(probe))
-        finally:
-            for hook in hooks:
-                hook.remove()
-        called = list(dict.fromkeys(order))
-        return {name: set(called[:position]) for position, name in enumerate(called)}
+        with torch.no_grad(), self._observed(set(self.layer_names), lambda name, _: order.append(name)):
+            for batch in batches:
+                order.clear()
+                self.module(*self._tensors(batch))
+                called = list(dict.fromkeys(order))
+                for position, name in enumerate(called):
+                    upstream.setdefault(name, set()).update(called[:position])
+        while True:  # transitive, as dependency_levels needs: what a layer's upstream layers depend on
+            grown = {name: above.union(*(upstream[u] for u in above)) - {name}
+                     for name, above in upstream.items()}
+            if grown == upstream:
+                return upstream
+            upstream = grown
+
+    @property
+    def layer_names(self) -> list[str]:
+        return [*self.bns, *self.functional]
 
     @contextmanager
-    def _instrumented(self, observe: set[str], batch_statistics: bool,
-                      statistics: dict[str, ChannelStatistics]) -> Iterator[Callable[..., Any]]:
-        def hook(name: str, bn: _BatchNorm, args: tuple[torch.Tensor, ...]) -> None:
-            _observe(statistics if name in observe else None, name, args[0],
-                     (bn.running_mean, bn.running_var) if batch_statistics else None)
+    def _observed(self, layers: set[str], observe: Callable[[str, torch.Tensor], None]) -> Iterator[None]:
+        """`observe(layer, input)` before every call of the `layers`: hooks on modules, F.batch_norm intercepted."""
+        def hook(name: str, _: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+            observe(name, args[0])
 
-        hooked = self.bns if batch_statistics else {name: self.bns[name] for name in observe}
-        hooks = [bn.register_forward_pre_hook(functools.partial(hook, name)) for name, bn in hooked.items()]
-        pairs = [(bn.running_mean, bn.running_var) for bn in self.bns.values()] if batch_statistics else []
+        hooks = [self.bns[name].register_forward_pre_hook(functools.partial(hook, name))
+                 for name in layers if name in self.bns]
+        functional = {id(self._statistics(name)[0]): name for name in layers if name in self.functional}
         try:
-            with _buffers_restored(pairs):
-                yield self.module
+            with _FunctionalBatchNormCalls(functional, observe) if functional else nullcontext():
+                yield
         finally:
             for handle in hooks:
                 handle.remove()
 
+    @contextmanager
+    def _instrumented(self, observe: set[str], batch_statistics: bool,
+                      statistics: dict[str, ChannelStatistics]) -> Iterator[Callable[..., Any]]:
+        def observe_input(name: str, inputs: torch.Tensor) -> None:
+            _observe(statistics if name in observe else None, name, inputs,
+                     self._statistics(name) if batch_statistics else None)
+
+        pairs = [self._statistics(name) for name in self.layer_names] if batch_statistics else []
+        with _buffers_restored(pairs), self._observed(set(self.layer_names) if batch_statistics else observe,
+                                                      observe_input):
+            yield self.module
+
     def _buffers(self, layer: str) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]:
-        bn = self.bns[layer]
-        return [(bn.running_mean, bn.running_var, bn.num_batches_tracked)]
+        tracked = self.bns[layer].num_batches_tracked if layer in self.bns else None
+        return [(*self._statistics(layer), tracked)]
 
     def result(self) -> Model:
         return ModuleModel(self.model.path, self.module.cpu(), self.model.format, safetensors=self.model.safetensors)
+
+
+_BATCH_NORM_SIGNATURE = inspect.signature(F.batch_norm)
+
+
+def _functional_call(node: fx.Node) -> dict[str, Any] | None:
+    """The arguments of an F.batch_norm call in an fx graph, by name, defaults filled in; None for other nodes."""
+    if node.op != "call_function" or node.target is not F.batch_norm:
+        return None
+    try:
+        call = _BATCH_NORM_SIGNATURE.bind(*node.args, **node.kwargs)
+    except TypeError:
+        return None
+    call.apply_defaults()
+    return dict(call.arguments)
+
+
+class _FunctionalBatchNormCalls(TorchFunctionMode):
+    """Calls `observe(layer, input)` before each F.batch_norm call whose running mean is a layer's (by id)."""
+
+    def __init__(self, layers: dict[int, str], observe: Callable[[str, torch.Tensor], None]) -> None:
+        super().__init__()
+        self.layers = layers
+        self.observe = observe
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.batch_norm:
+            mean = args[1] if len(args) > 1 else kwargs.get("running_mean")
+            layer = self.layers.get(id(mean))
+            if layer is not None:
+                self.observe(layer, args[0] if args else kwargs["input"])
+        return func(*args, **kwargs)
 
 
 class ExportedProgramRunner(_TorchRunner):
@@ -330,6 +452,7 @@ class ExportedProgramRunner(_TorchRunner):
         self.module = self.program.module().to(device)
         self.float_dtype = _first_float_dtype(self.program.state_dict.values())
         self.layer_of: dict[fx.Node, str] = {}
+        self.statistics_of: dict[str, tuple[str, str]] = {}  # layer -> its (mean, var) buffers, by any name
         named = {layer.extra.get("node"): layer.name for layer in discover_exported(self.program)}
         for node in self.module.graph.nodes:
             if node.op != "call_function" or getattr(node.target, "_schema", None) is None:
@@ -346,6 +469,7 @@ class ExportedProgramRunner(_TorchRunner):
                 self._skipped[key] = "exported in training mode: it normalizes by batch statistics"
             else:
                 self.layer_of[node] = key
+                self.statistics_of[key] = (mean.target, var.target)
 
     def inputs(self) -> list[InputSpec | str]:
         return list(self.model.input_specs()) or ["input"]
@@ -354,7 +478,7 @@ class ExportedProgramRunner(_TorchRunner):
         keys = set(self.layer_of.values())
         return [layer for layer in discover_exported(self.program) if layer.name in keys]
 
-    def upstream(self, probe: Batch) -> dict[str, set[str]]:
+    def upstream(self, batches: Iterable[Batch]) -> dict[str, set[str]]:
         return upstream_layers(_fx_steps(self.module.graph, self.layer_of.get))
 
     @contextmanager
@@ -375,9 +499,10 @@ class ExportedProgramRunner(_TorchRunner):
 
     def _buffers(self, layer: str) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]:
         found = []
+        mean, var = self.statistics_of[layer]  # F.batch_norm on buffers of any name: stem.norm.mu
         for holder in (self.program.state_dict, dict(self.module.named_buffers())):
             tracked = holder.get(f"{layer}.num_batches_tracked")
-            found.append((holder[f"{layer}.running_mean"], holder[f"{layer}.running_var"], tracked))
+            found.append((holder[mean], holder[var], tracked))
         return list({id(entry[0]): entry for entry in found}.values())  # often the same tensors
 
     def result(self) -> Model:
@@ -412,9 +537,17 @@ class ScriptRunner(_TorchRunner):
                 owner = _stats_owner(node)
                 if owner:
                     self._skipped[owner] = "called inside control flow (if/loop), where bnfold cannot observe it"
-        if None in self.keys:
+        unnamed = False
+        for node, key in zip(_top_level_batch_norms(graph), self.keys):
+            owner = _stats_owner(node, position=1) if key is None else None  # named after its weight instead
+            if owner:
+                self._skipped.setdefault(owner, "no running statistics (track_running_stats=False)")
+            unnamed |= key is None and not owner
+        if unnamed:
             self.notes.append("batch_norm calls without running statistics were left as they are")
         self.names = {key for key in self.keys if key is not None} - set(self._skipped)
+        self.statistics_of = {key: (_attribute(node, 3), _attribute(node, 4))  # running_mean, or `mu` and the like
+                              for node, key in zip(_top_level_batch_norms(graph), self.keys) if key in self.names}
 
     def _inlined(self) -> torch._C.Graph:
         graph = self.module.forward.graph.copy()
@@ -425,9 +558,21 @@ class ScriptRunner(_TorchRunner):
         return [argument.name for argument in self.module.forward.schema.arguments[1:]] or ["input"]
 
     def layers(self) -> list[BNLayer]:
-        return [layer for layer in discover_module(self.module) if layer.name in self.names]
+        calls = {key: node for node, key in zip(_top_level_batch_norms(self._inlined()), self.keys)
+                 if key in self.names}
+        found = {layer.name: layer for layer in discover_module(self.module) if layer.name in self.names}
+        for key, node in calls.items():
+            eps = node.inputsAt(7).toIValue() if node.inputsAt(7).node().kind() == "prim::Constant" else None
+            if key not in found:  # F.batch_norm on buffers of a module that is no BN module
+                weight, bias, mean, var = (_resolve(self.module, _attribute(node, at)) for at in (1, 2, 3, 4))
+                found[key] = describe_tensors(key, f"F.batch_norm ({_resolve(self.module, key).original_name})",
+                                              mean=mean, var=var, weight=weight, bias=bias, eps=eps)
+            elif math.isnan(found[key].eps) and eps is not None:  # a traced module keeps no eps attribute
+                found[key].eps = float(eps)
+                found[key].extra.pop("eps_unknown", None)
+        return list(found.values())
 
-    def upstream(self, probe: Batch) -> dict[str, set[str]]:
+    def upstream(self, batches: Iterable[Batch]) -> dict[str, set[str]]:
         graph = self._inlined()
         layer_of = dict(zip(_top_level_batch_norms(graph), self.keys))
 
@@ -467,8 +612,8 @@ class ScriptRunner(_TorchRunner):
         yield forward
 
     def _buffers(self, layer: str) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]:
-        bn = functools.reduce(getattr, layer.split("."), self.module)
-        return [(bn.running_mean, bn.running_var, getattr(bn, "num_batches_tracked", None))]
+        mean, var = (_resolve(self.module, path) for path in self.statistics_of[layer])
+        return [(mean, var, getattr(_resolve(self.module, layer), "num_batches_tracked", None))]
 
     def result(self) -> Model:
         return TorchScriptModel(self.model.path, self.module.cpu())
@@ -478,16 +623,22 @@ def _top_level_batch_norms(graph: torch._C.Graph) -> list[torch._C.Node]:
     return [node for node in graph.nodes() if node.kind() == "aten::batch_norm"]
 
 
-def _stats_owner(node: torch._C.Node) -> str | None:
-    """The module path whose running_mean a batch_norm call reads ("layer1.0.bn1"), or None."""
+def _stats_owner(node: torch._C.Node, position: int = 3) -> str | None:
+    """The module path whose running_mean (or input `position`) a batch_norm call reads ("layer1.0.bn1")."""
+    path = _attribute(node, position)
+    return path.rpartition(".")[0] or None if path else None
+
+
+def _attribute(node: torch._C.Node, position: int) -> str | None:
+    """The path of the module attribute a node reads as input `position` ("layer1.0.bn1.running_mean")."""
     names = []
-    value = node.inputsAt(3)
+    value = node.inputsAt(position)
     while value.node().kind() == "prim::GetAttr":
         names.append(value.node().s("name"))
         value = value.node().inputsAt(0)
-    if value.node().kind() != "prim::Param" or len(names) < 2:
+    if value.node().kind() != "prim::Param" or not names:
         return None
-    return ".".join(reversed(names[1:]))
+    return ".".join(reversed(names))
 
 
 def _reads(node: torch._C.Node) -> list[torch._C.Value]:
