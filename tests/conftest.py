@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+
+# `make test` runs one pytest worker per core; torch's default of one thread per core in each worker
+# oversubscribes the cores, and its spinning threads then make small models many times slower. Set
+# before any test module imports torch.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLES = REPO / "sample_models"
