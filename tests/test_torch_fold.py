@@ -286,6 +286,22 @@ def test_the_callers_module_is_not_changed():
     assert isinstance(model[1], nn.BatchNorm2d)
 
 
+def test_captures_share_tensors_only_with_models_bnfold_loaded(tmp_path):
+    """A module bnfold loaded from a file is traced without copying its weights (memory, issue #9); a
+    caller's module is traced on a copy, so nothing bnfold builds aliases it."""
+    from bnfold.formats import as_model
+    from bnfold.plan import FoldOptions
+    from bnfold.pytorch.engine import TorchEngine
+
+    module = randomized(nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 4, 1)))
+    torch.save(module, tmp_path / "m.pt")
+    for model, shared in ((as_model(tmp_path / "m.pt", LoadOptions(allow_pickle=True)), True),
+                          (as_model(module), False)):
+        capture = TorchEngine().plan(model, FoldOptions()).actions[0]
+        ours = {t.data_ptr() for t in model.module.state_dict().values()}
+        assert ({t.data_ptr() for t in capture.module.state_dict().values()} <= ours) is shared
+
+
 def test_planning_computes_no_folded_weight_and_applying_computes_them_in_fold_order():
     """The plan holds one-element stand-ins where folded weights go (`inspect` costs no copy of the
     weights); apply computes them, here two folds into one conv (a BN from each side), and leaves the

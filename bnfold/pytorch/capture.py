@@ -79,9 +79,17 @@ def _no_check(_input) -> None:
     return None
 
 
-def trace_functional(module: nn.Module) -> fx.GraphModule:
-    """A functional-level GraphModule of `module` (which it copies); raises when tracing fails."""
-    private = copy.deepcopy(module)
+def private_copy(module: nn.Module, share_tensors: bool = False) -> nn.Module:
+    """A copy to trace and fold, which change the modules they work on. With `share_tensors` (models
+    bnfold loaded itself) it keeps the original's parameters and buffers: nothing writes into a tensor,
+    and a copy of every weight per capture was most of the PyTorch eager formats' peak memory."""
+    memo = {id(t): t for t in (*module.parameters(), *module.buffers())} if share_tensors else {}
+    return copy.deepcopy(module, memo)
+
+
+def trace_functional(module: nn.Module, share_tensors: bool = False) -> fx.GraphModule:
+    """A functional-level GraphModule of a `private_copy` of `module`; raises when tracing fails."""
+    private = private_copy(module, share_tensors)
     error: Exception | None = None
     for proxy_buffers in (True, False):  # some models branch on buffer values: retry with plain buffers
         try:
@@ -95,15 +103,16 @@ def trace_functional(module: nn.Module) -> fx.GraphModule:
     raise error
 
 
-def capture_module(module: nn.Module, example: tuple[torch.Tensor, ...] | None) -> Capture:
+def capture_module(module: nn.Module, example: tuple[torch.Tensor, ...] | None,
+                   share_tensors: bool = False) -> Capture:
     """Symbolic tracing, with torch.export as the fallback when an example input is available."""
     try:
-        traced = trace_functional(module)
+        traced = trace_functional(module, share_tensors)
     except Exception as error:
         if example is None:
             raise CaptureFailed(f"symbolic tracing failed ({_short(error)}) and capturing with torch.export "
                                 "needs an example input (--input-shape)") from None
-        program = _export(module, example)
+        program = _export(module, example, share_tensors)
         return Capture(unlift(program), EXPORT, example,
                        note=f"symbolic tracing failed ({_short(error)}); captured with torch.export instead")
     if example is not None:
@@ -111,7 +120,7 @@ def capture_module(module: nn.Module, example: tuple[torch.Tensor, ...] | None) 
             with _eval_mode(traced):  # shapes do not depend on the mode; BN statistics must not move
                 ShapeProp(traced).propagate(*example)
         except Exception as error:  # the trace specialised on something: trust export instead
-            program = _export(module, example)
+            program = _export(module, example, share_tensors)
             return Capture(unlift(program), EXPORT, example,
                            note=f"the symbolic trace does not run ({_short(error)}); captured with torch.export")
     return Capture(traced, SYMBOLIC, example)
@@ -146,12 +155,12 @@ def quiet() -> Iterator[None]:
             logger.setLevel(level)
 
 
-def _export(module: nn.Module, example: tuple[torch.Tensor, ...]) -> torch.export.ExportedProgram:
+def _export(module: nn.Module, example: tuple[torch.Tensor, ...], share_tensors: bool) -> torch.export.ExportedProgram:
     auto = torch.export.Dim.AUTO
     dynamic = tuple({0: auto} if t.dim() else {} for t in example)
     try:
         with quiet():
-            return torch.export.export(copy.deepcopy(module), example, dynamic_shapes=dynamic, strict=False)
+            return torch.export.export(private_copy(module, share_tensors), example, dynamic_shapes=dynamic, strict=False)
     except Exception as error:
         raise CaptureFailed(f"neither symbolic tracing nor torch.export can capture the model "
                             f"({_short(error)})") from None

@@ -96,17 +96,19 @@ def describe_module(name: str, module: nn.Module, kind: str) -> BNLayer:
     )
 
 
-def discover_module(module: nn.Module) -> list[BNLayer]:
-    """BN layers of an eager or scripted module: its BN-like submodules, then BN ops only its graph shows."""
+def discover_module(module: nn.Module, share_tensors: bool = False) -> list[BNLayer]:
+    """BN layers of an eager or scripted module: its BN-like submodules, then BN ops only its graph shows
+    (traced on a `private_copy`, sharing the module's tensors with `share_tensors`)."""
     layers = []
     for name, child in module.named_modules():
         kind = bn_kind(child)
         if kind is not None:
             layers.append(describe_module(name, child, kind))
-    return layers if isinstance(module, torch.jit.ScriptModule) else with_graph_layers(module, layers)
+    return layers if isinstance(module, torch.jit.ScriptModule) else with_graph_layers(module, layers, share_tensors)
 
 
-def with_graph_layers(source: nn.Module | torch.export.ExportedProgram, known: list[BNLayer]) -> list[BNLayer]:
+def with_graph_layers(source: nn.Module | torch.export.ExportedProgram, known: list[BNLayer],
+                      share_tensors: bool = False) -> list[BNLayer]:
     """`known` plus the BN layers found in the captured graph only (F.batch_norm on oddly named buffers,
     look-alikes inside a program); the same capture and analysis that folding uses."""
     from bnfold.pytorch.capture import capture_program, trace_functional
@@ -114,7 +116,7 @@ def with_graph_layers(source: nn.Module | torch.export.ExportedProgram, known: l
 
     try:
         graph = capture_program(source).module if isinstance(source, torch.export.ExportedProgram) \
-            else trace_functional(source)
+            else trace_functional(source, share_tensors)
     except Exception:  # user code that does not trace without an example input: the walk is all there is
         return known
     unique = list({layer.name: layer for layer in known}.values())  # a BN op called twice: one layer

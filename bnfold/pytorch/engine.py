@@ -121,7 +121,7 @@ class TorchEngine:
         if isinstance(model, TorchScriptModel):
             return capture_script(model.module, example)
         assert isinstance(model, ModuleModel)
-        return capture_module(model.module, example)
+        return capture_module(model.module, example, model.owned)
 
     def _callable(self, model: Model) -> Callable:
         if isinstance(model, ExportedProgramModel):

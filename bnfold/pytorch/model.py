@@ -88,12 +88,21 @@ class TorchScriptModel(_ModuleBacked):
 
 
 class ModuleModel(_ModuleBacked):
-    """An eager nn.Module: unpickled (with consent) or built by a factory and given a state_dict."""
+    """An eager nn.Module: unpickled (with consent) or built by a factory and given a state_dict.
 
-    def __init__(self, path: Path, module: nn.Module, fmt: ModelFormat, safetensors: bool = False) -> None:
+    `owned`: bnfold loaded it from a file, so its captures may share its tensors (see `private_copy`);
+    a caller's module is never shared with what bnfold builds or hands back.
+    """
+
+    def __init__(self, path: Path, module: nn.Module, fmt: ModelFormat, safetensors: bool = False,
+                 owned: bool = False) -> None:
         super().__init__(path, module)
         self.format = fmt
         self.safetensors = safetensors
+        self.owned = owned
+
+    def bn_layers(self) -> list[BNLayer]:
+        return discover_module(self.module, self.owned)
 
     def save(self, path: Path) -> None:
         if self.format is ModelFormat.PICKLE:
@@ -152,7 +161,7 @@ def _load_torch_pickle(path: Path, options: LoadOptions) -> Model:
         module = next((v for v in module.values() if isinstance(v, nn.Module)), module)
     if not isinstance(module, nn.Module):
         raise InputError(f"{path} holds a {type(module).__name__}, not an nn.Module")
-    return ModuleModel(path, module.eval(), ModelFormat.PICKLE)
+    return ModuleModel(path, module.eval(), ModelFormat.PICKLE, owned=True)
 
 
 _SAFER = "save a state_dict or .pt2 instead"
@@ -278,7 +287,7 @@ def _from_state_dict(path: Path, loaded: Any, options: LoadOptions, safetensors:
         module.load_state_dict(state_dict, strict=True)
     except RuntimeError as error:
         raise InputError(f"the weights in {path} do not fit the factory's model: {_first_line(error)}") from None
-    return ModuleModel(path, module.eval(), ModelFormat.STATE_DICT, safetensors=safetensors)
+    return ModuleModel(path, module.eval(), ModelFormat.STATE_DICT, safetensors=safetensors, owned=True)
 
 
 def _materialize_lazy(module: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> None:
