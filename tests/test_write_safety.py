@@ -190,9 +190,13 @@ def test_a_really_full_disk(cli, tmp_path, model):
 # ---- real processes: kill -9, Ctrl-C and two runs racing for one output --------------------------------
 
 SLOW_WRITER = '''
-import sys, time
+import signal, sys, time
 from pathlib import Path
 import bnfold.onnx.model
+
+# A runner that ignores SIGINT passes that on to the processes it starts; Ctrl-C must reach this one.
+Path(sys.argv[1]).with_suffix(".sigint").write_text(str(signal.getsignal(signal.SIGINT)))
+signal.signal(signal.SIGINT, signal.default_int_handler)
 
 original = bnfold.onnx.model.OnnxModel.save
 started, pause = Path(sys.argv[1]), float(sys.argv[2])
