@@ -14,7 +14,8 @@ One runner per kind of torch object, because each is instrumented differently:
 - TorchScript: the inlined forward graph gets the BN inputs as extra outputs (and batch-statistics BN
   ops for the fast method), compiled into a function that runs on the module's own attributes.
 
-Batch moments are reduced on the device in float64 and handed to `bnfold.stats` as `Moments`. For the
+Batch moments are reduced on the device per sample (`batch_moments`), merged in float64 and handed to
+`bnfold.stats` as `Moments`. For the
 fast method, the hook or observer that reduces a BN's input also writes the batch's mean and population
 variance into that BN's running buffers, so the BN, still in eval mode, normalizes by the batch's
 statistics exactly as in training, without reducing its input a second time (a training-mode BN
@@ -487,8 +488,8 @@ class ExportedProgramRunner(_TorchRunner):
         graph = fx.Graph()
         copies: dict[fx.Node, fx.Node] = {}
         graph.output(graph.graph_copy(self.module.graph, copies))
-        pairs = {node: (self.module.get_buffer(node.args[3].target), self.module.get_buffer(node.args[4].target))
-                 for node in self.layer_of} if batch_statistics else {}
+        pairs = {node: tuple(self.module.get_buffer(name) for name in self.statistics_of[key])
+                 for node, key in self.layer_of.items()} if batch_statistics else {}
         for original, key in self.layer_of.items():
             if key in observe or batch_statistics:
                 observer = _observer(statistics if key in observe else None, key, pairs.get(original))
