@@ -29,7 +29,7 @@ from bnfold.foldmath import round_to
 from bnfold.layers import BNLayer
 from bnfold.model import InputSpec
 from bnfold.onnx.discover import discover, is_training_mode, used_optional_outputs
-from bnfold.onnx.graph import BN_OP, DEFAULT_DOMAINS, GraphIndex, attribute, node_label, opset_version
+from bnfold.onnx.graph import BN_OP, DEFAULT_DOMAINS, GraphIndex, node_label, opset_version
 from bnfold.onnx.model import OnnxModel
 from bnfold.onnx.runtime import session
 from bnfold.onnx.shapes import infer_facts
