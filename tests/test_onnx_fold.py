@@ -18,6 +18,7 @@ from bnfold.layers import FoldDirection, FoldStatus
 from bnfold.onnx.fold import METADATA_KEY, apply_folds, plan_folds
 from bnfold.onnx.model import OnnxModel
 from bnfold.plan import FoldOptions
+from tests.conftest import SAMPLES
 from tests.onnx_builders import (BN, bn_node, bn_params, conv_bn, count, feeds, fold_checked, make, relative_error,
                                  run, statuses, weights)
 
@@ -131,6 +132,35 @@ def test_matmul_with_2d_input_becomes_gemm(bias):
     assert [n.op_type for n in folded.graph.node] == ["Gemm"]
     assert folded.graph.node[0].output[0] == "y"
     assert plan.decisions[0].producer_bias == ("MatMul mm" if bias else None)
+
+
+def test_a_matmul_that_becomes_a_gemm_keeps_its_name_doc_string_and_metadata():
+    model = matmul_model(np.random.default_rng(5), (3, 6))
+    matmul = model.graph.node[0]
+    matmul.doc_string = "exported from fc.forward"
+    matmul.metadata_props.add(key="pkg.source", value="model.py:12")
+    folded, _ = fold_checked(model)
+    (gemm,) = folded.graph.node
+    assert (gemm.op_type, gemm.name, gemm.doc_string) == ("Gemm", "mm", "exported from fc.forward")
+    assert [(p.key, p.value) for p in gemm.metadata_props] == [("pkg.source", "model.py:12")]
+
+
+@pytest.mark.parametrize("opset", [7, 9, 11, 13, 15, 22])
+def test_every_opset_with_gemm_folds_conv_matmul_and_shape_ops(opset):
+    """BatchNormalization-7, -9, -14 and -15, Unsqueeze with axes as an attribute (before 13) or an input,
+    Gemm whose C is required (before 11): each folds and runs."""
+    rng = np.random.default_rng(opset)
+    folded, plan = fold_checked(conv_bn(rng, opset=opset))
+    assert statuses(plan) == ["foldable"] and count(folded, BN) == 0
+    axes = {"axes": [2, 3]} if opset < 13 else {}
+    extra = {} if opset < 13 else {"axes": np.array([2, 3])}
+    inits = {"w": weights(rng, 6, 8), **bn_params(rng, 8), **extra}
+    nodes = [helper.make_node("MatMul", ["a", "w"], ["m"], name="mm"),
+             helper.make_node("Unsqueeze", ["m", *extra], ["u"], name="unsqueeze", **axes), bn_node("u", "n"),
+             helper.make_node("Flatten", ["n"], ["y"], name="flatten")]
+    folded, plan = fold_checked(make(nodes, {"a": ((3, 6), F32)}, {"y": (None, F32)}, inits, opset=opset))
+    assert statuses(plan) == ["foldable"] and [n.op_type for n in folded.graph.node] == ["Gemm", "Unsqueeze",
+                                                                                          "Flatten"]
 
 
 @pytest.mark.parametrize("bias", [False, True])
@@ -257,6 +287,16 @@ def test_bn_before_gemm_with_transposed_input_is_kept():
     assert decision.status is FoldStatus.KEPT and "transA=1" in decision.reason
 
 
+def test_bn_before_a_conv_transpose_is_kept():
+    """Even unpadded, border outputs of a transposed convolution see fewer taps, so the shift is no bias."""
+    rng = np.random.default_rng(45)
+    nodes = [bn_node("x", "n"), helper.make_node("ConvTranspose", ["n", "w"], ["y"], name="up", strides=[2, 2])]
+    model = make(nodes, {"x": ((2, 4, 5, 5), F32)}, {"y": (None, F32)}, {"w": weights(rng, 4, 3, 3, 3),
+                                                                          **bn_params(rng, 4)})
+    decision = only_decision(plan_folds(model))
+    assert decision.status is FoldStatus.KEPT and "a shift before a transposed convolution" in decision.reason
+
+
 # --- Hand-written BN, chains, constants -----------------------------------------------------------
 
 def test_constant_mul_and_add_after_conv_fold_with_the_bn():
@@ -333,6 +373,48 @@ def test_subgraph_bodies_are_folded_with_outer_weights():
         assert relative_error(run(model, inputs), run(folded, inputs)) < 1e-5
     assert not any(n.op_type == BN for a in folded.graph.node[0].attribute for n in a.g.node)
     assert not folded.graph.initializer  # the outer weights went into the branches, folded
+
+
+def loop_model(rng):
+    """A Loop whose body runs Conv (outer weight) -> BN (the body's own initializers) on the carried value."""
+    value = helper.make_tensor_value_info
+    body = helper.make_graph(
+        [helper.make_node("Identity", ["cond_in"], ["cond_out"]),
+         helper.make_node("Conv", ["carried", "w"], ["c"], name="conv", pads=[1, 1, 1, 1]), bn_node("c", "next")],
+        "body", [value("i", onnx.TensorProto.INT64, []), value("cond_in", onnx.TensorProto.BOOL, []),
+                 value("carried", onnx.TensorProto.FLOAT, [2, 4, 5, 5])],
+        [value("cond_out", onnx.TensorProto.BOOL, []), value("next", onnx.TensorProto.FLOAT, [2, 4, 5, 5])],
+        [numpy_helper.from_array(v, k) for k, v in bn_params(rng, 4).items()])
+    loop = helper.make_node("Loop", ["trips", "", "x"], ["y"], name="loop", body=body)
+    return make([loop], {"x": ((2, 4, 5, 5), F32)}, {"y": ((2, 4, 5, 5), F32)},
+                {"trips": np.array(3, np.int64), "w": weights(rng, 4, 4, 3, 3)})
+
+
+def scan_model(rng):
+    """A Scan whose body runs Gemm (outer weight) -> BN on each (3, 5) slice of the sequence."""
+    def value(name, shape):
+        return helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, shape)
+
+    body = helper.make_graph(
+        [helper.make_node("Gemm", ["row", "w"], ["g"], name="fc"), bn_node("g", "out"),
+         helper.make_node("Identity", ["state"], ["state_out"])],
+        "body", [value("state", [1]), value("row", [3, 5])], [value("state_out", [1]), value("out", [3, 6])],
+        [numpy_helper.from_array(v, k) for k, v in bn_params(rng, 6).items()])
+    scan = helper.make_node("Scan", ["s0", "xs"], ["s", "y"], name="scan", body=body, num_scan_inputs=1)
+    return make([scan], {"xs": ((4, 3, 5), F32), "s0": ((1,), F32)}, {"s": (None, F32), "y": (None, F32)},
+                {"w": weights(rng, 5, 6)})
+
+
+@pytest.mark.parametrize("build, layer, op", [(loop_model, "loop/body/bn", "Conv"), (scan_model, "scan/body/bn", "Gemm")],
+                         ids=["loop", "scan"])
+def test_loop_and_scan_bodies_are_folded(build, layer, op):
+    model = build(np.random.default_rng(42))
+    folded, plan = fold_checked(model)  # the Loop runs its body three times, the Scan four
+    assert [(d.layer, d.status) for d in plan.decisions] == [(layer, FoldStatus.FOLDABLE)]
+    body = folded.graph.node[0].attribute[0].g
+    assert op in [n.op_type for n in body.node] and not any(n.op_type == BN for n in body.node)
+    assert {i.name for i in body.initializer} == {"w_folded", "w_bias_folded"}  # the BN's own went with it
+    assert "w" not in {i.name for i in folded.graph.initializer}  # the outer weight went into the body, folded
 
 
 # --- Initializers that are graph inputs, shared weights -------------------------------------------
@@ -567,3 +649,55 @@ def test_verification_inputs_agree_on_named_dynamic_dims():
 
     report = fold(model)
     assert report.passed and report.verify_error is None and report.difference.max_rel < 1e-5
+
+
+# --- The command: verification decides what is written ---------------------------------------------
+
+def test_verification_sessions_run_with_every_graph_optimization_off():
+    """onnxruntime's default level fuses Conv+BN itself and would hide a wrong fold."""
+    import onnxruntime as ort
+
+    from bnfold.onnx import runtime
+
+    options = runtime.session(conv_bn(np.random.default_rng(43))).get_session_options()
+    assert options.graph_optimization_level == ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+
+
+def test_fold_over_the_tolerance_exits_1_and_writes_nothing(cli, tmp_path):
+    out = tmp_path / "out.onnx"
+    result = cli("fold", SAMPLES / "cnn.onnx", "-o", out, "--tolerance", "1e-12", "--json")
+    document = json.loads(result.stdout)
+    assert result.code == 1 and not out.exists() and list(tmp_path.iterdir()) == []
+    assert document["passed"] is False and document["verified"] is False and document["output"] is None
+    assert document["max_rel_error"] > document["tolerance"] == 1e-12
+    assert {layer["status"] for layer in document["layers"]} == {"foldable"}  # never reported as folded
+    text = cli("fold", SAMPLES / "cnn.onnx", "-o", out, "--tolerance", "1e-12")
+    assert text.code == 1 and "3 of 3 BN layers foldable, none folded" in text.stdout
+    assert "compared on random inputs" in text.stdout and "verified" not in text.stdout
+    assert "fold rejected: nothing written" in text.stdout and not out.exists()
+
+
+def test_a_wrong_fold_is_caught_by_verification(cli, tmp_path, monkeypatch):
+    from bnfold.onnx import fold as onnx_fold
+
+    rounded = onnx_fold._rounded
+    monkeypatch.setattr(onnx_fold, "_rounded", lambda values, layer: rounded(values * 1.01, layer))
+    out = tmp_path / "out.onnx"
+    result = cli("fold", SAMPLES / "cnn.onnx", "-o", out, "--json")
+    assert result.code == 1 and not out.exists()
+    assert json.loads(result.stdout)["max_rel_error"] > 1e-3
+
+
+def test_strict_inputs_on_the_command_line(cli, tmp_path):
+    model = conv_bn(np.random.default_rng(44))
+    for init in model.graph.initializer:
+        model.graph.input.append(helper.make_tensor_value_info(init.name, init.data_type, init.dims))
+    source, out = tmp_path / "ir4.onnx", tmp_path / "out.onnx"
+    onnx.save(model, source)
+    default = cli("fold", source, "-o", out, "--json")
+    assert default.code == 0 and json.loads(default.stdout)["layers"][0]["status"] == "folded"
+    assert [value.name for value in onnx.load(out).graph.input] == ["x"]
+    strict = cli("fold", source, "-o", out, "--strict-inputs", "--force", "--json")
+    (layer,) = json.loads(strict.stdout)["layers"]
+    assert strict.code == 0 and layer["status"] == "kept" and "--strict-inputs" in layer["reason"]
+    assert count(onnx.load(out), BN) == 1 and len(onnx.load(out).graph.input) == len(model.graph.input)

@@ -212,7 +212,9 @@ class _FoldState:
             if bias_add is not None:
                 self._remove(graph, bias_add, keep=node.output[0])
                 self._rename(graph, node.output[0], output)
-            node.CopyFrom(helper.make_node("Gemm", [node.input[0], weight, bias], [output], name=node.name))
+            node.op_type = "Gemm"  # in place: the node keeps its name, doc string and metadata
+            node.input[:] = [node.input[0], weight, bias]
+            node.output[:] = [output]
             return
         node.input[1] = weight
         if bias is None:  # a summed MatMul without bias that leaves the BN shift to another layer

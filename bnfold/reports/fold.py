@@ -83,8 +83,9 @@ class FoldReport(Report):
         }
 
     def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
+        outcome = "folded" if self.passed else "foldable, none folded"  # a rejected fold folds nothing
         yield Text(f"{self.model.path} ({self.model.format}): {len(self.folded)} of "
-                   f"{len(self.decisions)} BN layers folded", style="bold")
+                   f"{len(self.decisions)} BN layers {outcome}", style="bold")
         table = Table()
         table.add_column("BN layer", overflow="fold")
         table.add_column("result", overflow="fold")
@@ -93,7 +94,8 @@ class FoldReport(Report):
             table.add_row(decision.layer, Text(decision.describe(), style=style))
         yield table
         if self.difference is not None:
-            yield Text(f"verified on {self.verification_inputs} inputs ({self.difference.samples} samples): "
+            verb = "verified" if self.verified else "compared"  # over the tolerance: compared, not verified
+            yield Text(f"{verb} on {self.verification_inputs} inputs ({self.difference.samples} samples): "
                        f"max abs error {fmt_number(self.difference.max_abs)}, max rel error "
                        f"{fmt_number(self.difference.max_rel)} (tolerance {fmt_number(self.tolerance)})")
         if self.verify_error:
