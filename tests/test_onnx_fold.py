@@ -569,6 +569,34 @@ def test_bfloat16_weights_fold_in_bfloat16():
     arrays = {i.name: numpy_helper.to_array(i) for i in folded.graph.initializer}
     assert count(folded, BN) == 0 and {a.dtype for a in arrays.values()} == {np.dtype(bf16)}
     onnx.checker.check_model(folded, full_check=True)
+    source = {i.name: numpy_helper.to_array(i).astype(np.float64) for i in model.graph.initializer}
+    scale, shift = foldmath.bn_affine(*(source[f"bn.{role}"] for role in ("scale", "bias", "mean", "var")), 1e-5)
+    exact = {"w_folded": source["w"] * scale[:, None, None, None], "b_folded": source["b"] * scale + shift}
+    for name, values in exact.items():  # each the bfloat16 nearest to the float64 fold (ties to even)
+        assert np.array_equal(arrays[name].view(np.uint16), nearest_bfloat16_bits(values)), name
+
+
+def test_bfloat16_constants_are_rounded_once_from_float64():
+    """Through float32 (as ml_dtypes and torch cast), 1 + 2**-8 + 2**-30 rounds to 1 + 2**-8, a tie, then to 1."""
+    tricky = np.array([1 + 2**-8 + 2**-30, -(1 + 2**-8 + 2**-30), 1 + 2**-8, 1 + 3 * 2**-8, 3.0, 1e-40, -0.0])
+    values = np.concatenate([tricky, np.random.default_rng(46).standard_normal(10_000) * 10.0 ** np.arange(-5, 5)
+                             .repeat(1000)])
+    assert np.array_equal(foldmath.round_to(values, "bfloat16").view(np.uint16), nearest_bfloat16_bits(values))
+    assert foldmath.round_to(tricky[:1], "bfloat16").view(np.uint16)[0] != tricky[:1].astype(
+        ml_dtypes.bfloat16).view(np.uint16)[0]
+
+
+def nearest_bfloat16_bits(values: np.ndarray) -> np.ndarray:
+    """An oracle independent of the code under test: of a cast's bit pattern and its two neighbours,
+    the one closest to each float64 value (the cast may round twice, through float32)."""
+    guess = values.astype(ml_dtypes.bfloat16).view(np.uint16).astype(np.int64)
+    candidates = np.stack([guess - 1, guess, guess + 1]).astype(np.uint16)
+    with np.errstate(invalid="ignore"):  # a neighbour of +-0 or +-Inf may be a NaN pattern: never the nearest
+        distance = np.nan_to_num(np.abs(candidates.view(ml_dtypes.bfloat16).astype(np.float64) - values), nan=np.inf)
+    best = distance.min(axis=0)
+    even_first = np.where(candidates % 2 == 0, 0, 1)  # a tie goes to the even pattern
+    order = np.lexsort((even_first, distance != best), axis=0)[0]
+    return np.take_along_axis(candidates, order[None], axis=0)[0]
 
 
 def test_model_properties_survive_and_provenance_is_recorded():
