@@ -319,7 +319,8 @@ def check(
     fail_on: Annotated[Optional[FailOn], typer.Option(
         "--fail-on", show_default=False, help="Static findings that fail the check (default: error).")] = None,
     junit_xml: Annotated[Optional[Path], typer.Option(
-        "--junit-xml", metavar="PATH", help="Also write JUnit XML: one test case per policy and per BN layer.")] = None,
+        "--junit-xml", metavar="PATH", help="Also write JUnit XML: one test case per policy and per BN layer. An "
+                                            "existing file is replaced without --force (CI rewrites it every run).")] = None,
     report_path: ReportOpt = None,
     force: ReportForceOpt = False,
     input_shape: InputShapeOpt = None,

@@ -192,6 +192,15 @@ def test_github_annotations_and_step_summary(tmp_path, capsys):
     assert "| max-layer-kl | 0.06 | failed |" in text and "| bn2 |" in text
 
 
+def test_an_unwritable_step_summary_is_a_one_line_output_error(tmp_path, capsys):
+    from bnfold.errors import ExitCode, OutputError
+
+    with pytest.raises(OutputError, match=r"cannot append to \$GITHUB_STEP_SUMMARY") as raised:
+        publish_github(failing_report(), sys.stdout, {"GITHUB_ACTIONS": "true", "GITHUB_STEP_SUMMARY": str(tmp_path)})
+    assert raised.value.exit_code is ExitCode.USAGE
+    assert capsys.readouterr().out.startswith("::error ")  # the annotations were already out
+
+
 def test_json_document_pins_the_check_fields():
     document = json.loads(failing_report().to_json())
     assert document["kind"] == "check" and document["schema_version"] == 1 and document["passed"] is False
