@@ -1,14 +1,20 @@
 """Observe BN inputs and write new running statistics in ONNX models (see `bnfold.recalibration`).
 
 Each pass runs a copy of the graph with a small probe in front of every observed BatchNormalization:
-its input is reshaped to (N, C, L) and each sample's mean and variance over its L positions are
-reduced in the input's precision (float32 at least), about the sample's own mean so that no offset
-cancels; the (N, C) results are cast to double and combined into the batch's per-channel mean and
-population variance. Those, the variance of the sample means and the shape come out as extra graph
-outputs, so only C-sized vectors leave onnxruntime, never the activations. For the fast method the BN node reads
-the probe's mean and variance instead of its stored ones, so it normalizes by the batch's statistics
-(any opset, no training-mode kernel needed). For the exact method each pass runs with the statistics
-written by the passes before.
+its input is reshaped to (N, C, L), and each sample's mean and mean square over its L positions are
+reduced in the input's precision (float32 at least), then cast to double and combined into the batch's
+per-channel mean, population variance and variance of the sample means. Those and the shape come out
+as extra graph outputs, so only C-sized vectors leave onnxruntime, never the activations. For the fast
+method the BN node reads the probe's mean and variance instead of its stored ones, so it normalizes by
+the batch's statistics (any opset, no training-mode kernel needed). For the exact method each pass runs
+with the statistics written by the passes before.
+
+A variance taken as mean square minus squared mean loses the input's relative precision times
+mean square / variance to cancellation. The probe also reports that ratio's excess over
+`CANCELLATION_RATIO`; a layer whose input exceeds it (an input offset far beyond its spread, a constant
+channel) gets a careful probe from then on, which reduces squared deviations from each sample's mean
+(two more passes over the input), and the batch is run again. Cheap probes are the rule: conv outputs
+are rarely offset by more than a few standard deviations.
 
 ONNX stores the population variance M2/n: BatchNormalization divides by sqrt(var + eps), and the
 population variance is what normalizes the calibration data exactly (ONNX's own training mode also
@@ -17,7 +23,9 @@ updates running_var with the population variance). This module never imports tor
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import onnx
@@ -37,6 +45,13 @@ from bnfold.recalibration import GraphStep, upstream_layers
 from bnfold.stats import ChannelStatistics, Moments
 
 _PREFIX = "bnfold_recalibrate"
+# Above this mean square / variance ratio, cancellation would cost a variance more than about 2e-6 of
+# its value (onnxruntime's float32 means are good to about 3e-7 for a few thousand positions).
+CANCELLATION_RATIO = 6.0
+# Above this squared mean / variance, float32 batch means (good to a few 1e-7 of their size) would blur
+# the variance between batches by more than about 2e-6 of the total (the fast method's training-mode BN
+# reduces each batch in two passes, exact at any offset, but hands over float32 means).
+BATCH_MEAN_RATIO = 1e4
 
 
 def _cannot_run(error: Exception) -> InputError:
@@ -60,6 +75,7 @@ class OnnxStatisticsRunner:
         self.notes: list[str] = []
         self._skipped: dict[str, str] = {}
         self.nodes: dict[str, onnx.NodeProto] = {}
+        self.careful: set[str] = set()  # layers whose inputs a mean-square probe would cancel
         self._input_types = None
         for node in self.proto.graph.node:
             if node.op_type == BN_OP and node.domain in DEFAULT_DOMAINS:
@@ -118,23 +134,33 @@ class OnnxStatisticsRunner:
 
     def run_pass(self, batches: Iterable[Batch], observe: Sequence[str],
                  batch_statistics: bool) -> dict[str, ChannelStatistics]:
-        proto, probes = self._instrumented(set(observe), batch_statistics)
-        try:
-            runnable = session(proto)
-        except Exception as error:  # onnxruntime has many error types; all mean "cannot run this model"
-            raise _cannot_run(error) from None
-        names = [name for probe in probes.values() for name in probe.outputs]
+        runnable, probes = self._session(set(observe), batch_statistics)
         statistics = {layer: ChannelStatistics() for layer in probes}
         for batch in batches:
-            try:
-                values = dict(zip(names, runnable.run(names, batch)))
-            except Exception as error:  # some models fail only on real shapes (a bias that does not broadcast)
-                raise _cannot_run(error) from None
+            values = self._run(runnable, probes, batch)
+            cancelled = {layer for layer, probe in probes.items() if probe.cancels(values)}
+            if cancelled:  # probe those layers carefully from now on, and this batch again
+                self.careful |= cancelled
+                runnable, probes = self._session(set(observe), batch_statistics)
+                values = self._run(runnable, probes, batch)
             for layer, probe in probes.items():
-                rows, _, positions = (int(d) for d in values[probe.shape])
-                statistics[layer].add(Moments.from_variance(rows * positions, values[probe.mean], values[probe.var]),
-                                      Moments.from_variance(rows, values[probe.mean], values[probe.spread]))
+                statistics[layer].add(*probe.moments(values))
         return statistics
+
+    def _session(self, observe: set[str], batch_statistics: bool) -> tuple[Any, dict[str, _Probe]]:
+        proto, probes = self._instrumented(observe, batch_statistics)
+        try:
+            return session(proto), probes
+        except Exception as error:  # onnxruntime has many error types; all mean "cannot run this model"
+            raise _cannot_run(error) from None
+
+    @staticmethod
+    def _run(runnable: Any, probes: dict[str, _Probe], batch: Batch) -> dict[str, np.ndarray]:
+        names = [name for probe in probes.values() for name in probe.outputs]
+        try:
+            return dict(zip(names, runnable.run(names, batch)))
+        except Exception as error:  # some models fail only on real shapes (a bias that does not broadcast)
+            raise _cannot_run(error) from None
 
     def _instrumented(self, observe: set[str], batch_statistics: bool) -> tuple[onnx.ModelProto, dict[str, _Probe]]:
         """A copy of the model with probes (and, for the fast method, batch-statistics BN) in place."""
@@ -146,17 +172,28 @@ class OnnxStatisticsRunner:
         for node in graph.node:
             layer = node_label(node) if node.op_type == BN_OP else None
             if layer in self.nodes and (layer in observe or batch_statistics):
-                probe = builder.moments(node.input[0], len(nodes), self._reduces_in_place(node))
+                if batch_statistics and self._trains(node):
+                    probe: _Probe = builder.training_mode(node, len(nodes))
+                else:
+                    probe = builder.moments(node.input[0], len(nodes), self._reduces_in_place(node),
+                                            careful=layer in self.careful)
+                    if batch_statistics:
+                        builder.normalize_by(node, probe, self._constant(node.input[3]).dtype)
                 nodes.extend(builder.nodes)
                 if layer in observe:
                     probes[layer] = probe
-                if batch_statistics:
-                    nodes.extend(builder.normalize_by(node, probe, self._constant(node.input[3]).dtype))
             nodes.append(node)
         graph.ClearField("node")
         graph.node.extend(nodes)
         graph.output.extend(helper.ValueInfoProto(name=name) for probe in probes.values() for name in probe.outputs)
         return proto, probes
+
+    def _trains(self, node: onnx.NodeProto) -> bool:
+        """Whether the fast method can switch `node` itself to training mode (opset 14+, float32 or
+        double input and statistics: onnxruntime then reduces in two passes, in the input's precision),
+        rather than probe it carefully (an input offset far beyond its spread, see `BATCH_MEAN_RATIO`)."""
+        return (self.opset >= 14 and node_label(node) not in self.careful and self._reduces_in_place(node)
+                and self._constant(node.input[3]).dtype in (np.float32, np.float64))
 
     def _reduces_in_place(self, node: onnx.NodeProto) -> bool:
         """Whether a BN's input is float32 or double, precise enough to reduce without a cast.
@@ -200,16 +237,61 @@ def _copy(proto: onnx.ModelProto) -> onnx.ModelProto:
     return copied
 
 
-class _Probe:
-    """Names of one probe's values; `outputs` are what a pass reads back."""
+class _Probe(ABC):
+    """One layer's probe: the names of the values a pass reads back, and the moments they give."""
 
-    def __init__(self, prefix: str) -> None:
+    outputs: tuple[str, ...]
+
+    @abstractmethod
+    def moments(self, values: dict[str, np.ndarray]) -> tuple[Moments, Moments]:
+        """The batch's moments over all values and over per-sample means, from this probe's outputs."""
+
+    def cancels(self, values: dict[str, np.ndarray]) -> bool:
+        """Whether this batch's variance lost precision to cancellation."""
+        return False
+
+
+class _ReducingProbe(_Probe):
+    """Reduction nodes in front of the BN: mean, variance and spread of sample means come out in double."""
+
+    def __init__(self, prefix: str, careful: bool) -> None:
         self.mean = f"{prefix}/mean"
         self.var = f"{prefix}/var"
         self.spread = f"{prefix}/spread"  # the population variance of the sample means
         self.shape = f"{prefix}/shape"
+        # how far the input's mean square exceeds CANCELLATION_RATIO variances (a careful probe cannot cancel)
+        self.excess = None if careful else f"{prefix}/cancellation_excess"
         self.prefix = prefix
-        self.outputs = (self.mean, self.var, self.spread, self.shape)
+        self.outputs = (self.mean, self.var, self.spread, self.shape) + ((self.excess,) if self.excess else ())
+
+    def moments(self, values: dict[str, np.ndarray]) -> tuple[Moments, Moments]:
+        rows, _, positions = (int(d) for d in values[self.shape])
+        return (Moments.from_variance(rows * positions, values[self.mean], values[self.var]),
+                Moments.from_variance(rows, values[self.mean], values[self.spread]))
+
+    def cancels(self, values: dict[str, np.ndarray]) -> bool:
+        return self.excess is not None and bool(values[self.excess] > 0)
+
+
+class _TrainingModeProbe(_Probe):
+    """The BN in training mode with momentum 0: its running-statistics outputs are the batch's mean and
+    population variance; the per-sample means come from one reduction beside it."""
+
+    def __init__(self, prefix: str) -> None:
+        self.mean = f"{prefix}/mean"
+        self.var = f"{prefix}/var"
+        self.sample_means = f"{prefix}/sample_means"
+        self.shape = f"{prefix}/shape"
+        self.outputs = (self.mean, self.var, self.sample_means, self.shape)
+
+    def moments(self, values: dict[str, np.ndarray]) -> tuple[Moments, Moments]:
+        rows, _, positions = (int(d) for d in values[self.shape])
+        return (Moments.from_variance(rows * positions, values[self.mean], values[self.var]),
+                Moments.of(values[self.sample_means], channel_axis=1))
+
+    def cancels(self, values: dict[str, np.ndarray]) -> bool:
+        mean = values[self.mean].astype(np.float64)
+        return bool(np.any(mean * mean > BATCH_MEAN_RATIO * values[self.var]))
 
 
 class _ProbeBuilder:
@@ -237,27 +319,36 @@ class _ProbeBuilder:
             return self._add("ReduceMean", [value, axes_name], output, keepdims=keepdims)
         return self._add("ReduceMean", [value], output, axes=axes, keepdims=keepdims)
 
-    def moments(self, value: str, number: int, in_place: bool) -> _Probe:
+    def moments(self, value: str, number: int, in_place: bool, careful: bool) -> _ReducingProbe:
         """The batch's mean and population variance per channel of `value` (N, C, ...), in double.
 
         Samples all have the same number of positions, so the channel mean is the mean of the sample
         means, and the variance the mean of the sample variances plus the variance of the sample means.
+        A sample's variance is its mean square minus its squared mean, or, `careful`, the mean of its
+        squared deviations from its mean (whose own mean corrects the rounded sample mean).
         `in_place`: reduce in the value's own type (float32 or double) rather than a float32 cast.
         The new nodes are left in `self.nodes`.
         """
         self.nodes = []
-        probe = _Probe(p := f"{_PREFIX}/{number}")
+        probe = _ReducingProbe(p := f"{_PREFIX}/{number}", careful)
         flat = self._add("Reshape", [value, f"{_PREFIX}/flat"], f"{p}/flat")
         work = flat if in_place else self._add("Cast", [flat], f"{p}/float", to=TensorProto.FLOAT)
-        sample_mean = self._mean(work, [2], 1, f"{p}/sample_mean")
-        deviations = self._add("Sub", [work, sample_mean], f"{p}/deviations")
-        squares = self._add("Mul", [deviations, deviations], f"{p}/squares")
-        # (N, C) in double from here on; the deviations' own mean corrects the rounded sample mean
-        rounded, correction, mean_square = (
-            self._add("Cast", [self._mean(value, [2], 0, f"{p}/{name}")], f"{p}/{name}_double", to=TensorProto.DOUBLE)
-            for value, name in ((sample_mean, "rounded_mean"), (deviations, "correction"), (squares, "mean_square")))
-        sample_means = self._add("Add", [rounded, correction], f"{p}/sample_means")
-        sample_var = self._add("Sub", [mean_square, self._add("Mul", [correction, correction], f"{p}/correction_squared")],
+        if careful:
+            sample_mean = self._mean(work, [2], 1, f"{p}/sample_mean")
+            deviations = self._add("Sub", [work, sample_mean], f"{p}/deviations")
+            squares = self._add("Mul", [deviations, deviations], f"{p}/squares")
+            rounded, correction, mean_square = (
+                self._double(self._mean(value, [2], 0, f"{p}/{name}"))
+                for value, name in ((sample_mean, "rounded_mean"), (deviations, "correction"), (squares, "mean_square")))
+            sample_means = self._add("Add", [rounded, correction], f"{p}/sample_means")
+            offset = correction
+        else:
+            squares = self._add("Mul", [work, work], f"{p}/squares")
+            sample_means, mean_square = (self._double(self._mean(value, [2], 0, f"{p}/{name}"))
+                                         for value, name in ((work, "sample_means"), (squares, "mean_square")))
+            offset = sample_means
+        # (N, C) in double from here on
+        sample_var = self._add("Sub", [mean_square, self._add("Mul", [offset, offset], f"{p}/offset_squared")],
                                f"{p}/sample_var")
         self._mean(sample_means, [0], 0, probe.mean)
         between = self._add("Sub", [sample_means, probe.mean], f"{p}/between")
@@ -265,12 +356,33 @@ class _ProbeBuilder:
         self._mean(self._add("Mul", [between, between], f"{p}/between_squares"), [0], 0, probe.spread)
         self._add("Add", [within, probe.spread], probe.var)
         self._add("Shape", [flat], probe.shape)
+        if probe.excess:
+            limit = self._add("Mul", [probe.var, self._constant("cancellation_ratio", np.array(CANCELLATION_RATIO))],
+                              f"{p}/cancellation_limit")
+            excess = self._add("Sub", [self._mean(mean_square, [0], 0, f"{p}/channel_mean_square"), limit],
+                               f"{p}/channel_excess")
+            self._add("ReduceMax", [excess], probe.excess, keepdims=0)
         return probe
 
-    def normalize_by(self, node: onnx.NodeProto, probe: _Probe, dtype: np.dtype) -> list[onnx.NodeProto]:
-        """Nodes that make BN `node` normalize by the probe's batch statistics (stored as `dtype`)."""
-        self.nodes = []
+    def _double(self, value: str) -> str:
+        return self._add("Cast", [value], f"{value}_double", to=TensorProto.DOUBLE)
+
+    def normalize_by(self, node: onnx.NodeProto, probe: _ReducingProbe, dtype: np.dtype) -> None:
+        """Make BN `node` normalize by the probe's batch statistics (stored as `dtype`); adds to `self.nodes`."""
         for position, value in ((3, probe.mean), (4, probe.var)):
             node.input[position] = self._add("Cast", [value], f"{probe.prefix}/batch_{position}",
                                              to=helper.np_dtype_to_tensor_dtype(dtype))
-        return self.nodes
+
+    def training_mode(self, node: onnx.NodeProto, number: int) -> _TrainingModeProbe:
+        """Switch BN `node` (opset 14+) to training mode, reading out its batch statistics."""
+        self.nodes = []
+        probe = _TrainingModeProbe(p := f"{_PREFIX}/{number}")
+        kept = [a for a in node.attribute if a.name not in ("momentum", "training_mode")]
+        node.ClearField("attribute")
+        node.attribute.extend([*kept, helper.make_attribute("momentum", 0.0), helper.make_attribute("training_mode", 1)])
+        del node.output[1:]
+        node.output.extend([probe.mean, probe.var])
+        flat = self._add("Reshape", [node.input[0], f"{_PREFIX}/flat"], f"{p}/flat")
+        self._mean(flat, [2], 0, probe.sample_means)
+        self._add("Shape", [flat], probe.shape)
+        return probe

@@ -1,0 +1,61 @@
+"""The ONNX recalibration probes. Exact method: cheap mean-square reductions where they are exact
+enough, careful squared deviations only for the layers whose inputs would cancel, decided per batch.
+Fast method (opset 14+): the BN itself in training mode, which onnxruntime reduces in two passes."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from onnx import helper, numpy_helper
+
+from bnfold.onnx.model import OnnxModel
+from bnfold.onnx.recalibrate import OnnxStatisticsRunner
+
+
+def two_bn_model(channels: int) -> OnnxModel:
+    """x -> bn_a -> y_a and z -> bn_b -> y_b: two independent BN layers on two inputs."""
+    nodes, inits = [], []
+    for layer, source in (("a", "x"), ("b", "z")):
+        names = [f"{layer}_{part}" for part in ("scale", "bias", "mean", "var")]
+        inits += [numpy_helper.from_array(np.full(channels, value, np.float32), name)
+                  for name, value in zip(names, (1, 0, 0, 1))]
+        nodes.append(helper.make_node("BatchNormalization", [source, *names], [f"y_{layer}"], name=f"bn_{layer}"))
+    graph = helper.make_graph(
+        nodes, "two", [helper.make_tensor_value_info(name, 1, None) for name in ("x", "z")],
+        [helper.make_tensor_value_info(name, 1, None) for name in ("y_a", "y_b")], inits)
+    return OnnxModel(None, helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8))
+
+
+def test_only_layers_whose_inputs_cancel_are_probed_carefully():
+    rng = np.random.default_rng(0)
+    centred = rng.standard_normal((4, 8, 10, 10)).astype(np.float32)
+    offset = centred + 1000  # mean square / variance about 1e6: a mean-square variance would be noise
+    runner = OnnxStatisticsRunner(two_bn_model(8))
+    calm = {"x": centred, "z": centred}
+    statistics = runner.run_pass([calm, calm], ["bn_a", "bn_b"], batch_statistics=False)
+    assert runner.careful == set()
+    statistics = runner.run_pass([calm, {"x": centred, "z": offset}], ["bn_a", "bn_b"], batch_statistics=False)
+    assert runner.careful == {"bn_b"}
+    both = np.concatenate([centred, offset]).astype(np.float64)
+    expected = both.transpose(1, 0, 2, 3).reshape(8, -1).var(axis=1)
+    np.testing.assert_allclose(statistics["bn_b"].variance(), expected, rtol=2e-6)
+
+
+@pytest.mark.parametrize("offset_by", [3.0, 1000.0])  # standard deviations; far offsets are probed carefully
+def test_fast_method_reads_training_mode_statistics_exactly(offset_by):
+    rng = np.random.default_rng(1)
+    offset = (rng.standard_normal((6, 8, 10, 10)) * 0.5 + 0.5 * offset_by).astype(np.float32)
+    runner = OnnxStatisticsRunner(two_bn_model(8))
+    proto, _ = runner._instrumented({"bn_a", "bn_b"}, batch_statistics=True)
+    trained = [node for node in proto.graph.node if node.op_type == "BatchNormalization"]
+    assert [attribute.i for node in trained for attribute in node.attribute if attribute.name == "training_mode"] == [1, 1]
+    assert sum(node.op_type == "ReduceMean" for node in proto.graph.node) == 2  # the sample means only
+    batches = [{"x": offset[:3], "z": offset[:3]}, {"x": offset[3:], "z": offset[3:]}]
+    statistics = runner.run_pass(batches, ["bn_a", "bn_b"], batch_statistics=True)
+    assert runner.careful == (set() if offset_by < 100 else {"bn_a", "bn_b"})
+    per_channel = offset.astype(np.float64).transpose(1, 0, 2, 3).reshape(8, -1)
+    sample_means = offset.astype(np.float64).mean(axis=(2, 3))
+    for layer in ("bn_a", "bn_b"):
+        np.testing.assert_allclose(statistics[layer].variance(), per_channel.var(axis=1), rtol=2e-6)
+        np.testing.assert_allclose(statistics[layer].mean, per_channel.mean(axis=1), rtol=1e-6)
+        np.testing.assert_allclose(statistics[layer].sample_means.variance(), sample_means.var(axis=0), rtol=1e-3)
