@@ -3,9 +3,9 @@
     .venv/bin/python benchmarks/run_all.py [--quick] [--only coverage,latency,...] [--threads 1]
 
 Needs the `bench` extra (onnxoptimizer, onnxslim): `pip install -e '.[dev,bench]'`, or `make bench`.
-About 10-15 minutes on 2 cores; `--quick` runs a few models with fewer repetitions (a smoke test; its
-numbers are not worth publishing). `--only` reruns some sections and keeps the others' numbers from
-results.json.
+About 20-25 minutes on 2 cores (the 1 vs 2 process scaling alone about 10); `--quick` runs a few models
+with fewer repetitions (a smoke test; its numbers are not worth publishing). `--only` reruns some sections
+and keeps the others' numbers from results.json.
 """
 
 from __future__ import annotations
