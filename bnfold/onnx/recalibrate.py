@@ -145,7 +145,7 @@ class OnnxStatisticsRunner:
                 values = self._run(runnable, probes, batch)
             for layer, probe in probes.items():
                 statistics[layer].add(*probe.moments(values))
-        return statistics
+        return {layer: found for layer, found in statistics.items() if found.batches}  # a rank may see none
 
     def _session(self, observe: set[str], batch_statistics: bool) -> tuple[Any, dict[str, _Probe]]:
         proto, probes = self._instrumented(observe, batch_statistics)
