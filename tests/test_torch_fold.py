@@ -278,6 +278,26 @@ def test_a_program_exported_in_training_mode_keeps_its_bn():
     assert "training mode" in report.decisions[0].reason
 
 
+@pytest.mark.parametrize("decompose", [False, True], ids=["training-ir", "functional"])
+def test_verifying_a_program_with_a_training_mode_bn_changes_no_statistics(tmp_path, decompose):
+    """Running an exported BN in training mode updates its statistics in place (the training IR's
+    `aten.batch_norm` says nothing of it in its schema): verification must change neither the caller's
+    program nor the statistics the written file keeps."""
+    model = randomized(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4)))
+    model[3].train()
+    program = torch.export.export(model, (torch.randn(2, 3, 5, 5),))
+    program = program.run_decompositions() if decompose else program
+    before = {name: t.clone() for name, t in program.state_dict.items()}
+    torch.export.save(program, tmp_path / "in.pt2")
+    for source in (program, tmp_path / "in.pt2"):
+        report = bnfold.fold(source, tmp_path / "out.pt2", force=True)
+        assert report.verified and [d.status for d in report.decisions] == [FoldStatus.FOLDED, FoldStatus.KEPT]
+        for written in (report.folded_model.program, torch.export.load(str(tmp_path / "out.pt2"))):
+            kept = {name: t for name, t in written.state_dict.items() if name.startswith("3.")}
+            assert len(kept) == 5 and all(torch.equal(t, before[name]) for name, t in kept.items())
+    assert all(torch.equal(t, before[name]) for name, t in program.state_dict.items())
+
+
 def test_the_callers_module_is_not_changed():
     model = randomized(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)))
     before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -464,6 +484,19 @@ def test_torchscript_folds_to_torchscript(tmp_path):
     assert torch.allclose(scripted(x), torch.jit.load(str(SAMPLES / "resnet.ts"))(x), rtol=1e-5, atol=1e-5)
 
 
+def test_frozen_torchscript_runs_and_folds_what_freezing_left(tmp_path):
+    """torch.jit.freeze folds Conv -> BN itself and drops the modules' `training` attributes; the BN it
+    leaves (before a conv) still folds forward, and verification runs the frozen model as it is."""
+    model = randomized(nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.BatchNorm2d(4), nn.Conv2d(4, 4, 1),
+                                     nn.BatchNorm2d(4)))
+    torch.jit.save(torch.jit.freeze(torch.jit.script(model)), tmp_path / "frozen.ts")
+    report = bnfold.fold(tmp_path / "frozen.ts", tmp_path / "out.ts", input_shape="2,3,5,5")
+    assert report.verify_error is None and report.verified
+    assert [d.direction for d in report.folded] == [FoldDirection.INTO_CONSUMER]
+    x = torch.randn(3, 3, 5, 5)
+    assert np.allclose(outputs(torch.jit.load(str(tmp_path / "out.ts")), x), outputs(model, x), rtol=1e-5, atol=1e-6)
+
+
 def test_state_dict_input_is_written_as_an_exported_program(tmp_path):
     output = tmp_path / "cnn_folded.pt"
     report = bnfold.fold(SAMPLES / "cnn_state_dict.pt", output, input_shape=SAMPLE_SHAPE,
@@ -502,3 +535,31 @@ def test_cli_fold_json(tmp_path, cli):
     assert [layer["targets"] for layer in body["layers"]] == [["conv1"], ["conv2"], ["conv3"]]
     assert body["max_abs_error"] < 1e-4 and Path(body["output"]).exists()
     assert sum(bn_calls(runnable(bnfold.load_model(output)), torch.rand(2, 1, 8, 8)).values()) == 0
+    assert body["size_before"] == (SAMPLES / "cnn.pt2").stat().st_size and body["size_after"] == output.stat().st_size
+    program = torch.export.load(str(output))
+    assert body["params_after"] == sum(t.numel() for t in {**program.state_dict, **program.constants}.values())
+    assert body["params_before"] - body["params_after"] == 4 * 80 + 3 - (16 + 32)  # BN tensors out, 2 conv biases in
+
+
+def test_cli_fold_over_the_tolerance_exits_1_and_writes_nothing(tmp_path, cli):
+    output = tmp_path / "x.pt2"
+    result = cli("fold", SAMPLES / "cnn.pt2", "-o", output, "--tolerance", "1e-12")
+    assert result.code == 1, result.stderr
+    assert "nothing written" in result.stdout and "max rel error" in result.stdout
+    assert not output.exists() and list(tmp_path.iterdir()) == []  # no staging file left behind either
+    body = json.loads(cli("fold", SAMPLES / "cnn.pt2", "-o", output, "--tolerance", "1e-12", "--json").stdout)
+    assert body["verified"] is False and body["output"] is None and body["max_rel_error"] > 1e-12
+    assert not output.exists()
+
+
+def test_cli_fold_table_and_inspect_column_show_where_each_bn_goes(tmp_path, cli):
+    folded = cli("fold", SAMPLES / "mixed.pt2", "-o", tmp_path / "x.pt2")
+    inspected = cli("inspect", SAMPLES / "mixed.pt2")
+    assert folded.code == 0 and inspected.code == 0, (folded.stderr, inspected.stderr)
+    for line in ("bn1      │ folded → conv1", "bn2      │ kept: conv2's output also feeds `add`"):
+        assert line in folded.stdout, folded.stdout
+    size = (SAMPLES / "mixed.pt2").stat().st_size
+    assert "parameters 14,658 → 14,510" in folded.stdout and f"file size {size:,} → " in folded.stdout
+    lines = inspected.stdout.splitlines()
+    header, bn1 = (next(line for line in lines if word in line) for word in ("┃ fold ", "│ bn1 "))
+    assert bn1[header.index("┃ fold "):].startswith("│ → conv1"), inspected.stdout  # the fold column

@@ -23,9 +23,11 @@ OUTPUT_RTOL = {torch.float64: 1e-12, torch.float32: 1e-5, torch.float16: 1e-2, t
 DTYPES = st.sampled_from([torch.float32, torch.float64, torch.float16, torch.bfloat16])
 
 
-def check(model: nn.Module, shape: tuple[int, ...], folds: bool, dtype: torch.dtype = torch.float32):
-    """Fold `model` (in `dtype`); the single BN named "1" folds exactly when `folds`. Returns the folded module."""
-    model = randomized(model).to(dtype)
+def check(model: nn.Module, shape: tuple[int, ...], folds: bool, dtype: torch.dtype = torch.float32,
+          randomize: bool = True):
+    """Fold `model` (in `dtype`, with random BN statistics unless `randomize` is False: the caller set
+    them); the single BN named "1" folds exactly when `folds`. Returns the folded module."""
+    model = (randomized(model) if randomize else model.eval()).to(dtype)
     report = fold(model, shape, verify=False)
     statuses = {d.layer: d.status for d in report.decisions}
     assert statuses == {"1": FoldStatus.FOLDED if folds else FoldStatus.KEPT}, report.decisions
@@ -133,9 +135,9 @@ def test_linear_bn_folds_only_on_the_feature_axis(cin, cout, tokens, flatten, dt
 
 @SWEEP
 @given(st.sampled_from(["zeros", "reflect", "replicate", "circular"]), st.integers(0, 2), st.sampled_from([1, 2]),
-       st.booleans(), st.integers(1, 2))
-def test_bn_folds_forward_unless_zero_padding_meets_a_shift(mode, padding, groups, shifted, stride):
-    bn, conv = nn.BatchNorm2d(4), nn.Conv2d(4, 6, 3, stride, padding, groups=groups, padding_mode=mode)
+       st.booleans(), st.integers(1, 2), st.integers(1, 2), DTYPES)
+def test_bn_folds_forward_unless_zero_padding_meets_a_shift(mode, padding, groups, shifted, stride, dilation, dtype):
+    bn, conv = nn.BatchNorm2d(4), nn.Conv2d(4, 6, 3, stride, padding, dilation, groups, padding_mode=mode)
     model = nn.Sequential(nn.Identity(), bn, conv)
     randomized(model)
     if not shifted:  # exactly no shift: a pure per-channel scale
@@ -143,13 +145,17 @@ def test_bn_folds_forward_unless_zero_padding_meets_a_shift(mode, padding, group
             bn.bias.zero_()
             bn.running_mean.zero_()
     folds = mode != "zeros" or padding == 0 or not shifted
-    check(model, (2, 4, 6, 6), folds)
+    check(model, (2, 4, 6, 6), folds, dtype, randomize=False)
 
 
 class Concat(nn.Module):
-    def __init__(self, widths: list[int], kernels: list[int]) -> None:
+    """Convs of one input with different kernels (and so "same" paddings), concatenated along channels."""
+
+    def __init__(self, widths: list[int], kernels: list[int], stride: int = 1, dilation: int = 1,
+                 mode: str = "zeros") -> None:
         super().__init__()
-        self.add_module("0", nn.ModuleList(nn.Conv2d(3, w, k, padding=k // 2) for w, k in zip(widths, kernels)))
+        self.add_module("0", nn.ModuleList(nn.Conv2d(3, w, k, stride, dilation * (k // 2), dilation,
+                                                     padding_mode=mode) for w, k in zip(widths, kernels)))
         self.add_module("1", nn.BatchNorm2d(sum(widths)))
 
     def forward(self, x):
@@ -157,7 +163,8 @@ class Concat(nn.Module):
 
 
 @SWEEP
-@given(st.lists(st.tuples(st.integers(1, 4), st.sampled_from([1, 3, 5])), min_size=1, max_size=4))
-def test_concat_of_convs_always_splits(branches):
+@given(st.lists(st.tuples(st.integers(1, 4), st.sampled_from([1, 3, 5])), min_size=1, max_size=4),
+       st.integers(1, 2), st.integers(1, 2), st.sampled_from(["zeros", "reflect", "replicate", "circular"]), DTYPES)
+def test_concat_of_convs_always_splits(branches, stride, dilation, mode, dtype):
     widths, kernels = zip(*branches)
-    check(Concat(list(widths), list(kernels)), (2, 3, 6, 6), True)
+    check(Concat(list(widths), list(kernels), stride, dilation, mode), (2, 3, 11, 11), True, dtype)

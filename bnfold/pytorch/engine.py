@@ -40,6 +40,7 @@ from bnfold.pytorch.capture import (MODULEWISE, Capture, CaptureFailed, capture_
 from bnfold.pytorch.fold import GraphFolder
 from bnfold.pytorch.modulewise import fold_by_module
 from bnfold.pytorch.model import ExportedProgramModel, ModuleModel, TorchScriptModel
+from bnfold.pytorch.ops import may_write
 from bnfold.pytorch.streamline import streamline
 from bnfold.verify import random_batches
 
@@ -126,12 +127,27 @@ class TorchEngine:
     def _callable(self, model: Model) -> Callable:
         if isinstance(model, ExportedProgramModel):
             if model.program not in self._programs:
-                self._programs[model.program] = model.program.module()
+                self._programs[model.program] = _runnable(model.program)
             return self._programs[model.program]
         module = model.module  # type: ignore[attr-defined]
-        if any(m.training for m in module.modules()):
+        if any(getattr(m, "training", False) for m in module.modules()):  # frozen TorchScript has none
             return copy.deepcopy(module)  # training-mode BN would update the caller's statistics
         return module
+
+
+def _runnable(program: torch.export.ExportedProgram) -> nn.Module:
+    """`program.module()` with private copies of the buffers its graph writes (a BN exported in training
+    mode updates its statistics): the unlifted module shares the program's tensors, so running it would
+    change the caller's program, and the folded program made from it, whose file would keep the change."""
+    module = program.module()
+    buffers = {name for name, _ in module.named_buffers(remove_duplicate=False)}
+    written = {str(source.target) for node in module.graph.nodes if may_write(node)
+               for source in node.all_input_nodes if source.op == "get_attr" and str(source.target) in buffers}
+    for name in written:
+        owner, _, attribute = name.rpartition(".")
+        holder = module.get_submodule(owner) if owner else module
+        holder._buffers[attribute] = holder._buffers[attribute].clone()
+    return module
 
 
 def _fold_by_module(model: ModuleModel, batch: Batch | None, failure: CaptureFailed) -> tuple[Capture, dict]:

@@ -193,6 +193,18 @@ def set_arg(node: fx.Node, name: str, value: Any) -> None:
         node.args = (*node.args, value)
 
 
+def may_write(node: fx.Node) -> bool:
+    """Whether running the op may change a tensor it reads: in-place and mutating ops, and BN in training
+    mode, which updates its running statistics although `aten::batch_norm`'s schema does not say so."""
+    if node.op != "call_function":
+        return False
+    if getattr(getattr(node.target, "_schema", None), "is_mutable", False):
+        return True
+    spec = spec_of(node)
+    return spec is not None and spec.kind == "batch_norm" and "training" in spec.params \
+        and arg(node, "training", spec) is not False
+
+
 def conv_is_transposed(node: fx.Node) -> bool:
     kind = kind_of(node)
     return kind == "conv_transpose" or (kind == "convolution" and bool(arg(node, "transposed")))
