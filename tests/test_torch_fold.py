@@ -363,6 +363,24 @@ class Branchy(nn.Module):
         return self.left(y) if y.mean() > 0 else self.right(y)
 
 
+class SizeBranch(nn.Module):
+    """Branches on the input's size (as detectors pad to a stride): torch.fx cannot trace it, export can."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn, self.head = nn.Conv2d(3, 4, 3, 1, 1), nn.BatchNorm2d(4), nn.Conv2d(4, 2, 1)
+
+    def forward(self, x):
+        if x.shape[-1] % 2:
+            x = F.pad(x, (0, 1, 0, 1))
+        return self.head(torch.relu(self.bn(self.conv(x))))
+
+
+def test_a_model_symbolic_tracing_cannot_capture_is_captured_with_torch_export():
+    report = assert_folds(randomized(SizeBranch()), (2, 3, 5, 5), {"bn"})
+    assert any("captured with torch.export instead" in note for note in report.notes), report.notes
+
+
 def test_untraceable_model_folds_module_by_module():
     model = randomized(Branchy())
     report = assert_folds(model, (2, 3, 5, 5), {"bn", "left.1"}, {"right": "captures the model whole"})
