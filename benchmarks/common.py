@@ -70,10 +70,9 @@ def ort_session(model, level: str = "disabled", optimized_path: Path | None = No
     return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
 
 
-def ort_output(model, x: np.ndarray) -> np.ndarray:
-    """The first output of an ONNX model (proto or path) in onnxruntime with optimizations off."""
-    sess = ort_session(model)
-    return sess.run(None, {sess.get_inputs()[0].name: x})[0]
+def ort_outputs(model, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+    """Every output of an ONNX model (proto or path) on named inputs, in onnxruntime with optimizations off."""
+    return ort_session(model).run(None, feeds)
 
 
 def table(header: list[str], rows: list[list[str]]) -> str:

@@ -1,6 +1,7 @@
 """Fold coverage on the zoo: how many BN layers each tool leaves, and whether its output is still right.
 
-PyTorch: bnfold vs `torch.fx.experimental.optimization.fuse`. ONNX (the zoo exported with BN kept):
+PyTorch: bnfold vs `torch.fx.experimental.optimization.fuse`. ONNX (the zoo exported with BN kept, and
+small ONNX models built by hand, one per ONNX-only pattern of issue 4, `tests/onnx_builders.PATTERNS`):
 bnfold vs onnxruntime's basic level (the optimized model it writes), onnxoptimizer's `fuse_bn_into_conv`
 and onnxslim. A BN layer is "left" when the model still computes it: in PyTorch, when a forward still
 runs a batch-norm op or reads the layer's running statistics (look-alikes compute x*scale+shift by
@@ -12,15 +13,18 @@ with the original (relative error at most `CORRECT`); otherwise it is marked wro
 from __future__ import annotations
 
 import copy
+import re
 import tempfile
 import warnings
 from pathlib import Path
 
+import numpy as np
 import onnx
 import torch
 
 import bnfold
-from benchmarks.common import fmt_err, ort_output, ort_session, rel_error, table
+from benchmarks.common import fmt_err, ort_outputs, ort_session, rel_error, table
+from tests.onnx_builders import PATTERNS, Pattern, feeds
 from tests.zoo import ZOO, ZooModel, export_onnx, onnx_bn_modules, onnx_bn_nodes
 from tests.zoo import _bn_tensors as zoo_bn_tensors
 
@@ -98,31 +102,53 @@ def torch_case(entry: ZooModel) -> dict:
 
 
 def onnx_case(entry: ZooModel, folder: Path) -> dict:
-    import onnxoptimizer
-    import onnxslim
-
     path = export_onnx(entry.factory(), entry.input_shape, folder / f"{entry.name}.onnx",
                        dynamic_batch=entry.onnx_dynamic_batch)
     proto = onnx.load(str(path))
     x = entry.example(batch=3 if entry.onnx_dynamic_batch else None, seed=7).numpy()
-    expected = ort_output(proto, x)
     per_module = onnx_bn_modules(proto, entry.bn_layers)
     kept = sum(count for name, count in per_module.items() if name in entry.onnx_expected_kept)
     result = {"bn": len(onnx_bn_nodes(proto)), "exact": len(onnx_bn_nodes(proto)) - kept,
               "nodes": len(proto.graph.node)}
+    return {**result, **onnx_tools(path, proto, [{proto.graph.input[0].name: x}], result["bn"])}
+
+
+def pattern_case(pattern: Pattern, folder: Path) -> dict:
+    """One hand-built ONNX pattern: its BN nodes, how many bnfold must fold, and every tool's outcome. A
+    boolean input (an If's condition) is fed both ways."""
+    proto = pattern.build(np.random.default_rng(0))
+    path = folder / f"{re.sub(r'[^A-Za-z0-9_.-]+', '-', pattern.name)}.onnx"
+    onnx.save(proto, str(path))
+    base = feeds(proto, np.random.default_rng(7))
+    flags = [name for name, value in base.items() if value.dtype == np.bool_]
+    inputs = [{**base, **{name: np.array(value) for name in flags}} for value in (True, False)] if flags else [base]
+    bn = len(onnx_bn_nodes(proto))
+    result = {"what": pattern.what, "bn": bn, "exact": pattern.foldable, "nodes": len(proto.graph.node)}
+    return {**result, **onnx_tools(path, proto, inputs, bn)}
+
+
+def onnx_tools(path: Path, proto: onnx.ModelProto, inputs: list[dict[str, np.ndarray]], bn: int) -> dict:
+    """Each ONNX tool's result on the model at `path` (`proto`, with `bn` BN nodes): BN nodes left, node
+    count, and relative error (the worst over every output and every feed of `inputs`)."""
+    import onnxoptimizer
+    import onnxslim
+
+    expected = [ort_outputs(proto, feed) for feed in inputs]
     outputs = {"bnfold": lambda: bnfold.fold(path, verify=False).folded_model.proto,
-               "ORT basic": lambda: _ort_basic(path, folder / f"{entry.name}.basic.onnx"),
+               "ORT basic": lambda: _ort_basic(path, path.with_suffix(".basic.onnx")),
                "onnxoptimizer": lambda: onnxoptimizer.optimize(proto, ["fuse_bn_into_conv"]),
                "onnxslim": lambda: onnxslim.slim(copy.deepcopy(proto))}
+    result = {}
     for tool, make in outputs.items():
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 out = make()
-            result[tool] = {"left": len(onnx_bn_nodes(out)), "error": rel_error(expected, ort_output(out, x)),
-                            "nodes": len(out.graph.node)}
-        except Exception as error:  # a tool that crashes on the model leaves every BN
-            result[tool] = {"left": result["bn"], "error": None, "failed": f"{type(error).__name__}: {error}"[:200]}
+            error = max(rel_error(want, got) for feed, wanted in zip(inputs, expected)
+                        for want, got in zip(wanted, ort_outputs(out, feed), strict=True))
+            result[tool] = {"left": len(onnx_bn_nodes(out)), "error": error, "nodes": len(out.graph.node)}
+        except Exception as error:  # a tool that crashes on the model (or writes one that fails) leaves every BN
+            result[tool] = {"left": bn, "error": None, "failed": f"{type(error).__name__}: {error}"[:200]}
     return result
 
 
@@ -132,13 +158,17 @@ def _ort_basic(path: Path, optimized: Path) -> onnx.ModelProto:
 
 
 def run(quick: bool = False) -> dict:
+    """{"zoo": {model: {"patterns", "torch", "onnx"}}, "onnx_patterns": {pattern: result}}."""
     entries = ZOO[:4] if quick else ZOO
-    results = {}
+    results: dict = {"zoo": {}, "onnx_patterns": {}}
     with tempfile.TemporaryDirectory(prefix="bnfold-coverage-") as folder:
         for entry in entries:
-            results[entry.name] = {"patterns": entry.patterns, "torch": torch_case(entry),
-                                   "onnx": onnx_case(entry, Path(folder)) if not entry.onnx_skip else None}
+            results["zoo"][entry.name] = {"patterns": entry.patterns, "torch": torch_case(entry),
+                                          "onnx": onnx_case(entry, Path(folder)) if not entry.onnx_skip else None}
             print(f"  coverage {entry.name}", flush=True)
+        for pattern in PATTERNS:
+            results["onnx_patterns"][pattern.name] = pattern_case(pattern, Path(folder))
+        print(f"  coverage: {len(PATTERNS)} ONNX patterns", flush=True)
     return results
 
 
@@ -156,12 +186,22 @@ def correct_left(outcome: dict, bn: int) -> int:
     return bn if wrong else outcome["left"]
 
 
+FRAMEWORKS = {"torch": "PyTorch", "onnx": "ONNX", "onnx_patterns": "ONNX patterns"}
+
+
+def _cases(results: dict) -> dict[str, tuple[dict, tuple[str, ...]]]:
+    """framework -> (model -> its outcome, the tools compared)."""
+    zoo = results["zoo"]
+    return {"torch": ({name: r["torch"] for name, r in zoo.items()}, TORCH_TOOLS),
+            "onnx": ({name: r["onnx"] for name, r in zoo.items() if r["onnx"]}, ONNX_TOOLS),
+            "onnx_patterns": (results["onnx_patterns"], ONNX_TOOLS)}
+
+
 def summary(results: dict) -> dict:
     """Totals per tool (wrong results count as folding nothing) and where bnfold leaves more than a tool."""
     totals: dict = {}
     behind = []
-    for framework, tools in (("torch", TORCH_TOOLS), ("onnx", ONNX_TOOLS)):
-        cases = {name: r[framework] for name, r in results.items() if r[framework]}
+    for framework, (cases, tools) in _cases(results).items():
         bn = sum(c["bn"] for c in cases.values())
         exact = sum(c["exact"] for c in cases.values())
         totals[framework] = {"models": len(cases), "bn": bn, "exact": exact}
@@ -176,20 +216,21 @@ def summary(results: dict) -> dict:
             mine = correct_left(case["bnfold"], case["bn"])
             for tool in tools[1:]:
                 if correct_left(case[tool], case["bn"]) < mine:
-                    behind.append(f"{name} ({framework}, {tool})")
+                    behind.append(f"{name} ({FRAMEWORKS[framework]}, {tool})")
     totals["bnfold_behind"] = behind
     return totals
 
 
 def markdown(results: dict) -> str:
     totals = summary(results)
+    zoo = results["zoo"]
     torch_rows = [[name, r["torch"]["bn"], r["torch"]["exact"], *(_cell(r["torch"], t) for t in TORCH_TOOLS)]
-                  for name, r in results.items()]
+                  for name, r in zoo.items()]
     onnx_rows = [[name, r["onnx"]["bn"], r["onnx"]["exact"], *(_cell(r["onnx"], t) for t in ONNX_TOOLS)]
-                 for name, r in results.items() if r["onnx"]]
+                 for name, r in zoo.items() if r["onnx"]]
     total_rows = []
-    for framework, tools in (("PyTorch", TORCH_TOOLS), ("ONNX", ONNX_TOOLS)):
-        t = totals["torch" if framework == "PyTorch" else "onnx"]
+    for key, (_, tools) in _cases(results).items():
+        t, framework = totals[key], FRAMEWORKS[key]
         for tool in tools:
             outcome = t[tool]
             notes = ", ".join(filter(None, [f"wrong on {', '.join(outcome['wrong'])}" if outcome["wrong"] else "",
@@ -204,3 +245,37 @@ def markdown(results: dict) -> str:
         "Per model, ONNX export (cells: BatchNormalization nodes left (relative output error)):",
         table(["model", "BN nodes", "exactly foldable", *ONNX_TOOLS], onnx_rows),
     ])
+
+
+def subsections(results: dict) -> list[str]:
+    """The hand-built ONNX patterns: what the table measures, what it shows, and the table."""
+    cases = results["onnx_patterns"]
+    t = summary(results)["onnx_patterns"]
+    keep = [name for name, c in cases.items() if c["exact"] == 0]
+    peers = ", ".join(
+        f"{tool} {t[tool]['folded']}" + "".join(f" ({label} on {', '.join(t[tool][key])})"
+                                                for key, label in (("wrong", "wrong"), ("failed", "fails"))
+                                                if t[tool][key])
+        for tool in ONNX_TOOLS[1:])
+    missed = {tool: [name for name, c in cases.items() if c["exact"] and correct_left(c[tool], c["bn"]) == c["bn"]]
+              for tool in ONNX_TOOLS}
+    rows = [[f"`{name}`: {c['what']}", c["bn"], c["exact"], *(_cell(c, tool) for tool in ONNX_TOOLS)]
+            for name, c in cases.items()]
+    return [
+        "### ONNX patterns built by hand", "",
+        f"What it measures: {len(cases)} small ONNX models (`tests/onnx_builders.PATTERNS`; those named `ort-` "
+        "are onnxruntime's own test models from `../shared/conformance`), one per pattern of issue 4 that an "
+        "export of the zoo never produces, run through the same tools and counted the same way as the table "
+        "above. \"Exactly foldable\" is what bnfold must fold and proves (tests/test_onnx_patterns.py); the "
+        f"{len(keep)} models named `keep-` hold a BN whose right answer is to keep it (0 foldable). A boolean "
+        "input (the If's condition) is fed both ways.", "",
+        f"What it shows: bnfold folds {t['bnfold']['folded']} of {t['exact']} exactly-foldable BN "
+        f"(max relative error {fmt_err(t['bnfold']['max_error'])}) and keeps all {len(keep)} it must keep; "
+        f"correctly folded by the others: {peers}. Models where a tool folds none of the BN it should: "
+        f"onnxruntime's basic level {', '.join(missed['ORT basic']) or 'none'}; onnxoptimizer "
+        f"{', '.join(missed['onnxoptimizer']) or 'none'}; onnxslim {', '.join(missed['onnxslim']) or 'none'}. "
+        + ("No tool folds a BN that bnfold keeps with a correct output." if not any(
+            correct_left(c[tool], c["bn"]) < c["bn"] for c in cases.values() if not c["exact"] for tool in ONNX_TOOLS)
+           else "**A tool folds a BN that should be kept, with a correct output: see the table.**"), "",
+        "Per pattern (cells: BatchNormalization nodes left (relative output error)):", "",
+        table(["pattern", "BN nodes", "exactly foldable", *ONNX_TOOLS], rows), ""]

@@ -24,7 +24,8 @@ def verdicts(results: dict) -> list[tuple[str, bool, str]]:
     if "coverage" in results:
         behind = coverage.summary(results["coverage"])["bnfold_behind"]
         rows.append(("coverage at least every anchor's, on every model", not behind,
-                     "bnfold leaves fewer or as many BN (counting wrong outputs as no fold) everywhere" if not behind
+                     "bnfold leaves fewer or as many BN (counting wrong outputs as no fold) on every zoo model "
+                     "(PyTorch and ONNX) and every hand-built ONNX pattern" if not behind
                      else f"bnfold leaves more BN on: {', '.join(behind)}"))
     if "latency" in results:
         configs = list(latency.configurations(results["latency"]))
@@ -159,7 +160,7 @@ def render(results: dict) -> str:
     for key, title, module in sections:
         if key in results:
             parts += [f"## {title}", "", (module.__doc__ or "").strip(), "", module.markdown(results[key]), "",
-                      *NOTES.get(key, [])]
+                      *NOTES.get(key, []), *getattr(module, "subsections", lambda _: [])(results[key])]
     return "\n".join(parts).rstrip() + "\n"
 
 
@@ -250,7 +251,8 @@ def _slower_reason(runtime: str, summary: dict, band: float) -> str:
 
 NOTES = {
     "coverage": [
-        "What it means: on ONNX, bnfold and onnxruntime's basic level fold the same layers; bnfold writes "
+        "What it means: on the zoo's ONNX exports, bnfold and onnxruntime's basic level fold the same layers "
+        "(the hand-built patterns below are where they differ); bnfold writes "
         "the result as a file you can ship and inspect, and proves it on every run. onnxoptimizer writes "
         "each fold as a run-time subgraph (the node counts in `results.json` grow instead of shrinking). In "
         "PyTorch, `torch.fx`'s fuse needs a symbolic trace (models with Python control flow on sizes fail "
