@@ -87,7 +87,8 @@ def recalibrate(source: object, data: object, *, method: str | Method = Method.E
                 images: ImageOptions | None = None, device: str = "cpu", allow_pickle: bool = False,
                 model_factory: str | None = None, min_samples: int = MIN_SAMPLES,
                 progress: bool = False, distributed: bool | None = None) -> RecalibrateReport:
-    """Re-estimate the running statistics of every BN layer of `source` on `data`.
+    """Re-estimate the running statistics of every BN layer of `source` on `data`; returns a
+    `RecalibrateReport` (per layer: old and new statistics, how far they moved, standard errors, passes).
 
     `source` is a model path or object (as for `inspect`); `data` anything `bnfold.data.open_data`
     takes (.npy/.npz path, image directory, arrays, a function returning batches). The model is
