@@ -699,6 +699,7 @@ def test_fold_over_the_tolerance_exits_1_and_writes_nothing(cli, tmp_path):
     assert document["passed"] is False and document["verified"] is False and document["output"] is None
     assert document["max_rel_error"] > document["tolerance"] == 1e-12
     assert {layer["status"] for layer in document["layers"]} == {"foldable"}  # never reported as folded
+    assert document["folded"] == 0 and document["foldable"] == 3
     text = cli("fold", SAMPLES / "cnn.onnx", "-o", out, "--tolerance", "1e-12")
     assert text.code == 1 and "3 of 3 BN layers foldable, none folded" in text.stdout
     assert "compared on random inputs" in text.stdout and "verified" not in text.stdout

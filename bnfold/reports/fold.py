@@ -66,7 +66,8 @@ class FoldReport(Report):
             "model": self.model.to_dict(),
             "output": self.output,
             "layers": [d.to_dict() for d in self.decisions],
-            "folded": len(self.folded),
+            "foldable": len(self.folded),
+            "folded": len(self.folded) if self.passed else 0,  # a rejected fold folds nothing
             "kept": len(self.kept),
             "verified": self.verified,
             "verification_inputs": self.verification_inputs,
