@@ -99,7 +99,7 @@ def check_layer(layer: BNLayer) -> list[Finding]:
                     f"{layer.extra['producer_bias']} has a bias that this BN subtracts again", name,
                     "the bias is redundant before BN; folding absorbs it"))
     low, high = EPS_RANGE
-    if not low <= layer.eps <= high:
+    if not np.isnan(layer.eps) and not low <= layer.eps <= high:  # NaN: eps unknown (kept in no attribute)
         add(Finding("unusual-eps", Severity.WARNING, f"eps = {layer.eps:g} is outside [{low:g}, {high:g}]", name))
     momentum = torch_momentum(layer)
     if momentum is not None and not MOMENTUM_RANGE[0] <= momentum <= MOMENTUM_RANGE[1]:

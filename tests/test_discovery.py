@@ -1,12 +1,20 @@
-"""PyTorch BN discovery finds more than isinstance(m, BatchNorm2d)."""
+"""BN discovery: PyTorch finds more than isinstance(m, BatchNorm2d), in modules and graphs; ONNX reads
+BatchNormalization of every opset."""
 
 from __future__ import annotations
 
+import numpy as np
+import onnx
+import pytest
 import torch
 import torch.nn.functional as F
+from onnx import numpy_helper
 from torch import nn
 
+from bnfold import inspect
+from bnfold.layers import FoldStatus, Severity
 from bnfold.pytorch.discover import discover_exported, discover_module
+from tests.onnx_builders import conv_bn
 
 
 class BatchNormAct2d(nn.BatchNorm2d):
@@ -91,3 +99,80 @@ def test_functional_batch_norm_in_an_exported_program():
     program = torch.export.export(Functional().eval(), (torch.randn(2, 4, 5, 5),))
     (layer,) = discover_exported(program)
     assert layer.eps == 1e-3 and layer.channels == 4 and not layer.affine
+
+
+class FunctionalOnBuffers(nn.Module):
+    """BN written with F.batch_norm on buffers named neither running_mean nor running_var."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.register_buffer("mu", torch.linspace(-1, 1, 4))
+        self.register_buffer("sigma2", torch.linspace(0.5, 2, 4))
+        self.gamma = nn.Parameter(torch.linspace(0.5, 1.5, 4))
+
+    def forward(self, x):
+        return F.batch_norm(self.conv(x), self.mu, self.sigma2, self.gamma, None, False, 0.1, 1e-3)
+
+
+def summary(layers):
+    return [(layer.name, layer.kind.split(" ")[0], layer.eps, layer.channels, layer.affine) for layer in layers]
+
+
+@pytest.mark.parametrize("compile_", [torch.jit.script, lambda m: torch.jit.trace(m, torch.randn(1, 3, 8, 8))],
+                         ids=["scripted", "traced"])
+def test_torchscript_graph_shows_functional_batch_norm(compile_):
+    model = FunctionalOnBuffers().eval()
+    eager = discover_module(model)
+    assert summary(eager) == [("mu", "F.batch_norm", 1e-3, 4, True)]
+    (layer,) = discover_module(compile_(model))
+    assert summary([layer]) == summary(eager) and layer.kind == "F.batch_norm (FunctionalOnBuffers)"
+    np.testing.assert_array_equal(layer.running_var, model.sigma2.double().numpy())
+
+
+def test_traced_torchscript_eps_and_momentum_come_from_the_graph(tmp_path):
+    """A traced BN module keeps no eps attribute: the graph's batch_norm call holds it."""
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4, eps=1e-3, momentum=0.05), nn.ReLU()).eval()
+    with torch.no_grad():
+        model[1].running_var.uniform_(0.5, 2.0)
+    path = tmp_path / "traced.ts"
+    torch.jit.save(torch.jit.trace(model, torch.randn(1, 3, 8, 8)), str(path))
+    report = inspect(path)
+    (layer,) = report.layers
+    assert (layer.name, layer.kind, layer.eps, layer.momentum) == ("1", "BatchNorm2d", 1e-3, 0.05)
+    assert "eps_unknown" not in layer.extra
+    assert np.isfinite(layer.effective_gain()).all()
+    assert not [finding for finding in report.findings if finding.code == "unusual-eps"]
+
+
+ONNX_OPSET_ATTRIBUTES = {  # BatchNormalization's versions, each with the attributes it had
+    1: dict(consumed_inputs=[0, 0, 0, 1, 1], is_test=1, spatial=1),
+    6: dict(is_test=1, spatial=1),
+    7: dict(spatial=1),
+    9: {},
+    14: dict(training_mode=0),
+    15: {},
+    onnx.defs.onnx_opset_version(): {},
+}
+
+
+@pytest.mark.parametrize("opset", sorted(ONNX_OPSET_ATTRIBUTES))
+def test_onnx_bn_of_every_opset_is_described(opset):
+    model = conv_bn(np.random.default_rng(opset), bias=False, opset=opset,
+                    bn_attrs={**ONNX_OPSET_ATTRIBUTES[opset], "epsilon": 1e-3, "momentum": 0.8})
+    stored = {init.name: numpy_helper.to_array(init) for init in model.graph.initializer}
+    report = inspect(model)
+    (layer,) = report.layers
+    assert (layer.kind, layer.channels, layer.training) == (f"BatchNormalization-{opset}", 6, False)
+    assert layer.eps == pytest.approx(1e-3) and layer.momentum == pytest.approx(0.8)
+    np.testing.assert_array_equal(layer.running_var, stored["bn.var"])
+    np.testing.assert_array_equal(layer.weight, stored["bn.scale"])
+    assert report.findings == [] and report.folds[layer.name].status is FoldStatus.FOLDABLE
+
+
+@pytest.mark.parametrize("opset, attributes", [(1, dict(consumed_inputs=[0, 0, 0, 1, 1], is_test=0)),
+                                               (6, dict(is_test=0)), (15, dict(training_mode=1))])
+def test_onnx_bn_in_training_mode_is_an_error(opset, attributes):
+    report = inspect(conv_bn(np.random.default_rng(0), bias=False, opset=opset, bn_attrs=attributes))
+    assert [(f.code, f.severity) for f in report.findings] == [("training-mode", Severity.ERROR)]
+    assert not report

@@ -77,3 +77,8 @@ def test_findings_are_sorted_worst_first():
 def test_max_gain_threshold_is_respected():
     just_below = make_layer(running_var=np.full(8, 1.0 / (MAX_GAIN * 0.9) ** 2), weight=np.ones(8), eps=1e-7)
     assert "tiny-variance" not in codes(just_below)
+
+
+def test_unknown_eps_is_not_reported_as_unusual():
+    """eps NaN means discovery found none (a module keeping it in no attribute), not a strange value."""
+    assert "unusual-eps" not in codes(make_layer(eps=float("nan")))

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import math
+from typing import Any
 
 import numpy as np
 import torch
@@ -104,7 +106,80 @@ def discover_module(module: nn.Module, share_tensors: bool = False) -> list[BNLa
         kind = bn_kind(child)
         if kind is not None:
             layers.append(describe_module(name, child, kind))
-    return layers if isinstance(module, torch.jit.ScriptModule) else with_graph_layers(module, layers, share_tensors)
+    if isinstance(module, torch.jit.ScriptModule):
+        return with_script_graph(module, layers)
+    return with_graph_layers(module, layers, share_tensors)
+
+
+def inlined_graph(module: torch.jit.ScriptModule) -> torch._C.Graph | None:
+    """A copy of a TorchScript module's forward graph with every submodule call inlined (None: no forward)."""
+    forward = getattr(module, "forward", None)
+    graph = getattr(forward, "graph", None)
+    if graph is None:
+        return None
+    graph = graph.copy()
+    torch._C._jit_pass_inline(graph)
+    return graph
+
+
+def attribute_path(node: torch._C.Node, position: int) -> str | None:
+    """The path of the module attribute a node reads as input `position` ("layer1.0.bn1.running_mean")."""
+    names = []
+    value = node.inputsAt(position)
+    while value.node().kind() == "prim::GetAttr":
+        names.append(value.node().s("name"))
+        value = value.node().inputsAt(0)
+    if value.node().kind() != "prim::Param" or not names:
+        return None
+    return ".".join(reversed(names))
+
+
+def resolve_path(module: nn.Module, path: str | None) -> Any:
+    """The attribute at a dotted path ("stem.norm.mu"; ScriptModules have no get_submodule), or None."""
+    return functools.reduce(getattr, path.split("."), module) if path else None
+
+
+def constant_input(node: torch._C.Node, position: int) -> Any:
+    """The value of a node's input when it is a graph constant, else None."""
+    value = node.inputsAt(position)
+    return value.toIValue() if value.node().kind() == "prim::Constant" else None
+
+
+def with_script_graph(module: torch.jit.ScriptModule, known: list[BNLayer]) -> list[BNLayer]:
+    """`known` completed from the module's inlined graph: the eps (and momentum) a traced module keeps only
+    as constants of its batch_norm calls, and `F.batch_norm` on buffers of modules that are no BN module,
+    named after the module owning the statistics (the buffer's own name when the root owns them)."""
+    try:
+        graph = inlined_graph(module)  # held for as long as its nodes are used
+        return known if graph is None else _complete_from_graph(module, graph, known)
+    except (RuntimeError, AttributeError):  # a graph bnfold cannot read: the module walk is all there is
+        return known
+
+
+def _complete_from_graph(module: torch.jit.ScriptModule, graph: torch._C.Graph,
+                         known: list[BNLayer]) -> list[BNLayer]:
+    layers = {layer.name: layer for layer in known}
+    for node in graph.findAllNodes("aten::batch_norm", True):
+        mean_path = attribute_path(node, 3)
+        if mean_path is None:  # statistics that are no attribute (none, or computed): nothing stored to audit
+            continue
+        owner_path = mean_path.rpartition(".")[0]
+        name = owner_path or ("<root>" if "<root>" in layers else mean_path)
+        eps, momentum, training = (constant_input(node, position) for position in (7, 6, 5))
+        layer = layers.get(name)
+        if layer is None:
+            owner = resolve_path(module, owner_path) if owner_path else module
+            weight, bias, mean, var = (resolve_path(module, attribute_path(node, at)) for at in (1, 2, 3, 4))
+            layers[name] = describe_tensors(
+                name, f"F.batch_norm ({_class_name(owner)})", mean=mean, var=var, weight=weight, bias=bias,
+                eps=eps if isinstance(eps, float) else None, momentum=momentum, training=training is True)
+            continue
+        if math.isnan(layer.eps) and isinstance(eps, float):  # a traced module keeps no eps attribute
+            layer.eps = eps
+            layer.extra.pop("eps_unknown", None)
+        if layer.momentum is None and isinstance(momentum, float) and momentum > 0:  # 0.0: momentum=None
+            layer.momentum = momentum
+    return list(layers.values())
 
 
 def with_graph_layers(source: nn.Module | torch.export.ExportedProgram, known: list[BNLayer],
