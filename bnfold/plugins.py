@@ -11,15 +11,21 @@ from typing import Any
 from bnfold.errors import UsageError
 
 
-def import_callable(spec: str, option: str) -> Callable[..., Any]:
-    """Resolve "package.module:callable"; the current directory is importable, but searched last, so a
-    file there (an unpacked model bundle's `numpy.py`) cannot replace an installed module."""
-    module_name, sep, attribute = spec.partition(":")
-    if not sep or not module_name or not attribute:
-        raise UsageError(f"{option} must look like package.module:callable, got {spec!r}")
+def search_working_directory() -> None:
+    """Make the current directory importable, searched last: the user's own packages (a factory, the classes
+    of a pickle they allowed) import as under `python -m bnfold`, but a file there (an unpacked model bundle's
+    `numpy.py`) cannot replace an installed module."""
     cwd = os.getcwd()
     if cwd not in sys.path:
         sys.path.append(cwd)
+
+
+def import_callable(spec: str, option: str) -> Callable[..., Any]:
+    """Resolve "package.module:callable", the current directory searched last (`search_working_directory`)."""
+    module_name, sep, attribute = spec.partition(":")
+    if not sep or not module_name or not attribute:
+        raise UsageError(f"{option} must look like package.module:callable, got {spec!r}")
+    search_working_directory()
     try:
         module = importlib.import_module(module_name)
     except ImportError as error:

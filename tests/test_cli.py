@@ -155,3 +155,36 @@ def test_inspect_accepts_an_input_shape(cli):
     result = cli("inspect", SAMPLES / "mlp_pickle.pt", "--allow-pickle", "--input-shape", "2,1,8,8", "--json")
     assert result.code == 0, result.stderr
     assert all(layer["fold"]["status"] == "foldable" for layer in json.loads(result.stdout)["layers"])
+
+
+def run_installed(*args: str, cwd) -> subprocess.CompletedProcess:
+    """`bnfold ARGS` as the installed console script runs it: the working directory is not on sys.path."""
+    return subprocess.run([sys.executable, "-I", "-c", "from bnfold.cli import main; main()", *map(str, args)],
+                          capture_output=True, text=True, cwd=cwd, timeout=120)
+
+
+def test_allowed_pickles_import_their_classes_from_the_working_directory(tmp_path):
+    found = run_installed("inspect", "sample_models/cnn_pickle.pt", "--allow-pickle", "--json", cwd=REPO)
+    assert found.returncode == 0, found.stderr
+    assert [layer["name"] for layer in json.loads(found.stdout)["layers"]] == ["bn1", "bn2", "bn3"]
+    elsewhere = run_installed("inspect", SAMPLES / "cnn_pickle.pt", "--allow-pickle", cwd=tmp_path)
+    assert elsewhere.returncode == 2 and elsewhere.stdout == "" and "Traceback" not in elsewhere.stderr
+    assert "No module named 'sample_models'" in elsewhere.stderr and "hint: the classes" in elsewhere.stderr
+
+
+def test_inspect_shows_each_layers_statistics_in_the_table_and_the_json(cli):
+    """The ranges come from the file's own tensors: running mean, running var, gamma/sqrt(var + eps)."""
+    model = onnx.load(SAMPLES / "cnn.onnx")
+    stored = {init.name: numpy_helper.to_array(init).astype(np.float64) for init in model.graph.initializer}
+    bn = next(node for node in model.graph.node if node.op_type == "BatchNormalization")
+    eps = next(a.f for a in bn.attribute if a.name == "epsilon")
+    gamma, _, mean, var = (stored[name] for name in bn.input[1:5])
+    gain = gamma / np.sqrt(var + eps)
+    document = json.loads(cli("inspect", SAMPLES / "cnn.onnx", "--json").stdout)
+    layer = document["layers"][0]
+    assert layer["name"] == bn.name and layer["channels"] == var.size and layer["eps"] == pytest.approx(eps)
+    for key, values in (("running_mean", mean), ("running_var", var), ("effective_gain", gain)):
+        assert (layer[key]["min"], layer[key]["max"]) == pytest.approx((values.min(), values.max())), key
+    row = next(line for line in cli("inspect", SAMPLES / "cnn.onnx").stdout.splitlines() if bn.name in line)
+    cells = [cell.strip() for cell in row.split("│")[1:-1]]
+    assert cells[1:5] == [str(var.size)] + [f"{values.min():.3g}..{values.max():.3g}" for values in (mean, var, gain)]

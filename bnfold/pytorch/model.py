@@ -22,7 +22,7 @@ from bnfold.layers import BNLayer
 from bnfold.model import InputSpec, LoadOptions, Model, ModelFormat
 from bnfold.pickle_scan import (ArchiveScan, archive_pickle_imports, foreign_imports, scan_exported_program,
                                 scan_torchscript, storage_records)
-from bnfold.plugins import import_callable
+from bnfold.plugins import import_callable, search_working_directory
 from bnfold.pytorch.discover import discover_exported, discover_module
 
 # Keys under which training checkpoints commonly nest the weights.
@@ -156,7 +156,9 @@ def _load_torch_pickle(path: Path, options: LoadOptions) -> Model:
     if loaded is not None:
         return _from_state_dict(path, loaded, options)
     _require_consent(path, "is a pickled module; loading it runs code from", archive_pickle_imports(path), options)
-    module = _guarded(lambda: _torch_load(path, weights_only=False), path, "pickled")
+    search_working_directory()  # its classes import as they would under `python -m bnfold`
+    module = _guarded(lambda: _torch_load(path, weights_only=False), path, "pickled", import_hint=(
+        "the classes it names must be importable: run bnfold where their package is, or install it"))
     if isinstance(module, Mapping):
         module = next((v for v in module.values() if isinstance(v, nn.Module)), module)
     if not isinstance(module, nn.Module):
@@ -310,19 +312,22 @@ def _find_state_dict(loaded: Any) -> Mapping[str, torch.Tensor] | None:
     return None
 
 
-def _guarded(load, path: Path, what: str, causes: list[BaseException] = ()):
+def _guarded(load, path: Path, what: str, causes: list[BaseException] = (), import_hint: str | None = None):
     """Run a framework loader, turning its many exception types into one clean InputError.
 
     `causes` are exceptions the loader logged before failing with a vaguer one; the first is the reason.
+    `import_hint` is the hint when the reason is a module the file names that cannot be imported.
     """
     try:
         return load()
     except (MemoryError, KeyboardInterrupt):
         raise
     except Exception as error:  # torch raises RuntimeError, ValueError, KeyError, zip errors...
-        reason = _first_line(causes[0] if causes else error)
-        hint = ("it may come from another torch version: re-export it with torch " + torch.__version__
-                if "version" in reason.lower() else None)
+        cause = causes[0] if causes else error
+        reason = _first_line(cause)
+        hint = import_hint if isinstance(cause, ImportError) else None
+        if "version" in reason.lower():
+            hint = "it may come from another torch version: re-export it with torch " + torch.__version__
         raise InputError(f"{path} could not be loaded as a {what} model ({reason})", hint) from None
 
 
