@@ -174,3 +174,37 @@ def test_pt2_input_spec_has_a_dynamic_batch():
 def test_onnx_input_spec():
     (spec,) = load_model(SAMPLES / "cnn.onnx").input_specs()
     assert spec.name == "input" and spec.shape == (None, 1, 8, 8)
+
+
+SAMPLE_SUFFIXES = {".pt2": LoadOptions(), ".onnx": LoadOptions(), ".ts": LoadOptions(),
+                   "_pickle.pt": LoadOptions(allow_pickle=True),
+                   "_state_dict.pt": LoadOptions(model_factory="sample_models.architectures:make_{name}")}
+
+
+@pytest.mark.parametrize("name", ["cnn", "mlp", "resnet", "mixed"])
+def test_every_sample_model_is_committed_in_every_format(name):
+    counts = {}
+    for suffix, options in SAMPLE_SUFFIXES.items():
+        if options.model_factory:
+            options = LoadOptions(model_factory=options.model_factory.format(name=name))
+        layers = load_model(SAMPLES / f"{name}{suffix}", options).bn_layers()
+        counts[suffix] = len(layers)
+        assert all(layer.has_running_stats and np.isfinite(layer.eps) for layer in layers), suffix
+    assert len(set(counts.values())) == 1 and counts[".pt2"] >= 2, counts
+
+
+def test_sample_models_folder_stays_small():
+    tracked = [path for path in SAMPLES.rglob("*") if path.is_file() and "__pycache__" not in path.parts]
+    assert sum(path.stat().st_size for path in tracked) < 5 * 2**20
+    assert (SAMPLES / "make_samples.py").is_file() and np.load(SAMPLES / "calib.npy").ndim == 4
+
+
+def test_onnx_with_every_tensor_in_external_data_reads_the_same_statistics(tmp_path):
+    import onnx
+
+    onnx.save(onnx.load(SAMPLES / "cnn.onnx"), tmp_path / "cnn.onnx", save_as_external_data=True,
+              all_tensors_to_one_file=True, location="cnn.data", size_threshold=0)
+    assert (tmp_path / "cnn.data").stat().st_size > (tmp_path / "cnn.onnx").stat().st_size
+    external, embedded = load_model(tmp_path / "cnn.onnx").bn_layers(), load_model(SAMPLES / "cnn.onnx").bn_layers()
+    assert [layer.to_dict() for layer in external] == [layer.to_dict() for layer in embedded]
+    assert all(layer.has_running_stats for layer in external)

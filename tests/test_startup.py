@@ -33,9 +33,13 @@ def run_probe(*args: str) -> subprocess.CompletedProcess:
     ("inspect", str(SAMPLES / "cnn.onnx")),
     ("inspect", str(SAMPLES / "mixed.onnx"), "--json"),
     ("fold", str(SAMPLES / "cnn.onnx")),
-])
-def test_onnx_paths_never_import_torch(args):
-    completed = run_probe(*args)
+    ("inspect", str(SAMPLES / "cnn.onnx"), "--data", str(SAMPLES / "calib.npy")),
+    ("check", str(SAMPLES / "cnn.onnx"), "--data", str(SAMPLES / "calib.npy"), "--require-folded"),
+    ("recalibrate", str(SAMPLES / "cnn.onnx"), "--data", str(SAMPLES / "calib.npy"), "-o", "{tmp}/out.onnx"),
+    ("bench", str(SAMPLES / "cnn.onnx"), "--runs", "2", "--warmup", "1"),
+], ids=lambda args: " ".join(arg for arg in args if not arg.startswith(("/", "{"))))
+def test_onnx_paths_never_import_torch(args, tmp_path):
+    completed = run_probe(*(arg.format(tmp=tmp_path) for arg in args))
     assert completed.returncode in (0, 1), completed.stderr
     assert "TORCH-MODULES: 0" in completed.stderr, completed.stderr
 
