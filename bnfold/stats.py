@@ -7,6 +7,8 @@ batch mean; batches are combined with the parallel update of Chan, Golub and LeV
 
 This is exact up to float64 rounding, whatever the batch sizes, and includes the variance between
 batches (an average of per-batch variances does not; an exponential moving average is not exact at all).
+Many batches can also arrive at once as per-sample means and M2 (`ChannelStatistics.add_samples`), the
+same update summed over samples in one vectorized step.
 Pure numpy: frameworks reduce their tensors to `Moments` and hand them over.
 """
 
@@ -87,11 +89,25 @@ class ChannelStatistics:
         self.sample_means = self.sample_means.merge(other.sample_means)
         self.batches += other.batches
 
+    def add_samples(self, means: np.ndarray, m2: np.ndarray, positions: int, batches: int = 1) -> None:
+        """Merge samples given as (N, C) per-sample means and M2 over `positions` values each.
+
+        Any number of batches at once, in one vectorized merge: the values' M2 is the samples' own M2
+        plus `positions` times the M2 of their means (Chan's update, summed over the samples).
+        """
+        sample_means = Moments.of(means)
+        values = Moments(sample_means.count * positions, sample_means.mean,
+                         np.asarray(m2, dtype=np.float64).sum(axis=0) + positions * sample_means.m2)
+        self.values = self.values.merge(values)
+        self.sample_means = self.sample_means.merge(sample_means)
+        self.batches += batches
+
     def add_array(self, batch: np.ndarray, channel_axis: int = 1) -> None:
         """Merge one batch of shape (N, C, *spatial) (channels on `channel_axis`)."""
         batch = np.moveaxis(np.asarray(batch), channel_axis, 1)
-        per_sample = batch.reshape(batch.shape[0], batch.shape[1], -1).mean(axis=2, dtype=np.float64)
-        self.add(Moments.of(batch), Moments.of(per_sample))
+        flat = batch.reshape(batch.shape[0], batch.shape[1], -1).astype(np.float64)
+        means = flat.mean(axis=2)
+        self.add_samples(means, np.square(flat - means[:, :, None]).sum(axis=2), flat.shape[2])
 
     @property
     def samples(self) -> int:
