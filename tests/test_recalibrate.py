@@ -417,9 +417,12 @@ def onnx_batch_moments(inputs: np.ndarray):
 
 
 def torch_batch_moments(inputs: np.ndarray):
-    from bnfold.pytorch.recalibrate import batch_moments
+    from bnfold.pytorch.recalibrate import InputStatistics
 
-    return batch_moments(torch.from_numpy(inputs))
+    statistics = InputStatistics(["bn"])
+    statistics.add("bn", torch.from_numpy(inputs))
+    result = statistics.result()["bn"]
+    return result.values, result.sample_means
 
 
 @pytest.mark.parametrize("reduce", [torch_batch_moments, onnx_batch_moments], ids=["torch", "onnx"])
@@ -436,3 +439,39 @@ def test_batch_moments_match_float64_whatever_the_offset(case, reduce):
     assert np.allclose(values.variance(), variance, rtol=2e-6, atol=1e-12)
     # the spread of sample means only feeds the standard error: float32 sample means are ample for it
     assert np.allclose(sample_means.variance(), flat.mean(axis=2).var(axis=0), rtol=1e-4, atol=1e-12)
+
+
+@pytest.mark.parametrize("case", BN_INPUTS)
+def test_fast_method_buffers_get_the_batch_mean_and_population_variance(case):
+    from bnfold.pytorch.recalibrate import InputStatistics
+
+    inputs = BN_INPUTS[case](torch.Generator().manual_seed(0))
+    per_channel = inputs.double().transpose(0, 1).reshape(inputs.shape[1], -1)
+    mean, var = torch.zeros(inputs.shape[1], dtype=torch.float64), torch.ones(inputs.shape[1], dtype=torch.float64)
+    InputStatistics([]).add("bn", inputs, normalize_by_batch=(mean, var))
+    spread = per_channel.std(dim=1, unbiased=False) + 1e-6
+    assert torch.all((mean - per_channel.mean(dim=1)).abs() <= 1e-7 * per_channel.mean(dim=1).abs() + 1e-6 * spread)
+    torch.testing.assert_close(var, per_channel.var(dim=1, unbiased=False), rtol=2e-6, atol=1e-12)
+
+
+def test_pending_moments_stay_within_their_memory_bound_and_merge_exactly(monkeypatch):
+    from bnfold.pytorch import recalibrate as torch_recalibrate
+
+    monkeypatch.setattr(torch_recalibrate, "_PENDING_BYTES", 1000)
+    statistics = torch_recalibrate.InputStatistics(["bn"])
+    generator = torch.Generator().manual_seed(1)
+    batches = [torch.randn(4, 8, side, side, generator=generator) + offset  # resolutions and offsets vary
+               for side, offset in [(6, 0), (6, 500), (3, 2), (6, 0), (3, 0), (6, 1), (3, 900), (6, 0)]]
+    for batch in batches:
+        statistics.add("bn", batch)
+        statistics.add("unobserved", batch)
+        assert statistics._pending_bytes <= 1000
+    result = statistics.result()
+    assert set(result) == {"bn"}
+    everything = torch.cat([batch.double().transpose(0, 1).reshape(8, -1) for batch in batches], dim=1).numpy()
+    merged = result["bn"]
+    assert (merged.count, merged.samples, merged.batches) == (everything.shape[1], 32, len(batches))
+    np.testing.assert_allclose(merged.mean, everything.mean(axis=1), rtol=1e-7)
+    np.testing.assert_allclose(merged.variance(), everything.var(axis=1), rtol=2e-6)
+    sample_means = np.concatenate([batch.double().mean(dim=(2, 3)).numpy() for batch in batches])
+    np.testing.assert_allclose(merged.sample_means.variance(1), sample_means.var(axis=0, ddof=1), rtol=1e-5)

@@ -14,12 +14,14 @@ One runner per kind of torch object, because each is instrumented differently:
 - TorchScript: the inlined forward graph gets the BN inputs as extra outputs (and batch-statistics BN
   ops for the fast method), compiled into a function that runs on the module's own attributes.
 
-Batch moments are reduced on the device per sample (`batch_moments`), merged in float64 and handed to
-`bnfold.stats` as `Moments`. For the
-fast method, the hook or observer that reduces a BN's input also writes the batch's mean and population
-variance into that BN's running buffers, so the BN, still in eval mode, normalizes by the batch's
-statistics exactly as in training, without reducing its input a second time (a training-mode BN
-computes its own, slower, Welford reduction). The buffers are restored after the pass.
+Every runner hands each BN input to one `InputStatistics`: a few tensor operations reduce it on its
+device to per-sample sums and norms (`reduce_samples`), which wait on the host and merge into
+`bnfold.stats.ChannelStatistics` many batches at a time (a per-call merge of small arrays would cost
+more than the reduction). For the fast method, the hook or observer that reduces a BN's input also
+writes the batch's mean and population variance into that BN's running buffers, so the BN, still in
+eval mode, normalizes by the batch's statistics exactly as in training, without reducing its input a
+second time (a training-mode BN computes its own, slower, Welford reduction). The buffers are restored
+after the pass. (The TorchScript runner makes its BN ops compute batch statistics instead.)
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ import math
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -50,7 +52,7 @@ from bnfold.pytorch.discover import (BN_ATEN_SIGNATURES, bn_kind, describe_modul
                                      discover_exported, discover_module)
 from bnfold.pytorch.model import ExportedProgramModel, ModuleModel, TorchScriptModel
 from bnfold.recalibration import GraphStep, upstream_layers
-from bnfold.stats import ChannelStatistics, Moments
+from bnfold.stats import ChannelStatistics
 
 # ExportedProgram BN ops that normalize with their running statistics, and how to make them use the
 # batch's statistics instead.
@@ -83,15 +85,57 @@ def _device(name: str) -> torch.device:
 
 # Above this mean²/variance ratio a sample's M2 comes from squared deviations, not a sum of squares.
 _CANCELLATION_RATIO = 10.0
+# Per-sample moments wait until they take this many bytes across layers, then merge into the float64
+# statistics in bulk: few merges per pass, and memory far below one batch's activations.
+_PENDING_BYTES = 4 << 20
 
 
-def batch_moments(inputs: torch.Tensor) -> tuple[Moments, Moments]:
-    """Moments per channel (axis 1) of a BN input, over all values and over per-sample means.
+class SampleReduction(NamedTuple):
+    """One BN input reduced per sample and channel (axis 1) over its `positions`, as a (2, N, C) array.
 
-    Each sample's mean and M2 over its positions are reduced in the input's precision (float32 at
-    least: torch sums by cascade, so the relative error stays near 1e-7, below that of the activations
-    themselves); the (N, C) results leave the device once and samples are merged in float64, in numpy,
-    where small arrays cost microseconds rather than a tensor operation's overhead each.
+    `sums` True: each sample's sum and Euclidean norm, in the input's precision (float32 at least:
+    torch sums by cascade, so the relative error stays near 1e-7, below that of the activations
+    themselves). Its M2 is norm² - sum²/positions in float64, which loses about float32 epsilon times
+    1 + mean²/variance to cancellation: `reduce_samples` keeps this form only where that ratio is below
+    `_CANCELLATION_RATIO` in every sample. `sums` False: float64 means and M2 already.
+    """
+
+    positions: int
+    sums: bool
+    values: np.ndarray
+
+    def moments(self) -> np.ndarray:
+        """Per-sample means and M2, float64 (2, N, C)."""
+        if not self.sums:
+            return self.values
+        moments = self.values.astype(np.float64)
+        moments[0] /= self.positions
+        np.square(moments[1], out=moments[1])
+        moments[1] -= self.positions * np.square(moments[0])
+        return moments
+
+    def mean_and_variance(self) -> tuple[np.ndarray, np.ndarray]:
+        """The mean and population variance per channel of all the values, in float64."""
+        count = self.values.shape[1] * self.positions
+        if self.sums:  # no cancellation to fear: the sum of squares is within a factor 1 + ratio of M2
+            totals = self.values.astype(np.float64)
+            np.square(totals[1], out=totals[1])
+            mean, squares = totals.sum(axis=1) / count
+            return mean, squares - np.square(mean)
+        means, m2 = self.values
+        mean = means.sum(axis=0) / len(means)
+        return mean, (m2.sum(axis=0) + self.positions * np.square(means - mean).sum(axis=0)) / count
+
+
+def reduce_samples(inputs: torch.Tensor) -> SampleReduction:
+    """Reduce a BN input (N, C, ...) per sample and channel, with as few operations as can be.
+
+    Two reductions on the device and one transfer of their (N, C) results: everything after works on
+    small arrays, where a numpy operation costs about a microsecond and a tensor operation several, and
+    the float64 merging waits for many batches (`InputStatistics`). Where a sample's mean is large
+    against its spread the sum of squares would cancel, so the deviations from the mean are squared
+    instead, and their own mean corrects the rounding of the mean (which matters once the offset is
+    thousands of standard deviations).
     """
     if inputs.dim() < 2:
         raise DataError(f"a BN layer received a {inputs.dim()}-D tensor; BN inputs are (N, C, ...)")
@@ -99,55 +143,76 @@ def batch_moments(inputs: torch.Tensor) -> tuple[Moments, Moments]:
     values = values.reshape(values.shape[0], values.shape[1], -1)  # (N, C, positions)
     if values.dtype not in (torch.float32, torch.float64):
         values = values.float()
-    rows, positions = values.shape[0], values.shape[2]
-    sample_means, within = _sample_moments(values)
-    mean = sample_means.mean(axis=0)
-    sample_m2 = np.square(sample_means - mean).sum(axis=0)
-    return (Moments(rows * positions, mean, within.sum(axis=0) + positions * sample_m2),
-            Moments(rows, mean, sample_m2))
-
-
-def _sample_moments(values: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-    """Per sample and channel of (N, C, positions) values: the mean and M2 about it, in float64 (N, C).
-
-    One pass for the means and one for the sums of squares, where the mean is small against the spread
-    (a sum of squares loses about float32 epsilon times 1 + mean²/variance of M2 to cancellation);
-    elsewhere the deviations from the mean are squared, and their own mean corrects the rounding of the
-    mean (which matters once the offset is thousands of standard deviations).
-    """
     positions = values.shape[2]
     if positions == 1:
-        means = values.reshape(values.shape[:2]).double().cpu().numpy()
-        return means, np.zeros_like(means)
-    means = values.mean(dim=2)
-    host = torch.stack((means, torch.linalg.vector_norm(values, dim=2))).double().cpu().numpy()
-    precise_means, m2 = host[0], np.square(host[1])
-    offsets = positions * np.square(precise_means)
-    m2 -= offsets
-    risky = np.flatnonzero((offsets > _CANCELLATION_RATIO * m2).any(axis=0))  # channels; constant ones too
-    if risky.size:
-        index = slice(None) if 2 * risky.size > values.shape[1] else risky  # a view beats a large gather
-        device_index = index if isinstance(index, slice) else torch.from_numpy(risky).to(values.device)
-        deviations = values[:, device_index] - means[:, device_index, None]
-        exact = torch.stack((deviations.mean(dim=2), deviations.square_().sum(dim=2))).double().cpu().numpy()
-        precise_means[:, index] += exact[0]
-        m2[:, index] = exact[1] - positions * np.square(exact[0])
-    return precise_means, m2
+        moments = np.zeros((2, values.shape[0], values.shape[1]))
+        moments[0] = values.reshape(values.shape[:2]).numpy(force=True)
+        return SampleReduction(1, False, moments)
+    sums = values.sum(dim=2)
+    norms = torch.linalg.vector_norm(values, dim=2)
+    reduced = SampleReduction(positions, True, torch.stack((sums, norms)).numpy(force=True))
+    # mean²·positions > ratio·M2 (M2 = norm² - sum²/positions) where |sum| times this exceeds the norm
+    risk_scale = math.sqrt((1 + _CANCELLATION_RATIO) / (_CANCELLATION_RATIO * positions))
+    risky = np.abs(reduced.values[0]) * risk_scale > reduced.values[1]  # constant channels too
+    if not risky.any():
+        return reduced
+    moments = reduced.moments()
+    channels = np.flatnonzero(risky.any(axis=0))
+    index = slice(None) if 2 * channels.size > values.shape[1] else channels  # a view beats a large gather
+    device_index = index if isinstance(index, slice) else torch.from_numpy(channels).to(values.device)
+    shifts = sums[:, device_index] / positions
+    deviations = values[:, device_index] - shifts[:, :, None]
+    exact = torch.stack((shifts, deviations.mean(dim=2), deviations.square_().sum(dim=2))).double().cpu().numpy()
+    moments[0][:, index] = exact[0] + exact[1]
+    moments[1][:, index] = exact[2] - positions * np.square(exact[1])
+    return SampleReduction(positions, False, moments)
 
 
 BufferPair = tuple[torch.Tensor, torch.Tensor]  # a BN's (running_mean, running_var)
 
 
-def _observe(statistics: dict[str, ChannelStatistics] | None, layer: str, inputs: torch.Tensor,
-             normalize_by_batch: BufferPair | None = None) -> None:
-    """Reduce one BN input: into `statistics` (when given), and into the BN's buffers (fast method)."""
-    values, sample_means = batch_moments(inputs)
-    if statistics is not None:
-        statistics.setdefault(layer, ChannelStatistics()).add(values, sample_means)
-    if normalize_by_batch is not None:
-        running_mean, running_var = normalize_by_batch
-        running_mean.copy_(torch.from_numpy(values.mean))
-        running_var.copy_(torch.from_numpy(values.variance()))
+class InputStatistics:
+    """What one pass saw of the BN inputs: per-sample moments, merged into `ChannelStatistics` in bulk.
+
+    Each input is reduced to (N, C) per-sample results (`reduce_samples`); those of the `observe` layers
+    wait on the host and merge in float64, many batches at once, when they reach `_PENDING_BYTES` and at
+    the end of the pass.
+    """
+
+    def __init__(self, observe: Iterable[str]) -> None:
+        self.observe = set(observe)
+        self._statistics: dict[str, ChannelStatistics] = {}
+        self._pending: dict[str, list[SampleReduction]] = {}
+        self._pending_bytes = 0
+
+    def add(self, layer: str, inputs: torch.Tensor, normalize_by_batch: BufferPair | None = None) -> None:
+        """Reduce one input of `layer`: into its statistics when observed, into the BN's buffers (fast method)."""
+        reduced = reduce_samples(inputs)
+        if normalize_by_batch is not None:
+            for buffer, value in zip(normalize_by_batch, reduced.mean_and_variance()):
+                buffer.copy_(torch.from_numpy(value))
+        if layer in self.observe:
+            self._pending.setdefault(layer, []).append(reduced)
+            self._pending_bytes += reduced.values.nbytes
+            if self._pending_bytes > _PENDING_BYTES:
+                self._merge_pending()
+
+    def result(self) -> dict[str, ChannelStatistics]:
+        """The statistics of every observed layer the pass reached."""
+        self._merge_pending()
+        return self._statistics
+
+    def _merge_pending(self) -> None:
+        for layer, pending in self._pending.items():
+            alike: dict[tuple[int, bool], list[np.ndarray]] = {}  # a BN may run at several resolutions
+            for reduced in pending:
+                alike.setdefault(reduced[:2], []).append(reduced.values)
+            statistics = self._statistics.setdefault(layer, ChannelStatistics())
+            for (positions, sums), batches in alike.items():
+                means, m2 = SampleReduction(positions, sums, np.concatenate(batches, axis=1)).moments()
+                statistics.add_samples(means, m2, positions, batches=len(batches))
+        self._pending.clear()
+        self._pending_bytes = 0
 
 
 @contextmanager
@@ -178,11 +243,11 @@ class _TorchRunner(ABC):
 
     def run_pass(self, batches: Iterable[Batch], observe: Sequence[str],
                  batch_statistics: bool) -> dict[str, ChannelStatistics]:
-        statistics: dict[str, ChannelStatistics] = {}
-        with torch.no_grad(), self._instrumented(set(observe), batch_statistics, statistics) as forward:
+        statistics = InputStatistics(observe)
+        with torch.no_grad(), self._instrumented(batch_statistics, statistics) as forward:
             for batch in batches:
                 forward(*self._tensors(batch))
-        return statistics
+        return statistics.result()
 
     def _tensors(self, batch: Batch) -> list[torch.Tensor]:
         tensors = []
@@ -215,9 +280,8 @@ class _TorchRunner(ABC):
         """The model's inputs, in the order its forward takes them."""
 
     @abstractmethod
-    def _instrumented(self, observe: set[str], batch_statistics: bool,
-                      statistics: dict[str, ChannelStatistics]) -> Any:
-        """A context giving a forward function that feeds the `observe` layers' inputs to `statistics`."""
+    def _instrumented(self, batch_statistics: bool, statistics: InputStatistics) -> Any:
+        """A context giving a forward function that feeds the observed layers' inputs to `statistics`."""
 
     @abstractmethod
     def _buffers(self, layer: str) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]:
@@ -391,15 +455,13 @@ class ModuleRunner(_TorchRunner):
                 handle.remove()
 
     @contextmanager
-    def _instrumented(self, observe: set[str], batch_statistics: bool,
-                      statistics: dict[str, ChannelStatistics]) -> Iterator[Callable[..., Any]]:
+    def _instrumented(self, batch_statistics: bool, statistics: InputStatistics) -> Iterator[Callable[..., Any]]:
         def observe_input(name: str, inputs: torch.Tensor) -> None:
-            _observe(statistics if name in observe else None, name, inputs,
-                     self._statistics(name) if batch_statistics else None)
+            statistics.add(name, inputs, self._statistics(name) if batch_statistics else None)
 
         pairs = [self._statistics(name) for name in self.layer_names] if batch_statistics else []
-        with _buffers_restored(pairs), self._observed(set(self.layer_names) if batch_statistics else observe,
-                                                      observe_input):
+        with _buffers_restored(pairs), self._observed(set(self.layer_names) if batch_statistics
+                                                      else statistics.observe, observe_input):
             yield self.module
 
     def _buffers(self, layer: str) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]:
@@ -483,16 +545,15 @@ class ExportedProgramRunner(_TorchRunner):
         return upstream_layers(_fx_steps(self.module.graph, self.layer_of.get))
 
     @contextmanager
-    def _instrumented(self, observe: set[str], batch_statistics: bool,
-                      statistics: dict[str, ChannelStatistics]) -> Iterator[Callable[..., Any]]:
+    def _instrumented(self, batch_statistics: bool, statistics: InputStatistics) -> Iterator[Callable[..., Any]]:
         graph = fx.Graph()
         copies: dict[fx.Node, fx.Node] = {}
         graph.output(graph.graph_copy(self.module.graph, copies))
         pairs = {node: tuple(self.module.get_buffer(name) for name in self.statistics_of[key])
                  for node, key in self.layer_of.items()} if batch_statistics else {}
         for original, key in self.layer_of.items():
-            if key in observe or batch_statistics:
-                observer = _observer(statistics if key in observe else None, key, pairs.get(original))
+            if key in statistics.observe or batch_statistics:
+                observer = _observer(statistics, key, pairs.get(original))
                 with graph.inserting_before(node := copies[original]):
                     graph.call_function(observer, (node.args[0],))
         with _buffers_restored(pairs.values()):
@@ -510,10 +571,10 @@ class ExportedProgramRunner(_TorchRunner):
         return ExportedProgramModel(self.model.path, self.program)
 
 
-def _observer(statistics: dict[str, ChannelStatistics] | None, layer: str,
+def _observer(statistics: InputStatistics, layer: str,
               normalize_by_batch: BufferPair | None) -> Callable[[torch.Tensor], None]:
     def observe_batch_norm_input(inputs: torch.Tensor) -> None:
-        _observe(statistics, layer, inputs, normalize_by_batch)
+        statistics.add(layer, inputs, normalize_by_batch)
 
     return observe_batch_norm_input
 
@@ -586,14 +647,13 @@ class ScriptRunner(_TorchRunner):
         return upstream_layers(steps())
 
     @contextmanager
-    def _instrumented(self, observe: set[str], batch_statistics: bool,
-                      statistics: dict[str, ChannelStatistics]) -> Iterator[Callable[..., Any]]:
+    def _instrumented(self, batch_statistics: bool, statistics: InputStatistics) -> Iterator[Callable[..., Any]]:
         graph = self._inlined()
         observed = []
         for node, key in zip(_top_level_batch_norms(graph), self.keys):
             if key not in self.names:
                 continue
-            if key in observe:
+            if key in statistics.observe:
                 graph.registerOutput(node.inputsAt(0))
                 observed.append(key)
             if batch_statistics:
@@ -608,7 +668,7 @@ class ScriptRunner(_TorchRunner):
         def forward(*inputs: torch.Tensor) -> None:
             outputs = function(self.module._c, *inputs)
             for key, value in zip(observed, outputs[1:]):
-                _observe(statistics, key, value)
+                statistics.add(key, value)
 
         yield forward
 
