@@ -48,8 +48,9 @@ from bnfold.errors import DataError, UsageError
 from bnfold.foldmath import round_to
 from bnfold.layers import BNLayer
 from bnfold.model import InputSpec, Model
-from bnfold.pytorch.discover import (BN_ATEN_SIGNATURES, bn_kind, describe_module, describe_tensors,
-                                     discover_exported, discover_module)
+from bnfold.pytorch.discover import (BN_ATEN_SIGNATURES, attribute_path, bn_kind, describe_module,
+                                     describe_tensors, discover_exported, discover_module, inlined_graph,
+                                     resolve_path)
 from bnfold.pytorch.model import ExportedProgramModel, ModuleModel, TorchScriptModel
 from bnfold.recalibration import GraphStep, upstream_layers
 from bnfold.stats import ChannelStatistics
@@ -296,11 +297,6 @@ def _first_float_dtype(tensors: Iterable[torch.Tensor]) -> torch.dtype:
     return next((t.dtype for t in tensors if t.is_floating_point()), torch.float32)
 
 
-def _resolve(module: nn.Module, path: str | None) -> Any:
-    """The attribute at a dotted path ("stem.norm.mu"; ScriptModules have no get_submodule), or None."""
-    return functools.reduce(getattr, path.split("."), module) if path else None
-
-
 def _fx_steps(graph: fx.Graph, layer_of: Callable[[fx.Node], str | None]) -> Iterator[GraphStep]:
     for node in graph.nodes:
         yield node.all_input_nodes, [node], layer_of(node)
@@ -362,7 +358,7 @@ class ModuleRunner(_TorchRunner):
             if call["training"] is not False:
                 self._skipped[owner] = "F.batch_norm in training mode: it normalizes by batch statistics"
                 continue
-            tensors = {key: _resolve(self.module, call[key].target if isinstance(call[key], fx.Node) else None)
+            tensors = {key: resolve_path(self.module, call[key].target if isinstance(call[key], fx.Node) else None)
                        for key in ("running_mean", "running_var", "weight", "bias")}
             found[owner] = describe_tensors(
                 owner, f"F.batch_norm ({type(self.module.get_submodule(owner)).__name__})",
@@ -375,7 +371,7 @@ class ModuleRunner(_TorchRunner):
         if layer in self.bns:
             return self.bns[layer].running_mean, self.bns[layer].running_var
         mean, var = self.functional[layer].extra["buffers"]
-        return _resolve(self.module, mean), _resolve(self.module, var)
+        return resolve_path(self.module, mean), resolve_path(self.module, var)
 
     @functools.cached_property
     def _graph(self) -> fx.Graph | None:
@@ -608,31 +604,17 @@ class ScriptRunner(_TorchRunner):
         if unnamed:
             self.notes.append("batch_norm calls without running statistics were left as they are")
         self.names = {key for key in self.keys if key is not None} - set(self._skipped)
-        self.statistics_of = {key: (_attribute(node, 3), _attribute(node, 4))  # running_mean, or `mu` and the like
+        self.statistics_of = {key: (attribute_path(node, 3), attribute_path(node, 4))  # running_mean, or `mu` and the like
                               for node, key in zip(_top_level_batch_norms(graph), self.keys) if key in self.names}
 
     def _inlined(self) -> torch._C.Graph:
-        graph = self.module.forward.graph.copy()
-        torch._C._jit_pass_inline(graph)
-        return graph
+        return inlined_graph(self.module)
 
     def inputs(self) -> list[InputSpec | str]:
         return [argument.name for argument in self.module.forward.schema.arguments[1:]] or ["input"]
 
     def layers(self) -> list[BNLayer]:
-        calls = {key: node for node, key in zip(_top_level_batch_norms(self._inlined()), self.keys)
-                 if key in self.names}
-        found = {layer.name: layer for layer in discover_module(self.module) if layer.name in self.names}
-        for key, node in calls.items():
-            eps = node.inputsAt(7).toIValue() if node.inputsAt(7).node().kind() == "prim::Constant" else None
-            if key not in found:  # F.batch_norm on buffers of a module that is no BN module
-                weight, bias, mean, var = (_resolve(self.module, _attribute(node, at)) for at in (1, 2, 3, 4))
-                found[key] = describe_tensors(key, f"F.batch_norm ({_resolve(self.module, key).original_name})",
-                                              mean=mean, var=var, weight=weight, bias=bias, eps=eps)
-            elif math.isnan(found[key].eps) and eps is not None:  # a traced module keeps no eps attribute
-                found[key].eps = float(eps)
-                found[key].extra.pop("eps_unknown", None)
-        return list(found.values())
+        return [layer for layer in discover_module(self.module) if layer.name in self.names]
 
     def upstream(self, batches: Iterable[Batch]) -> dict[str, set[str]]:
         graph = self._inlined()
@@ -673,8 +655,8 @@ class ScriptRunner(_TorchRunner):
         yield forward
 
     def _buffers(self, layer: str) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]:
-        mean, var = (_resolve(self.module, path) for path in self.statistics_of[layer])
-        return [(mean, var, getattr(_resolve(self.module, layer), "num_batches_tracked", None))]
+        mean, var = (resolve_path(self.module, path) for path in self.statistics_of[layer])
+        return [(mean, var, getattr(resolve_path(self.module, layer), "num_batches_tracked", None))]
 
     def result(self) -> Model:
         return TorchScriptModel(self.model.path, self.module.cpu())
@@ -686,20 +668,8 @@ def _top_level_batch_norms(graph: torch._C.Graph) -> list[torch._C.Node]:
 
 def _stats_owner(node: torch._C.Node, position: int = 3) -> str | None:
     """The module path whose running_mean (or input `position`) a batch_norm call reads ("layer1.0.bn1")."""
-    path = _attribute(node, position)
+    path = attribute_path(node, position)
     return path.rpartition(".")[0] or None if path else None
-
-
-def _attribute(node: torch._C.Node, position: int) -> str | None:
-    """The path of the module attribute a node reads as input `position` ("layer1.0.bn1.running_mean")."""
-    names = []
-    value = node.inputsAt(position)
-    while value.node().kind() == "prim::GetAttr":
-        names.append(value.node().s("name"))
-        value = value.node().inputsAt(0)
-    if value.node().kind() != "prim::Param" or not names:
-        return None
-    return ".".join(reversed(names))
 
 
 def _reads(node: torch._C.Node) -> list[torch._C.Value]:
