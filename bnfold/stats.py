@@ -7,13 +7,14 @@ batch mean; batches are combined with the parallel update of Chan, Golub and LeV
 
 This is exact up to float64 rounding, whatever the batch sizes, and includes the variance between
 batches (an average of per-batch variances does not; an exponential moving average is not exact at all).
-Many batches can also arrive at once as per-sample means and M2 (`ChannelStatistics.add_samples`), the
-same update summed over samples in one vectorized step.
+Many batches can also arrive at once, as per-sample means and M2 (`ChannelStatistics.add_samples`) or as
+per-batch moments (`Moments.pooled`): the same update summed in one vectorized step.
 Pure numpy: frameworks reduce their tensors to `Moments` and hand them over.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -41,6 +42,17 @@ class Moments:
         """Moments from a batch's mean and population (biased) variance, as frameworks compute them."""
         mean = np.asarray(mean, dtype=np.float64).ravel()
         return cls(int(count), mean, np.asarray(variance, dtype=np.float64).ravel() * count)
+
+    @classmethod
+    def pooled(cls, parts: Sequence[Moments]) -> Moments:
+        """The moments of many sets of values together, in one vectorized step: Chan's update summed
+        over the parts (M2 = sum of the parts' M2 + sum of count * (part mean - mean)^2)."""
+        counts = np.array([part.count for part in parts], dtype=np.float64)
+        means = np.stack([part.mean for part in parts])
+        total = counts.sum()
+        mean = counts @ means / total
+        return cls(int(total), mean, np.stack([part.m2 for part in parts]).sum(axis=0)
+                   + counts @ np.square(means - mean))
 
     def merge(self, other: Moments) -> Moments:
         """The moments of both sets of values together (Chan et al.)."""
@@ -77,11 +89,11 @@ class ChannelStatistics:
         self.sample_means = sample_means if sample_means is not None else empty
         self.batches = batches
 
-    def add(self, values: Moments, sample_means: Moments) -> None:
-        """Merge one batch, given as the moments of its values and of its per-sample means."""
+    def add(self, values: Moments, sample_means: Moments, batches: int = 1) -> None:
+        """Merge one batch (or `batches` pooled), given as the moments of its values and of its per-sample means."""
         self.values = self.values.merge(values)
         self.sample_means = self.sample_means.merge(sample_means)
-        self.batches += 1
+        self.batches += batches
 
     def merge(self, other: ChannelStatistics) -> None:
         """Merge statistics accumulated elsewhere (another process's share of the data), exactly."""
@@ -98,9 +110,7 @@ class ChannelStatistics:
         sample_means = Moments.of(means)
         values = Moments(sample_means.count * positions, sample_means.mean,
                          np.asarray(m2, dtype=np.float64).sum(axis=0) + positions * sample_means.m2)
-        self.values = self.values.merge(values)
-        self.sample_means = self.sample_means.merge(sample_means)
-        self.batches += batches
+        self.add(values, sample_means, batches)
 
     def add_array(self, batch: np.ndarray, channel_axis: int = 1) -> None:
         """Merge one batch of shape (N, C, *spatial) (channels on `channel_axis`)."""

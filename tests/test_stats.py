@@ -109,3 +109,14 @@ def test_samples_given_as_means_and_m2_merge_like_their_values():
     np.testing.assert_allclose(statistics.mean, everything.mean(axis=1), rtol=1e-14)
     np.testing.assert_allclose(statistics.variance(0), everything.var(axis=1), rtol=1e-12)
     np.testing.assert_allclose(statistics.sample_means.variance(1), values.mean(axis=2).var(axis=0, ddof=1), rtol=1e-12)
+
+
+def test_pooled_moments_equal_merging_one_part_at_a_time():
+    rng = np.random.default_rng(3)
+    parts = [Moments.of(rng.normal(loc, 2.0, size=(size, 5)) + 1e3, channel_axis=1)
+             for loc, size in ((0.0, 7), (5.0, 1), (-3.0, 40))]
+    merged = parts[0].merge(parts[1]).merge(parts[2])
+    pooled = Moments.pooled(parts)
+    assert pooled.count == merged.count == 48
+    np.testing.assert_allclose(pooled.mean, merged.mean, rtol=1e-13)
+    np.testing.assert_allclose(pooled.m2, merged.m2, rtol=1e-11)

@@ -52,6 +52,8 @@ CANCELLATION_RATIO = 6.0
 # the variance between batches by more than about 2e-6 of the total (the fast method's training-mode BN
 # reduces each batch in two passes, exact at any offset, but hands over float32 means).
 BATCH_MEAN_RATIO = 1e4
+# Probe outputs of this many bytes wait to be merged in one vectorized step (bounded, whatever the data).
+_PENDING_BYTES = 4 << 20
 
 
 def _cannot_run(error: Exception) -> InputError:
@@ -136,15 +138,19 @@ class OnnxStatisticsRunner:
                  batch_statistics: bool) -> dict[str, ChannelStatistics]:
         runnable, probes = self._session(set(observe), batch_statistics)
         statistics = {layer: ChannelStatistics() for layer in probes}
+        pending: list[dict[str, np.ndarray]] = []  # outputs of batches not merged yet
         for batch in batches:
             values = self._run(runnable, probes, batch)
             cancelled = {layer for layer, probe in probes.items() if probe.cancels(values)}
             if cancelled:  # probe those layers carefully from now on, and this batch again
+                _merge(statistics, probes, pending)
                 self.careful |= cancelled
                 runnable, probes = self._session(set(observe), batch_statistics)
                 values = self._run(runnable, probes, batch)
-            for layer, probe in probes.items():
-                statistics[layer].add(*probe.moments(values))
+            pending.append(values)
+            if len(pending) * sum(value.nbytes for value in values.values()) > _PENDING_BYTES:
+                _merge(statistics, probes, pending)
+        _merge(statistics, probes, pending)
         return {layer: found for layer, found in statistics.items() if found.batches}  # a rank may see none
 
     def _session(self, observe: set[str], batch_statistics: bool) -> tuple[Any, dict[str, _Probe]]:
@@ -231,6 +237,15 @@ class OnnxStatisticsRunner:
         return OnnxModel(self.model.path, self.proto)
 
 
+def _merge(statistics: dict[str, ChannelStatistics], probes: dict[str, _Probe],
+           pending: list[dict[str, np.ndarray]]) -> None:
+    """Merge the outputs of the `pending` batches into `statistics`, every layer's batches at once."""
+    if pending:
+        for layer, probe in probes.items():
+            statistics[layer].add(*probe.moments(pending), batches=len(pending))
+        pending.clear()
+
+
 def _copy(proto: onnx.ModelProto) -> onnx.ModelProto:
     copied = onnx.ModelProto()
     copied.CopyFrom(proto)
@@ -243,8 +258,8 @@ class _Probe(ABC):
     outputs: tuple[str, ...]
 
     @abstractmethod
-    def moments(self, values: dict[str, np.ndarray]) -> tuple[Moments, Moments]:
-        """The batch's moments over all values and over per-sample means, from this probe's outputs."""
+    def moments(self, batches: list[dict[str, np.ndarray]]) -> tuple[Moments, Moments]:
+        """The moments of the `batches` (their outputs) over all values and over per-sample means."""
 
     def cancels(self, values: dict[str, np.ndarray]) -> bool:
         """Whether this batch's variance lost precision to cancellation."""
@@ -264,10 +279,12 @@ class _ReducingProbe(_Probe):
         self.prefix = prefix
         self.outputs = (self.mean, self.var, self.spread, self.shape) + ((self.excess,) if self.excess else ())
 
-    def moments(self, values: dict[str, np.ndarray]) -> tuple[Moments, Moments]:
-        rows, _, positions = (int(d) for d in values[self.shape])
-        return (Moments.from_variance(rows * positions, values[self.mean], values[self.var]),
-                Moments.from_variance(rows, values[self.mean], values[self.spread]))
+    def moments(self, batches: list[dict[str, np.ndarray]]) -> tuple[Moments, Moments]:
+        shapes = [[int(d) for d in values[self.shape]] for values in batches]
+        return (Moments.pooled([Moments.from_variance(rows * positions, values[self.mean], values[self.var])
+                                for (rows, _, positions), values in zip(shapes, batches)]),
+                Moments.pooled([Moments.from_variance(rows, values[self.mean], values[self.spread])
+                                for (rows, _, _), values in zip(shapes, batches)]))
 
     def cancels(self, values: dict[str, np.ndarray]) -> bool:
         return self.excess is not None and bool(values[self.excess] > 0)
@@ -284,10 +301,11 @@ class _TrainingModeProbe(_Probe):
         self.shape = f"{prefix}/shape"
         self.outputs = (self.mean, self.var, self.sample_means, self.shape)
 
-    def moments(self, values: dict[str, np.ndarray]) -> tuple[Moments, Moments]:
-        rows, _, positions = (int(d) for d in values[self.shape])
-        return (Moments.from_variance(rows * positions, values[self.mean], values[self.var]),
-                Moments.of(values[self.sample_means], channel_axis=1))
+    def moments(self, batches: list[dict[str, np.ndarray]]) -> tuple[Moments, Moments]:
+        counts = [int(np.prod(values[self.shape][::2])) for values in batches]  # rows * positions
+        return (Moments.pooled([Moments.from_variance(count, values[self.mean], values[self.var])
+                                for count, values in zip(counts, batches)]),
+                Moments.of(np.concatenate([values[self.sample_means] for values in batches]), channel_axis=1))
 
     def cancels(self, values: dict[str, np.ndarray]) -> bool:
         mean = values[self.mean].astype(np.float64)
