@@ -35,9 +35,9 @@ def banner(text: str) -> None:
 
 def bnfold(*args: str, expect: tuple[int, ...] = (0,)) -> int:
     """Run the real CLI, showing the command line and its output; stop the demo on a surprise."""
-    shown = " ".join(shlex.quote(str(a).replace(str(REPO) + "/", "")) for a in args)
-    print(f"\n$ bnfold {shown}", flush=True)
-    code = subprocess.run([sys.executable, "-m", "bnfold", *map(str, args)], cwd=REPO, env=ENV).returncode
+    relative = [str(a).replace(str(REPO) + "/", "") for a in args]  # run from the repository, as shown
+    print(f"\n$ bnfold {' '.join(map(shlex.quote, relative))}", flush=True)
+    code = subprocess.run([sys.executable, "-m", "bnfold", *relative], cwd=REPO, env=ENV).returncode
     print(f"[exit code {code}]", flush=True)
     if code not in expect:
         sys.exit(f"demo stopped: bnfold exited {code}, expected {' or '.join(map(str, expect))}")
