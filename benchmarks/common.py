@@ -19,11 +19,15 @@ THREADS = {"intra_op": 1}  # set by `set_threads`; onnxruntime sessions made her
 
 
 def set_threads(count: int) -> None:
-    """Intra-op threads for PyTorch and for the onnxruntime sessions made by `ort_session`."""
+    """Intra-op threads for PyTorch, for the onnxruntime sessions made by `ort_session`, and for those
+    bnfold makes itself (recalibration, fold verification)."""
     import torch
+
+    from bnfold.onnx import runtime
 
     torch.set_num_threads(count)
     THREADS["intra_op"] = count
+    runtime.intra_op_threads = count
 
 
 def ratio(numerator: Timing, denominator: Timing) -> dict[str, float]:

@@ -1,8 +1,8 @@
 """Recalibration throughput and peak memory, `exact` and `fast`, against plain inference over the same data.
 
 Inference is the engine's own `run` over the same batches (PyTorch eager under no_grad; onnxruntime with
-optimizations off and its default thread count, the sessions recalibration itself uses), so the ratio is
-the price of observing the BN inputs and of the extra passes. `bnfold.recalibrate` is timed whole (copying the model, batching the
+optimizations off, the sessions recalibration itself uses; one intra-op thread for both, as everywhere
+here), so the ratio is the price of observing the BN inputs and of the extra passes. `bnfold.recalibrate` is timed whole (copying the model, batching the
 data, every pass, writing the statistics into the copy), interleaved with inference. Peak memory is
 measured in a fresh process per method: the resident-set high-water mark (Linux VmHWM, reset just before
 the call) minus the resident set before it.

@@ -15,6 +15,10 @@ import onnx
 from bnfold import memory
 from bnfold.onnx.model import save_model
 
+# Intra-op threads of the sessions bnfold creates; 0 lets onnxruntime choose (one per core). Benchmarks
+# set 1, as they do for torch, so that a neighbour's load on a shared machine is not timed as the model.
+intra_op_threads = 0
+
 
 def session(model: onnx.ModelProto, optimize: bool = False):
     """An unoptimized CPU session (`optimize`: every graph optimization on, as deployments run it);
@@ -30,6 +34,7 @@ def session(model: onnx.ModelProto, optimize: bool = False):
     options.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize
                                         else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
     options.log_severity_level = 4  # failures surface as exceptions; no console noise
+    options.intra_op_num_threads = intra_op_threads
     with tempfile.TemporaryDirectory(prefix="bnfold-ort-", ignore_cleanup_errors=True) as folder:
         path = Path(folder) / "model.onnx"
         save_model(model, path)
