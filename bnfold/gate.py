@@ -28,15 +28,18 @@ from bnfold.reports.inspect import InspectReport
 
 def check(source: object, data: object | None = None, *, policy: Policy | None = None,
           config: str | Path | None = None, data_options: DataOptions | None = None,
-          allow_pickle: bool = False, model_factory: str | None = None, input_shape: str | None = None) -> CheckReport:
+          allow_pickle: bool = False, model_factory: str | None = None, input_shape: str | None = None,
+          strict_inputs: bool = False) -> CheckReport:
     """Gate a model: static findings, fold state and (with `data`) statistics drift against a policy.
 
     `policy` defaults to `load_policy(config)` (the nearest bnfold.toml / pyproject [tool.bnfold]).
-    `data` and `data_options` are those of `inspect`. Returns a `CheckReport`, truthy when no policy failed.
+    `data`, `data_options`, `input_shape` and `strict_inputs` are those of `inspect`. Returns a
+    `CheckReport`, truthy when no policy failed.
     """
     policy = policy or load_policy(config)
     inspection = inspect(source, data, limits=policy.limits, fail_on=None, data_options=data_options,
-                         allow_pickle=allow_pickle, model_factory=model_factory, input_shape=input_shape)
+                         allow_pickle=allow_pickle, model_factory=model_factory, input_shape=input_shape,
+                         strict_inputs=strict_inputs)
     return CheckReport(inspection, policy, evaluate(inspection, policy))
 
 

@@ -27,7 +27,8 @@ from bnfold.verify import example_batch, parse_input_shapes
 
 def inspect(source: object, data: object | None = None, *, fail_on: str | Severity | None = Severity.ERROR,
             allow_pickle: bool = False, model_factory: str | None = None, limits: DriftLimits = DriftLimits(),
-            data_options: DataOptions | None = None, input_shape: str | None = None) -> InspectReport:
+            data_options: DataOptions | None = None, input_shape: str | None = None,
+            strict_inputs: bool = False) -> InspectReport:
     """Audit a model's BN layers, and with `data` measure how far their statistics have drifted.
 
     `source` is a path (any supported format), an `onnx.ModelProto` or a torch module/program; `data`
@@ -35,12 +36,13 @@ def inspect(source: object, data: object | None = None, *, fail_on: str | Severi
     decision `fold` would make per layer) and, with data, `discrepancy` per layer and `model_discrepancy`
     judged against `limits`; it is falsy when a finding reaches `fail_on` ("error", "warning", or None).
     `input_shape` (e.g. "1,3,224,224") lets the fold analysis of formats that record no input shape
-    (eager modules, TorchScript) prove what depends on shapes, as `fold --input-shape` does.
+    (eager modules, TorchScript) prove what depends on shapes, as `fold --input-shape` does, and
+    `strict_inputs` keeps ONNX BN whose parameters are also graph inputs, as `fold --strict-inputs` does.
     """
     model = as_model(source, LoadOptions(allow_pickle=allow_pickle, model_factory=model_factory))
     layers = model.bn_layers()
     example = example_batch(model.input_specs(), parse_input_shapes(input_shape))
-    plan = engine_for(model).plan(model, FoldOptions(example_batch=example))
+    plan = engine_for(model).plan(model, FoldOptions(strict_inputs=strict_inputs, example_batch=example))
     folds = plan.by_layer()
     for layer in layers:  # the fold analysis knows the producer; health checks use it
         decision = folds.get(layer.name)

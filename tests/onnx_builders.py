@@ -56,8 +56,8 @@ def weights(rng: np.random.Generator, *shape: int, dtype=np.float32) -> np.ndarr
 
 
 def conv_bn(rng, *, c_in=4, c_out=6, group=1, bias=True, spatial=(5, 5), kernel=3, dtype=np.float32, op="Conv",
-            conv_attrs=None, bn_attrs=None, opset=17):
-    """x -> Conv/ConvTranspose -> BN -> y."""
+            conv_attrs=None, bn_attrs=None, opset=17, inputs_from_initializers=False):
+    """x -> Conv/ConvTranspose -> BN -> y (`inputs_from_initializers`: every initializer also a graph input)."""
     k = (kernel,) * len(spatial)
     w_shape = (c_out, c_in // group, *k) if op == "Conv" else (c_in, c_out // group, *k)
     inits = {"w": weights(rng, *w_shape, dtype=dtype), **bn_params(rng, c_out, dtype=dtype)}
@@ -66,7 +66,7 @@ def conv_bn(rng, *, c_in=4, c_out=6, group=1, bias=True, spatial=(5, 5), kernel=
     conv = helper.make_node(op, ["x", "w", *(["b"] if bias else [])], ["c"], name="conv", group=group,
                             **(conv_attrs or {}))
     return make([conv, bn_node("c", "y", **(bn_attrs or {}))], {"x": ((2, c_in, *spatial), dtype)},
-                {"y": (None, dtype)}, inits, opset=opset)
+                {"y": (None, dtype)}, inits, opset=opset, inputs_from_initializers=inputs_from_initializers)
 
 
 def count(model: onnx.ModelProto, op_type: str) -> int:

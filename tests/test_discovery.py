@@ -163,11 +163,27 @@ def test_onnx_bn_of_every_opset_is_described(opset):
     stored = {init.name: numpy_helper.to_array(init) for init in model.graph.initializer}
     report = inspect(model)
     (layer,) = report.layers
-    assert (layer.kind, layer.channels, layer.training) == (f"BatchNormalization-{opset}", 6, False)
+    version = onnx.defs.get_schema("BatchNormalization", opset).since_version  # the kind names the operator
+    assert (layer.kind, layer.channels, layer.training) == (f"BatchNormalization-{version}", 6, False)
     assert layer.eps == pytest.approx(1e-3) and layer.momentum == pytest.approx(0.8)
     np.testing.assert_array_equal(layer.running_var, stored["bn.var"])
     np.testing.assert_array_equal(layer.weight, stored["bn.scale"])
     assert report.findings == [] and report.folds[layer.name].status is FoldStatus.FOLDABLE
+
+
+@pytest.mark.parametrize("opset, kind", [(17, "BatchNormalization-15"), (9, "BatchNormalization-9"),
+                                          (7, "BatchNormalization-7")])
+def test_onnx_kind_names_the_operator_version_not_the_model_opset(opset, kind):
+    (layer,) = inspect(conv_bn(np.random.default_rng(opset), opset=opset)).layers
+    assert layer.kind == kind and layer.extra["opset"] == opset
+
+
+def test_onnx_kind_at_an_opset_newer_than_onnx_knows_is_the_model_opset():
+    from bnfold.onnx.discover import discover
+
+    newer = onnx.defs.onnx_opset_version() + 1  # BatchNormalization may have changed there
+    (layer,) = discover(conv_bn(np.random.default_rng(0)), newer)
+    assert layer.kind == f"BatchNormalization-{newer}"
 
 
 @pytest.mark.parametrize("opset, attributes", [(1, dict(consumed_inputs=[0, 0, 0, 1, 1], is_test=0)),

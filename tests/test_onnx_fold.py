@@ -420,9 +420,7 @@ def test_loop_and_scan_bodies_are_folded(build, layer, op):
 # --- Initializers that are graph inputs, shared weights -------------------------------------------
 
 def test_initializers_listed_as_inputs_fold_by_default_and_leave_the_inputs():
-    model = conv_bn(np.random.default_rng(21))
-    for init in model.graph.initializer:
-        model.graph.input.append(helper.make_tensor_value_info(init.name, init.data_type, init.dims))
+    model = conv_bn(np.random.default_rng(21), inputs_from_initializers=True)
     folded, plan = fold_checked(model)
     assert [i.name for i in folded.graph.input] == ["x"]
     strict = only_decision(plan_folds(model, FoldOptions(strict_inputs=True)))
@@ -718,9 +716,7 @@ def test_a_wrong_fold_is_caught_by_verification(cli, tmp_path, monkeypatch):
 
 
 def test_strict_inputs_on_the_command_line(cli, tmp_path):
-    model = conv_bn(np.random.default_rng(44))
-    for init in model.graph.initializer:
-        model.graph.input.append(helper.make_tensor_value_info(init.name, init.data_type, init.dims))
+    model = conv_bn(np.random.default_rng(44), inputs_from_initializers=True)
     source, out = tmp_path / "ir4.onnx", tmp_path / "out.onnx"
     onnx.save(model, source)
     default = cli("fold", source, "-o", out, "--json")
@@ -730,3 +726,20 @@ def test_strict_inputs_on_the_command_line(cli, tmp_path):
     (layer,) = json.loads(strict.stdout)["layers"]
     assert strict.code == 0 and layer["status"] == "kept" and "--strict-inputs" in layer["reason"]
     assert count(onnx.load(out), BN) == 1 and len(onnx.load(out).graph.input) == len(model.graph.input)
+
+
+def test_inspect_and_check_take_strict_inputs_as_fold_does(cli, tmp_path):
+    source = tmp_path / "ir4.onnx"
+    onnx.save(conv_bn(np.random.default_rng(45), inputs_from_initializers=True), source)
+    (default,) = json.loads(cli("inspect", source, "--json").stdout)["layers"]
+    assert default["fold"]["status"] == "foldable"
+    (strict,) = json.loads(cli("inspect", source, "--strict-inputs", "--json").stdout)["layers"]
+    assert strict["fold"]["status"] == "kept" and "--strict-inputs" in strict["fold"]["reason"]
+
+    def require_folded(*flags: str) -> tuple[int, str]:
+        result = cli("check", source, "--require-folded", "--json", *flags)
+        (outcome,) = [p["outcome"] for p in json.loads(result.stdout)["policies"] if p["policy"] == "require-folded"]
+        return result.code, outcome
+
+    assert require_folded() == (1, "failed")  # the BN folds, so it must be folded first
+    assert require_folded("--strict-inputs") == (0, "passed")  # kept under onnxruntime's rule

@@ -28,6 +28,18 @@ def used_optional_outputs(node: onnx.NodeProto, index: GraphIndex) -> list[str]:
             if name and (name in index.consumers or name in index.output_names)]
 
 
+def operator_version(op_type: str, opset: int) -> int:
+    """The version of a default-domain operator in effect at `opset`: the opset its schema last changed in
+    (BatchNormalization at opset 17 is BatchNormalization-15). An opset newer than the installed onnx knows
+    may have changed the operator again, so it stays the model's opset then."""
+    if opset > onnx.defs.onnx_opset_version():
+        return opset
+    try:
+        return int(onnx.defs.get_schema(op_type, opset).since_version)
+    except onnx.defs.SchemaError:
+        return opset
+
+
 def describe_bn(node: onnx.NodeProto, index: GraphIndex, opset: int, constants: Constants) -> BNLayer:
     """One BN node as a BNLayer; statistics are None when they are not constants in the file
     (initializers, Constant nodes or constant subgraphs, as the fold analysis sees them)."""
@@ -52,7 +64,7 @@ def describe_bn(node: onnx.NodeProto, index: GraphIndex, opset: int, constants: 
     stats_known = mean is not None and var is not None
     return BNLayer(
         name=node_label(node, index.path),
-        kind=f"{BN_OP}-{opset}",
+        kind=f"{BN_OP}-{operator_version(BN_OP, opset)}",
         framework="onnx",
         channels=channels,
         eps=float(attribute(node, "epsilon", 1e-5)),
