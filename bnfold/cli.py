@@ -345,7 +345,7 @@ def check(
              "max-output-l2": max_output_l2, "require-folded": require_folded,
              "fail-on": fail_on.value if fail_on else None}
     check_report_path(report_path, force)
-    pass  # REVERTED-TEMP
+    check_report_path(junit_xml, force=True)  # replaced every run, as write_junit does
     report = run_check(model, data, policy=load_policy(config, flags=flags),
                        data_options=data_options, allow_pickle=allow_pickle, model_factory=model_factory,
                        input_shape=input_shape, strict_inputs=strict_inputs)

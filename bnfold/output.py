@@ -14,7 +14,8 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-from bnfold.errors import OutputError
+from bnfold.errors import OutputError, UsageError
+from bnfold.model import Model, ModelFormat
 
 
 def check_output_path(output: Path, source: Path | None, *, force: bool = False, in_place: bool = False) -> None:
@@ -30,6 +31,25 @@ def check_output_path(output: Path, source: Path | None, *, force: bool = False,
         raise OutputError(f"output directory {output.parent} does not exist")
     if not os.access(output.parent, os.W_OK):
         raise OutputError(f"output directory {output.parent} is not writable")
+
+
+def check_output_name(output: Path, model: Model, command: str, written: ModelFormat | None = None) -> None:
+    """Refuse, before any work, a name under which `command`'s output would not load: torch.export.load
+    reads a program only from a `.pt2` file (torch warns, and says it will refuse), and torch.load reads a
+    file named `.safetensors` as safetensors. `written`: the format `command` writes, when not `model`'s."""
+    written = written or model.format
+    safetensors = getattr(model, "safetensors", False)  # a state_dict read from safetensors
+    what = f"{command} writes a {'safetensors' if safetensors else _NAMES.get(model.format, '')} model"
+    if written is ModelFormat.EXPORTED_PROGRAM and output.suffix != ".pt2":
+        raise UsageError(f"{what} as a torch.export program: name the output {output.with_suffix('.pt2').name}",
+                         "torch.export.load reads a program only from a file named .pt2")
+    pickled = written is ModelFormat.PICKLE or (written is ModelFormat.STATE_DICT and not safetensors)
+    if pickled and output.suffix == ".safetensors":
+        raise UsageError(f"{what} as a torch.save pickle: name the output {output.with_suffix('.pt').name}",
+                         "torch.load reads a file named .safetensors as safetensors")
+
+
+_NAMES = {ModelFormat.EXPORTED_PROGRAM: ".pt2", ModelFormat.PICKLE: "pickled", ModelFormat.STATE_DICT: "state_dict"}
 
 
 def atomic_write(output: Path, write: Callable[[Path], None], *, replace: bool = True) -> int:

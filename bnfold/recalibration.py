@@ -33,7 +33,7 @@ from bnfold.errors import DataError, NoBatchNormError, UsageError
 from bnfold.formats import as_model
 from bnfold.layers import BNLayer, Finding, Severity
 from bnfold.model import InputSpec, LoadOptions, Model
-from bnfold.output import atomic_write, check_output_path
+from bnfold.output import atomic_write, check_output_name, check_output_path
 from bnfold.reports.inspect import ModelInfo
 from bnfold.reports.recalibrate import LayerRecalibration, RecalibrateReport, SkippedLayer
 from bnfold.stats import ChannelStatistics
@@ -107,6 +107,8 @@ def recalibrate(source: object, data: object, *, method: str | Method = Method.E
             if target is not None and world.root:
                 check_output_path(target, source_path, force=force, in_place=in_place)
             model = as_model(source, LoadOptions(allow_pickle=allow_pickle, model_factory=model_factory))
+            if target is not None and not in_place:  # in place, the file keeps its format and its name
+                check_output_name(target, model, "recalibrate")
             runner = statistics_runner(model, device=world.device(device), copy=source_path is None)
             layers, skipped = _recalibratable(runner, model)
             stream = open_data(data, runner.inputs(), DataOptions(

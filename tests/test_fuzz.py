@@ -51,6 +51,8 @@ GROUPS = {
               [(1, ["inspect", "{in}", *FACTORY]), (8, ["fold", "{in}", "-o", "{out}", *FACTORY])]),
     "data": (["calib.npy", "test.npz"], [(1, ["inspect", str(SAMPLES / "cnn.onnx"), "--data", "{in}"])]),
 }
+# fold writes a state_dict (.pt here) or safetensors model as a .pt2 program, and refuses other names.
+OUTPUT_SUFFIX = {".pt": ".pt2", ".safetensors": ".pt2"}
 INTERESTING = [0, 1, 0x7F, 0x80, 0xFF, 0x3F, 0x40]
 ONNX_OPS = ["BatchNormalization", "Conv", "ConvTranspose", "Gemm", "MatMul", "Reshape", "Flatten", "Transpose",
             "Add", "Mul", "Concat", "Identity", "ConstantOfShape", "Expand", "Tile", "NoSuchOp"]
@@ -220,7 +222,7 @@ def fuzz(group: str, seconds: float, seed: int, folder: Path) -> Outcome:
         for every, template in commands:
             if outcome.inputs % every:
                 continue
-            out = folder / f"out{Path(name).suffix}"
+            out = folder / f"out{OUTPUT_SUFFIX.get(Path(name).suffix, Path(name).suffix)}"
             args = [part.format(**{"in": path, "out": out}) for part in template]
             (folder / "current.json").write_text(json.dumps({"seed": name, "args": args}))
             signal.alarm(PER_INPUT_SECONDS)

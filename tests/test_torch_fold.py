@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import bnfold
+from bnfold.errors import UsageError
 from bnfold.layers import FoldDirection, FoldStatus
 from bnfold.model import LoadOptions
 from tests.conftest import SAMPLES
@@ -468,8 +469,8 @@ def _sample_sources(name: str):
 def test_sample_models_fold_in_every_format(name, tmp_path):
     data = np.load(SAMPLES / "test.npz")["x"][:16]
     expected = runnable(bnfold.load_model(SAMPLES / f"{name}.pt2"))(torch.from_numpy(data)).detach().numpy()
-    for source, options in _sample_sources(name):
-        output = tmp_path / f"{source.stem}.folded"
+    for source, options in _sample_sources(name):  # the pickle stays a pickle, the others become programs
+        output = tmp_path / f"{source.stem}.folded{'.pt' if 'pickle' in source.name else '.pt2'}"
         report = bnfold.fold(source, output, **options)
         assert report.passed and report.difference.max_rel <= 1e-5, (source, report.difference)
         kept = {d.layer: d.reason for d in report.kept}
@@ -515,13 +516,55 @@ def test_frozen_torchscript_runs_and_folds_what_freezing_left(tmp_path):
     assert np.allclose(outputs(torch.jit.load(str(tmp_path / "out.ts")), x), outputs(model, x), rtol=1e-5, atol=1e-6)
 
 
-def test_state_dict_input_is_written_as_an_exported_program(tmp_path):
-    output = tmp_path / "cnn_folded.pt"
-    report = bnfold.fold(SAMPLES / "cnn_state_dict.pt", output, input_shape=SAMPLE_SHAPE,
-                         model_factory="sample_models.architectures:make_cnn")
+@pytest.mark.parametrize("suffix", [".pt", ".safetensors"])
+def test_state_dict_input_is_written_as_an_exported_program(tmp_path, suffix):
+    source = SAMPLES / "cnn_state_dict.pt"
+    if suffix == ".safetensors":
+        from safetensors.torch import save_file
+
+        source = tmp_path / "cnn.safetensors"
+        save_file(dict(torch.load(SAMPLES / "cnn_state_dict.pt", weights_only=True)), source)
+    output = tmp_path / "cnn_folded.pt2"
+    report = bnfold.fold(source, output, input_shape=SAMPLE_SHAPE, model_factory="sample_models.architectures:make_cnn")
     assert any("torch.export program" in note for note in report.notes)
     program = torch.export.load(str(output))
     assert program.module()(torch.rand(5, 1, 8, 8)).shape == (5, 10)
+
+
+def test_state_dict_input_is_written_as_an_exported_program_also_when_nothing_folds(tmp_path):
+    """Else the output, which has to be named .pt2, would hold a state_dict that torch.export.load refuses."""
+    model = randomized(nn.Sequential(nn.BatchNorm2d(3), nn.Conv2d(3, 4, 3, padding=1), nn.ReLU()))
+    model_path = tmp_path / "weights.pt"
+    torch.save(model.state_dict(), model_path)
+    (tmp_path / "nothing_folds.py").write_text(
+        "from torch import nn\n\ndef make():\n"
+        "    return nn.Sequential(nn.BatchNorm2d(3), nn.Conv2d(3, 4, 3, padding=1), nn.ReLU())\n")
+    sys.path.insert(0, str(tmp_path))
+    try:
+        report = bnfold.fold(model_path, tmp_path / "out.pt2", input_shape="2,3,6,6",
+                             model_factory="nothing_folds:make")
+    finally:
+        sys.path.remove(str(tmp_path))
+        sys.modules.pop("nothing_folds", None)
+    assert report.passed and not report.folded and report.output
+    x = torch.randn(2, 3, 6, 6)
+    assert np.allclose(outputs(torch.export.load(str(tmp_path / "out.pt2")).module(), x), outputs(model, x),
+                       rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.filterwarnings("ignore")
+@pytest.mark.parametrize("source, options, output, fragment", [
+    ("cnn_state_dict.pt", {"model_factory": "sample_models.architectures:make_cnn", "input_shape": SAMPLE_SHAPE},
+     "out.pt", "fold writes a state_dict model as a torch.export program: name the output out.pt2"),
+    ("cnn.pt2", {}, "out.folded", "fold writes a .pt2 model as a torch.export program: name the output out.pt2"),
+    ("cnn_pickle.pt", {"allow_pickle": True, "input_shape": SAMPLE_SHAPE}, "out.safetensors",
+     "fold writes a pickled model as a torch.save pickle: name the output out.pt"),
+])
+def test_an_output_name_the_written_format_does_not_load_under_is_refused(tmp_path, source, options, output,
+                                                                         fragment):
+    with pytest.raises(UsageError, match=fragment):
+        bnfold.fold(SAMPLES / source, tmp_path / output, **options)
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_pickled_output_loads_with_torch_alone(tmp_path):

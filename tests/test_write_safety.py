@@ -138,15 +138,74 @@ def test_a_failed_write_leaves_no_partial_file_and_the_old_one_intact(cli, monke
     assert leftovers(tmp_path) == []
 
 
+def never_read_the_model(monkeypatch) -> None:
+    """Any command that gets as far as reading its model fails the test: the output is checked first."""
+    def read(*args, **kwargs):
+        raise AssertionError("the model was read before the output path was checked")
+
+    monkeypatch.setattr("bnfold.formats.load_model", read)
+
+
 @pytest.mark.parametrize("writer", WRITERS)
-def test_an_unwritable_directory_is_refused_before_the_work(cli, tmp_path, model, writer, read_only_dir):
+def test_an_unwritable_directory_is_refused_before_the_work(cli, monkeypatch, tmp_path, model, writer,
+                                                           read_only_dir):
     out = read_only_dir / ("report.xml" if writer == "check" else "out.onnx")
+    never_read_the_model(monkeypatch)
     assert_one_line_error(cli(*command(writer, model, out)), "is not writable")
     assert not out.exists()
 
 
-def test_a_missing_directory_is_refused(cli, tmp_path, model):
-    assert_one_line_error(cli("fold", model, "-o", tmp_path / "absent" / "out.onnx"), "does not exist")
+@pytest.mark.parametrize("writer", WRITERS)
+@pytest.mark.parametrize("where, fragment", [("absent/out.onnx", "does not exist"), ("folder", "is a directory")])
+def test_a_missing_directory_or_a_directory_is_refused_before_the_work(cli, monkeypatch, tmp_path, model, writer,
+                                                                      where, fragment):
+    (tmp_path / "folder").mkdir()
+    never_read_the_model(monkeypatch)
+    assert_one_line_error(cli(*command(writer, model, tmp_path / where)), fragment)
+    assert not (tmp_path / "absent").exists()
+
+
+FACTORY = ("--model-factory", "sample_models.architectures:make_cnn", "--input-shape", "2,1,8,8")
+
+
+@pytest.fixture
+def safetensors_model(tmp_path) -> Path:
+    import torch
+    from safetensors.torch import save_file
+
+    path = tmp_path / "cnn.safetensors"
+    save_file(dict(torch.load(SAMPLES / "cnn_state_dict.pt", weights_only=True)), path)
+    return path
+
+
+@pytest.mark.filterwarnings("ignore")
+@pytest.mark.parametrize("args, out, fragment", [
+    (("fold", "safetensors", *FACTORY), "out.safetensors", "fold writes a safetensors model as a torch.export "
+                                                           "program: name the output out.pt2"),
+    (("fold", "cnn_state_dict.pt", *FACTORY), "out.pt", "fold writes a state_dict model as a torch.export "
+                                                        "program: name the output out.pt2"),
+    (("fold", "cnn.pt2"), "out.pt", "fold writes a .pt2 model as a torch.export program: name the output out.pt2"),
+    (("recalibrate", "cnn.pt2", "--data", CALIB), "out", "name the output out.pt2"),
+    (("recalibrate", "cnn_state_dict.pt", "--data", CALIB, *FACTORY[:2]), "out.safetensors",
+     "recalibrate writes a state_dict model as a torch.save pickle: name the output out.pt"),
+    (("fold", "cnn_pickle.pt", "--allow-pickle", *FACTORY[2:]), "out.safetensors", "name the output out.pt"),
+], ids=["fold-safetensors", "fold-state-dict", "fold-pt2", "recalibrate-pt2", "recalibrate-state-dict",
+        "fold-pickle"])
+def test_an_output_name_its_format_does_not_load_under_is_refused_before_the_work(
+        cli, monkeypatch, tmp_path, safetensors_model, args, out, fragment):
+    """torch.export.load reads a program only from a .pt2 file, torch.load reads any .safetensors name as
+    safetensors: such a name is refused once the model's format is known, before any analysis."""
+    from bnfold.pytorch.engine import TorchEngine
+
+    def analyse(*args, **kwargs):
+        raise AssertionError("the model was analysed before its output name was checked")
+
+    monkeypatch.setattr(TorchEngine, "plan", analyse)
+    monkeypatch.setattr("bnfold.recalibration.statistics_runner", analyse)
+    name, source, *flags = args
+    source = safetensors_model if source == "safetensors" else SAMPLES / source
+    assert_one_line_error(cli(name, source, *flags, "-o", tmp_path / out), fragment)
+    assert not (tmp_path / out).exists()
 
 
 def can_mount() -> bool:

@@ -10,9 +10,9 @@ Output formats (the folded model always loads with torch alone, never needing bn
   folded at aten level and traced back with `torch.jit.trace` on the example input, so the output
   follows the control-flow path of that input (the converter specializes Python constants anyway).
 - state_dict + factory in: the factory's architecture still holds its BN modules, so no state_dict can
-  say "this BN is gone". The folded model is written as a torch.export program (`.pt2` content,
-  whatever the file name) or, when the folded graph cannot be exported, as a pickled GraphModule; the
-  report's notes say which.
+  say "this BN is gone". The folded model is written as a torch.export program (also when nothing
+  folds, so the output is always one format; `bnfold.folding` refuses an output not named `.pt2`) or,
+  when the folded graph cannot be exported, as a pickled GraphModule; the report's notes say which.
 
 A model that no capture takes whole (it branches on tensor values) is folded module by module
 (`bnfold.pytorch.modulewise`): the output is a copy of the model itself, with folded parts replaced by
@@ -77,8 +77,8 @@ class TorchEngine:
         return FoldPlan(decisions + list(found.values()), actions=[capture, build], notes=notes)
 
     def apply(self, model: Model, plan: FoldPlan) -> Model:
-        if not plan.foldable:
-            return model  # nothing folds: the model as it is, in its own format
+        if not plan.foldable and model.format is not ModelFormat.STATE_DICT:
+            return model  # nothing folds: the model as it is, in its own format (a state_dict's is not kept)
         capture, build = plan.actions
         with quiet():
             folded = build()
