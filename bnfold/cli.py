@@ -221,8 +221,9 @@ def inspect(
 def fold(
     model: ModelArg,
     output: Annotated[Optional[Path], typer.Option(
-        "-o", "--output", metavar="PATH", help="Where to write the folded model (same format as the input). "
-                                               "Without it, bnfold folds and verifies but writes nothing.")] = None,
+        "-o", "--output", metavar="PATH",
+        help="Where to write the folded model (the input's format; a state_dict or safetensors model becomes "
+             "a .pt2 program). Without it, bnfold folds and verifies but writes nothing.")] = None,
     tolerance: Annotated[Optional[float], typer.Option(
         help="Maximum relative output error max|a-b|/max|a| (default 1e-4 for float32, 1e-2 for float16).")] = None,
     input_shape: InputShapeOpt = None,
