@@ -24,7 +24,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.conv import _ConvNd
 
-from bnfold.pytorch.discover import bn_kind
+from bnfold.pytorch.discover import bn_kind, frozen_constant_targets, resolve_path, tensor_key
 
 SYMBOLIC = "symbolic tracing"
 EXPORT = "torch.export"
@@ -176,14 +176,75 @@ def capture_script(module: torch.jit.ScriptModule, example: tuple[torch.Tensor, 
     if example is None:
         raise CaptureFailed("analysing TorchScript converts it with torch.export, which needs an example "
                             "input (--input-shape)")
+    try:
+        program = _convert(module, example)
+    except Exception as error:
+        raise CaptureFailed(_conversion_failure(module, example, error)) from None
+    return Capture(_frozen_names(unlift(program), module), TORCHSCRIPT, example)
+
+
+def _convert(module: torch.jit.ScriptModule, example: tuple[torch.Tensor, ...]) -> torch.export.ExportedProgram:
     from torch._export.converter import TS2EPConverter
 
-    try:
-        with quiet():
-            program = TS2EPConverter(module, example).convert()
-    except Exception as error:
-        raise CaptureFailed(f"torch.export cannot convert this TorchScript model ({_short(error)})") from None
-    return Capture(unlift(program), TORCHSCRIPT, example)
+    with quiet():
+        return TS2EPConverter(module, example).convert()
+
+
+def _conversion_failure(module: torch.jit.ScriptModule, example: tuple[torch.Tensor, ...],
+                        error: Exception) -> str:
+    """Why the converter failed, in user terms. It cannot convert a BN's training branch (whose batch-size
+    check is a loop): when a copy with those BN in eval mode converts, they are named as the cause."""
+    training = [name for name, child in module.named_modules() if bn_kind(child) is not None and child.training]
+    if training:
+        in_eval = copy.deepcopy(module)
+        for name in training:
+            resolve_path(in_eval, name).train(False)
+        try:
+            _convert(in_eval, example)
+        except Exception:  # something else stops the converter as well
+            pass
+        else:
+            return (f"torch.export cannot convert this TorchScript model because {', '.join(training)} "
+                    f"{'is' if len(training) == 1 else 'are'} in training mode (the converter cannot convert "
+                    "BatchNorm's batch-statistics branch); call .eval() on the model before torch.jit.script "
+                    "or torch.jit.save")
+    return f"torch.export cannot convert this TorchScript model ({_short(error)})"
+
+
+def _frozen_names(graph_module: fx.GraphModule, script: torch.jit.ScriptModule) -> fx.GraphModule:
+    """The converter names a frozen module's constants `lifted_tensor_N` (or after their debug names): the
+    statistics of its batch_norm calls get the names inspect reports (`frozen_constant_targets`), so fold
+    names those layers alike."""
+    targets = frozen_constant_targets(script)
+    renamed: dict[str, str] = {}
+    for node in graph_module.graph.nodes if targets else ():
+        if node.op != "get_attr":
+            continue
+        old = str(node.target)
+        tensor = resolve_path(graph_module, old)
+        target = targets.get(tensor_key(tensor)) if isinstance(tensor, torch.Tensor) else None
+        if target is None:
+            continue
+        if old not in renamed:
+            owner = graph_module
+            *path, attribute = target.split(".")
+            for part in path:
+                if not hasattr(owner, part):
+                    owner.add_module(part, nn.Module())
+                owner = getattr(owner, part)
+            holder, _, name = old.rpartition(".")
+            holder = resolve_path(graph_module, holder) or graph_module
+            if name in holder._buffers:
+                owner.register_buffer(attribute, tensor)
+            else:
+                setattr(owner, attribute, tensor)
+            delattr(holder, name)
+            renamed[old] = target
+        node.target = renamed[old]
+    if renamed:
+        graph_module.delete_all_unused_submodules()
+        graph_module.recompile()
+    return graph_module
 
 
 def unlift(program: torch.export.ExportedProgram) -> fx.GraphModule:

@@ -147,8 +147,9 @@ def constant_input(node: torch._C.Node, position: int) -> Any:
 
 def with_script_graph(module: torch.jit.ScriptModule, known: list[BNLayer]) -> list[BNLayer]:
     """`known` completed from the module's inlined graph: the eps (and momentum) a traced module keeps only
-    as constants of its batch_norm calls, and `F.batch_norm` on buffers of modules that are no BN module,
-    named after the module owning the statistics (the buffer's own name when the root owns them)."""
+    as constants of its batch_norm calls, `F.batch_norm` on buffers of modules that are no BN module,
+    named after the module owning the statistics (the buffer's own name when the root owns them), and the
+    batch_norm calls of a frozen module, whose statistics are graph constants (`frozen_batch_norms`)."""
     try:
         graph = inlined_graph(module)  # held for as long as its nodes are used
         return known if graph is None else _complete_from_graph(module, graph, known)
@@ -156,12 +157,67 @@ def with_script_graph(module: torch.jit.ScriptModule, known: list[BNLayer]) -> l
         return known
 
 
+FROZEN_KIND = "F.batch_norm (frozen)"
+FROZEN_INPUTS = {1: "weight", 2: "bias", 3: "running_mean", 4: "running_var"}  # batch_norm input positions
+
+
+def frozen_batch_norms(graph: torch._C.Graph) -> list[tuple[str, torch._C.Node]]:
+    """The batch_norm calls of a frozen graph (torch.jit.freeze made the statistics constants), with the
+    layer names both inspect and fold give them: the module path freezing kept in the constant's debug
+    name ("self.bn2.running_mean": "bn2"; only in memory, torch.jit.save drops it), else `batch_norm`,
+    `batch_norm_1`, ... in graph order. Calls reading the same running_mean constant are one layer."""
+    found, names = [], {}
+    for node in graph.findAllNodes("aten::batch_norm", True):
+        mean = constant_input(node, 3)
+        if not isinstance(mean, torch.Tensor):
+            continue
+        key = tensor_key(mean)
+        if key not in names:
+            debug, number = node.inputsAt(3).debugName(), len(names)
+            path = debug.removeprefix("self.").removesuffix(".running_mean")
+            name = path if debug != path and debug.endswith(".running_mean") and path \
+                else (f"batch_norm_{number}" if number else "batch_norm")
+            names[key] = name if name not in names.values() else f"{name}_{number}"
+        found.append((names[key], node))
+    return found
+
+
+def frozen_constant_targets(module: torch.jit.ScriptModule) -> dict[tuple, str]:
+    """Where fold puts the statistics of each frozen batch_norm call ("bn2.running_var"), by the identity
+    of the constant tensor (`tensor_key`): torch's TorchScript converter lifts the very same tensors."""
+    try:
+        graph = inlined_graph(module)
+    except (RuntimeError, AttributeError):
+        return {}
+    targets = {}
+    for name, node in frozen_batch_norms(graph) if graph is not None else ():
+        for position, attribute in FROZEN_INPUTS.items():
+            tensor = constant_input(node, position)
+            if isinstance(tensor, torch.Tensor):
+                targets.setdefault(tensor_key(tensor), f"{name}.{attribute}")
+    return targets
+
+
+def tensor_key(tensor: torch.Tensor) -> tuple:
+    """What tells one stored tensor from another without comparing values."""
+    return tensor.data_ptr(), tensor.dtype, tuple(tensor.shape), tuple(tensor.stride())
+
+
 def _complete_from_graph(module: torch.jit.ScriptModule, graph: torch._C.Graph,
                          known: list[BNLayer]) -> list[BNLayer]:
     layers = {layer.name: layer for layer in known}
+    for name, node in frozen_batch_norms(graph):
+        if name not in layers:
+            weight, bias, mean, var = (constant_input(node, position) for position in FROZEN_INPUTS)
+            eps, momentum, training = (constant_input(node, position) for position in (7, 6, 5))
+            layers[name] = describe_tensors(
+                name, FROZEN_KIND, mean=mean, var=var, weight=weight, bias=bias,
+                eps=eps if isinstance(eps, float) else None,
+                momentum=momentum if isinstance(momentum, float) and momentum > 0 else None,  # 0.0: None
+                training=training is True)
     for node in graph.findAllNodes("aten::batch_norm", True):
         mean_path = attribute_path(node, 3)
-        if mean_path is None:  # statistics that are no attribute (none, or computed): nothing stored to audit
+        if mean_path is None:  # statistics that are no attribute (none, computed, or frozen: above)
             continue
         owner_path = mean_path.rpartition(".")[0]
         name = owner_path or ("<root>" if "<root>" in layers else mean_path)

@@ -1,0 +1,85 @@
+"""TorchScript archives whose BN are no plain submodules in eval mode: frozen modules (statistics as graph
+constants) and scripted modules with a BN left in training mode."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import bnfold
+from bnfold.layers import FoldStatus
+from tests.torch_builders import randomized
+
+
+class SumThenLinear(nn.Module):
+    """Two BN that torch.jit.freeze cannot fold into a conv: one after a sum of convs, one after Linear->ReLU."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.bn = nn.Conv2d(3, 4, 3), nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)
+        self.lin, self.bn1d, self.head = nn.Linear(4, 6), nn.BatchNorm1d(6), nn.Linear(6, 2)
+
+    def forward(self, x):
+        y = self.bn(self.a(x) + self.b(x))
+        return self.head(self.bn1d(torch.relu(self.lin(y.mean((2, 3))))))
+
+
+def test_inspect_lists_the_bn_a_frozen_module_keeps_under_the_names_fold_uses(tmp_path):
+    """Freezing makes BN statistics graph constants (no BN submodule is left): inspect reads them from the
+    batch_norm calls, with health checks, and names them as fold does (module paths while the frozen
+    module is in memory; in graph order once torch.jit.save dropped the constants' debug names)."""
+    model = randomized(SumThenLinear())
+    with torch.no_grad():
+        model.bn1d.weight[2] = 0.0  # a dead channel: health checks must see the frozen statistics
+    frozen = torch.jit.freeze(torch.jit.script(model))
+    torch.jit.save(frozen, tmp_path / "frozen.ts")
+    for source, names in ((frozen, ["bn", "bn1d"]), (tmp_path / "frozen.ts", ["batch_norm", "batch_norm_1"])):
+        report = bnfold.inspect(source)
+        assert [layer.name for layer in report.layers] == names
+        for layer, bn in zip(report.layers, (model.bn, model.bn1d)):
+            assert layer.kind == "F.batch_norm (frozen)" and (layer.eps, layer.momentum) == (bn.eps, bn.momentum)
+            for mine, theirs in ((layer.running_mean, bn.running_mean), (layer.running_var, bn.running_var),
+                                 (layer.weight, bn.weight), (layer.bias, bn.bias)):
+                np.testing.assert_array_equal(mine, theirs.detach().double().numpy())
+        dead = [finding.layer for finding in report.findings if finding.code == "dead-channels"]
+        assert dead == [names[1]]
+        folded = bnfold.fold(source, input_shape="2,3,8,8")
+        assert [(d.layer, d.status) for d in folded.plan.decisions] == [(name, FoldStatus.FOLDED) for name in names]
+        assert folded.verified
+
+
+def test_a_module_frozen_with_its_conv_bn_folded_has_no_bn_left():
+    frozen = torch.jit.freeze(torch.jit.script(randomized(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)))))
+    assert bnfold.inspect(frozen).layers == []
+
+
+class TwoConvBN(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)
+        self.conv2, self.bn2 = nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        return self.bn2(self.conv2(torch.relu(self.bn1(self.conv1(x)))))
+
+
+@pytest.mark.parametrize("when", ["before scripting", "after scripting"])
+def test_a_scripted_bn_in_training_mode_is_named_as_what_stops_the_fold(tmp_path, when):
+    """torch.export's TorchScript converter cannot convert BN's training branch (a loop): the report says
+    which BN is in training mode and how to fix it, for every layer it keeps, in --json too."""
+    model = randomized(TwoConvBN())
+    if when == "before scripting":
+        model.bn2.train()
+    scripted = torch.jit.script(model)
+    if when == "after scripting":
+        scripted.bn2.train()
+    torch.jit.save(scripted, tmp_path / "training.ts")
+    report = bnfold.fold(tmp_path / "training.ts", input_shape="2,3,8,8")
+    document = json.loads(report.to_json())
+    assert [(layer["layer"], layer["status"]) for layer in document["layers"]] == [("bn1", "kept"), ("bn2", "kept")]
+    for reason in [layer["reason"] for layer in document["layers"]] + document["notes"]:
+        assert "because bn2 is in training mode" in reason and "call .eval() on the model" in reason
