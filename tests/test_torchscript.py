@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 import bnfold
+from bnfold.errors import NoBatchNormError
 from bnfold.layers import FoldStatus
 from tests.torch_builders import randomized
 
@@ -83,3 +84,14 @@ def test_a_scripted_bn_in_training_mode_is_named_as_what_stops_the_fold(tmp_path
     assert [(layer["layer"], layer["status"]) for layer in document["layers"]] == [("bn1", "kept"), ("bn2", "kept")]
     for reason in [layer["reason"] for layer in document["layers"]] + document["notes"]:
         assert "because bn2 is in training mode" in reason and "call .eval() on the model" in reason
+
+
+def test_recalibrating_a_frozen_module_skips_its_constant_statistics_saying_why():
+    model = randomized(SumThenLinear())
+    data = np.random.default_rng(0).standard_normal((16, 3, 8, 8)).astype(np.float32)
+    partly = torch.jit.freeze(torch.jit.script(model), preserved_attrs=["bn1d"])  # bn1d stays a submodule
+    report = bnfold.recalibrate(partly, data=data)
+    assert [layer.name for layer in report.layers] == ["bn1d"] and not report.notes
+    assert [(s.name, "torch.jit.freeze" in s.reason) for s in report.skipped] == [("bn", True)]
+    with pytest.raises(NoBatchNormError, match=r"bn: its statistics are constants of a frozen.*; bn1d: "):
+        bnfold.recalibrate(torch.jit.freeze(torch.jit.script(model)), data=data)

@@ -49,8 +49,8 @@ from bnfold.foldmath import round_to
 from bnfold.layers import BNLayer
 from bnfold.model import InputSpec, Model
 from bnfold.pytorch.discover import (BN_ATEN_SIGNATURES, attribute_path, bn_kind, describe_module,
-                                     describe_tensors, discover_exported, discover_module, inlined_graph,
-                                     resolve_path)
+                                     constant_input, describe_tensors, discover_exported, discover_module,
+                                     frozen_batch_norms, inlined_graph, resolve_path)
 from bnfold.pytorch.model import ExportedProgramModel, ModuleModel, TorchScriptModel
 from bnfold.recalibration import GraphStep, upstream_layers
 from bnfold.stats import ChannelStatistics
@@ -581,6 +581,10 @@ def _copy_program(program: torch.export.ExportedProgram) -> torch.export.Exporte
         return copy.deepcopy(program)
 
 
+_FROZEN = ("its statistics are constants of a frozen TorchScript graph (torch.jit.freeze), which cannot be "
+           "rewritten: recalibrate the model before freezing it")
+
+
 class ScriptRunner(_TorchRunner):
     """A TorchScript module, run through a copy of its inlined graph that also returns BN inputs."""
 
@@ -595,12 +599,14 @@ class ScriptRunner(_TorchRunner):
                 owner = _stats_owner(node)
                 if owner:
                     self._skipped[owner] = "called inside control flow (if/loop), where bnfold cannot observe it"
+        for name, _ in frozen_batch_norms(graph):
+            self._skipped[name] = _FROZEN
         unnamed = False
         for node, key in zip(_top_level_batch_norms(graph), self.keys):
             owner = _stats_owner(node, position=1) if key is None else None  # named after its weight instead
             if owner:
                 self._skipped.setdefault(owner, "no running statistics (track_running_stats=False)")
-            unnamed |= key is None and not owner
+            unnamed |= key is None and not owner and constant_input(node, 3) is None
         if unnamed:
             self.notes.append("batch_norm calls without running statistics were left as they are")
         self.names = {key for key in self.keys if key is not None} - set(self._skipped)
