@@ -89,10 +89,13 @@ def check_layer(layer: BNLayer) -> list[Finding]:
             add(Finding("dead-channels", Severity.WARNING,
                         f"{int(dead.sum())} of {layer.channels} channels have gamma ~ 0 and output a constant",
                         name, "prune them"))
-    if _never_updated(layer):
+    initial = _at_initial_values(layer)
+    if initial or layer.num_batches_tracked == 0:
         add(Finding("stale-stats", Severity.WARNING,
-                    "running statistics are still at their initial values (mean 0, var 1)"
-                    + (" and num_batches_tracked is 0" if layer.num_batches_tracked == 0 else ""),
+                    ("running statistics are still at their initial values (mean 0, var 1)"
+                     + (" and num_batches_tracked is 0" if layer.num_batches_tracked == 0 else "")) if initial
+                    else "num_batches_tracked is 0: no training batch updated these statistics (converted or "
+                         "hand-set weights?)",
                     name, "run bnfold recalibrate on representative data"))
     if layer.extra.get("producer_bias"):
         add(Finding("redundant-bias", Severity.INFO,
@@ -116,9 +119,7 @@ def torch_momentum(layer: BNLayer) -> float | None:
     return 1.0 - layer.momentum if layer.framework == "onnx" else layer.momentum
 
 
-def _never_updated(layer: BNLayer) -> bool:
-    if layer.num_batches_tracked == 0:
-        return True
+def _at_initial_values(layer: BNLayer) -> bool:
     mean, var = layer.running_mean, layer.running_var
     return bool(mean is not None and var is not None and layer.channels > 0
                 and np.all(mean == 0.0) and np.all(var == 1.0))

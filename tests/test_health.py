@@ -82,3 +82,11 @@ def test_max_gain_threshold_is_respected():
 def test_unknown_eps_is_not_reported_as_unusual():
     """eps NaN means discovery found none (a module keeping it in no attribute), not a strange value."""
     assert "unusual-eps" not in codes(make_layer(eps=float("nan")))
+
+
+def test_stale_statistics_say_which_sign_of_staleness_they_saw():
+    trained_but_untracked = {f.code: f for f in check_layer(make_layer(num_batches_tracked=0))}
+    assert "initial values" not in trained_but_untracked["stale-stats"].message
+    assert "num_batches_tracked is 0" in trained_but_untracked["stale-stats"].message
+    initial = {f.code: f for f in check_layer(make_layer(running_mean=np.zeros(8), running_var=np.ones(8)))}
+    assert "initial values (mean 0, var 1)" in initial["stale-stats"].message
