@@ -253,17 +253,28 @@ def _copy(proto: onnx.ModelProto) -> onnx.ModelProto:
 
 
 class _Probe(ABC):
-    """One layer's probe: the names of the values a pass reads back, and the moments they give."""
+    """One layer's probe: the names of the values a pass reads back, and the moments they give.
 
+    Every probe reads out each batch's per-channel `mean` and population `var`, and the (N, C, L)
+    `shape` of the BN input they were reduced over."""
+
+    mean: str
+    var: str
+    shape: str
     outputs: tuple[str, ...]
 
     @abstractmethod
     def moments(self, batches: list[dict[str, np.ndarray]]) -> tuple[Moments, Moments]:
         """The moments of the `batches` (their outputs) over all values and over per-sample means."""
 
+    @abstractmethod
     def cancels(self, values: dict[str, np.ndarray]) -> bool:
         """Whether this batch's variance lost precision to cancellation."""
-        return False
+
+    def _value_moments(self, batches: list[dict[str, np.ndarray]]) -> Moments:
+        """The moments of all values: every batch's mean and variance over its N * L values, pooled."""
+        return Moments.pooled([Moments.from_variance(int(values[self.shape][0] * values[self.shape][2]),
+                                                     values[self.mean], values[self.var]) for values in batches])
 
 
 class _ReducingProbe(_Probe):
@@ -280,11 +291,9 @@ class _ReducingProbe(_Probe):
         self.outputs = (self.mean, self.var, self.spread, self.shape) + ((self.excess,) if self.excess else ())
 
     def moments(self, batches: list[dict[str, np.ndarray]]) -> tuple[Moments, Moments]:
-        shapes = [[int(d) for d in values[self.shape]] for values in batches]
-        return (Moments.pooled([Moments.from_variance(rows * positions, values[self.mean], values[self.var])
-                                for (rows, _, positions), values in zip(shapes, batches)]),
-                Moments.pooled([Moments.from_variance(rows, values[self.mean], values[self.spread])
-                                for (rows, _, _), values in zip(shapes, batches)]))
+        return (self._value_moments(batches),
+                Moments.pooled([Moments.from_variance(int(values[self.shape][0]), values[self.mean], values[self.spread])
+                                for values in batches]))
 
     def cancels(self, values: dict[str, np.ndarray]) -> bool:
         return self.excess is not None and bool(values[self.excess] > 0)
@@ -302,9 +311,7 @@ class _TrainingModeProbe(_Probe):
         self.outputs = (self.mean, self.var, self.sample_means, self.shape)
 
     def moments(self, batches: list[dict[str, np.ndarray]]) -> tuple[Moments, Moments]:
-        counts = [int(np.prod(values[self.shape][::2])) for values in batches]  # rows * positions
-        return (Moments.pooled([Moments.from_variance(count, values[self.mean], values[self.var])
-                                for count, values in zip(counts, batches)]),
+        return (self._value_moments(batches),
                 Moments.of(np.concatenate([values[self.sample_means] for values in batches]), channel_axis=1))
 
     def cancels(self, values: dict[str, np.ndarray]) -> bool:
