@@ -7,8 +7,8 @@ batch mean; batches are combined with the parallel update of Chan, Golub and LeV
 
 This is exact up to float64 rounding, whatever the batch sizes, and includes the variance between
 batches (an average of per-batch variances does not; an exponential moving average is not exact at all).
-Many batches can also arrive at once, as per-sample means and M2 (`ChannelStatistics.add_samples`) or as
-per-batch moments (`Moments.pooled`): the same update summed in one vectorized step.
+Many batches can also arrive at once, as per-batch moments (`Moments.pooled`, `Moments.stacked`): the
+same update summed in one vectorized step.
 Pure numpy: frameworks reduce their tensors to `Moments` and hand them over.
 """
 
@@ -18,6 +18,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
+
+# Above this squared mean / variance, float32 batch means (good to about 6e-8 of their size) would blur
+# the variance between batches by more than about 1e-6 of the total: such a layer's batches are reduced
+# more carefully (in float64, or around a shift) by the framework that reduces them.
+BATCH_MEAN_RATIO = 1e4
 
 
 @dataclass(frozen=True)
@@ -45,14 +50,18 @@ class Moments:
 
     @classmethod
     def pooled(cls, parts: Sequence[Moments]) -> Moments:
-        """The moments of many sets of values together, in one vectorized step: Chan's update summed
-        over the parts (M2 = sum of the parts' M2 + sum of count * (part mean - mean)^2)."""
-        counts = np.array([part.count for part in parts], dtype=np.float64)
-        means = np.stack([part.mean for part in parts])
+        """The moments of many sets of values together, in one vectorized step (see `stacked`)."""
+        return cls.stacked(np.array([part.count for part in parts]), np.stack([part.mean for part in parts]),
+                           np.stack([part.m2 for part in parts]))
+
+    @classmethod
+    def stacked(cls, counts: np.ndarray, means: np.ndarray, m2: np.ndarray) -> Moments:
+        """The moments of B sets of values together, given as `counts` (B,), `means` and `m2` (B, C): Chan's
+        update summed over the sets (M2 = sum of their M2 + sum of count * (set mean - mean)^2)."""
+        counts = np.asarray(counts, dtype=np.float64)
         total = counts.sum()
         mean = counts @ means / total
-        return cls(int(total), mean, np.stack([part.m2 for part in parts]).sum(axis=0)
-                   + counts @ np.square(means - mean))
+        return cls(int(total), mean, np.asarray(m2, dtype=np.float64).sum(axis=0) + counts @ np.square(means - mean))
 
     def merge(self, other: Moments) -> Moments:
         """The moments of both sets of values together (Chan et al.)."""
@@ -101,23 +110,10 @@ class ChannelStatistics:
         self.sample_means = self.sample_means.merge(other.sample_means)
         self.batches += other.batches
 
-    def add_samples(self, means: np.ndarray, m2: np.ndarray, positions: int, batches: int = 1) -> None:
-        """Merge samples given as (N, C) per-sample means and M2 over `positions` values each.
-
-        Any number of batches at once, in one vectorized merge: the values' M2 is the samples' own M2
-        plus `positions` times the M2 of their means (Chan's update, summed over the samples).
-        """
-        sample_means = Moments.of(means)
-        values = Moments(sample_means.count * positions, sample_means.mean,
-                         np.asarray(m2, dtype=np.float64).sum(axis=0) + positions * sample_means.m2)
-        self.add(values, sample_means, batches)
-
     def add_array(self, batch: np.ndarray, channel_axis: int = 1) -> None:
         """Merge one batch of shape (N, C, *spatial) (channels on `channel_axis`)."""
-        batch = np.moveaxis(np.asarray(batch), channel_axis, 1)
-        flat = batch.reshape(batch.shape[0], batch.shape[1], -1).astype(np.float64)
-        means = flat.mean(axis=2)
-        self.add_samples(means, np.square(flat - means[:, :, None]).sum(axis=2), flat.shape[2])
+        batch = np.moveaxis(np.asarray(batch, dtype=np.float64), channel_axis, 1)
+        self.add(Moments.of(batch), Moments.of(batch.reshape(batch.shape[0], batch.shape[1], -1).mean(axis=2)))
 
     @property
     def samples(self) -> int:

@@ -394,6 +394,9 @@ BN_INPUTS = {  # what a BN layer may see: centred, offset far beyond the spread,
     "constant channels": lambda g: torch.cat([torch.full((8, 3, 12, 12), 7.0),
                                               torch.randn(8, 13, 12, 12, generator=g) - 3], dim=1),
     "bn1d": lambda g: torch.randn(64, 40, generator=g) + 5,
+    # torch's BN kernels accumulate channels-last inputs in float32 (errors near 1e-5 at this size)
+    "channels last": lambda g: (torch.randn(32, 16, 40, 40, generator=g) * 0.5 + 3).contiguous(
+        memory_format=torch.channels_last),
     "pixels": lambda g: torch.rand(4, 3, 64, 64, generator=g) * 255,
     "float16": lambda g: (torch.randn(8, 16, 12, 12, generator=g) + 2).half(),
 }
@@ -416,16 +419,34 @@ def onnx_batch_moments(inputs: np.ndarray):
     return statistics["bn"].values, statistics["bn"].sample_means
 
 
+def observed_batch(statistics, layer: str, call) -> None:
+    """Run `call` (one batch through `statistics`) again until the batch is kept, as the runners do."""
+    call()
+    while not statistics.end_batch():
+        call()
+
+
 def torch_batch_moments(inputs: np.ndarray):
     from bnfold.pytorch.recalibrate import InputStatistics
 
     statistics = InputStatistics(["bn"])
-    statistics.add("bn", torch.from_numpy(inputs))
+    observed_batch(statistics, "bn", lambda: statistics.observe("bn", torch.from_numpy(inputs)))
     result = statistics.result()["bn"]
     return result.values, result.sample_means
 
 
-@pytest.mark.parametrize("reduce", [torch_batch_moments, onnx_batch_moments], ids=["torch", "onnx"])
+def torch_normalized_batch_moments(inputs: np.ndarray):
+    """The moments recorded while normalizing by the batch, as the fast method does (eps 1e-5)."""
+    from bnfold.pytorch.recalibrate import InputStatistics
+
+    statistics = InputStatistics(["bn"])
+    observed_batch(statistics, "bn", lambda: statistics.normalize("bn", torch.from_numpy(inputs), None, None, 1e-5))
+    result = statistics.result()["bn"]
+    return result.values, result.sample_means
+
+
+@pytest.mark.parametrize("reduce", [torch_batch_moments, torch_normalized_batch_moments, onnx_batch_moments],
+                         ids=["torch", "torch normalizing", "onnx"])
 @pytest.mark.parametrize("case", BN_INPUTS)
 def test_batch_moments_match_float64_whatever_the_offset(case, reduce):
     inputs = BN_INPUTS[case](torch.Generator().manual_seed(0)).numpy()
@@ -442,16 +463,50 @@ def test_batch_moments_match_float64_whatever_the_offset(case, reduce):
 
 
 @pytest.mark.parametrize("case", BN_INPUTS)
-def test_fast_method_buffers_get_the_batch_mean_and_population_variance(case):
+def test_fast_method_normalizes_as_a_training_mode_batch_norm(case):
     from bnfold.pytorch.recalibrate import InputStatistics
 
     inputs = BN_INPUTS[case](torch.Generator().manual_seed(0))
-    per_channel = inputs.double().transpose(0, 1).reshape(inputs.shape[1], -1)
-    mean, var = torch.zeros(inputs.shape[1], dtype=torch.float64), torch.ones(inputs.shape[1], dtype=torch.float64)
-    InputStatistics([]).add("bn", inputs, normalize_by_batch=(mean, var))
-    spread = per_channel.std(dim=1, unbiased=False) + 1e-6
-    assert torch.all((mean - per_channel.mean(dim=1)).abs() <= 1e-7 * per_channel.mean(dim=1).abs() + 1e-6 * spread)
-    torch.testing.assert_close(var, per_channel.var(dim=1, unbiased=False), rtol=2e-6, atol=1e-12)
+    channels = inputs.shape[1]
+    weight = torch.linspace(0.5, 2, channels, dtype=inputs.dtype)
+    bias = torch.linspace(-1, 1, channels, dtype=inputs.dtype)
+    statistics = InputStatistics([])
+    outputs = []
+    observed_batch(statistics, "bn", lambda: outputs.append(statistics.normalize("bn", inputs, weight, bias, 1e-5)))
+    per_channel = inputs.double().transpose(0, 1).reshape(channels, -1)
+    shape = (1, channels) + (1,) * (inputs.dim() - 2)
+    expected = ((inputs.double() - per_channel.mean(dim=1).reshape(shape))
+                / torch.sqrt(per_channel.var(dim=1, unbiased=False).reshape(shape) + 1e-5)
+                * weight.double().reshape(shape) + bias.double().reshape(shape))
+    # the inputs carry their dtype's precision: a few units in the last place of a channel's largest value
+    scale = torch.sqrt(per_channel.var(dim=1, unbiased=False) + 1e-5)
+    ulps = torch.finfo(inputs.dtype).eps * per_channel.abs().amax(dim=1) / scale * weight.double().abs()
+    error = (outputs[-1].double() - expected).abs()
+    assert torch.all(error <= (1e-5 + 8 * ulps).reshape(shape) + 1e-5 * expected.abs())
+
+
+def test_a_layer_needing_more_care_reruns_its_batch_once_and_stays_careful():
+    from bnfold.pytorch.recalibrate import InputStatistics
+
+    generator = torch.Generator().manual_seed(2)
+    dead = torch.cat([torch.zeros(8, 2, 5, 5), torch.randn(8, 3, 5, 5, generator=generator)], dim=1)  # variance 0
+    offset = torch.randn(8, 3, 5, 5, generator=generator) + 5000  # mean 5000 standard deviations away
+    statistics = InputStatistics(["dead", "offset", "plain"])
+    runs = 0
+    for _ in range(3):
+        while True:
+            runs += 1
+            statistics.normalize("dead", dead, None, None, 1e-3)
+            statistics.normalize("offset", offset, None, None, 1e-5)
+            statistics.normalize("plain", dead, None, None, 1e-8)  # a variance of 0 is exact when eps is tiny
+            if statistics.end_batch():
+                break
+    assert runs == 4  # the first batch once more, for both layers at once
+    result = statistics.result()
+    assert result["dead"].batches == result["offset"].batches == 3
+    np.testing.assert_array_equal(result["dead"].variance()[:2], 0.0)
+    per_channel = offset.double().transpose(0, 1).reshape(3, -1)
+    np.testing.assert_allclose(result["offset"].variance(), per_channel.var(dim=1, unbiased=False).numpy(), rtol=1e-6)
 
 
 def test_pending_moments_stay_within_their_memory_bound_and_merge_exactly(monkeypatch):
@@ -463,8 +518,7 @@ def test_pending_moments_stay_within_their_memory_bound_and_merge_exactly(monkey
     batches = [torch.randn(4, 8, side, side, generator=generator) + offset  # resolutions and offsets vary
                for side, offset in [(6, 0), (6, 500), (3, 2), (6, 0), (3, 0), (6, 1), (3, 900), (6, 0)]]
     for batch in batches:
-        statistics.add("bn", batch)
-        statistics.add("unobserved", batch)
+        observed_batch(statistics, "bn", lambda: (statistics.observe("bn", batch), statistics.observe("unobserved", batch)))
         assert statistics._pending_bytes <= 1000
     result = statistics.result()
     assert set(result) == {"bn"}

@@ -97,20 +97,6 @@ def test_empty_and_mismatched_merges():
     assert single.standard_error().shape == (2,) and np.isinf(single.standard_error()).all()
 
 
-def test_samples_given_as_means_and_m2_merge_like_their_values():
-    rng = np.random.default_rng(3)
-    values = rng.normal(50.0, 0.5, size=(30, 4, 9))
-    statistics = ChannelStatistics()
-    for part in np.split(values, [7, 8, 25]):
-        means = part.mean(axis=2)
-        statistics.add_samples(means, np.square(part - means[:, :, None]).sum(axis=2), positions=9, batches=2)
-    everything = values.transpose(1, 0, 2).reshape(4, -1)
-    assert (statistics.count, statistics.samples, statistics.batches) == (270, 30, 8)
-    np.testing.assert_allclose(statistics.mean, everything.mean(axis=1), rtol=1e-14)
-    np.testing.assert_allclose(statistics.variance(0), everything.var(axis=1), rtol=1e-12)
-    np.testing.assert_allclose(statistics.sample_means.variance(1), values.mean(axis=2).var(axis=0, ddof=1), rtol=1e-12)
-
-
 def test_pooled_moments_equal_merging_one_part_at_a_time():
     rng = np.random.default_rng(3)
     parts = [Moments.of(rng.normal(loc, 2.0, size=(size, 5)) + 1e3, channel_axis=1)

@@ -42,16 +42,12 @@ from bnfold.onnx.model import OnnxModel
 from bnfold.onnx.runtime import session
 from bnfold.onnx.shapes import infer_facts
 from bnfold.recalibration import GraphStep, upstream_layers
-from bnfold.stats import ChannelStatistics, Moments
+from bnfold.stats import BATCH_MEAN_RATIO, ChannelStatistics, Moments
 
 _PREFIX = "bnfold_recalibrate"
 # Above this mean square / variance ratio, cancellation would cost a variance more than about 2e-6 of
 # its value (onnxruntime's float32 means are good to about 3e-7 for a few thousand positions).
 CANCELLATION_RATIO = 6.0
-# Above this squared mean / variance, float32 batch means (good to a few 1e-7 of their size) would blur
-# the variance between batches by more than about 2e-6 of the total (the fast method's training-mode BN
-# reduces each batch in two passes, exact at any offset, but hands over float32 means).
-BATCH_MEAN_RATIO = 1e4
 # Probe outputs of this many bytes wait to be merged in one vectorized step (bounded, whatever the data).
 _PENDING_BYTES = 4 << 20
 

@@ -3,31 +3,31 @@
 One runner per kind of torch object, because each is instrumented differently:
 
 - eager `nn.Module` (pickle, state_dict + factory): forward pre-hooks on the BN modules, and
-  `F.batch_norm` intercepted where a module that is no BN module calls it on its own buffers.
+  `F.batch_norm` intercepted where a module that is no BN module calls it on its own buffers; for the
+  fast method, a BN module with torch's own forward gets a forward that normalizes by its batch.
   Dependencies come from a torch.fx trace. A model fx cannot trace is planned from one eval pass over
   the data: each layer comes after every layer called before it, in any batch (more passes, and
   correct as long as the branches the stored statistics take are those the new ones take: a branch on
   activation values that the new statistics switch is not followed; recalibrating the result again is).
 - ExportedProgram (.pt2): `program.module()` is an fx GraphModule whose BN ops read the program's own
-  buffers; an observer call is inserted before each BN op. The buffers are updated in place and the
-  program is saved as a .pt2 again.
+  buffers; an observer call is inserted before each BN op (for the fast method, the BN op reads the
+  batch's statistics from it instead). The buffers are updated in place and the program is saved as a
+  .pt2 again.
 - TorchScript: the inlined forward graph gets the BN inputs as extra outputs (and batch-statistics BN
   ops for the fast method), compiled into a function that runs on the module's own attributes.
 
-Every runner hands each BN input to one `InputStatistics`: a few tensor operations reduce it on its
-device to per-sample sums and norms (`reduce_samples`), which wait on the host and merge into
-`bnfold.stats.ChannelStatistics` many batches at a time (a per-call merge of small arrays would cost
-more than the reduction). For the fast method, the hook or observer that reduces a BN's input also
-writes the batch's mean and population variance into that BN's running buffers, so the BN, still in
-eval mode, normalizes by the batch's statistics exactly as in training, without reducing its input a
-second time (a training-mode BN computes its own, slower, Welford reduction). The buffers are restored
-after the pass. (The TorchScript runner makes its BN ops compute batch statistics instead.)
+Every runner hands each BN call to one `InputStatistics`, which reduces it on its device with torch's
+own BN kernels (the batch's mean and variance per channel, and one sum per sample and channel) and
+merges the results into `bnfold.stats.ChannelStatistics` in float64, many batches at a time (a per-call
+merge of small arrays would cost more than the reduction). Where the fast method normalizes a layer
+by its batch, that is one training-mode BN call, which hands back the statistics it normalized by.
 """
 
 from __future__ import annotations
 
 import copy
 import functools
+import operator
 from abc import ABC, abstractmethod
 import inspect
 import math
@@ -53,7 +53,7 @@ from bnfold.pytorch.discover import (BN_ATEN_SIGNATURES, attribute_path, bn_kind
                                      frozen_batch_norms, inlined_graph, resolve_path)
 from bnfold.pytorch.model import ExportedProgramModel, ModuleModel, TorchScriptModel
 from bnfold.recalibration import GraphStep, upstream_layers
-from bnfold.stats import ChannelStatistics
+from bnfold.stats import BATCH_MEAN_RATIO, ChannelStatistics, Moments
 
 # ExportedProgram BN ops that normalize with their running statistics, and how to make them use the
 # batch's statistics instead.
@@ -84,119 +84,151 @@ def _device(name: str) -> torch.device:
     return device
 
 
-# Above this mean²/variance ratio a sample's M2 comes from squared deviations, not a sum of squares.
-_CANCELLATION_RATIO = 10.0
-# Per-sample moments wait until they take this many bytes across layers, then merge into the float64
-# statistics in bulk: few merges per pass, and memory far below one batch's activations.
+# Observations wait on the device until they take this many bytes across layers, then merge into the
+# float64 statistics in bulk: few merges per pass, and memory far below one batch's activations.
 _PENDING_BYTES = 4 << 20
+# A variance recovered from a training-mode BN's 1 / sqrt(variance + eps) (float32) keeps about 1e-6 of
+# its value while it is above eps / 8; a layer with a channel below reduces its variance directly instead.
+_INVSTD_EPS_RATIO = 8.0
+# Input dtypes a training-mode BN reduces exactly (others are reduced in float32 first).
+_EXACT_DTYPES = (torch.float32, torch.float64)
 
 
-class SampleReduction(NamedTuple):
-    """One BN input reduced per sample and channel (axis 1) over its `positions`, as a (2, N, C) array.
+class Observation(NamedTuple):
+    """One call of a BN, reduced on its device: per channel the batch's `mean` and `spread`, and each
+    sample's sum over its `positions` values (N, C), whose spread gives the standard error.
 
-    `sums` True: each sample's sum and Euclidean norm, in the input's precision (float32 at least:
-    torch sums by cascade, so the relative error stays near 1e-7, below that of the activations
-    themselves). Its M2 is norm² - sum²/positions in float64, which loses about float32 epsilon times
-    1 + mean²/variance to cancellation: `reduce_samples` keeps this form only where that ratio is below
-    `_CANCELLATION_RATIO` in every sample. `sums` False: float64 means and M2 already.
-    """
+    `spread` is the population variance, or, when `eps` is set, what a training-mode BN hands back
+    instead: 1 / sqrt(variance + eps)."""
 
+    mean: torch.Tensor
+    spread: torch.Tensor
+    sample_sums: torch.Tensor
     positions: int
-    sums: bool
-    values: np.ndarray
+    eps: float | None
 
-    def moments(self) -> np.ndarray:
-        """Per-sample means and M2, float64 (2, N, C)."""
-        if not self.sums:
-            return self.values
-        moments = self.values.astype(np.float64)
-        moments[0] /= self.positions
-        np.square(moments[1], out=moments[1])
-        moments[1] -= self.positions * np.square(moments[0])
-        return moments
+    @property
+    def nbytes(self) -> int:
+        return self.mean.nbytes + self.spread.nbytes + self.sample_sums.nbytes
 
-    def mean_and_variance(self) -> tuple[np.ndarray, np.ndarray]:
-        """The mean and population variance per channel of all the values, in float64."""
-        count = self.values.shape[1] * self.positions
-        if self.sums:  # no cancellation to fear: the sum of squares is within a factor 1 + ratio of M2
-            totals = self.values.astype(np.float64)
-            np.square(totals[1], out=totals[1])
-            mean, squares = totals.sum(axis=1) / count
-            return mean, squares - np.square(mean)
-        means, m2 = self.values
-        mean = means.sum(axis=0) / len(means)
-        return mean, (m2.sum(axis=0) + self.positions * np.square(means - mean).sum(axis=0)) / count
+    def variance(self, spread: np.ndarray) -> np.ndarray:
+        """The population variance from `spread` (this observation's, or many stacked), in float64."""
+        spread = spread.astype(np.float64)
+        return spread if self.eps is None else 1.0 / np.square(spread) - self.eps
 
 
-def reduce_samples(inputs: torch.Tensor) -> SampleReduction:
-    """Reduce a BN input (N, C, ...) per sample and channel, with as few operations as can be.
+class _BatchLayout(NamedTuple):
+    """Where each call's channels lie in a batch's concatenated observations (each call's mean, then its spread)."""
 
-    Two reductions on the device and one transfer of their (N, C) results: everything after works on
-    small arrays, where a numpy operation costs about a microsecond and a tensor operation several, and
-    the float64 merging waits for many batches (`InputStatistics`). Where a sample's mean is large
-    against its spread the sum of squares would cancel, so the deviations from the mean are squared
-    instead, and their own mean corrects the rounding of the mean (which matters once the offset is
-    thousands of standard deviations).
-    """
-    if inputs.dim() < 2:
-        raise DataError(f"a BN layer received a {inputs.dim()}-D tensor; BN inputs are (N, C, ...)")
-    values = inputs.detach()
-    values = values.reshape(values.shape[0], values.shape[1], -1)  # (N, C, positions)
-    if values.dtype not in (torch.float32, torch.float64):
-        values = values.float()
-    positions = values.shape[2]
-    if positions == 1:
-        moments = np.zeros((2, values.shape[0], values.shape[1]))
-        moments[0] = values.reshape(values.shape[:2]).numpy(force=True)
-        return SampleReduction(1, False, moments)
-    sums = values.sum(dim=2)
-    norms = torch.linalg.vector_norm(values, dim=2)
-    reduced = SampleReduction(positions, True, torch.stack((sums, norms)).numpy(force=True))
-    # mean²·positions > ratio·M2 (M2 = norm² - sum²/positions) where |sum| times this exceeds the norm
-    risk_scale = math.sqrt((1 + _CANCELLATION_RATIO) / (_CANCELLATION_RATIO * positions))
-    risky = np.abs(reduced.values[0]) * risk_scale > reduced.values[1]  # constant channels too
-    if not risky.any():
-        return reduced
-    moments = reduced.moments()
-    channels = np.flatnonzero(risky.any(axis=0))
-    index = slice(None) if 2 * channels.size > values.shape[1] else channels  # a view beats a large gather
-    device_index = index if isinstance(index, slice) else torch.from_numpy(channels).to(values.device)
-    shifts = sums[:, device_index] / positions
-    deviations = values[:, device_index] - shifts[:, :, None]
-    exact = torch.stack((shifts, deviations.mean(dim=2), deviations.square_().sum(dim=2))).double().cpu().numpy()
-    moments[0][:, index] = exact[0] + exact[1]
-    moments[1][:, index] = exact[2] - positions * np.square(exact[1])
-    return SampleReduction(positions, False, moments)
-
-
-BufferPair = tuple[torch.Tensor, torch.Tensor]  # a BN's (running_mean, running_var)
+    means: np.ndarray  # the position of each channel's mean
+    spreads: np.ndarray  # and of its spread
+    from_invstd: np.ndarray  # channels whose spread is 1 / sqrt(variance + eps)
+    eps: np.ndarray  # their eps
+    owners: np.ndarray  # the call each channel belongs to
 
 
 class InputStatistics:
-    """What one pass saw of the BN inputs: per-sample moments, merged into `ChannelStatistics` in bulk.
+    """What one pass saw of the BN inputs, batch by batch, merged into `ChannelStatistics` in bulk.
 
-    Each input is reduced to (N, C) per-sample results (`reduce_samples`); those of the `observe` layers
-    wait on the host and merge in float64, many batches at once, when they reach `_PENDING_BYTES` and at
-    the end of the pass.
+    Every BN call is reduced on its device by torch's own BN kernels, which reduce a contiguous input in
+    two passes with double accumulators on the CPU (Welford's update on CUDA), so no offset cancels: one
+    training-mode BN call where a layer normalizes by its batch (`normalize`),
+    `torch.batch_norm_update_stats` where it only needs the statistics (`observe`). Per sample, one sum
+    per channel; where that is one value (BN after a Linear), the values themselves. What comes back
+    in float32 is exact enough but in two cases, which `end_batch` checks once per batch: a variance far
+    below eps, recovered from 1 / sqrt(variance + eps) (the layer then reduces its variance directly),
+    and a mean beyond `BATCH_MEAN_RATIO` (the layer is then reduced in float64). The batch then runs
+    again, and the layer stays so for the rest of the pass.
     """
 
     def __init__(self, observe: Iterable[str]) -> None:
-        self.observe = set(observe)
+        self.observe_layers = set(observe)
+        self._direct: set[str] = set()  # variances from batch_norm_update_stats, not from 1/sqrt(var + eps)
+        self._careful: set[str] = set()  # reduced in float64
+        self._batch: list[tuple[str, Observation]] = []
+        self._layouts: dict[tuple[tuple[str, float | None, int], ...], _BatchLayout] = {}
         self._statistics: dict[str, ChannelStatistics] = {}
-        self._pending: dict[str, list[SampleReduction]] = {}
+        self._pending: dict[str, list[Observation]] = {}
         self._pending_bytes = 0
 
-    def add(self, layer: str, inputs: torch.Tensor, normalize_by_batch: BufferPair | None = None) -> None:
-        """Reduce one input of `layer`: into its statistics when observed, into the BN's buffers (fast method)."""
-        reduced = reduce_samples(inputs)
-        if normalize_by_batch is not None:
-            for buffer, value in zip(normalize_by_batch, reduced.mean_and_variance()):
-                buffer.copy_(torch.from_numpy(value))
-        if layer in self.observe:
-            self._pending.setdefault(layer, []).append(reduced)
-            self._pending_bytes += reduced.values.nbytes
-            if self._pending_bytes > _PENDING_BYTES:
-                self._merge_pending()
+    def normalize(self, layer: str, inputs: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
+                  eps: float) -> torch.Tensor:
+        """`inputs` normalized by their own batch's statistics, as a BN in training mode does; recorded."""
+        if (layer in self._direct or layer in self._careful or inputs.dtype not in _EXACT_DTYPES
+                or not inputs.is_contiguous()):
+            mean, var = self.observe(layer, inputs)
+            return F.batch_norm(inputs, mean, var, weight, bias, False, 0.0, eps)
+        _check_dims(inputs)
+        output, mean, invstd = torch.native_batch_norm(inputs, weight, bias, None, None, True, 0.0, eps)
+        self._record(layer, inputs, mean, invstd, eps)
+        return output
+
+    def observe(self, layer: str, inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The batch's mean and population variance per channel, in the inputs' dtype; recorded."""
+        _check_dims(inputs)
+        values = inputs.detach().contiguous()  # torch reduces channels-last inputs in float32: not exact
+        if layer in self._careful:
+            values = values.double()
+        elif values.dtype not in _EXACT_DTYPES:
+            values = values.float()
+        mean, var = torch.batch_norm_update_stats(values, None, None, 0.0)
+        self._record(layer, values, mean, var, None)
+        return mean.to(inputs.dtype), var.to(inputs.dtype)
+
+    def _record(self, layer: str, values: torch.Tensor, mean: torch.Tensor, spread: torch.Tensor,
+                eps: float | None) -> None:
+        if layer in self.observe_layers:
+            sums = values.sum(dim=tuple(range(2, values.dim()))) if values.dim() > 2 else values.detach().clone()
+            self._batch.append((layer, Observation(mean, spread, sums, math.prod(values.shape[2:]), eps)))
+
+    def end_batch(self) -> bool:
+        """Keep this batch's observations; or, where a layer's need more care (see the class), discard
+        them and return False: the caller runs the batch again."""
+        direct, careful = self._needing_care()
+        if direct or careful:
+            self._direct |= direct
+            self._careful |= careful
+            self._batch.clear()
+            return False
+        for layer, observation in self._batch:
+            self._pending.setdefault(layer, []).append(observation)
+            self._pending_bytes += observation.nbytes
+        self._batch.clear()
+        if self._pending_bytes > _PENDING_BYTES:
+            self._merge_pending()
+        return True
+
+    def _needing_care(self) -> tuple[set[str], set[str]]:
+        """Layers of this batch whose variance is too small for 1/sqrt(var + eps), and those whose mean is
+        too large for float32 (`BATCH_MEAN_RATIO`): one vectorized check over every call of the batch."""
+        checked = [(layer, observation) for layer, observation in self._batch
+                   if layer not in self._careful and observation.positions > 1]
+        if not checked:
+            return set(), set()
+        layout = self._layout(tuple((layer, observation.eps, observation.mean.shape[0]) for layer, observation in checked))
+        values = torch.cat([tensor for _, observation in checked for tensor in observation[:2]]).numpy(force=True)
+        means, variances = values[layout.means].astype(np.float64), values[layout.spreads].astype(np.float64)
+        invstd = variances[layout.from_invstd]
+        variances[layout.from_invstd] = 1.0 / (invstd * invstd) - layout.eps
+        too_small = np.zeros(len(variances), dtype=bool)
+        too_small[layout.from_invstd] = variances[layout.from_invstd] * _INVSTD_EPS_RATIO < layout.eps
+        too_far = means * means > BATCH_MEAN_RATIO * variances
+        if not (too_small.any() or too_far.any()):
+            return set(), set()
+        return ({checked[i][0] for i in layout.owners[too_small]}, {checked[i][0] for i in layout.owners[too_far]})
+
+    def _layout(self, calls: tuple[tuple[str, float | None, int], ...]) -> _BatchLayout:
+        """The layout of a batch's calls (layer, eps, channels), computed once per pattern of calls."""
+        layout = self._layouts.get(calls)
+        if layout is None:
+            sizes = [size for _, _, size in calls]
+            eps = np.repeat([np.nan if value is None else value for _, value, _ in calls], sizes)
+            from_invstd = ~np.isnan(eps)
+            owners = np.repeat(np.arange(len(calls)), sizes)
+            means = np.arange(len(owners)) + np.repeat(np.cumsum([0] + sizes[:-1]), sizes)  # mean, then spread, per call
+            layout = self._layouts[calls] = _BatchLayout(means, means + np.repeat(sizes, sizes), from_invstd,
+                                                         eps[from_invstd], owners)
+        return layout
 
     def result(self) -> dict[str, ChannelStatistics]:
         """The statistics of every observed layer the pass reached."""
@@ -205,15 +237,41 @@ class InputStatistics:
 
     def _merge_pending(self) -> None:
         for layer, pending in self._pending.items():
-            alike: dict[tuple[int, bool], list[np.ndarray]] = {}  # a BN may run at several resolutions
-            for reduced in pending:
-                alike.setdefault(reduced[:2], []).append(reduced.values)
+            alike: dict[tuple[Any, ...], list[Observation]] = {}  # a BN may run at several resolutions
+            for observation in pending:
+                key = (observation.positions, observation.eps, observation.mean.dtype, observation.sample_sums.dtype)
+                alike.setdefault(key, []).append(observation)
             statistics = self._statistics.setdefault(layer, ChannelStatistics())
-            for (positions, sums), batches in alike.items():
-                means, m2 = SampleReduction(positions, sums, np.concatenate(batches, axis=1)).moments()
-                statistics.add_samples(means, m2, positions, batches=len(batches))
+            for group in alike.values():
+                statistics.add(*_pooled(group), batches=len(group))
         self._pending.clear()
         self._pending_bytes = 0
+
+
+def _pooled(observations: list[Observation]) -> tuple[Moments, Moments]:
+    """The moments of the values and of the sample means of alike observations, in float64.
+
+    One value per sample and channel (BN after a Linear): the values themselves were kept, and their
+    moments are exact whatever torch's kernel did (it reduces such inputs in float32)."""
+    first = observations[0]
+    if first.positions == 1:
+        values = Moments.of(torch.cat([observation.sample_sums for observation in observations]).numpy(force=True))
+        return values, values
+    means = torch.stack([observation.mean for observation in observations]).numpy(force=True)
+    spreads = torch.stack([observation.spread for observation in observations]).numpy(force=True)
+    sample_sums = torch.cat([observation.sample_sums for observation in observations]).numpy(force=True)
+    counts = np.array([observation.sample_sums.shape[0] for observation in observations]) * first.positions
+    m2 = first.variance(spreads) * counts[:, None]
+    return (Moments.stacked(counts, means.astype(np.float64), m2),
+            Moments.of(sample_sums.astype(np.float64) / first.positions))
+
+
+def _check_dims(inputs: torch.Tensor) -> None:
+    if inputs.dim() < 2:
+        raise DataError(f"a BN layer received a {inputs.dim()}-D tensor; BN inputs are (N, C, ...)")
+
+
+BufferPair = tuple[torch.Tensor, torch.Tensor]  # a BN's (running_mean, running_var)
 
 
 @contextmanager
@@ -247,7 +305,10 @@ class _TorchRunner(ABC):
         statistics = InputStatistics(observe)
         with torch.no_grad(), self._instrumented(batch_statistics, statistics) as forward:
             for batch in batches:
-                forward(*self._tensors(batch))
+                tensors = self._tensors(batch)
+                forward(*tensors)
+                while not statistics.end_batch():  # a layer needs more care: the batch runs again
+                    forward(*tensors)
         return statistics.result()
 
     def _tensors(self, batch: Batch) -> list[torch.Tensor]:
@@ -452,12 +513,22 @@ class ModuleRunner(_TorchRunner):
 
     @contextmanager
     def _instrumented(self, batch_statistics: bool, statistics: InputStatistics) -> Iterator[Callable[..., Any]]:
-        def observe_input(name: str, inputs: torch.Tensor) -> None:
-            statistics.add(name, inputs, self._statistics(name) if batch_statistics else None)
+        """Fast method: a BN module with torch's own forward normalizes by its batch in one training-mode
+        call (its forward replaced for the pass); any other layer gets its batch's statistics written into
+        its running buffers before it runs in eval mode (they are restored after the pass)."""
+        layers = set(self.layer_names) if batch_statistics else statistics.observe_layers
+        replaced = {name for name in layers if batch_statistics and _torch_forward(self.bns.get(name))}
 
-        pairs = [self._statistics(name) for name in self.layer_names] if batch_statistics else []
-        with _buffers_restored(pairs), self._observed(set(self.layer_names) if batch_statistics
-                                                      else statistics.observe, observe_input):
+        def observe_input(name: str, inputs: torch.Tensor) -> None:
+            mean, var = statistics.observe(name, inputs)
+            if batch_statistics:
+                for buffer, value in zip(self._statistics(name), (mean, var)):
+                    buffer.copy_(value)
+
+        pairs = [self._statistics(name) for name in layers - replaced] if batch_statistics else []
+        forwards = {self.bns[name]: functools.partial(_normalized_by_batch, statistics, name, self.bns[name])
+                    for name in replaced}
+        with _buffers_restored(pairs), _forwards_replaced(forwards), self._observed(layers - replaced, observe_input):
             yield self.module
 
     def _buffers(self, layer: str) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]:
@@ -466,6 +537,28 @@ class ModuleRunner(_TorchRunner):
 
     def result(self) -> Model:
         return ModuleModel(self.model.path, self.module.cpu(), self.model.format, safetensors=self.model.safetensors)
+
+
+def _torch_forward(bn: nn.Module | None) -> bool:
+    """Whether `bn` runs torch's own BN forward (a subclass may add to it: timm's BatchNormAct2d)."""
+    return isinstance(bn, _BatchNorm) and type(bn).forward is _BatchNorm.forward and "forward" not in vars(bn)
+
+
+def _normalized_by_batch(statistics: InputStatistics, name: str, bn: _BatchNorm, inputs: torch.Tensor) -> torch.Tensor:
+    bn._check_input_dim(inputs)
+    return statistics.normalize(name, inputs, bn.weight, bn.bias, bn.eps)
+
+
+@contextmanager
+def _forwards_replaced(forwards: dict[nn.Module, Callable[[torch.Tensor], torch.Tensor]]) -> Iterator[None]:
+    """Give modules another forward for the duration (an instance attribute, which nn.Module calls)."""
+    for module, forward in forwards.items():
+        module.forward = forward
+    try:
+        yield
+    finally:
+        for module in forwards:
+            del module.forward
 
 
 _BATCH_NORM_SIGNATURE = inspect.signature(F.batch_norm)
@@ -545,15 +638,15 @@ class ExportedProgramRunner(_TorchRunner):
         graph = fx.Graph()
         copies: dict[fx.Node, fx.Node] = {}
         graph.output(graph.graph_copy(self.module.graph, copies))
-        pairs = {node: tuple(self.module.get_buffer(name) for name in self.statistics_of[key])
-                 for node, key in self.layer_of.items()} if batch_statistics else {}
         for original, key in self.layer_of.items():
-            if key in statistics.observe or batch_statistics:
-                observer = _observer(statistics, key, pairs.get(original))
-                with graph.inserting_before(node := copies[original]):
-                    graph.call_function(observer, (node.args[0],))
-        with _buffers_restored(pairs.values()):
-            yield fx.GraphModule(self.module, graph)
+            if key in statistics.observe_layers or batch_statistics:
+                node = copies[original]
+                with graph.inserting_before(node):
+                    observed = graph.call_function(_observer(statistics, key), (node.args[0],))
+                    if batch_statistics:  # the BN op reads the batch's mean and variance instead of its buffers
+                        batch = [graph.call_function(operator.getitem, (observed, index)) for index in (0, 1)]
+                        node.args = (*node.args[:3], *batch, *node.args[5:])
+        yield fx.GraphModule(self.module, graph)
 
     def _buffers(self, layer: str) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]:
         found = []
@@ -567,10 +660,9 @@ class ExportedProgramRunner(_TorchRunner):
         return ExportedProgramModel(self.model.path, self.program)
 
 
-def _observer(statistics: InputStatistics, layer: str,
-              normalize_by_batch: BufferPair | None) -> Callable[[torch.Tensor], None]:
-    def observe_batch_norm_input(inputs: torch.Tensor) -> None:
-        statistics.add(layer, inputs, normalize_by_batch)
+def _observer(statistics: InputStatistics, layer: str) -> Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+    def observe_batch_norm_input(inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return statistics.observe(layer, inputs)
 
     return observe_batch_norm_input
 
@@ -641,7 +733,7 @@ class ScriptRunner(_TorchRunner):
         for node, key in zip(_top_level_batch_norms(graph), self.keys):
             if key not in self.names:
                 continue
-            if key in statistics.observe:
+            if key in statistics.observe_layers:
                 graph.registerOutput(node.inputsAt(0))
                 observed.append(key)
             if batch_statistics:
@@ -656,7 +748,7 @@ class ScriptRunner(_TorchRunner):
         def forward(*inputs: torch.Tensor) -> None:
             outputs = function(self.module._c, *inputs)
             for key, value in zip(observed, outputs[1:]):
-                statistics.add(key, value)
+                statistics.observe(key, value)
 
         yield forward
 
