@@ -426,6 +426,16 @@ def observed_batch(statistics, layer: str, call) -> None:
         call()
 
 
+@pytest.fixture(params=["kernels", "vectorized"])
+def torch_reduction(request, monkeypatch):
+    """Both ways torch calls are reduced: BN kernels (small calls) and per-sample sums and norms (large ones)."""
+    from bnfold.pytorch import recalibrate as torch_recalibrate
+
+    if request.param == "vectorized":
+        monkeypatch.setattr(torch_recalibrate, "_VECTORIZED_VALUES", 0)
+    return request.param
+
+
 def torch_batch_moments(inputs: np.ndarray):
     from bnfold.pytorch.recalibrate import InputStatistics
 
@@ -448,7 +458,7 @@ def torch_normalized_batch_moments(inputs: np.ndarray):
 @pytest.mark.parametrize("reduce", [torch_batch_moments, torch_normalized_batch_moments, onnx_batch_moments],
                          ids=["torch", "torch normalizing", "onnx"])
 @pytest.mark.parametrize("case", BN_INPUTS)
-def test_batch_moments_match_float64_whatever_the_offset(case, reduce):
+def test_batch_moments_match_float64_whatever_the_offset(case, reduce, torch_reduction):
     inputs = BN_INPUTS[case](torch.Generator().manual_seed(0)).numpy()
     values, sample_means = reduce(inputs)
     flat = inputs.astype(np.float64).reshape(inputs.shape[0], inputs.shape[1], -1)
@@ -463,7 +473,7 @@ def test_batch_moments_match_float64_whatever_the_offset(case, reduce):
 
 
 @pytest.mark.parametrize("case", BN_INPUTS)
-def test_fast_method_normalizes_as_a_training_mode_batch_norm(case):
+def test_fast_method_normalizes_as_a_training_mode_batch_norm(case, torch_reduction):
     from bnfold.pytorch.recalibrate import InputStatistics
 
     inputs = BN_INPUTS[case](torch.Generator().manual_seed(0))
@@ -485,7 +495,7 @@ def test_fast_method_normalizes_as_a_training_mode_batch_norm(case):
     assert torch.all(error <= (1e-5 + 8 * ulps).reshape(shape) + 1e-5 * expected.abs())
 
 
-def test_a_layer_needing_more_care_reruns_its_batch_once_and_stays_careful():
+def test_a_layer_needing_more_care_reruns_its_batch_once_and_stays_careful(torch_reduction):
     from bnfold.pytorch.recalibrate import InputStatistics
 
     generator = torch.Generator().manual_seed(2)
@@ -509,7 +519,7 @@ def test_a_layer_needing_more_care_reruns_its_batch_once_and_stays_careful():
     np.testing.assert_allclose(result["offset"].variance(), per_channel.var(dim=1, unbiased=False).numpy(), rtol=1e-6)
 
 
-def test_pending_moments_stay_within_their_memory_bound_and_merge_exactly(monkeypatch):
+def test_pending_moments_stay_within_their_memory_bound_and_merge_exactly(monkeypatch, torch_reduction):
     from bnfold.pytorch import recalibrate as torch_recalibrate
 
     monkeypatch.setattr(torch_recalibrate, "_PENDING_BYTES", 1000)

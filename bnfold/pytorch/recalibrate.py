@@ -90,31 +90,34 @@ _PENDING_BYTES = 4 << 20
 # A variance recovered from a training-mode BN's 1 / sqrt(variance + eps) (float32) keeps about 1e-6 of
 # its value while it is above eps / 8; a layer with a channel below reduces its variance directly instead.
 _INVSTD_EPS_RATIO = 8.0
-# Input dtypes a training-mode BN reduces exactly (others are reduced in float32 first).
+# Input dtypes torch's BN kernels reduce exactly (others are reduced in float32).
 _EXACT_DTYPES = (torch.float32, torch.float64)
+# Calls of more values than this are reduced by vectorized float32 passes (a dozen more operations, but
+# several times faster per value than the BN kernels' scalar loops with double accumulators).
+_VECTORIZED_VALUES = 1 << 16
 
 
 class Observation(NamedTuple):
     """One call of a BN, reduced on its device: per channel the batch's `mean` and `spread`, and each
-    sample's sum over its `positions` values (N, C), whose spread gives the standard error.
+    sample's sum (N, C) over its `positions` values, whose spread gives the standard error.
 
     `spread` is the population variance, or, when `eps` is set, what a training-mode BN hands back
-    instead: 1 / sqrt(variance + eps)."""
+    instead: 1 / sqrt(variance + eps). When `sample_norms` is set (the norm of each sample's deviations
+    from its own mean per channel, the square root of its M2), the statistics come from the per-sample
+    sums and norms instead, and `mean` and `spread` only serve to check the batch.
+    """
 
     mean: torch.Tensor
     spread: torch.Tensor
     sample_sums: torch.Tensor
     positions: int
-    eps: float | None
+    eps: float | None = None
+    sample_norms: torch.Tensor | None = None
 
     @property
     def nbytes(self) -> int:
-        return self.mean.nbytes + self.spread.nbytes + self.sample_sums.nbytes
-
-    def variance(self, spread: np.ndarray) -> np.ndarray:
-        """The population variance from `spread` (this observation's, or many stacked), in float64."""
-        spread = spread.astype(np.float64)
-        return spread if self.eps is None else 1.0 / np.square(spread) - self.eps
+        norms = self.sample_norms.nbytes if self.sample_norms is not None else 0
+        return self.mean.nbytes + self.spread.nbytes + self.sample_sums.nbytes + norms
 
 
 class _BatchLayout(NamedTuple):
@@ -130,21 +133,28 @@ class _BatchLayout(NamedTuple):
 class InputStatistics:
     """What one pass saw of the BN inputs, batch by batch, merged into `ChannelStatistics` in bulk.
 
-    Every BN call is reduced on its device by torch's own BN kernels, which reduce a contiguous input in
-    two passes with double accumulators on the CPU (Welford's update on CUDA), so no offset cancels: one
-    training-mode BN call where a layer normalizes by its batch (`normalize`),
-    `torch.batch_norm_update_stats` where it only needs the statistics (`observe`). Per sample, one sum
-    per channel; where that is one value (BN after a Linear), the values themselves. What comes back
-    in float32 is exact enough but in two cases, which `end_batch` checks once per batch: a variance far
-    below eps, recovered from 1 / sqrt(variance + eps) (the layer then reduces its variance directly),
-    and a mean beyond `BATCH_MEAN_RATIO` (the layer is then reduced in float64). The batch then runs
-    again, and the layer stays so for the rest of the pass.
+    Every BN call is reduced on its device, in one of three ways, each exact at any offset:
+
+    - small calls (up to `_VECTORIZED_VALUES` values): torch's own BN kernels, which reduce a contiguous
+      input in two passes with double accumulators on the CPU (Welford's update on CUDA): one
+      training-mode BN call where the layer normalizes by its batch (`normalize`),
+      `torch.batch_norm_update_stats` where only the statistics are needed (`observe`). Few operations.
+    - larger calls: each sample's sums, then the norm of its deviations from its own mean, in vectorized
+      float32 passes, several times faster per value than those kernels' scalar loops.
+    - where a sample is one value per channel (BN after a Linear), the values themselves are kept.
+
+    Each keeps one sum per sample and channel, for the standard error. What comes back in float32 is
+    exact enough but in two cases, which `end_batch` checks once per batch: a variance far below eps,
+    recovered from 1 / sqrt(variance + eps) (the layer then uses `torch.batch_norm_update_stats`), and a
+    mean beyond `BATCH_MEAN_RATIO`, whose float32 rounding would blur the variance between batches and
+    samples (the layer is then reduced in float64). The batch then runs again, and the layer stays so for
+    the rest of the pass.
     """
 
     def __init__(self, observe: Iterable[str]) -> None:
         self.observe_layers = set(observe)
-        self._direct: set[str] = set()  # variances from batch_norm_update_stats, not from 1/sqrt(var + eps)
-        self._careful: set[str] = set()  # reduced in float64
+        self._direct: set[str] = set()  # reduced by batch_norm_update_stats
+        self._careful: set[str] = set()  # reduced by batch_norm_update_stats in float64
         self._batch: list[tuple[str, Observation]] = []
         self._layouts: dict[tuple[tuple[str, float | None, int], ...], _BatchLayout] = {}
         self._statistics: dict[str, ChannelStatistics] = {}
@@ -154,32 +164,50 @@ class InputStatistics:
     def normalize(self, layer: str, inputs: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
                   eps: float) -> torch.Tensor:
         """`inputs` normalized by their own batch's statistics, as a BN in training mode does; recorded."""
-        if (layer in self._direct or layer in self._careful or inputs.dtype not in _EXACT_DTYPES
-                or not inputs.is_contiguous()):
-            mean, var = self.observe(layer, inputs)
-            return F.batch_norm(inputs, mean, var, weight, bias, False, 0.0, eps)
-        _check_dims(inputs)
-        output, mean, invstd = torch.native_batch_norm(inputs, weight, bias, None, None, True, 0.0, eps)
-        self._record(layer, inputs, mean, invstd, eps)
-        return output
+        if (layer not in self._direct and layer not in self._careful and _plain(inputs)
+                and (inputs.numel() <= _VECTORIZED_VALUES or inputs.dim() == 2)):
+            _check_dims(inputs)
+            output, mean, invstd = torch.native_batch_norm(inputs, weight, bias, None, None, True, 0.0, eps)
+            self._record(layer, Observation(mean, invstd, _sample_sums(inputs), _positions(inputs), eps))
+            return output
+        mean, var = self.observe(layer, inputs)
+        return F.batch_norm(inputs, mean, var, weight, bias, False, 0.0, eps)
 
     def observe(self, layer: str, inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The batch's mean and population variance per channel, in the inputs' dtype; recorded."""
         _check_dims(inputs)
-        values = inputs.detach().contiguous()  # torch reduces channels-last inputs in float32: not exact
+        values = inputs.detach()
+        if not self._by_kernel(layer, values):
+            return self._centered(layer, values)
+        values = values.contiguous()  # torch reduces channels-last inputs in float32: not exact
         if layer in self._careful:
             values = values.double()
         elif values.dtype not in _EXACT_DTYPES:
             values = values.float()
         mean, var = torch.batch_norm_update_stats(values, None, None, 0.0)
-        self._record(layer, values, mean, var, None)
+        self._record(layer, Observation(mean, var, _sample_sums(values), _positions(values)))
         return mean.to(inputs.dtype), var.to(inputs.dtype)
 
-    def _record(self, layer: str, values: torch.Tensor, mean: torch.Tensor, spread: torch.Tensor,
-                eps: float | None) -> None:
-        if layer in self.observe_layers:
-            sums = values.sum(dim=tuple(range(2, values.dim()))) if values.dim() > 2 else values.detach().clone()
-            self._batch.append((layer, Observation(mean, spread, sums, math.prod(values.shape[2:]), eps)))
+    def _by_kernel(self, layer: str, inputs: torch.Tensor) -> bool:
+        """Whether torch's BN kernels reduce this call (else vectorized passes per sample do)."""
+        return (inputs.numel() <= _VECTORIZED_VALUES or inputs.dim() == 2 or layer in self._direct
+                or layer in self._careful or not _plain(inputs))
+
+    def _centered(self, layer: str, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Two vectorized passes per sample: its sums, then the norm of its deviations from its mean."""
+        dims = tuple(range(2, values.dim()))
+        positions = _positions(values)
+        sums = values.sum(dim=dims)
+        sample_means = sums / positions
+        norms = torch.linalg.vector_norm(values - sample_means[(...,) + (None,) * len(dims)], dim=dims)
+        mean = sample_means.mean(dim=0)
+        between = (sample_means - mean).square_().sum(dim=0)  # Chan's update, summed over the samples
+        var = norms.square().sum(dim=0).add_(between, alpha=positions).div_(values.shape[0] * positions)
+        self._record(layer, Observation(mean, var, sums, positions, None, norms))
+        return mean, var
+
+    def _record(self, layer: str, observation: Observation) -> None:
+        self._batch.append((layer, observation))  # checked even if not observed: it may have normalized
 
     def end_batch(self) -> bool:
         """Keep this batch's observations; or, where a layer's need more care (see the class), discard
@@ -191,16 +219,18 @@ class InputStatistics:
             self._batch.clear()
             return False
         for layer, observation in self._batch:
-            self._pending.setdefault(layer, []).append(observation)
-            self._pending_bytes += observation.nbytes
+            if layer in self.observe_layers:
+                self._pending.setdefault(layer, []).append(observation)
+                self._pending_bytes += observation.nbytes
         self._batch.clear()
         if self._pending_bytes > _PENDING_BYTES:
             self._merge_pending()
         return True
 
     def _needing_care(self) -> tuple[set[str], set[str]]:
-        """Layers of this batch whose variance is too small for 1/sqrt(var + eps), and those whose mean is
-        too large for float32 (`BATCH_MEAN_RATIO`): one vectorized check over every call of the batch."""
+        """Layers of this batch to reduce with `batch_norm_update_stats` (a variance too small for
+        1/sqrt(var + eps)), and those to reduce in float64 (a mean too large for float32,
+        `BATCH_MEAN_RATIO`): one vectorized check over every call of the batch."""
         checked = [(layer, observation) for layer, observation in self._batch
                    if layer not in self._careful and observation.positions > 1]
         if not checked:
@@ -215,7 +245,8 @@ class InputStatistics:
         too_far = means * means > BATCH_MEAN_RATIO * variances
         if not (too_small.any() or too_far.any()):
             return set(), set()
-        return ({checked[i][0] for i in layout.owners[too_small]}, {checked[i][0] for i in layout.owners[too_far]})
+        return ({checked[i][0] for i in layout.owners[too_small & ~too_far]},
+                {checked[i][0] for i in layout.owners[too_far]})
 
     def _layout(self, calls: tuple[tuple[str, float | None, int], ...]) -> _BatchLayout:
         """The layout of a batch's calls (layer, eps, channels), computed once per pattern of calls."""
@@ -239,7 +270,8 @@ class InputStatistics:
         for layer, pending in self._pending.items():
             alike: dict[tuple[Any, ...], list[Observation]] = {}  # a BN may run at several resolutions
             for observation in pending:
-                key = (observation.positions, observation.eps, observation.mean.dtype, observation.sample_sums.dtype)
+                key = (observation.positions, observation.eps, observation.sample_norms is not None,
+                       observation.mean.dtype, observation.sample_sums.dtype)
                 alike.setdefault(key, []).append(observation)
             statistics = self._statistics.setdefault(layer, ChannelStatistics())
             for group in alike.values():
@@ -254,16 +286,35 @@ def _pooled(observations: list[Observation]) -> tuple[Moments, Moments]:
     One value per sample and channel (BN after a Linear): the values themselves were kept, and their
     moments are exact whatever torch's kernel did (it reduces such inputs in float32)."""
     first = observations[0]
-    if first.positions == 1:
-        values = Moments.of(torch.cat([observation.sample_sums for observation in observations]).numpy(force=True))
-        return values, values
-    means = torch.stack([observation.mean for observation in observations]).numpy(force=True)
-    spreads = torch.stack([observation.spread for observation in observations]).numpy(force=True)
     sample_sums = torch.cat([observation.sample_sums for observation in observations]).numpy(force=True)
+    sample_means = sample_sums.astype(np.float64) / first.positions
+    if first.positions == 1:
+        values = Moments.of(sample_means)
+        return values, values
+    samples = Moments.of(sample_means)
+    if first.sample_norms is not None:  # the values' M2: the samples' own, and positions times that of their means
+        norms = torch.cat([observation.sample_norms for observation in observations]).numpy(force=True)
+        m2 = np.square(norms.astype(np.float64)).sum(axis=0) + first.positions * samples.m2
+        return Moments(samples.count * first.positions, samples.mean, m2), samples
+    means = torch.stack([observation.mean for observation in observations]).numpy(force=True)
+    spreads = torch.stack([observation.spread for observation in observations]).numpy(force=True).astype(np.float64)
     counts = np.array([observation.sample_sums.shape[0] for observation in observations]) * first.positions
-    m2 = first.variance(spreads) * counts[:, None]
-    return (Moments.stacked(counts, means.astype(np.float64), m2),
-            Moments.of(sample_sums.astype(np.float64) / first.positions))
+    variances = spreads if first.eps is None else 1.0 / np.square(spreads) - first.eps
+    return Moments.stacked(counts, means.astype(np.float64), variances * counts[:, None]), samples
+
+
+def _plain(inputs: torch.Tensor) -> bool:
+    """Float32 or float64 and contiguous: what torch's BN kernels reduce with double accumulators."""
+    return inputs.dtype in _EXACT_DTYPES and inputs.is_contiguous()
+
+
+def _sample_sums(values: torch.Tensor) -> torch.Tensor:
+    """Each sample's sum per channel (N, C); the values themselves (a copy) when there is one per channel."""
+    return values.sum(dim=tuple(range(2, values.dim()))) if values.dim() > 2 else values.detach().clone()
+
+
+def _positions(values: torch.Tensor) -> int:
+    return math.prod(values.shape[2:])
 
 
 def _check_dims(inputs: torch.Tensor) -> None:
