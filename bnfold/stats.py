@@ -7,8 +7,8 @@ batch mean; batches are combined with the parallel update of Chan, Golub and LeV
 
 This is exact up to float64 rounding, whatever the batch sizes, and includes the variance between
 batches (an average of per-batch variances does not; an exponential moving average is not exact at all).
-Many batches can also arrive at once, as per-batch moments (`Moments.pooled`, `Moments.stacked`): the
-same update summed in one vectorized step.
+Many batches can also arrive at once, as arrays of per-batch moments (`Moments.stacked`): the same
+update summed in one vectorized step.
 Pure numpy: frameworks reduce their tensors to `Moments` and hand them over.
 """
 
@@ -41,18 +41,6 @@ class Moments:
         mean = flat.mean(axis=1)
         deviations = flat - mean[:, None]
         return cls(int(flat.shape[1]), mean, np.einsum("ij,ij->i", deviations, deviations))
-
-    @classmethod
-    def from_variance(cls, count: int, mean: np.ndarray, variance: np.ndarray) -> Moments:
-        """Moments from a batch's mean and population (biased) variance, as frameworks compute them."""
-        mean = np.asarray(mean, dtype=np.float64).ravel()
-        return cls(int(count), mean, np.asarray(variance, dtype=np.float64).ravel() * count)
-
-    @classmethod
-    def pooled(cls, parts: Sequence[Moments]) -> Moments:
-        """The moments of many sets of values together, in one vectorized step (see `stacked`)."""
-        return cls.stacked(np.array([part.count for part in parts]), np.stack([part.mean for part in parts]),
-                           np.stack([part.m2 for part in parts]))
 
     @classmethod
     def stacked(cls, counts: np.ndarray, means: np.ndarray, m2: np.ndarray) -> Moments:

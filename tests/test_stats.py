@@ -66,13 +66,6 @@ def test_channel_axis_and_spatial_dimensions():
     np.testing.assert_allclose(last.m2, moments.m2)
 
 
-def test_from_variance_matches_of():
-    values = np.random.default_rng(3).normal(size=(9, 2))
-    direct = Moments.of(values)
-    rebuilt = Moments.from_variance(9, values.mean(axis=0), values.var(axis=0))
-    np.testing.assert_allclose(rebuilt.m2, direct.m2)
-
-
 def test_standard_error_uses_samples_as_the_independent_unit():
     rng = np.random.default_rng(4)
     # Each sample is one value repeated over 100 positions: 100x more values, no more information.
@@ -97,12 +90,13 @@ def test_empty_and_mismatched_merges():
     assert single.standard_error().shape == (2,) and np.isinf(single.standard_error()).all()
 
 
-def test_pooled_moments_equal_merging_one_part_at_a_time():
+def test_stacked_moments_equal_merging_one_part_at_a_time():
     rng = np.random.default_rng(3)
     parts = [Moments.of(rng.normal(loc, 2.0, size=(size, 5)) + 1e3, channel_axis=1)
              for loc, size in ((0.0, 7), (5.0, 1), (-3.0, 40))]
     merged = parts[0].merge(parts[1]).merge(parts[2])
-    pooled = Moments.pooled(parts)
+    pooled = Moments.stacked(np.array([part.count for part in parts]), np.stack([part.mean for part in parts]),
+                             np.stack([part.m2 for part in parts]))
     assert pooled.count == merged.count == 48
     np.testing.assert_allclose(pooled.mean, merged.mean, rtol=1e-13)
     np.testing.assert_allclose(pooled.m2, merged.m2, rtol=1e-11)

@@ -137,7 +137,7 @@ class OnnxStatisticsRunner:
         pending: list[dict[str, np.ndarray]] = []  # outputs of batches not merged yet
         for batch in batches:
             values = self._run(runnable, probes, batch)
-            cancelled = {layer for layer, probe in probes.items() if probe.cancels(values)}
+            cancelled = _cancelled(probes, values)
             if cancelled:  # probe those layers carefully from now on, and this batch again
                 _merge(statistics, probes, pending)
                 self.careful |= cancelled
@@ -242,6 +242,20 @@ def _merge(statistics: dict[str, ChannelStatistics], probes: dict[str, _Probe],
         pending.clear()
 
 
+def _cancelled(probes: dict[str, _Probe], values: dict[str, np.ndarray]) -> set[str]:
+    """The layers whose batch lost precision (`_Probe.cancels`); training-mode probes, most of a fast
+    pass, are first screened together in one vectorized step (a check per probe costs more than onnxruntime
+    takes to run a small layer)."""
+    trained = [probe for probe in probes.values() if isinstance(probe, _TrainingModeProbe)]
+    screened = False  # whether some training-mode probe may have cancelled
+    if trained:
+        means = np.concatenate([values[probe.mean].reshape(-1) for probe in trained]).astype(np.float64)
+        variances = np.concatenate([values[probe.var].reshape(-1) for probe in trained])
+        screened = bool(np.any(means * means > BATCH_MEAN_RATIO * variances))
+    return {layer for layer, probe in probes.items()
+            if (screened or not isinstance(probe, _TrainingModeProbe)) and probe.cancels(values)}
+
+
 def _copy(proto: onnx.ModelProto) -> onnx.ModelProto:
     copied = onnx.ModelProto()
     copied.CopyFrom(proto)
@@ -269,8 +283,15 @@ class _Probe(ABC):
 
     def _value_moments(self, batches: list[dict[str, np.ndarray]]) -> Moments:
         """The moments of all values: every batch's mean and variance over its N * L values, pooled."""
-        return Moments.pooled([Moments.from_variance(int(values[self.shape][0] * values[self.shape][2]),
-                                                     values[self.mean], values[self.var]) for values in batches])
+        counts = np.array([values[self.shape][0] * values[self.shape][2] for values in batches], dtype=np.float64)
+        return _stacked(counts, batches, self.mean, self.var)
+
+
+def _stacked(counts: np.ndarray, batches: list[dict[str, np.ndarray]], mean: str, variance: str) -> Moments:
+    """The moments of many batches given their counts and the names of their mean and population variance."""
+    means = np.stack([values[mean].reshape(-1) for values in batches]).astype(np.float64)
+    variances = np.stack([values[variance].reshape(-1) for values in batches]).astype(np.float64)
+    return Moments.stacked(counts, means, variances * counts[:, None])
 
 
 class _ReducingProbe(_Probe):
@@ -287,9 +308,8 @@ class _ReducingProbe(_Probe):
         self.outputs = (self.mean, self.var, self.spread, self.shape) + ((self.excess,) if self.excess else ())
 
     def moments(self, batches: list[dict[str, np.ndarray]]) -> tuple[Moments, Moments]:
-        return (self._value_moments(batches),
-                Moments.pooled([Moments.from_variance(int(values[self.shape][0]), values[self.mean], values[self.spread])
-                                for values in batches]))
+        samples = np.array([values[self.shape][0] for values in batches], dtype=np.float64)
+        return self._value_moments(batches), _stacked(samples, batches, self.mean, self.spread)
 
     def cancels(self, values: dict[str, np.ndarray]) -> bool:
         return self.excess is not None and bool(values[self.excess] > 0)
