@@ -3,9 +3,11 @@
 Inference is the engine's own `run` over the same batches (PyTorch eager under no_grad; onnxruntime with
 optimizations off, the sessions recalibration itself uses; one intra-op thread for both, as everywhere
 here), so the ratio is the price of observing the BN inputs and of the extra passes. `bnfold.recalibrate` is timed whole (copying the model, batching the
-data, every pass, writing the statistics into the copy), interleaved with inference. Peak memory is
-measured in a fresh process per method: the resident-set high-water mark (Linux VmHWM, reset just before
-the call) minus the resident set before it.
+data, every pass, writing the statistics into the copy), interleaved with inference. Inference and the
+fast method also run on twice the data: the time the second half adds is their steady-state throughput,
+and what the first call costs beyond it is the fixed cost of one call (copies, instrumentation, a fresh
+onnxruntime session). Peak memory is measured in a fresh process per method: the resident-set high-water
+mark (Linux VmHWM, reset just before the call) minus the resident set before it.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from tests.zoo import export_onnx, resnet_bottleneck
 # they weigh in real use, where recalibration reads thousands of samples.
 SAMPLES, QUICK_SAMPLES, BATCH = 1024, 256, 32
 METHODS = ("inference", "exact", "fast")
+DOUBLED = {"inference": "inference, twice the data", "fast": "fast, twice the data"}
 
 
 class WideCNN(nn.Module):
@@ -61,25 +64,28 @@ def _setup(name: str, framework: str, folder: Path, samples: int):
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         module = factory().eval()
-    data = np.random.default_rng(0).standard_normal((samples, *shape)).astype(np.float32) * 1.5 + 0.2
+    data = np.random.default_rng(0).standard_normal((2 * samples, *shape)).astype(np.float32) * 1.5 + 0.2
     if framework == "onnx":
         path = export_onnx(module, (1, *shape), folder / f"{name.replace(' ', '_')}.onnx")
         return as_model(path), data
     return as_model(module), data
 
 
-def _calls(model, data: np.ndarray) -> dict:
+def _calls(model, data: np.ndarray, samples: int) -> dict:
+    """Each method on the first `samples` of `data`; inference and fast also on all of it (twice as many)."""
     engine = engine_for(model)
     name = model.input_specs()[0].name if model.input_specs() else "input"
-    batches = [{name: data[start:start + BATCH]} for start in range(0, len(data), BATCH)]
 
-    def inference() -> None:
-        for batch in batches:
-            engine.run(model, batch)
+    def inference(count: int) -> None:
+        for start in range(0, count, BATCH):
+            engine.run(model, {name: data[start:start + BATCH]})
 
-    return {"inference": inference,
-            "exact": lambda: bnfold.recalibrate(model, data, method="exact", batch_size=BATCH),
-            "fast": lambda: bnfold.recalibrate(model, data, method="fast", batch_size=BATCH)}
+    def recalibrate(method: str, count: int) -> None:
+        bnfold.recalibrate(model, data[:count], method=method, batch_size=BATCH)
+
+    return {"inference": lambda: inference(samples), "exact": lambda: recalibrate("exact", samples),
+            "fast": lambda: recalibrate("fast", samples), DOUBLED["inference"]: lambda: inference(len(data)),
+            DOUBLED["fast"]: lambda: recalibrate("fast", len(data))}
 
 
 def _rss_kib(field: str) -> int:
@@ -93,7 +99,7 @@ def peak_memory(name: str, framework: str, method: str, samples: int) -> float:
     """MiB above the resident set that one call of `method` needs at its peak (run in a fresh process)."""
     with tempfile.TemporaryDirectory(prefix="bnfold-recal-") as folder:
         model, data = _setup(name, framework, Path(folder), samples)
-        call = _calls(model, data)[method]
+        call = _calls(model, data, samples)[method]
         Path("/proc/self/clear_refs").write_text("5")  # reset the high-water mark (Linux)
         before = _rss_kib("VmRSS")
         call()
@@ -113,21 +119,29 @@ def run(quick: bool = False) -> dict:
         for name in MODELS:
             for framework in ("torch", "onnx"):
                 model, data = _setup(name, framework, Path(folder), samples)
-                timings = time_interleaved(_calls(model, data), runs=2 if quick else 3, warmup=1, sample_seconds=0)
+                timings = time_interleaved(_calls(model, data, samples), runs=2 if quick else 3, warmup=1,
+                                           sample_seconds=0)
                 result = {"samples": samples, "batch": BATCH}
-                for method, timing in timings.items():
+                for method in METHODS:
+                    timing = timings[method]
                     result[method] = {"samples_per_s": samples / timing.median,
                                       "spread": [samples / timing.max, samples / timing.min],
                                       "peak_mib": _measure_in_child(name, framework, method, samples)}
+                for method, doubled in DOUBLED.items():  # what the second half of the data adds, and what is left
+                    added = timings[doubled].median - timings[method].median
+                    result[method]["steady_samples_per_s"] = samples / added
+                    result[method]["fixed_s"] = timings[method].median - added
                 for method in ("exact", "fast"):
                     result[method]["vs_inference"] = result[method]["samples_per_s"] / result["inference"]["samples_per_s"]
+                result["fast"]["steady_vs_inference"] = (result["fast"]["steady_samples_per_s"]
+                                                         / result["inference"]["steady_samples_per_s"])
                 results[f"{name} ({'PyTorch eager' if framework == 'torch' else 'ONNX'})"] = result
                 print(f"  recalibration {name} {framework}", flush=True)
     return results
 
 
 def markdown(results: dict) -> str:
-    rows = []
+    rows, steady = [], []
     for name, r in results.items():
         cells = [name]
         for method in METHODS:
@@ -136,12 +150,19 @@ def markdown(results: dict) -> str:
             cells.append(f"{r[method]['samples_per_s']:,.0f} ({spread[0]:,.0f}–{spread[1]:,.0f}){ratio}")
         cells += [f"{r[m]['peak_mib']:.0f}" for m in METHODS]
         rows.append(cells)
+        steady.append([name, f"{r['inference']['steady_samples_per_s']:,.0f}",
+                       f"{r['fast']['steady_samples_per_s']:,.0f} = {r['fast']['steady_vs_inference']:.2f}×",
+                       f"{r['inference']['fixed_s'] * 1e3:.0f}", f"{r['fast']['fixed_s'] * 1e3:.0f}"])
     first = next(iter(results.values()))
-    return (f"{first['samples']} samples, batch {first['batch']}; samples/s: median (min–max) of interleaved "
+    return (f"{first['samples']:,} samples, batch {first['batch']}; samples/s: median (min–max) of interleaved "
             "runs, and the ratio to inference; peak memory: MiB above the resident set, one fresh process "
             "per method:\n\n"
             + table(["model", "inference samples/s", "exact samples/s", "fast samples/s", "inference MiB",
-                     "exact MiB", "fast MiB"], rows))
+                     "exact MiB", "fast MiB"], rows)
+            + f"\n\nSteady-state throughput: the samples per second that the second {first['samples']:,} samples "
+            "add (medians of the same interleaved runs), and the fixed cost of one call, what its first "
+            f"{first['samples']:,} samples cost beyond that (the difference of two medians: noisy):\n\n"
+            + table(["model", "inference samples/s", "fast samples/s", "inference fixed ms", "fast fixed ms"], steady))
 
 
 def main() -> None:
