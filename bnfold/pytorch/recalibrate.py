@@ -114,20 +114,74 @@ class Observation(NamedTuple):
     eps: float | None = None
     sample_norms: torch.Tensor | None = None
 
+    def pieces(self) -> list[torch.Tensor]:
+        """Its tensors, flat, in the order `_Call` reads them back."""
+        norms = [self.sample_norms.reshape(-1)] if self.sample_norms is not None else []
+        return [self.mean, self.spread, self.sample_sums.reshape(-1), *norms]
+
+
+class _Call(NamedTuple):
+    """Where one call's observation lies in its batch's flat array (its `Observation.pieces`, in order)."""
+
+    layer: str
+    checked: bool  # whether `end_batch` checks it (not in float64 already, more than one value per sample)
+    positions: int
+    eps: float | None
+    norms: bool
+    samples: int
+    channels: int
+    start: int
+
     @property
-    def nbytes(self) -> int:
-        norms = self.sample_norms.nbytes if self.sample_norms is not None else 0
-        return self.mean.nbytes + self.spread.nbytes + self.sample_sums.nbytes + norms
+    def size(self) -> int:
+        return self.channels * (2 + self.samples * (2 if self.norms else 1))
+
+    def mean(self, flat: np.ndarray) -> np.ndarray:
+        return flat[self.start:self.start + self.channels]
+
+    def spread(self, flat: np.ndarray) -> np.ndarray:
+        return flat[self.start + self.channels:self.start + 2 * self.channels]
+
+    def sample_sums(self, flat: np.ndarray) -> np.ndarray:
+        start = self.start + 2 * self.channels
+        return flat[start:start + self.samples * self.channels].reshape(self.samples, self.channels)
+
+    def sample_norms(self, flat: np.ndarray) -> np.ndarray:
+        start = self.start + (2 + self.samples) * self.channels
+        return flat[start:start + self.samples * self.channels].reshape(self.samples, self.channels)
 
 
-class _BatchLayout(NamedTuple):
-    """Where each call's channels lie in a batch's concatenated observations (each call's mean, then its spread)."""
+class _BatchLayout:
+    """A pattern of calls in a batch: where each lies in the batch's flat array, and the vectorized check
+    of the `checked` ones (see `InputStatistics`)."""
 
-    means: np.ndarray  # the position of each channel's mean
-    spreads: np.ndarray  # and of its spread
-    from_invstd: np.ndarray  # channels whose spread is 1 / sqrt(variance + eps)
-    eps: np.ndarray  # their eps
-    owners: np.ndarray  # the call each channel belongs to
+    def __init__(self, calls: list[_Call]) -> None:
+        self.calls = calls
+        checked = [index for index, call in enumerate(calls) if call.checked]
+        sizes = [calls[index].channels for index in checked]
+        self.owners = np.repeat(np.array(checked, dtype=np.int64), sizes)  # the call of each checked channel
+        self.means = np.concatenate([np.arange(calls[i].channels) + calls[i].start for i in checked]
+                                    or [np.zeros(0, dtype=np.int64)])
+        self.spreads = self.means + np.repeat(sizes, sizes).astype(np.int64)
+        eps = np.repeat([np.nan if calls[i].eps is None else calls[i].eps for i in checked], sizes)
+        self.from_invstd = ~np.isnan(eps)  # channels whose spread is 1 / sqrt(variance + eps)
+        self.eps = eps[self.from_invstd]
+
+    def needing_care(self, flat: np.ndarray) -> tuple[set[str], set[str]]:
+        """Layers to reduce with `batch_norm_update_stats` (a variance too small for 1/sqrt(var + eps)),
+        and layers to reduce in float64 (a mean too large for float32, `BATCH_MEAN_RATIO`)."""
+        if not len(self.means):
+            return set(), set()
+        means, variances = flat[self.means].astype(np.float64), flat[self.spreads].astype(np.float64)
+        invstd = variances[self.from_invstd]
+        variances[self.from_invstd] = 1.0 / (invstd * invstd) - self.eps
+        too_small = np.zeros(len(variances), dtype=bool)
+        too_small[self.from_invstd] = variances[self.from_invstd] * _INVSTD_EPS_RATIO < self.eps
+        too_far = means * means > BATCH_MEAN_RATIO * variances
+        if not (too_small.any() or too_far.any()):
+            return set(), set()
+        return ({self.calls[i].layer for i in self.owners[too_small & ~too_far]},
+                {self.calls[i].layer for i in self.owners[too_far]})
 
 
 class InputStatistics:
@@ -156,28 +210,30 @@ class InputStatistics:
         self._direct: set[str] = set()  # reduced by batch_norm_update_stats
         self._careful: set[str] = set()  # reduced by batch_norm_update_stats in float64
         self._batch: list[tuple[str, Observation]] = []
-        self._layouts: dict[tuple[tuple[str, float | None, int], ...], _BatchLayout] = {}
+        self._layouts: dict[tuple[Any, ...], _BatchLayout] = {}
         self._statistics: dict[str, ChannelStatistics] = {}
-        self._pending: dict[str, list[Observation]] = {}
+        # kept batches, each one flat host array (one allocation per batch, not a few per call: small
+        # long-lived blocks between freed activations fragment glibc's heap, hundreds of MB over a pass)
+        self._pending: list[tuple[_BatchLayout, np.ndarray]] = []
         self._pending_bytes = 0
+        self._deviations: torch.Tensor | None = None  # see `_scratch`
 
     def normalize(self, layer: str, inputs: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
                   eps: float) -> torch.Tensor:
         """`inputs` normalized by their own batch's statistics, as a BN in training mode does; recorded."""
-        if (layer not in self._direct and layer not in self._careful and _plain(inputs)
-                and (inputs.numel() <= _VECTORIZED_VALUES or inputs.dim() == 2)):
-            _check_dims(inputs)
-            output, mean, invstd = torch.native_batch_norm(inputs, weight, bias, None, None, True, 0.0, eps)
-            self._record(layer, Observation(mean, invstd, _sample_sums(inputs), _positions(inputs), eps))
-            return output
-        mean, var = self.observe(layer, inputs)
-        return F.batch_norm(inputs, mean, var, weight, bias, False, 0.0, eps)
+        if self._singled_out(layer) or not _plain(inputs) or _large(inputs):
+            mean, var = self.observe(layer, inputs)
+            return F.batch_norm(inputs, mean, var, weight, bias, False, 0.0, eps)
+        _check_dims(inputs)
+        output, mean, invstd = torch.native_batch_norm(inputs, weight, bias, None, None, True, 0.0, eps)
+        self._record(layer, Observation(mean, invstd, _sample_sums(inputs), _positions(inputs), eps))
+        return output
 
     def observe(self, layer: str, inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The batch's mean and population variance per channel, in the inputs' dtype; recorded."""
         _check_dims(inputs)
         values = inputs.detach()
-        if not self._by_kernel(layer, values):
+        if not self._singled_out(layer) and _plain(values) and _large(values):
             return self._centered(layer, values)
         values = values.contiguous()  # torch reduces channels-last inputs in float32: not exact
         if layer in self._careful:
@@ -188,10 +244,9 @@ class InputStatistics:
         self._record(layer, Observation(mean, var, _sample_sums(values), _positions(values)))
         return mean.to(inputs.dtype), var.to(inputs.dtype)
 
-    def _by_kernel(self, layer: str, inputs: torch.Tensor) -> bool:
-        """Whether torch's BN kernels reduce this call (else vectorized passes per sample do)."""
-        return (inputs.numel() <= _VECTORIZED_VALUES or inputs.dim() == 2 or layer in self._direct
-                or layer in self._careful or not _plain(inputs))
+    def _singled_out(self, layer: str) -> bool:
+        """Whether a check singled the layer out for `batch_norm_update_stats` (see the class)."""
+        return layer in self._direct or layer in self._careful
 
     def _centered(self, layer: str, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Two vectorized passes per sample: its sums, then the norm of its deviations from its mean."""
@@ -199,12 +254,21 @@ class InputStatistics:
         positions = _positions(values)
         sums = values.sum(dim=dims)
         sample_means = sums / positions
-        norms = torch.linalg.vector_norm(values - sample_means[(...,) + (None,) * len(dims)], dim=dims)
+        deviations = torch.sub(values, sample_means[(...,) + (None,) * len(dims)], out=self._scratch(values))
+        norms = torch.linalg.vector_norm(deviations, dim=dims)
         mean = sample_means.mean(dim=0)
         between = (sample_means - mean).square_().sum(dim=0)  # Chan's update, summed over the samples
         var = norms.square().sum(dim=0).add_(between, alpha=positions).div_(values.shape[0] * positions)
         self._record(layer, Observation(mean, var, sums, positions, None, norms))
         return mean, var
+
+    def _scratch(self, values: torch.Tensor) -> torch.Tensor:
+        """A buffer shaped like `values`, the same for every call (grown to the largest): a fresh
+        activation-sized block per call, freed at once, would fragment glibc's heap by hundreds of MB."""
+        if (self._deviations is None or self._deviations.numel() < values.numel()
+                or self._deviations.dtype != values.dtype or self._deviations.device != values.device):
+            self._deviations = torch.empty(values.numel(), dtype=values.dtype, device=values.device)
+        return self._deviations[:values.numel()].view(values.shape)
 
     def _record(self, layer: str, observation: Observation) -> None:
         self._batch.append((layer, observation))  # checked even if not observed: it may have normalized
@@ -212,53 +276,34 @@ class InputStatistics:
     def end_batch(self) -> bool:
         """Keep this batch's observations; or, where a layer's need more care (see the class), discard
         them and return False: the caller runs the batch again."""
-        direct, careful = self._needing_care()
+        if not self._batch:
+            return True
+        layout = self._layout()
+        flat = torch.cat([piece for _, observation in self._batch for piece in observation.pieces()]).numpy(force=True)
+        self._batch.clear()
+        direct, careful = layout.needing_care(flat)
         if direct or careful:
             self._direct |= direct
             self._careful |= careful
-            self._batch.clear()
             return False
-        for layer, observation in self._batch:
-            if layer in self.observe_layers:
-                self._pending.setdefault(layer, []).append(observation)
-                self._pending_bytes += observation.nbytes
-        self._batch.clear()
+        self._pending.append((layout, flat))
+        self._pending_bytes += flat.nbytes
         if self._pending_bytes > _PENDING_BYTES:
             self._merge_pending()
         return True
 
-    def _needing_care(self) -> tuple[set[str], set[str]]:
-        """Layers of this batch to reduce with `batch_norm_update_stats` (a variance too small for
-        1/sqrt(var + eps)), and those to reduce in float64 (a mean too large for float32,
-        `BATCH_MEAN_RATIO`): one vectorized check over every call of the batch."""
-        checked = [(layer, observation) for layer, observation in self._batch
-                   if layer not in self._careful and observation.positions > 1]
-        if not checked:
-            return set(), set()
-        layout = self._layout(tuple((layer, observation.eps, observation.mean.shape[0]) for layer, observation in checked))
-        values = torch.cat([tensor for _, observation in checked for tensor in observation[:2]]).numpy(force=True)
-        means, variances = values[layout.means].astype(np.float64), values[layout.spreads].astype(np.float64)
-        invstd = variances[layout.from_invstd]
-        variances[layout.from_invstd] = 1.0 / (invstd * invstd) - layout.eps
-        too_small = np.zeros(len(variances), dtype=bool)
-        too_small[layout.from_invstd] = variances[layout.from_invstd] * _INVSTD_EPS_RATIO < layout.eps
-        too_far = means * means > BATCH_MEAN_RATIO * variances
-        if not (too_small.any() or too_far.any()):
-            return set(), set()
-        return ({checked[i][0] for i in layout.owners[too_small & ~too_far]},
-                {checked[i][0] for i in layout.owners[too_far]})
-
-    def _layout(self, calls: tuple[tuple[str, float | None, int], ...]) -> _BatchLayout:
-        """The layout of a batch's calls (layer, eps, channels), computed once per pattern of calls."""
-        layout = self._layouts.get(calls)
+    def _layout(self) -> _BatchLayout:
+        """The layout of this batch's calls, made once per pattern of calls."""
+        key = tuple((layer, layer in self._careful, observation.positions, observation.eps,
+                     observation.sample_norms is not None, *observation.sample_sums.shape)
+                    for layer, observation in self._batch)
+        layout = self._layouts.get(key)
         if layout is None:
-            sizes = [size for _, _, size in calls]
-            eps = np.repeat([np.nan if value is None else value for _, value, _ in calls], sizes)
-            from_invstd = ~np.isnan(eps)
-            owners = np.repeat(np.arange(len(calls)), sizes)
-            means = np.arange(len(owners)) + np.repeat(np.cumsum([0] + sizes[:-1]), sizes)  # mean, then spread, per call
-            layout = self._layouts[calls] = _BatchLayout(means, means + np.repeat(sizes, sizes), from_invstd,
-                                                         eps[from_invstd], owners)
+            calls, start = [], 0
+            for layer, careful, positions, eps, norms, samples, channels in key:
+                calls.append(_Call(layer, not careful and positions > 1, positions, eps, norms, samples, channels, start))
+                start += calls[-1].size
+            layout = self._layouts[key] = _BatchLayout(calls)
         return layout
 
     def result(self) -> dict[str, ChannelStatistics]:
@@ -267,45 +312,46 @@ class InputStatistics:
         return self._statistics
 
     def _merge_pending(self) -> None:
-        for layer, pending in self._pending.items():
-            alike: dict[tuple[Any, ...], list[Observation]] = {}  # a BN may run at several resolutions
-            for observation in pending:
-                key = (observation.positions, observation.eps, observation.sample_norms is not None,
-                       observation.mean.dtype, observation.sample_sums.dtype)
-                alike.setdefault(key, []).append(observation)
-            statistics = self._statistics.setdefault(layer, ChannelStatistics())
-            for group in alike.values():
-                statistics.add(*_pooled(group), batches=len(group))
+        alike: dict[tuple[Any, ...], list[tuple[_Call, np.ndarray]]] = {}  # a BN may run at several resolutions
+        for layout, flat in self._pending:
+            for call in layout.calls:
+                if call.layer in self.observe_layers:
+                    alike.setdefault((call.layer, call.positions, call.eps, call.norms), []).append((call, flat))
+        for (layer, *_), calls in alike.items():
+            self._statistics.setdefault(layer, ChannelStatistics()).add(*_pooled(calls), batches=len(calls))
         self._pending.clear()
         self._pending_bytes = 0
 
 
-def _pooled(observations: list[Observation]) -> tuple[Moments, Moments]:
-    """The moments of the values and of the sample means of alike observations, in float64.
+def _pooled(calls: list[tuple[_Call, np.ndarray]]) -> tuple[Moments, Moments]:
+    """The moments of the values and of the sample means of alike calls, in float64.
 
     One value per sample and channel (BN after a Linear): the values themselves were kept, and their
     moments are exact whatever torch's kernel did (it reduces such inputs in float32)."""
-    first = observations[0]
-    sample_sums = torch.cat([observation.sample_sums for observation in observations]).numpy(force=True)
-    sample_means = sample_sums.astype(np.float64) / first.positions
-    if first.positions == 1:
-        values = Moments.of(sample_means)
-        return values, values
+    first = calls[0][0]
+    sample_means = np.concatenate([call.sample_sums(flat) for call, flat in calls]).astype(np.float64) / first.positions
     samples = Moments.of(sample_means)
-    if first.sample_norms is not None:  # the values' M2: the samples' own, and positions times that of their means
-        norms = torch.cat([observation.sample_norms for observation in observations]).numpy(force=True)
-        m2 = np.square(norms.astype(np.float64)).sum(axis=0) + first.positions * samples.m2
-        return Moments(samples.count * first.positions, samples.mean, m2), samples
-    means = torch.stack([observation.mean for observation in observations]).numpy(force=True)
-    spreads = torch.stack([observation.spread for observation in observations]).numpy(force=True).astype(np.float64)
-    counts = np.array([observation.sample_sums.shape[0] for observation in observations]) * first.positions
+    if first.positions == 1:
+        return samples, samples
+    if first.norms:  # the values' M2: the samples' own, and positions times that of their means
+        norms = np.concatenate([call.sample_norms(flat) for call, flat in calls]).astype(np.float64)
+        return Moments(samples.count * first.positions, samples.mean,
+                       np.square(norms).sum(axis=0) + first.positions * samples.m2), samples
+    means = np.stack([call.mean(flat) for call, flat in calls]).astype(np.float64)
+    spreads = np.stack([call.spread(flat) for call, flat in calls]).astype(np.float64)
+    counts = np.array([call.samples for call, _ in calls]) * first.positions
     variances = spreads if first.eps is None else 1.0 / np.square(spreads) - first.eps
-    return Moments.stacked(counts, means.astype(np.float64), variances * counts[:, None]), samples
+    return Moments.stacked(counts, means, variances * counts[:, None]), samples
 
 
 def _plain(inputs: torch.Tensor) -> bool:
     """Float32 or float64 and contiguous: what torch's BN kernels reduce with double accumulators."""
     return inputs.dtype in _EXACT_DTYPES and inputs.is_contiguous()
+
+
+def _large(inputs: torch.Tensor) -> bool:
+    """Whether vectorized passes per sample reduce this call faster than torch's BN kernels."""
+    return inputs.numel() > _VECTORIZED_VALUES and inputs.dim() > 2
 
 
 def _sample_sums(values: torch.Tensor) -> torch.Tensor:
