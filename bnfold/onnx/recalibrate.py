@@ -23,6 +23,8 @@ updates running_var with the population variance). This module never imports tor
 
 from __future__ import annotations
 
+import copy
+
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
@@ -82,7 +84,8 @@ class OnnxStatisticsRunner:
                     self._skipped[node_label(node)] = reason
                 else:
                     self.nodes[node_label(node)] = node
-        for layer in discover(self.proto, self.opset):
+        self._discovered = discover(self.proto, self.opset)
+        for layer in self._discovered:
             if layer.name not in self.nodes and layer.name not in self._skipped:
                 self._skipped[layer.name] = "inside a subgraph (If/Loop/Scan), which bnfold cannot observe"
 
@@ -106,7 +109,7 @@ class OnnxStatisticsRunner:
         return value
 
     def layers(self) -> list[BNLayer]:
-        layers = [layer for layer in discover(self.proto, self.opset) if layer.name in self.nodes]
+        layers = [copy.copy(layer) for layer in self._discovered if layer.name in self.nodes]
         for layer in layers:  # discovery does not look through Identity nodes
             node = self.nodes[layer.name]
             layer.running_mean, layer.running_var = (
