@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -119,7 +120,7 @@ def run(quick: bool = False) -> dict:
         for name in MODELS:
             for framework in ("torch", "onnx"):
                 model, data = _setup(name, framework, Path(folder), samples)
-                timings = time_interleaved(_calls(model, data, samples), runs=2 if quick else 3, warmup=1,
+                timings = time_interleaved(_calls(model, data, samples), runs=2 if quick else 5, warmup=1,
                                            sample_seconds=0)
                 result = {"samples": samples, "batch": BATCH}
                 for method in METHODS:
@@ -128,7 +129,8 @@ def run(quick: bool = False) -> dict:
                                       "spread": [samples / timing.max, samples / timing.min],
                                       "peak_mib": _measure_in_child(name, framework, method, samples)}
                 for method, doubled in DOUBLED.items():  # what the second half of the data adds, and what is left
-                    added = timings[doubled].median - timings[method].median
+                    added = statistics.median(twice - once for once, twice in zip(timings[method].samples,
+                                                                                   timings[doubled].samples))
                     result[method]["steady_samples_per_s"] = samples / added
                     result[method]["fixed_s"] = timings[method].median - added
                 for method in ("exact", "fast"):
@@ -160,8 +162,9 @@ def markdown(results: dict) -> str:
             + table(["model", "inference samples/s", "exact samples/s", "fast samples/s", "inference MiB",
                      "exact MiB", "fast MiB"], rows)
             + f"\n\nSteady-state throughput: the samples per second that the second {first['samples']:,} samples "
-            "add (medians of the same interleaved runs), and the fixed cost of one call, what its first "
-            f"{first['samples']:,} samples cost beyond that (the difference of two medians: noisy):\n\n"
+            "add (the median over rounds of the difference between the two calls of a round), and the fixed "
+            f"cost of one call, what its first {first['samples']:,} samples cost beyond that (a difference of "
+            "timings, so within the machine's noise of zero where the fixed cost is small):\n\n"
             + table(["model", "inference samples/s", "fast samples/s", "inference fixed ms", "fast fixed ms"], steady))
 
 

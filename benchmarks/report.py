@@ -42,9 +42,10 @@ def verdicts(results: dict) -> list[tuple[str, bool, str]]:
         rows.append(("fold error no larger than the unfolded model's own error against float64", not failing,
                      "holds in every case" if not failing else "exceeded in: " + ", ".join(failing)))
     if "recalibration" in results:
-        ratios = {name: r["fast"]["steady_vs_inference"] for name, r in results["recalibration"].items()}
-        low = [f"{name} ({value:.2f}×)" for name, value in ratios.items() if value < RECAL_TARGET]
-        rows.append((f"fast recalibration ≥ {RECAL_TARGET} of inference throughput (steady state, section 4)",
+        ratios = {name: r["fast"]["vs_inference"] for name, r in results["recalibration"].items()}
+        low = [f"{name} ({value:.2f}×; steady state {results['recalibration'][name]['fast']['steady_vs_inference']:.2f}×)"
+               for name, value in ratios.items() if value < RECAL_TARGET]
+        rows.append((f"fast recalibration ≥ {RECAL_TARGET} of inference throughput (whole calls, section 4)",
                      not low, "holds on every model" if not low else "below on " + "; ".join(low)))
     if "memory" in results:
         largest, steepest = _memory_extremes(results["memory"])
@@ -98,11 +99,12 @@ def headline(results: dict) -> list[str]:
     if "recalibration" in results:
         rec = results["recalibration"]
         lines.append(
-            "**Recalibration** throughput relative to plain inference: fast "
-            + ", ".join(f"{r['fast']['steady_vs_inference']:.2f}×" for r in rec.values())
-            + " in the steady state ("
+            "**Recalibration** throughput relative to plain inference, whole calls on "
+            f"{next(iter(rec.values()))['samples']:,} samples: fast "
             + ", ".join(f"{r['fast']['vs_inference']:.2f}×" for r in rec.values())
-            + f" for whole calls on {next(iter(rec.values()))['samples']:,} samples); exact "
+            + " (steady state "
+            + ", ".join(f"{r['fast']['steady_vs_inference']:.2f}×" for r in rec.values())
+            + "); exact "
             + ", ".join(f"{r['exact']['vs_inference']:.2f}×" for r in rec.values())
             + f" (models: {', '.join(rec)}).")
     if "startup" in results:
@@ -180,7 +182,7 @@ def _why_not(results: dict) -> list[str]:
             if original["median"] > 1 + NOISE:
                 lines.append(f"- {name}, {runtime}, batch {batch}: folded {_ratio(original)} × the original. "
                              + _slower_reason(runtime, s, band))
-    if "recalibration" in results and any(r["fast"]["steady_vs_inference"] < RECAL_TARGET
+    if "recalibration" in results and any(r["fast"]["vs_inference"] < RECAL_TARGET
                                           for r in results["recalibration"].values()):
         lines.append(
             "- Fast recalibration below 0.85× of inference: the fast method normalizes each BN by its batch, "
