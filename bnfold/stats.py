@@ -14,14 +14,14 @@ Pure numpy: frameworks reduce their tensors to `Moments` and hand them over.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
 # Above this squared mean / variance, float32 batch means (good to about 6e-8 of their size) would blur
-# the variance between batches by more than about 1e-6 of the total: such a layer's batches are reduced
-# more carefully (in float64, or around a shift) by the framework that reduces them.
+# the variance between batches by more than about 1e-6 of the total (float32 sample means, summed by
+# cascade, up to about 1e-5): such a layer's batches are reduced more carefully (in float64, or around a
+# shift) by the framework that reduces them.
 BATCH_MEAN_RATIO = 1e4
 
 

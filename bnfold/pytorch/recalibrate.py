@@ -16,11 +16,12 @@ One runner per kind of torch object, because each is instrumented differently:
 - TorchScript: the inlined forward graph gets the BN inputs as extra outputs (and batch-statistics BN
   ops for the fast method), compiled into a function that runs on the module's own attributes.
 
-Every runner hands each BN call to one `InputStatistics`, which reduces it on its device with torch's
-own BN kernels (the batch's mean and variance per channel, and one sum per sample and channel) and
-merges the results into `bnfold.stats.ChannelStatistics` in float64, many batches at a time (a per-call
-merge of small arrays would cost more than the reduction). Where the fast method normalizes a layer
-by its batch, that is one training-mode BN call, which hands back the statistics it normalized by.
+Every runner hands each BN call to one `InputStatistics`, which reduces it on its device (torch's own
+BN kernels for small calls, vectorized passes per sample for large ones), takes each batch's results to
+the host as one array and merges them into `bnfold.stats.ChannelStatistics` in float64, many batches at
+a time (a per-call merge of small arrays would cost more than the reduction). Where the fast method
+normalizes a small call by its batch, that is one training-mode BN call, which hands back the
+statistics it normalized by.
 """
 
 from __future__ import annotations
@@ -84,8 +85,8 @@ def _device(name: str) -> torch.device:
     return device
 
 
-# Observations wait on the device until they take this many bytes across layers, then merge into the
-# float64 statistics in bulk: few merges per pass, and memory far below one batch's activations.
+# Kept batches wait on the host until they take this many bytes, then merge into the float64
+# statistics in bulk: few merges per pass, and memory far below one batch's activations.
 _PENDING_BYTES = 4 << 20
 # A variance recovered from a training-mode BN's 1 / sqrt(variance + eps) (float32) keeps about 1e-6 of
 # its value while it is above eps / 8; a layer with a channel below reduces its variance directly instead.
