@@ -11,7 +11,7 @@ from typing import ClassVar, Protocol
 
 import numpy as np
 
-from bnfold.model import Model
+from bnfold.model import Model, ModelFormat
 from bnfold.plan import FoldOptions, FoldPlan
 
 Batch = dict[str, np.ndarray]  # one batch of inputs, keyed by input name
@@ -27,6 +27,9 @@ class Engine(Protocol):
 
     def apply(self, model: Model, plan: FoldPlan) -> Model:
         """A new model with the plan's folds carried out; the input model is left untouched."""
+
+    def folded_format(self, model: Model) -> ModelFormat:
+        """The format `apply` returns `model` in (its own, or another where its own cannot hold the fold)."""
 
     def run(self, model: Model, batch: Batch) -> list[np.ndarray]:
         """The model's outputs (eval mode) for one batch, as numpy arrays."""

@@ -13,7 +13,7 @@ from bnfold.data import DataOptions, open_data
 from bnfold.engine import Batch, Engine, engine_for
 from bnfold.formats import as_model
 from bnfold.layers import FoldStatus
-from bnfold.model import LoadOptions, Model, ModelFormat
+from bnfold.model import LoadOptions, Model
 from bnfold.output import atomic_write, check_output_name, check_output_path
 from bnfold.plan import FoldOptions
 from bnfold.reports.fold import FoldReport
@@ -40,10 +40,9 @@ def fold(source: object, output: str | Path | None = None, *, tolerance: float |
     if output_path is not None:
         check_output_path(output_path, source_path, force=force, in_place=in_place)
     model = as_model(source, LoadOptions(allow_pickle=allow_pickle, model_factory=model_factory))
-    if output_path is not None:  # a state_dict cannot drop the BN modules: it is written as a program
-        check_output_name(output_path, model, "fold", ModelFormat.EXPORTED_PROGRAM
-                          if model.format is ModelFormat.STATE_DICT else None)
     engine = engine_for(model)
+    if output_path is not None:
+        check_output_name(output_path, model, "fold", engine.folded_format(model))
     inputs_label = "random" if batches is None and data is None else "data"
     if batches is None and data is not None:  # before planning: some captures need an example
         batches = _data_batches(model, data, data_options)

@@ -7,6 +7,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 from bnfold import memory
+from bnfold.model import ModelFormat
 from bnfold.onnx import runtime
 from bnfold.onnx.fold import apply_folds, plan_folds
 from bnfold.onnx.model import OnnxModel
@@ -26,6 +27,9 @@ class OnnxEngine:
 
     def apply(self, model: OnnxModel, plan: FoldPlan) -> OnnxModel:
         return OnnxModel(model.path, apply_folds(model.proto, plan), external_data=model.external_data)
+
+    def folded_format(self, model: OnnxModel) -> ModelFormat:
+        return model.format
 
     def run(self, model: OnnxModel, batch: dict[str, np.ndarray]) -> list[np.ndarray]:
         cached = self._sessions.get(id(model))

@@ -94,6 +94,10 @@ class TorchEngine:
             return ModuleModel(model.path, folded, ModelFormat.PICKLE)
         return _state_dict_output(model, folded, capture, plan)
 
+    def folded_format(self, model: Model) -> ModelFormat:
+        # a state_dict cannot drop the BN modules of the factory's class: it is written as a program
+        return ModelFormat.EXPORTED_PROGRAM if model.format is ModelFormat.STATE_DICT else model.format
+
     def run(self, model: Model, batch: Batch) -> list[np.ndarray]:
         inputs = _inputs(model, batch)
         with torch.no_grad():
