@@ -223,19 +223,26 @@ class InputStatistics:
                   eps: float) -> torch.Tensor:
         """`inputs` normalized by their own batch's statistics, as a BN in training mode does; recorded."""
         if self._singled_out(layer) or not _plain(inputs) or _large(inputs):
-            mean, var = self.observe(layer, inputs)
+            # float16/bfloat16 inputs are normalized with float32 statistics and parameters: a float16
+            # variance overflows past 65,504, and float32 BN layers in a float16 model take no float16 ones
+            dtype = torch.promote_types(inputs.dtype, torch.float32)
+            mean, var = self.observe(layer, inputs, dtype)
+            weight, bias = (None if p is None else p.to(dtype) for p in (weight, bias))
             return F.batch_norm(inputs, mean, var, weight, bias, False, 0.0, eps)
         _check_dims(inputs)
         output, mean, invstd = torch.native_batch_norm(inputs, weight, bias, None, None, True, 0.0, eps)
         self._record(layer, Observation(mean, invstd, _sample_sums(inputs), _positions(inputs), eps))
         return output
 
-    def observe(self, layer: str, inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The batch's mean and population variance per channel, in the inputs' dtype; recorded."""
+    def observe(self, layer: str, inputs: torch.Tensor,
+                dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The batch's mean and population variance per channel, in `dtype` (the inputs' by default); recorded."""
         _check_dims(inputs)
         values = inputs.detach()
+        dtype = dtype or inputs.dtype
         if not self._singled_out(layer) and _plain(values) and _large(values):
-            return self._centered(layer, values)
+            mean, var = self._centered(layer, values)
+            return mean.to(dtype), var.to(dtype)
         values = values.contiguous()  # torch reduces channels-last inputs in float32: not exact
         if layer in self._careful:
             values = values.double()
@@ -243,7 +250,7 @@ class InputStatistics:
             values = values.float()
         mean, var = torch.batch_norm_update_stats(values, None, None, 0.0)
         self._record(layer, Observation(mean, var, _sample_sums(values), _positions(values)))
-        return mean.to(inputs.dtype), var.to(inputs.dtype)
+        return mean.to(dtype), var.to(dtype)
 
     def _singled_out(self, layer: str) -> bool:
         """Whether a check singled the layer out for `batch_norm_update_stats` (see the class)."""
@@ -618,9 +625,10 @@ class ModuleRunner(_TorchRunner):
         replaced = {name for name in layers if batch_statistics and _torch_forward(self.bns.get(name))}
 
         def observe_input(name: str, inputs: torch.Tensor) -> None:
-            mean, var = statistics.observe(name, inputs)
+            buffers = self._statistics(name)  # float32 in a float16 model: the statistics must not pass float16
+            mean, var = statistics.observe(name, inputs, buffers[0].dtype)
             if batch_statistics:
-                for buffer, value in zip(self._statistics(name), (mean, var)):
+                for buffer, value in zip(buffers, (mean, var)):
                     buffer.copy_(value)
 
         pairs = [self._statistics(name) for name in layers - replaced] if batch_statistics else []
@@ -740,7 +748,7 @@ class ExportedProgramRunner(_TorchRunner):
             if key in statistics.observe_layers or batch_statistics:
                 node = copies[original]
                 with graph.inserting_before(node):
-                    observed = graph.call_function(_observer(statistics, key), (node.args[0],))
+                    observed = graph.call_function(_observer(statistics, key), (node.args[0], node.args[3]))
                     if batch_statistics:  # the BN op reads the batch's mean and variance instead of its buffers
                         batch = [graph.call_function(operator.getitem, (observed, index)) for index in (0, 1)]
                         node.args = (*node.args[:3], *batch, *node.args[5:])
@@ -758,9 +766,12 @@ class ExportedProgramRunner(_TorchRunner):
         return ExportedProgramModel(self.model.path, self.program)
 
 
-def _observer(statistics: InputStatistics, layer: str) -> Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
-    def observe_batch_norm_input(inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return statistics.observe(layer, inputs)
+def _observer(statistics: InputStatistics,
+              layer: str) -> Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+    def observe_batch_norm_input(inputs: torch.Tensor, running_mean: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The batch's statistics in the dtype of the running ones they stand in for (float32 BN layers in a
+        float16 model)."""
+        return statistics.observe(layer, inputs, running_mean.dtype)
 
     return observe_batch_norm_input
 
