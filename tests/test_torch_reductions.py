@@ -8,6 +8,8 @@ the batch's statistics.
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -16,6 +18,7 @@ from torch import nn
 
 import bnfold
 from bnfold.pytorch.recalibrate import InputStatistics
+from tests.recalibration_oracle import BatchNormOracle, assert_statistics_match
 from tests.test_recalibrate import observed_batch, torch_reduction  # noqa: F401 (a fixture)
 
 
@@ -135,3 +138,43 @@ def test_layers_flagged_in_later_batches_keep_every_batch_exact(torch_reduction,
         assert result[name].batches == 5 and result[name].count == sum(x[:, 0].numel() for x in batches)
         assert np.all(np.abs(result[name].mean - mean) <= 1e-7 * np.abs(mean) + 1e-6 * np.sqrt(variance)), name
         np.testing.assert_allclose(result[name].variance(), variance, rtol=2e-6, err_msg=name)
+
+
+class Reshaped(nn.Module):
+    """A BN module called at two resolutions, a token BN1d called on (N*T, C) and on (N, C), a BN1d on
+    (N, C, L), and a BN far from zero that no other layer reads."""
+
+    def __init__(self, three_d: bool) -> None:
+        super().__init__()
+        conv, bn = (nn.Conv3d, nn.BatchNorm3d) if three_d else (nn.Conv2d, nn.BatchNorm2d)
+        self.pool = F.avg_pool3d if three_d else F.avg_pool2d
+        self.conv, self.shared, self.offset = conv(3, 8, 3, padding=1), bn(8), bn(8)
+        self.tokens, self.sequence = nn.BatchNorm1d(8), nn.BatchNorm1d(8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        full = self.shared(self.conv(x))
+        half = self.shared(self.conv(self.pool(x, 2)))
+        far = self.offset(full + 3000.0)
+        samples, channels = full.shape[:2]
+        tokens = self.tokens(full.flatten(2).transpose(1, 2).reshape(-1, channels))
+        sequence = self.sequence(tokens.reshape(samples, -1, channels).transpose(1, 2))
+        return sequence.mean() + self.tokens(half.flatten(2).mean(2)).sum() + far.mean()
+
+
+@pytest.mark.parametrize("method", ["exact", "fast"])
+@pytest.mark.parametrize("three_d", [False, True], ids=["2d", "3d"])
+def test_calls_of_several_sizes_in_channels_last_models_match_the_oracle(method, three_d, torch_reduction):
+    torch.manual_seed(0)
+    module = Reshaped(three_d).eval()
+    shape = (11, 3, 4, 8, 8) if three_d else (11, 3, 16, 16)  # a last batch of 3
+    data = (np.random.default_rng(1).standard_normal(shape) * 2 + 1).astype(np.float32)
+    layout = torch.channels_last_3d if three_d else torch.channels_last
+    report = bnfold.recalibrate(copy.deepcopy(module).to(memory_format=layout), data, method=method, batch_size=4,
+                                min_samples=1)
+    oracle = BatchNormOracle(module, data, batch=4, ddof=1)
+    oracle = oracle.exact() if method == "exact" else oracle.fast()
+    assert set(oracle.statistics) == {"shared", "offset", "tokens", "sequence"}
+    for name, (mean, var) in oracle.statistics.items():
+        bn = report.result.module.get_submodule(name)
+        assert_statistics_match(bn.running_mean.numpy(), bn.running_var.numpy(), mean, var, layer=name)
+        assert int(bn.num_batches_tracked) == oracle.calls[name]
