@@ -221,12 +221,25 @@ def _store(runner: StatisticsRunner, layer: BNLayer, statistics: ChannelStatisti
         raise DataError(f"{layer.name}'s input holds NaN/Inf in {int(bad.sum())} of {bad.size} channels although "
                         "the data is finite: the model produces them; no statistics were stored",
                         "check the weights before this layer (bnfold inspect lists non-finite parameters)")
+    largest = float(np.max(np.maximum(np.abs(mean), var), initial=0.0))
+    if largest > _largest_finite(layer.dtype):  # float16 buffers hold up to 65,504: the rest would be Inf
+        raise DataError(f"{layer.name}'s new statistics reach {largest:.4g}, beyond what its {layer.dtype} "
+                        "running statistics can hold; no statistics were stored",
+                        "keep the BN layers in float32 (a float16 model can run float32 BN layers)")
     runner.set_statistics(layer.name, mean, var, statistics.batches)
     return LayerRecalibration(
         name=layer.name, kind=layer.kind, channels=layer.channels, eps=layer.eps, pass_number=pass_number,
         samples=statistics.samples, values_per_channel=statistics.count, batches=statistics.batches,
         old_mean=layer.running_mean, old_var=layer.running_var, new_mean=mean, new_var=var,
         standard_error=statistics.standard_error())
+
+
+def _largest_finite(dtype: str) -> float:
+    """The largest finite value of a float dtype's name (bfloat16 has float32's range)."""
+    try:
+        return float(np.finfo("float32" if dtype == "bfloat16" else dtype).max)
+    except (TypeError, ValueError):  # a dtype numpy does not know: nothing to check against
+        return np.inf
 
 
 def _findings(results: list[LayerRecalibration]) -> list[Finding]:

@@ -692,6 +692,21 @@ def test_recalibrate_refuses_to_store_statistics_the_model_made_non_finite(tmp_p
     assert torch.isfinite(model[1].running_var).all()  # the caller's model is untouched
 
 
+@pytest.mark.parametrize("method", ["exact", "fast"])
+def test_recalibrate_refuses_statistics_beyond_the_range_of_float16_buffers(tmp_path, method):
+    """A float16 BN's running_var holds up to 65,504: a larger variance would be stored as Inf."""
+    import bnfold
+    from bnfold.errors import DataError
+
+    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2)).half().eval()
+    data = (np.random.default_rng(0).standard_normal((64, 1, 8, 8)) * 2000).astype(np.float16)
+    with pytest.raises(DataError, match=r"beyond what its float16 running statistics can hold"):
+        bnfold.recalibrate(model, data, method=method, output=tmp_path / "out.pt")
+    assert not (tmp_path / "out.pt").exists()
+    small = bnfold.recalibrate(model, data / 2000, method=method).result.module[1]
+    assert torch.isfinite(small.running_var).all() and small.running_var.dtype == torch.float16
+
+
 def test_recalibrate_refuses_non_finite_activations_in_one_line(cli, tmp_path, recwarn):  # found by fuzzing
     """numpy's RuntimeWarnings about the Inf must not add lines to the one-line error."""
     def infinite_bias(model):  # channel 0 is +Inf everywhere: Inf - Inf inside the moments warns
