@@ -7,7 +7,7 @@ batch mean; batches are combined with the parallel update of Chan, Golub and LeV
 
 This is exact up to float64 rounding, whatever the batch sizes, and includes the variance between
 batches (an average of per-batch variances does not; an exponential moving average is not exact at all).
-Many batches can also arrive at once, as arrays of per-batch moments (`Moments.stacked`): the same
+Many batches can also arrive at once, as arrays of per-batch moments (`Moments.of_batches`): the same
 update summed in one vectorized step.
 Pure numpy: frameworks reduce their tensors to `Moments` and hand them over.
 """
@@ -23,6 +23,12 @@ import numpy as np
 # cascade, up to about 1e-5): such a layer's batches are reduced more carefully (in float64, or around a
 # shift) by the framework that reduces them.
 BATCH_MEAN_RATIO = 1e4
+
+
+def beyond_float32_means(mean: np.ndarray, variance: np.ndarray) -> np.ndarray:
+    """Where a mean lies too far out for float32 (`BATCH_MEAN_RATIO`), elementwise."""
+    mean = np.asarray(mean, dtype=np.float64)
+    return mean * mean > BATCH_MEAN_RATIO * np.asarray(variance, dtype=np.float64)
 
 
 @dataclass(frozen=True)
@@ -43,13 +49,15 @@ class Moments:
         return cls(int(flat.shape[1]), mean, np.einsum("ij,ij->i", deviations, deviations))
 
     @classmethod
-    def stacked(cls, counts: np.ndarray, means: np.ndarray, m2: np.ndarray) -> Moments:
-        """The moments of B sets of values together, given as `counts` (B,), `means` and `m2` (B, C): Chan's
-        update summed over the sets (M2 = sum of their M2 + sum of count * (set mean - mean)^2)."""
+    def of_batches(cls, counts: np.ndarray, means: np.ndarray, variances: np.ndarray) -> Moments:
+        """The moments of B batches together, given as `counts` (B,) and each batch's mean and population
+        variance (B, C), as frameworks reduce them: Chan's update summed over the batches
+        (M2 = sum of count * variance + sum of count * (batch mean - mean)^2)."""
         counts = np.asarray(counts, dtype=np.float64)
+        means = np.asarray(means, dtype=np.float64)
         total = counts.sum()
         mean = counts @ means / total
-        return cls(int(total), mean, np.asarray(m2, dtype=np.float64).sum(axis=0) + counts @ np.square(means - mean))
+        return cls(int(total), mean, counts @ np.asarray(variances, dtype=np.float64) + counts @ np.square(means - mean))
 
     def merge(self, other: Moments) -> Moments:
         """The moments of both sets of values together (Chan et al.)."""

@@ -90,13 +90,13 @@ def test_empty_and_mismatched_merges():
     assert single.standard_error().shape == (2,) and np.isinf(single.standard_error()).all()
 
 
-def test_stacked_moments_equal_merging_one_part_at_a_time():
+def test_batch_moments_pooled_at_once_equal_merging_one_part_at_a_time():
     rng = np.random.default_rng(3)
     parts = [Moments.of(rng.normal(loc, 2.0, size=(size, 5)) + 1e3, channel_axis=1)
              for loc, size in ((0.0, 7), (5.0, 1), (-3.0, 40))]
     merged = parts[0].merge(parts[1]).merge(parts[2])
-    pooled = Moments.stacked(np.array([part.count for part in parts]), np.stack([part.mean for part in parts]),
-                             np.stack([part.m2 for part in parts]))
+    pooled = Moments.of_batches(np.array([part.count for part in parts]), np.stack([part.mean for part in parts]),
+                                np.stack([part.variance() for part in parts]))
     assert pooled.count == merged.count == 48
     np.testing.assert_allclose(pooled.mean, merged.mean, rtol=1e-13)
     np.testing.assert_allclose(pooled.m2, merged.m2, rtol=1e-11)

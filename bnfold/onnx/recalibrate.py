@@ -44,7 +44,7 @@ from bnfold.onnx.model import OnnxModel
 from bnfold.onnx.runtime import session
 from bnfold.onnx.shapes import infer_facts
 from bnfold.recalibration import GraphStep, upstream_layers
-from bnfold.stats import BATCH_MEAN_RATIO, ChannelStatistics, Moments
+from bnfold.stats import ChannelStatistics, Moments, beyond_float32_means
 
 _PREFIX = "bnfold_recalibrate"
 # Above this mean square / variance ratio, cancellation would cost a variance more than about 2e-6 of
@@ -196,7 +196,7 @@ class OnnxStatisticsRunner:
     def _trains(self, node: onnx.NodeProto) -> bool:
         """Whether the fast method can switch `node` itself to training mode (opset 14+, float32 or
         double input and statistics: onnxruntime then reduces in two passes, in the input's precision),
-        rather than probe it carefully (an input offset far beyond its spread, see `BATCH_MEAN_RATIO`)."""
+        rather than probe it carefully (an input offset far beyond its spread, see `beyond_float32_means`)."""
         return (self.opset >= 14 and node_label(node) not in self.careful and self._reduces_in_place(node)
                 and self._constant(node.input[3]).dtype in (np.float32, np.float64))
 
@@ -252,9 +252,9 @@ def _cancelled(probes: dict[str, _Probe], values: dict[str, np.ndarray]) -> set[
     trained = [probe for probe in probes.values() if isinstance(probe, _TrainingModeProbe)]
     screened = False  # whether some training-mode probe may have cancelled
     if trained:
-        means = np.concatenate([values[probe.mean].reshape(-1) for probe in trained]).astype(np.float64)
+        means = np.concatenate([values[probe.mean].reshape(-1) for probe in trained])
         variances = np.concatenate([values[probe.var].reshape(-1) for probe in trained])
-        screened = bool(np.any(means * means > BATCH_MEAN_RATIO * variances))
+        screened = bool(np.any(beyond_float32_means(means, variances)))
     return {layer for layer, probe in probes.items()
             if (screened or not isinstance(probe, _TrainingModeProbe)) and probe.cancels(values)}
 
@@ -292,9 +292,8 @@ class _Probe(ABC):
 
 def _stacked(counts: np.ndarray, batches: list[dict[str, np.ndarray]], mean: str, variance: str) -> Moments:
     """The moments of many batches given their counts and the names of their mean and population variance."""
-    means = np.stack([values[mean].reshape(-1) for values in batches]).astype(np.float64)
-    variances = np.stack([values[variance].reshape(-1) for values in batches]).astype(np.float64)
-    return Moments.stacked(counts, means, variances * counts[:, None])
+    return Moments.of_batches(counts, np.stack([values[mean].reshape(-1) for values in batches]),
+                              np.stack([values[variance].reshape(-1) for values in batches]))
 
 
 class _ReducingProbe(_Probe):
@@ -334,8 +333,7 @@ class _TrainingModeProbe(_Probe):
                 Moments.of(np.concatenate([values[self.sample_means] for values in batches]), channel_axis=1))
 
     def cancels(self, values: dict[str, np.ndarray]) -> bool:
-        mean = values[self.mean].astype(np.float64)
-        return bool(np.any(mean * mean > BATCH_MEAN_RATIO * values[self.var]))
+        return bool(np.any(beyond_float32_means(values[self.mean], values[self.var])))
 
 
 class _ProbeBuilder:

@@ -54,7 +54,7 @@ from bnfold.pytorch.discover import (BN_ATEN_SIGNATURES, attribute_path, bn_kind
                                      frozen_batch_norms, inlined_graph, resolve_path)
 from bnfold.pytorch.model import ExportedProgramModel, ModuleModel, TorchScriptModel
 from bnfold.recalibration import GraphStep, upstream_layers
-from bnfold.stats import BATCH_MEAN_RATIO, ChannelStatistics, Moments
+from bnfold.stats import ChannelStatistics, Moments, beyond_float32_means
 
 # ExportedProgram BN ops that normalize with their running statistics, and how to make them use the
 # batch's statistics instead.
@@ -170,15 +170,14 @@ class _BatchLayout:
 
     def needing_care(self, flat: np.ndarray) -> tuple[set[str], set[str]]:
         """Layers to reduce with `batch_norm_update_stats` (a variance too small for 1/sqrt(var + eps)),
-        and layers to reduce in float64 (a mean too large for float32, `BATCH_MEAN_RATIO`)."""
+        and layers to reduce in float64 (a mean too large for float32, `beyond_float32_means`)."""
         if not len(self.means):
             return set(), set()
         means, variances = flat[self.means].astype(np.float64), flat[self.spreads].astype(np.float64)
-        invstd = variances[self.from_invstd]
-        variances[self.from_invstd] = 1.0 / (invstd * invstd) - self.eps
+        variances[self.from_invstd] = _invstd_variance(variances[self.from_invstd], self.eps)
         too_small = np.zeros(len(variances), dtype=bool)
         too_small[self.from_invstd] = variances[self.from_invstd] * _INVSTD_EPS_RATIO < self.eps
-        too_far = means * means > BATCH_MEAN_RATIO * variances
+        too_far = beyond_float32_means(means, variances)
         if not (too_small.any() or too_far.any()):
             return set(), set()
         return ({self.calls[i].layer for i in self.owners[too_small & ~too_far]},
@@ -201,9 +200,9 @@ class InputStatistics:
     Each keeps one sum per sample and channel, for the standard error. What comes back in float32 is
     exact enough but in two cases, which `end_batch` checks once per batch: a variance far below eps,
     recovered from 1 / sqrt(variance + eps) (the layer then uses `torch.batch_norm_update_stats`), and a
-    mean beyond `BATCH_MEAN_RATIO`, whose float32 rounding would blur the variance between batches and
-    samples (the layer is then reduced in float64). The batch then runs again, and the layer stays so for
-    the rest of the pass.
+    mean too far out for float32 (`bnfold.stats.beyond_float32_means`), whose rounding would blur the
+    variance between batches and samples (the layer is then reduced in float64). The batch then runs
+    again, and the layer stays so for the rest of the pass.
     """
 
     def __init__(self, observe: Iterable[str]) -> None:
@@ -345,11 +344,15 @@ def _pooled(calls: list[tuple[_Call, np.ndarray]]) -> tuple[Moments, Moments]:
         norms = np.concatenate([call.sample_norms(flat) for call, flat in calls]).astype(np.float64)
         return Moments(samples.count * first.positions, samples.mean,
                        np.square(norms).sum(axis=0) + first.positions * samples.m2), samples
-    means = np.stack([call.mean(flat) for call, flat in calls]).astype(np.float64)
     spreads = np.stack([call.spread(flat) for call, flat in calls]).astype(np.float64)
-    counts = np.array([call.samples for call, _ in calls]) * first.positions
-    variances = spreads if first.eps is None else 1.0 / np.square(spreads) - first.eps
-    return Moments.stacked(counts, means, variances * counts[:, None]), samples
+    return Moments.of_batches(np.array([call.samples for call, _ in calls]) * first.positions,
+                              np.stack([call.mean(flat) for call, flat in calls]),
+                              spreads if first.eps is None else _invstd_variance(spreads, first.eps)), samples
+
+
+def _invstd_variance(invstd: np.ndarray, eps: np.ndarray | float) -> np.ndarray:
+    """The population variance behind a training-mode BN's 1 / sqrt(variance + eps), in float64."""
+    return 1.0 / np.square(invstd.astype(np.float64)) - eps
 
 
 def _plain(inputs: torch.Tensor) -> bool:
