@@ -220,6 +220,87 @@ def test_untraceable_module_falls_back_to_call_order(calib):
         assert_statistics_match(bn.running_mean.numpy(), bn.running_var.numpy(), *expected[name])
 
 
+class CountedHead(nn.Module):
+    """A head after the last BN that counts its forwards (in a class attribute: the runner copies the model)."""
+
+    forwards = 0
+
+    def forward(self, x):
+        CountedHead.forwards += not isinstance(x, torch.fx.Proxy)  # not torch.fx's trace
+        return x
+
+
+@torch.fx.wrap
+def hidden_from_the_trace(bn: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return bn(x)
+
+
+class TwoLevels(nn.Module):
+    def __init__(self, hide_second_call: bool) -> None:
+        super().__init__()
+        self.fc1, self.bn1 = nn.Linear(64, 16), nn.BatchNorm1d(16)
+        self.fc2, self.fc3, self.bn2 = nn.Linear(16, 16), nn.Linear(16, 16), nn.BatchNorm1d(16)
+        self.head, self.hide_second_call = CountedHead(), hide_second_call
+
+    def forward(self, x):
+        x = torch.relu(self.bn1(self.fc1(x.flatten(1))))
+        y = self.bn2(self.fc2(x))
+        if self.hide_second_call:  # a second call of bn2 that torch.fx does not see
+            y = y + hidden_from_the_trace(self.bn2, self.fc3(x))
+        return self.head(y)
+
+
+@pytest.mark.parametrize("hide_second_call", [False, True])
+def test_eager_passes_stop_after_their_last_layer_when_the_trace_counts_every_call(hide_second_call, calib):
+    torch.manual_seed(0)
+    module = TwoLevels(hide_second_call).eval()
+    CountedHead.forwards = 0
+    report = recalibrate(module, calib, batch_size=BATCH)
+    batches = -(-len(calib) // BATCH)
+    assert report.passes == 2
+    # the first forward of a pass runs whole, checking the trace's count; the others stop after the
+    # pass's last layer, unless that count missed a call (bn2's, in the second pass)
+    assert CountedHead.forwards == (1 + batches if hide_second_call else 2)
+    expected, _ = exact_oracle(module, calib, ddof=1)
+    for name in ("bn1", "bn2"):
+        bn = getattr(report.result.module, name)
+        assert_statistics_match(bn.running_mean.numpy(), bn.running_var.numpy(), *expected[name])
+
+
+@pytest.mark.parametrize("method", ["exact", "fast"])
+def test_onnx_passes_run_no_node_after_their_last_layer(method, monkeypatch):
+    """onnxruntime runs every node of a graph whatever a run fetches: each pass's graph ends at its layers."""
+    import bnfold.onnx.recalibrate as onnx_recalibrate
+
+    graphs, real_session = [], onnx_recalibrate.session
+    monkeypatch.setattr(onnx_recalibrate, "session",
+                        lambda proto: graphs.append([node.op_type for node in proto.graph.node]) or real_session(proto))
+    report = recalibrate(SAMPLES / "resnet.onnx", CALIB, method=method)
+    assert report.passes == (3 if method == "exact" else 1)
+    assert len(graphs) >= report.passes  # a layer whose probe cancels gets a session with a careful one
+    assert not any({"GlobalAveragePool", "Flatten", "Gemm"} & set(ops) for ops in graphs)
+    if method == "exact":
+        assert [ops.count("Conv") for ops in graphs][:2] == [1, 3]  # the stem; then both branches of the block
+
+
+def test_torch_pass_graphs_end_at_their_last_layer():
+    from bnfold.formats import as_model
+    from bnfold.pytorch.recalibrate import InputStatistics
+    from bnfold.recalibration import statistics_runner
+
+    program = statistics_runner(as_model(SAMPLES / "resnet.pt2"))
+    with program._instrumented(False, InputStatistics({"stem_bn"})) as module:
+        targets = [str(node.target) for node in module.graph.nodes if node.op == "call_function"]
+    assert sum("conv" in target for target in targets) == 1
+    assert not any(op in target for target in targets for op in ("linear", "mean", "add.Tensor"))
+    script = statistics_runner(as_model(SAMPLES / "resnet.ts"))
+    graph, observed = script.pass_graph({"block.bn1", "block.downsample.1"}, True)
+    kinds = [node.kind() for node in graph.nodes()]
+    assert observed == ["block.bn1", "block.downsample.1"]
+    # the model's own checks (a pooling layer's check of its input's size) keep what they read
+    assert "aten::adaptive_avg_pool2d" not in kinds and "aten::linear" not in kinds
+
+
 def test_no_batchnorm_is_a_clear_error(calib, cli, tmp_path):
     with pytest.raises(NoBatchNormError):
         recalibrate(nn.Sequential(nn.Flatten(), nn.Linear(64, 2)), calib)

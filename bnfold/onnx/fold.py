@@ -29,7 +29,7 @@ from onnx import helper
 from bnfold import __version__, foldmath
 from bnfold.layers import FoldDecision, FoldDirection, FoldStatus
 from bnfold.onnx.constants import Constants, is_pure
-from bnfold.onnx.graph import BN_OP, GraphIndex, attribute, node_label, opset_version, walk_graphs
+from bnfold.onnx.graph import BN_OP, GraphIndex, attribute, delete_where, node_label, opset_version, walk_graphs
 from bnfold.onnx.patterns import (ELEMENTWISE_OPS, Affine, FoldAction, Layer, Link, Scope, Skip, analyze,
                                   bn_affine, elementwise_affine, is_op, read_layer)
 from bnfold.onnx.shapes import ValueFacts, infer_facts
@@ -266,12 +266,12 @@ class _FoldState:
                 if any(init.name == value.name for init in graph.initializer):
                     graph.input.append(value)
         for graph, _ in self._graphs.values():
-            _delete_where(graph.value_info, lambda value: value.name in self._gone)
+            delete_where(graph.value_info, lambda value: value.name in self._gone)
         kept = sum(decision.status is FoldStatus.KEPT for decision in plan.decisions)
         folded = len(plan.decisions) - kept
         affines = {link.affine for action in plan.actions for link in action.links}
         stamp = {"version": __version__, "folded": folded, "kept": kept, "other_ops_folded": len(affines) - folded}
-        _delete_where(self.proto.metadata_props, lambda prop: prop.key == METADATA_KEY)
+        delete_where(self.proto.metadata_props, lambda prop: prop.key == METADATA_KEY)
         self.proto.metadata_props.add(key=METADATA_KEY, value=json.dumps(stamp, sort_keys=True))
 
     def _prune(self) -> None:
@@ -300,8 +300,8 @@ class _FoldState:
                         readers[input_name] -= 1
                         queue.append(input_name)
         for graph, names in dead.values():
-            _delete_where(graph.initializer, lambda init: init.name in names)
-            _delete_where(graph.input, lambda value: value.name in names)
+            delete_where(graph.initializer, lambda init: init.name in names)
+            delete_where(graph.input, lambda value: value.name in names)
 
 
 def _producer_fold(layer: Layer, affine: Affine) -> tuple[np.ndarray | None, np.ndarray | None]:
@@ -346,19 +346,12 @@ def _alpha_beta(node: onnx.NodeProto) -> tuple[float, float]:
 
 
 def _set_attribute(node: onnx.NodeProto, value: onnx.AttributeProto) -> None:
-    _delete_where(node.attribute, lambda attr: attr.name == value.name)
+    delete_where(node.attribute, lambda attr: attr.name == value.name)
     node.attribute.append(value)
 
 
 def _position(graph: onnx.GraphProto, node: onnx.NodeProto) -> int:
     return next(i for i, candidate in enumerate(graph.node) if candidate is node)
-
-
-def _delete_where(field, predicate) -> None:
-    """Delete the elements of a repeated protobuf field that match, without copying the others."""
-    for position in reversed(range(len(field))):
-        if predicate(field[position]):
-            del field[position]
 
 
 class _Names:

@@ -109,6 +109,27 @@ def _outer_references(graph: onnx.GraphProto) -> set[str]:
     return used - defined
 
 
+def needed_nodes(nodes: list[onnx.NodeProto], outputs: set[str]) -> list[onnx.NodeProto]:
+    """The `nodes` (in order) that `outputs` depend on, values captured by subgraphs included:
+    onnxruntime runs every node of a graph, whatever a run fetches."""
+    needed, kept = set(outputs), []
+    for node in reversed(nodes):
+        if any(output in needed for output in node.output):
+            kept.append(node)
+            needed.update(name for name in node.input if name)
+            for attr in node.attribute:
+                for sub in _attr_graphs(attr):
+                    needed.update(_outer_references(sub))
+    return kept[::-1]
+
+
+def delete_where(field, predicate) -> None:
+    """Delete the elements of a repeated protobuf field that match, without copying the others."""
+    for position in reversed(range(len(field))):
+        if predicate(field[position]):
+            del field[position]
+
+
 def walk_graphs(graph: onnx.GraphProto, path: str = "", parent: str | None = None) -> Iterator[GraphIndex]:
     """The graph and every subgraph (If/Loop/Scan bodies), outermost first."""
     yield GraphIndex(graph, path, parent)

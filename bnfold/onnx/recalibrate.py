@@ -39,7 +39,7 @@ from bnfold.foldmath import round_to
 from bnfold.layers import BNLayer
 from bnfold.model import InputSpec
 from bnfold.onnx.discover import discover, is_training_mode, used_optional_outputs
-from bnfold.onnx.graph import BN_OP, DEFAULT_DOMAINS, GraphIndex, node_label, opset_version
+from bnfold.onnx.graph import BN_OP, DEFAULT_DOMAINS, GraphIndex, delete_where, needed_nodes, node_label, opset_version
 from bnfold.onnx.model import OnnxModel
 from bnfold.onnx.runtime import session
 from bnfold.onnx.shapes import infer_facts
@@ -188,9 +188,14 @@ class OnnxStatisticsRunner:
                 if layer in observe:
                     probes[layer] = probe
             nodes.append(node)
+        outputs = [name for probe in probes.values() for name in probe.outputs]
+        kept = needed_nodes(nodes, set(outputs))  # what comes after the last probe would run for nothing
         graph.ClearField("node")
-        graph.node.extend(nodes)
-        graph.output.extend(helper.ValueInfoProto(name=name) for probe in probes.values() for name in probe.outputs)
+        graph.node.extend(kept)
+        graph.ClearField("output")
+        graph.output.extend(helper.ValueInfoProto(name=name) for name in outputs)
+        read = GraphIndex(graph).consumers
+        delete_where(graph.initializer, lambda init: init.name not in read and init.name not in self.index.input_names)
         return proto, probes
 
     def _trains(self, node: onnx.NodeProto) -> bool:

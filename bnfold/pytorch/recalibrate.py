@@ -569,16 +569,17 @@ class ModuleRunner(_TorchRunner):
             self.notes.append(f"torch.fx cannot trace the model ({self._untraceable}); the passes follow "
                               "the order in which the data calls the BN layers")
             return self._call_order(batches)
-        functional = {layer.extra["buffers"][0]: name for name, layer in self.functional.items()}
+        return upstream_layers(_fx_steps(graph, self._layer_of))
 
-        def layer_of(node: fx.Node) -> str | None:
-            if node.op == "call_module":
-                return node.target if node.target in self.bns else None
-            call = _functional_call(node)
-            mean = call["running_mean"] if call is not None else None
-            return functional.get(mean.target) if isinstance(mean, fx.Node) and mean.op == "get_attr" else None
-
-        return upstream_layers(_fx_steps(graph, layer_of))
+    def _layer_of(self, node: fx.Node) -> str | None:
+        """The layer an fx node calls: a BN module, or F.batch_norm on the buffers of a functional layer."""
+        if node.op == "call_module":
+            return node.target if node.target in self.bns else None
+        call = _functional_call(node)
+        mean = call["running_mean"] if call is not None else None
+        if not (isinstance(mean, fx.Node) and mean.op == "get_attr"):
+            return None
+        return next((name for name, layer in self.functional.items() if layer.extra["buffers"][0] == mean.target), None)
 
     def _call_order(self, batches: Iterable[Batch]) -> dict[str, set[str]]:
         """Without a graph, assume each layer depends on every layer called before it, in any batch (one
@@ -627,18 +628,27 @@ class ModuleRunner(_TorchRunner):
         layers = set(self.layer_names) if batch_statistics else statistics.observe_layers
         replaced = {name for name in layers if batch_statistics and _torch_forward(self.bns.get(name))}
 
+        # the exact method has a trace (it planned the passes with it): a forward can stop after its layers
+        countdown = _Countdown(None if batch_statistics else self._calls_per_forward(layers))
+
         def observe_input(name: str, inputs: torch.Tensor) -> None:
             buffers = self._statistics(name)  # float32 in a float16 model: the statistics must not pass float16
             mean, var = statistics.observe(name, inputs, buffers[0].dtype)
             if batch_statistics:
                 for buffer, value in zip(buffers, (mean, var)):
                     buffer.copy_(value)
+            countdown.called()
 
         pairs = [self._statistics(name) for name in layers - replaced] if batch_statistics else []
         forwards = {self.bns[name]: functools.partial(_normalized_by_batch, statistics, name, self.bns[name])
                     for name in replaced}
         with _buffers_restored(pairs), _forwards_replaced(forwards), self._observed(layers - replaced, observe_input):
-            yield self.module
+            yield functools.partial(countdown.run, self.module)
+
+    def _calls_per_forward(self, layers: set[str]) -> int | None:
+        """How many calls of the `layers` one forward makes, by the fx trace (None without one)."""
+        graph = self._graph
+        return None if graph is None else sum(self._layer_of(node) in layers for node in graph.nodes)
 
     def _buffers(self, layer: str) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]:
         tracked = self.bns[layer].num_batches_tracked if layer in self.bns else None
@@ -646,6 +656,38 @@ class ModuleRunner(_TorchRunner):
 
     def result(self) -> Model:
         return ModuleModel(self.model.path, self.module.cpu(), self.model.format, safetensors=self.model.safetensors)
+
+
+class _PassComplete(BaseException):
+    """Every observed call of the forward has been made: the rest of the model does not matter to the
+    pass (a BaseException, so that no `except Exception` in a model's forward takes it for an error)."""
+
+
+class _Countdown:
+    """Stops a forward once it has made the `expected` number of observed calls (the trace's count).
+
+    The first forward runs whole and counts: stopping starts only when it made exactly the expected
+    calls (a trace misses calls hidden in functions it does not enter; those models run whole)."""
+
+    def __init__(self, expected: int | None) -> None:
+        self.expected = expected or None
+        self.verified = False
+        self.remaining = 0
+
+    def called(self) -> None:
+        self.remaining -= 1
+        if self.verified and self.remaining == 0:
+            raise _PassComplete
+
+    def run(self, module: Callable[..., Any], *inputs: torch.Tensor) -> None:
+        self.remaining = self.expected or 0
+        try:
+            module(*inputs)
+        except _PassComplete:
+            return
+        if self.expected is not None and not self.verified:
+            self.verified = self.remaining == 0
+            self.expected = self.expected if self.verified else None
 
 
 def _torch_forward(bn: nn.Module | None) -> bool:
@@ -746,7 +788,8 @@ class ExportedProgramRunner(_TorchRunner):
     def _instrumented(self, batch_statistics: bool, statistics: InputStatistics) -> Iterator[Callable[..., Any]]:
         graph = fx.Graph()
         copies: dict[fx.Node, fx.Node] = {}
-        graph.output(graph.graph_copy(self.module.graph, copies))
+        graph.graph_copy(self.module.graph, copies)
+        observers = []
         for original, key in self.layer_of.items():
             if key in statistics.observe_layers or batch_statistics:
                 node = copies[original]
@@ -755,7 +798,12 @@ class ExportedProgramRunner(_TorchRunner):
                     if batch_statistics:  # the BN op reads the batch's mean and variance instead of its buffers
                         batch = [graph.call_function(operator.getitem, (observed, index)) for index in (0, 1)]
                         node.args = (*node.args[:3], *batch, *node.args[5:])
-        yield fx.GraphModule(self.module, graph)
+                observers.append(observed)
+        graph.output(tuple(observers))  # the pass needs nothing after the last observer: it is not run
+        module = fx.GraphModule(self.module, graph)
+        graph.eliminate_dead_code()
+        module.recompile()
+        yield module
 
     def _buffers(self, layer: str) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]:
         found = []
@@ -840,12 +888,25 @@ class ScriptRunner(_TorchRunner):
 
     @contextmanager
     def _instrumented(self, batch_statistics: bool, statistics: InputStatistics) -> Iterator[Callable[..., Any]]:
+        graph, observed = self.pass_graph(statistics.observe_layers, batch_statistics)
+        function = torch._C._create_function_from_graph("bnfold_recalibrate", graph)
+
+        def forward(*inputs: torch.Tensor) -> None:
+            outputs = function(self.module._c, *inputs)
+            for key, value in zip(observed, outputs if isinstance(outputs, tuple) else (outputs,)):
+                statistics.observe(key, value)
+
+        yield forward
+
+    def pass_graph(self, observe: set[str], batch_statistics: bool) -> tuple[torch._C.Graph, list[str]]:
+        """The inlined forward graph returning the inputs of the `observe` layers (and nothing after
+        the last of them, which the pass does not need), and those layers in the order it returns them."""
         graph = self._inlined()
         observed = []
         for node, key in zip(_top_level_batch_norms(graph), self.keys):
             if key not in self.names:
                 continue
-            if key in statistics.observe_layers:
+            if key in observe:
                 graph.registerOutput(node.inputsAt(0))
                 observed.append(key)
             if batch_statistics:
@@ -854,15 +915,10 @@ class ScriptRunner(_TorchRunner):
                 node.replaceInput(3, none)
                 node.replaceInput(4, none)
                 node.replaceInput(5, graph.insertConstant(True))
+        graph.eraseOutput(0)  # the model's own output
+        torch._C._jit_pass_dce(graph)
         graph.makeMultiOutputIntoTuple()
-        function = torch._C._create_function_from_graph("bnfold_recalibrate", graph)
-
-        def forward(*inputs: torch.Tensor) -> None:
-            outputs = function(self.module._c, *inputs)
-            for key, value in zip(observed, outputs[1:]):
-                statistics.observe(key, value)
-
-        yield forward
+        return graph, observed
 
     def _buffers(self, layer: str) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]:
         mean, var = (resolve_path(self.module, path) for path in self.statistics_of[layer])
