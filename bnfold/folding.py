@@ -57,7 +57,8 @@ def fold(source: object, output: str | Path | None = None, *, tolerance: float |
     expected, difference, verify_error = None, None, None
     if not verify:
         inputs_label = "skipped"
-    else:  # the original runs first and alone: one runtime (one more copy of the weights) at a time
+    elif plan.failure is None:  # a model that could not be analysed fails whatever it computes: no run
+        # the original runs first and alone: one runtime (one more copy of the weights) at a time
         try:
             expected = outputs(engine, model, batches, "original")
         except VerificationUnavailable as error:

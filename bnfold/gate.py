@@ -70,6 +70,9 @@ def _fail_on(inspection: InspectReport, policy: Policy) -> PolicyResult:
 def _require_folded(inspection: InspectReport, policy: Policy) -> PolicyResult:
     if not policy.require_folded:
         return PolicyResult("require-folded", False, Outcome.SKIPPED, "not required")
+    if inspection.fold_error is not None:  # a gate that cannot tell must not pass
+        return PolicyResult("require-folded", True, Outcome.FAILED, "fold analysis not available", [Failure(
+            f"bnfold cannot analyse the model ({inspection.fold_error}), so foldable BN may remain")])
     foldable = [d for d in (inspection.folds or {}).values() if d.status is not FoldStatus.KEPT]
     failures = [Failure(f"BN still in the model, {d.describe()}: run bnfold fold", d.layer) for d in foldable]
     kept = len(inspection.layers) - len(foldable)

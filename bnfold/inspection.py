@@ -43,17 +43,20 @@ def inspect(source: object, data: object | None = None, *, fail_on: str | Severi
     layers = model.bn_layers()
     example = example_batch(model.input_specs(), parse_input_shapes(input_shape))
     plan = engine_for(model).plan(model, FoldOptions(strict_inputs=strict_inputs, example_batch=example))
-    folds = plan.by_layer()
+    folds = plan.by_layer() if plan.failure is None else None  # unanalysed: no layer is known to be kept
     for layer in layers:  # the fold analysis knows the producer; health checks use it
-        decision = folds.get(layer.name)
+        decision = folds.get(layer.name) if folds is not None else None
         if decision is not None and decision.producer_bias:
             layer.extra.setdefault("producer_bias", decision.producer_bias)
     notes = [] if layers else ["no BatchNorm layers found"]
+    if plan.failure is not None:
+        notes.append(f"fold analysis not available: {plan.failure}")
     report = InspectReport(
         model=ModelInfo(str(model.path), model.format.value, model.framework),
         layers=layers,
         findings=check_layers(layers),
         folds=folds,
+        fold_error=plan.failure,
         fail_on=_severity(fail_on),
         notes=notes,
         limits=limits,

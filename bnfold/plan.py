@@ -31,6 +31,9 @@ class FoldPlan:
     decisions: list[FoldDecision]
     actions: list[Any] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)  # how the engine got there, for the report
+    # Why the engine could not analyse the model at all (no graph captured). Every layer is then kept for
+    # that reason, which says nothing about whether it could fold: no report may count it as done.
+    failure: str | None = None
 
     def by_layer(self) -> dict[str, FoldDecision]:
         return {decision.layer: decision for decision in self.decisions}

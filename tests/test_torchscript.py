@@ -82,8 +82,36 @@ def test_a_scripted_bn_in_training_mode_is_named_as_what_stops_the_fold(tmp_path
     report = bnfold.fold(tmp_path / "training.ts", input_shape="2,3,8,8")
     document = json.loads(report.to_json())
     assert [(layer["layer"], layer["status"]) for layer in document["layers"]] == [("bn1", "kept"), ("bn2", "kept")]
-    for reason in [layer["reason"] for layer in document["layers"]] + document["notes"]:
+    for reason in [layer["reason"] for layer in document["layers"]] + [document["analysis_error"]]:
         assert "because bn2 is in training mode" in reason and "call .eval() on the model" in reason
+
+
+@pytest.mark.parametrize("training, flags", [(True, ["--input-shape", "2,3,8,8"]), (False, ["--no-verify"])],
+                         ids=["the converter fails", "no example input"])
+def test_a_torchscript_model_bnfold_cannot_analyse_fails_fold_and_the_require_folded_gate(tmp_path, cli, training,
+                                                                                         flags):
+    """No graph captured means no layer was even looked at: fold exits 1 writing nothing (it wrote the model
+    unchanged, exit 0), inspect leaves the fold column unknown and says why, and check --require-folded
+    fails (it passed, counting both foldable BN as 'kept, not exactly foldable')."""
+    scripted = torch.jit.script(randomized(TwoConvBN()))
+    scripted.bn2.train(training)
+    model, output = tmp_path / "model.ts", tmp_path / "out.ts"
+    torch.jit.save(scripted, model)
+    shape = flags[1] if flags[0] == "--input-shape" else None
+    report = bnfold.fold(model, output, input_shape=shape, verify="--no-verify" not in flags)
+    assert not report and report.analysis_error and report.difference is None and not output.exists()
+    assert json.loads(report.to_json())["analysis_error"] == report.analysis_error
+    result = cli("fold", str(model), "-o", str(output), *flags)
+    assert result.code == 1 and not output.exists()
+    assert f"not analysed: {report.analysis_error}" in " ".join(result.stdout.split())
+    assert result.stdout.rstrip().endswith("fold rejected: nothing written")
+    inspection = bnfold.inspect(model, input_shape=shape)
+    assert inspection.folds is None and inspection.fold_error == report.analysis_error
+    assert f"fold analysis not available: {report.analysis_error}" in inspection.notes
+    gate = cli("check", str(model), "--require-folded", "--json", *(["--input-shape", shape] if shape else []))
+    assert gate.code == 1
+    [policy] = [p for p in json.loads(gate.stdout)["policies"] if p["policy"] == "require-folded"]
+    assert policy["outcome"] == "failed" and report.analysis_error in policy["failures"][0]["message"]
 
 
 def test_recalibrating_a_frozen_module_skips_its_constant_statistics_saying_why():

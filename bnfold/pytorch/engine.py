@@ -68,7 +68,7 @@ class TorchEngine:
             if not isinstance(model, ModuleModel):
                 reason = f"not analysed: {failure}"
                 return FoldPlan([FoldDecision(layer.name, FoldStatus.KEPT, reason=reason) for layer in layers],
-                                notes=[f"no graph captured: {failure}"])
+                                failure=str(failure))
             capture, found = _fold_by_module(model, options.example_batch, failure)
             build = functools.partial(copy.deepcopy, capture.module)
         decisions = [found.pop(layer.name, None) or FoldDecision(layer.name, FoldStatus.KEPT, reason=NOT_FOUND)

@@ -19,7 +19,8 @@ from bnfold.verify import OutputDifference
 
 @dataclass
 class FoldReport(Report):
-    """Passed when the folded model was verified within tolerance (or verification was skipped on request)."""
+    """Passed when the folded model was verified within tolerance (or verification was skipped on request);
+    never when the model could not be analysed (`analysis_error`): keeping every BN then proves nothing."""
 
     kind = "fold"
     model: ModelInfo
@@ -45,7 +46,13 @@ class FoldReport(Report):
         return self.verification_inputs == "skipped"
 
     @property
+    def analysis_error(self) -> str | None:
+        return self.plan.failure
+
+    @property
     def passed(self) -> bool:
+        if self.analysis_error is not None:
+            return False
         return self.verified or (self.skipped_verification and self.verify_error is None)
 
     @property
@@ -72,6 +79,7 @@ class FoldReport(Report):
             "verified": self.verified,
             "verification_inputs": self.verification_inputs,
             "verify_error": self.verify_error,
+            "analysis_error": self.analysis_error,
             "tolerance": self.tolerance,
             "max_abs_error": difference.get("max_abs_error"),
             "max_rel_error": difference.get("max_rel_error"),
@@ -99,6 +107,8 @@ class FoldReport(Report):
             yield Text(f"{verb} on {self.verification_inputs} inputs ({self.difference.samples} samples): "
                        f"max abs error {fmt_number(self.difference.max_abs)}, max rel error "
                        f"{fmt_number(self.difference.max_rel)} (tolerance {fmt_number(self.tolerance)})")
+        if self.analysis_error:
+            yield Text(f"not analysed: {self.analysis_error}", style="bold red")
         if self.verify_error:
             yield Text(f"not verified: {self.verify_error}", style="bold red")
         elif self.skipped_verification:

@@ -35,6 +35,7 @@ class InspectReport(Report):
     layers: list[BNLayer]
     findings: list[Finding]
     folds: dict[str, FoldDecision] | None = None  # None when fold analysis is not available
+    fold_error: str | None = None  # why the fold analysis could not run (folds is None; the notes say it too)
     fail_on: Severity | None = Severity.ERROR
     notes: list[str] = field(default_factory=list)
     # With data (`inspect --data`): what it was, and how far the running statistics are from it.
@@ -92,6 +93,7 @@ class InspectReport(Report):
             "summary": self.counts(),
             "layers": layers,
             "findings": [f.to_dict() for f in self.findings],
+            "fold_error": self.fold_error,
             "notes": self.notes,
             "data": self.data,
             "limits": self.limits.to_dict() if self.data else None,
