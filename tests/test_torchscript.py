@@ -53,6 +53,26 @@ def test_inspect_lists_the_bn_a_frozen_module_keeps_under_the_names_fold_uses(tm
         assert folded.verified
 
 
+def test_folds_into_a_frozen_module_name_its_layers_and_count_the_weights_freezing_made_constants(tmp_path):
+    """A frozen module keeps its weights as graph constants, not in its state_dict: the parameters before
+    the fold count them (they read 0, so 0 -> 268), and the layers folded into are named by module path
+    while in memory (they read lifted_tensor_self.a), in graph order once torch.jit.save dropped the paths."""
+    model = randomized(SumThenLinear())
+    weights = {name: t.numel() for name, t in model.state_dict().items() if t.is_floating_point()}
+    before, folded_away = sum(weights.values()), sum(n for name, n in weights.items() if name.startswith("bn"))
+    frozen = torch.jit.freeze(torch.jit.script(model))
+    torch.jit.save(frozen, tmp_path / "frozen.ts")
+    for source, targets in ((frozen, [["a", "b"], ["head"]]),
+                            (tmp_path / "frozen.ts", [["conv2d", "conv2d_1"], ["linear_1"]])):
+        report = bnfold.fold(source, tmp_path / "out.ts", input_shape="2,3,8,8", force=True)
+        assert report.verified and [d.targets for d in report.folded] == targets
+        assert (report.params_before, report.params_after) == (before, before - folded_away)
+        written = torch.jit.load(str(tmp_path / "out.ts")).state_dict()
+        assert sum(t.numel() for t in written.values()) == before - folded_away
+    assert sorted(bnfold.fold(frozen, input_shape="2,3,8,8").folded_model.module.state_dict()) == sorted(
+        name for name in weights if not name.startswith("bn"))
+
+
 def test_a_module_frozen_with_its_conv_bn_folded_has_no_bn_left():
     frozen = torch.jit.freeze(torch.jit.script(randomized(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)))))
     assert bnfold.inspect(frozen).layers == []

@@ -183,19 +183,52 @@ def frozen_batch_norms(graph: torch._C.Graph) -> list[tuple[str, torch._C.Node]]
 
 
 def frozen_constant_targets(module: torch.jit.ScriptModule) -> dict[tuple, str]:
-    """Where fold puts the statistics of each frozen batch_norm call ("bn2.running_var"), by the identity
-    of the constant tensor (`tensor_key`): torch's TorchScript converter lifts the very same tensors."""
-    try:
-        graph = inlined_graph(module)
-    except (RuntimeError, AttributeError):
+    """Where fold puts each tensor constant of a frozen module, by the identity of the tensor (`tensor_key`:
+    torch's TorchScript converter lifts the very same tensors): the statistics of its batch_norm calls
+    under the layer names inspect gives them ("bn2.running_var"), the other weights under the module path
+    freezing kept in their debug names ("conv1.weight"; only in memory, torch.jit.save drops it), so that
+    fold names the layers it folds into as the model does."""
+    graph = _readable_graph(module)
+    if graph is None:
         return {}
     targets = {}
-    for name, node in frozen_batch_norms(graph) if graph is not None else ():
+    for name, node in frozen_batch_norms(graph):
         for position, attribute in FROZEN_INPUTS.items():
             tensor = constant_input(node, position)
             if isinstance(tensor, torch.Tensor):
                 targets.setdefault(tensor_key(tensor), f"{name}.{attribute}")
+    taken = set(targets.values())
+    for debug, tensor in _tensor_constants(graph):
+        path = debug.removeprefix("self.")
+        if path != debug and path not in taken and tensor_key(tensor) not in targets:
+            targets[tensor_key(tensor)] = path
+            taken.add(path)
     return targets
+
+
+def constant_values(module: torch.jit.ScriptModule) -> int:
+    """How many values the tensor constants of a scripted module's graph hold: the weights of a frozen
+    module, which its state_dict no longer has."""
+    graph = _readable_graph(module)
+    return sum(tensor.numel() for _, tensor in _tensor_constants(graph)) if graph is not None else 0
+
+
+def _readable_graph(module: torch.jit.ScriptModule) -> torch._C.Graph | None:
+    """`inlined_graph`, or None when there is none bnfold can read."""
+    try:
+        return inlined_graph(module)
+    except (RuntimeError, AttributeError):
+        return None
+
+
+def _tensor_constants(graph: torch._C.Graph) -> list[tuple[str, torch.Tensor]]:
+    """The tensors a graph holds as constants, each once, with their debug names ("self.conv.weight")."""
+    found: dict[tuple, tuple[str, torch.Tensor]] = {}
+    for node in graph.findAllNodes("prim::Constant", True):
+        value = node.output().toIValue() if node.output().type().kind() == "TensorType" else None
+        if isinstance(value, torch.Tensor):
+            found.setdefault(tensor_key(value), (node.output().debugName(), value))
+    return list(found.values())
 
 
 def tensor_key(tensor: torch.Tensor) -> tuple:

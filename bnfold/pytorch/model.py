@@ -23,7 +23,7 @@ from bnfold.model import InputSpec, LoadOptions, Model, ModelFormat
 from bnfold.pickle_scan import (ArchiveScan, archive_pickle_imports, foreign_imports, scan_exported_program,
                                 scan_torchscript, storage_records)
 from bnfold.plugins import import_callable, search_working_directory
-from bnfold.pytorch.discover import discover_exported, discover_module
+from bnfold.pytorch.discover import constant_values, discover_exported, discover_module
 
 # Keys under which training checkpoints commonly nest the weights.
 _CHECKPOINT_KEYS = ("state_dict", "model_state_dict", "model", "net", "module")
@@ -82,6 +82,10 @@ class TorchScriptModel(_ModuleBacked):
 
     format = ModelFormat.TORCHSCRIPT
     module: torch.jit.ScriptModule
+
+    def parameter_count(self) -> int:
+        # a frozen module (torch.jit.freeze) keeps its weights as constants of its graph, not in its state_dict
+        return super().parameter_count() + constant_values(self.module)
 
     def save(self, path: Path) -> None:
         torch.jit.save(self.module, str(path))
