@@ -3,13 +3,15 @@
 For each architecture of `tests/zoo.py`, bnfold must fold exactly the hand-derived set of exactly-foldable
 BN layers, keep every other one with a reason, leave no BN computation behind for the folded ones, and
 compute the same function (relative output error <= 1e-5 in float32). PyTorch models go in as modules
-in memory, `.pt2` files (dynamic and static batch), pickled modules and state_dicts with a model factory;
-ONNX models are exports with BN kept, compared with what onnxruntime's basic-level optimizer leaves.
+in memory, `.pt2` files (dynamic and static batch), pickled modules and state_dicts with a model factory
+(folded into `.pt2` programs that are loaded back and run); ONNX models are exports with BN kept, compared
+with what onnxruntime's basic-level optimizer leaves.
 """
 
 from __future__ import annotations
 
 import copy
+import json
 from collections import Counter
 from pathlib import Path
 
@@ -18,7 +20,10 @@ import pytest
 import torch
 
 import bnfold
+from bnfold.formats import FileKind, sniff
 from bnfold.layers import FoldStatus
+from bnfold.model import ModelFormat
+from bnfold.reports.fold import FoldReport
 from tests.zoo import (
     ZOO,
     ZOO_BY_NAME,
@@ -34,10 +39,10 @@ from tests.zoo import (
 
 REL_TOLERANCE = 1e-5
 STATIC_PT2 = ["mobilenetv2_timm", "vit_bn", "token_mlp", "frozen_backbone", "fold_forward"]
-# A state_dict loads into the factory's module, the same object the in-memory test folds; these cover
-# what differs: lazy modules materialized from the weights, tied weights, look-alike and F.batch_norm buffers.
-STATE_DICT = ["sync_lazy", "shared_conv", "frozen_backbone", "functional_bn", "mobilenetv2_timm", "vit_bn",
-              "data_dependent"]
+# A state_dict fold writes a .pt2 program exported from the folded graph (dynamic batch); where torch.export
+# cannot capture the model (`pt2_skip`), a pickle of the module-by-module fold instead, the notes saying why.
+STATE_DICT_PT2 = [entry for entry in ZOO if not entry.pt2_skip]
+STATE_DICT_PICKLE = [entry for entry in ZOO if entry.pt2_skip]
 
 
 def zoo_params(entries: list[ZooModel] | None = None, *, skip_pt2: bool = False,
@@ -123,6 +128,15 @@ def check_torch_fold(report, entry: ZooModel, original: torch.nn.Module) -> None
     assert_bn_gone(entry, original, folded, x)
 
 
+def assert_written_model_computes(entry: ZooModel, original: torch.nn.Module, written: torch.nn.Module) -> None:
+    """A folded model loaded back from its file: same outputs at two batch sizes (the batch stays dynamic),
+    no folded BN left."""
+    for batch in (1, 5):
+        x = entry.example(batch=batch, seed=batch)
+        assert rel_error(forward(original, x), forward(written, x)) <= REL_TOLERANCE
+    assert_bn_gone(entry, original, written, entry.example(batch=2, seed=3))
+
+
 # --------------------------------------------------------------------------------------------------------
 # The zoo itself (pass without any fold engine): the ground truth covers every BN, models are sound
 # --------------------------------------------------------------------------------------------------------
@@ -188,11 +202,7 @@ def test_fold_pt2_dynamic_batch(entry: ZooModel, zoo_dir: Path) -> None:
     original = entry.factory()
     check_torch_fold(report, entry, original)
     assert output.exists()
-    reloaded = torch.export.load(str(output)).module()
-    for batch in (1, 5):  # the batch stays dynamic
-        x = entry.example(batch=batch, seed=batch)
-        assert rel_error(forward(original, x), forward(reloaded, x)) <= REL_TOLERANCE
-    assert_bn_gone(entry, original, reloaded, entry.example(batch=2, seed=3))
+    assert_written_model_computes(entry, original, torch.export.load(str(output)).module())
 
 
 @pytest.mark.parametrize("entry", zoo_params([ZOO_BY_NAME[name] for name in STATIC_PT2], skip_pt2=True))
@@ -224,12 +234,54 @@ def test_fold_pickled_module(entry: ZooModel, zoo_dir: Path) -> None:
     assert_bn_gone(entry, original, reloaded, x)
 
 
-@pytest.mark.parametrize("entry", zoo_params([ZOO_BY_NAME[name] for name in STATE_DICT]))
-def test_fold_state_dict_with_factory(entry: ZooModel, zoo_dir: Path) -> None:
-    source = zoo_dir / f"{entry.name}_state_dict.pt"
+def _fold_state_dict(entry: ZooModel, directory: Path) -> tuple[FoldReport, Path]:
+    """Fold a saved state_dict of `entry` with its factory into a .pt2 output; the report and the output."""
+    source, output = directory / f"{entry.name}_state_dict.pt", directory / f"{entry.name}_state_dict.folded.pt2"
     torch.save(entry.factory().state_dict(), str(source))
-    report = bnfold.fold(source, model_factory=entry.factory_spec, input_shape=entry.shape_text())
-    check_torch_fold(report, entry, entry.factory())
+    report = bnfold.fold(source, output, model_factory=entry.factory_spec, input_shape=entry.shape_text())
+    return report, output
+
+
+@pytest.mark.parametrize("entry", zoo_params(STATE_DICT_PT2))
+def test_fold_state_dict_with_factory(entry: ZooModel, zoo_dir: Path) -> None:
+    report, output = _fold_state_dict(entry, zoo_dir)
+    original = entry.factory()
+    check_torch_fold(report, entry, original)
+    assert report.folded_model.format is ModelFormat.EXPORTED_PROGRAM
+    assert report.output == str(output) and sniff(output) == FileKind.EXPORTED_PROGRAM
+    assert_written_model_computes(entry, original, torch.export.load(str(output)).module())
+
+
+@pytest.mark.parametrize("entry", zoo_params(STATE_DICT_PICKLE))
+def test_fold_state_dict_that_torch_export_cannot_capture(entry: ZooModel, zoo_dir: Path) -> None:
+    """The documented fallback: the fold is still exact and written, as a torch.save pickle (README, formats
+    table), and the notes say that torch.export could not export it, and why."""
+    report, output = _fold_state_dict(entry, zoo_dir)
+    original = entry.factory()
+    check_torch_fold(report, entry, original)
+    assert report.folded_model.format is ModelFormat.PICKLE
+    (note,) = [note for note in report.notes if "torch.export could not export it" in note]
+    assert "torch.load(..., weights_only=False)" in note  # how to load what was written instead
+    assert "data-dependent expression" in note  # the reason torch.export gave, passed on
+    assert report.output == str(output) and sniff(output) == FileKind.TORCH_PICKLE
+    assert_written_model_computes(entry, original, torch.load(str(output), weights_only=False))
+
+
+@pytest.mark.parametrize("entry", zoo_params([ZOO_BY_NAME["token_mlp"], *STATE_DICT_PICKLE]))
+def test_cli_folds_a_state_dict_with_a_factory(entry: ZooModel, zoo_dir: Path, cli) -> None:
+    source, output = zoo_dir / f"{entry.name}_cli_state_dict.pt", zoo_dir / f"{entry.name}_cli.folded.pt2"
+    torch.save(entry.factory().state_dict(), str(source))
+    result = cli("fold", source, "-o", output, "--model-factory", entry.factory_spec,
+                 "--input-shape", entry.shape_text(), "--json")
+    assert result.code == 0, result.stderr
+    body = json.loads(result.stdout)
+    assert (body["folded"], body["kept"]) == (len(entry.foldable), len(entry.kept))
+    assert body["verified"] and body["max_rel_error"] <= REL_TOLERANCE
+    assert body["output"] == str(output)
+    exported = not entry.pt2_skip
+    assert any(("torch.export program" if exported else "torch.export could not export it") in note
+               for note in body["notes"])
+    assert sniff(output) == (FileKind.EXPORTED_PROGRAM if exported else FileKind.TORCH_PICKLE)
 
 
 # --------------------------------------------------------------------------------------------------------
