@@ -59,3 +59,30 @@ def test_fast_method_reads_training_mode_statistics_exactly(offset_by):
         np.testing.assert_allclose(statistics[layer].variance(), per_channel.var(axis=1), rtol=2e-6)
         np.testing.assert_allclose(statistics[layer].mean, per_channel.mean(axis=1), rtol=1e-6)
         np.testing.assert_allclose(statistics[layer].sample_means.variance(), sample_means.var(axis=0), rtol=1e-3)
+
+
+def test_bn_input_types_are_traced_back_through_type_keeping_ops():
+    from onnx import TensorProto
+
+    from bnfold.onnx.graph import GraphIndex
+    from bnfold.onnx.shapes import traced_dtype
+
+    nodes = [helper.make_node("Relu", ["x"], ["a"]), helper.make_node("Cast", ["a"], ["b"], to=TensorProto.FLOAT),
+             helper.make_node("Mul", ["b", "w"], ["c"]), helper.make_node("Gelu", ["c"], ["d"], domain="com.example"),
+             helper.make_node("Shape", ["a"], ["e"]), helper.make_node("Conv", ["w16", "w16"], ["f"])]
+    graph = helper.make_graph(nodes, "types", [helper.make_tensor_value_info("x", TensorProto.FLOAT16, None)], [],
+                              [numpy_helper.from_array(np.ones(3, np.float32), "w"),
+                               numpy_helper.from_array(np.ones((1, 1, 1, 1), np.float16), "w16")])
+    index = GraphIndex(graph)
+    assert {name: traced_dtype(index, name) for name in "xabcdef"} == {
+        "x": np.float16, "a": np.float16, "b": np.float32, "c": np.float32, "d": None, "e": None, "f": np.float16}
+
+
+def test_plain_models_need_no_shape_inference_to_type_their_bn_inputs(monkeypatch):
+    import bnfold.onnx.recalibrate as recalibrate
+
+    def refused(_model):
+        raise AssertionError("shape inference ran")
+
+    monkeypatch.setattr(recalibrate, "infer_facts", refused)
+    OnnxStatisticsRunner(two_bn_model(4))._instrumented({"bn_a", "bn_b"}, batch_statistics=True)

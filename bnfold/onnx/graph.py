@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -45,14 +46,15 @@ class GraphIndex:
             for output in node.output:
                 if output:
                     self.producers[output] = node
-            for name in node.input:
-                if name:
-                    self.consumers.setdefault(name, []).append(node)
-            for attr in node.attribute:  # values captured by subgraphs are read there too
-                for sub in _attr_graphs(attr):
-                    for captured in _outer_references(sub):
-                        self.consumers.setdefault(captured, []).append(node)
+            for name in node_reads(node):
+                self.consumers.setdefault(name, []).append(node)
         self.initializers = {init.name: init for init in self.graph.initializer}
+
+    @functools.cached_property
+    def declared_types(self) -> dict[str, int]:
+        """Element types the graph declares for its inputs and intermediate values."""
+        return {value.name: value.type.tensor_type.elem_type for value in (*self.graph.input, *self.graph.value_info)
+                if value.type.tensor_type.elem_type}
 
     @property
     def input_names(self) -> set[str]:
@@ -66,6 +68,10 @@ class GraphIndex:
         """An initializer also listed as a graph input (IR < 4 style, or keep_initializers_as_inputs)."""
         return name in self.initializers and name in self.input_names
 
+    def is_constant(self, name: str) -> bool:
+        """Whether `constant(name)` has a value (without converting an initializer to find out)."""
+        return name in self.initializers or self.constant(name) is not None
+
     def constant(self, name: str) -> np.ndarray | None:
         """The value of `name` if it is an initializer or a Constant node's output, else None."""
         if name in self.initializers:
@@ -74,6 +80,15 @@ class GraphIndex:
         if node is not None and node.op_type == "Constant" and node.domain in DEFAULT_DOMAINS:
             return _constant_node_value(node)
         return None
+
+
+def node_reads(node: onnx.NodeProto) -> list[str]:
+    """The values a node reads: its inputs, and the values its subgraphs capture from outer scopes."""
+    names = [name for name in node.input if name]
+    for attr in node.attribute:
+        for sub in _attr_graphs(attr):
+            names.extend(_outer_references(sub))
+    return names
 
 
 def _constant_node_value(node: onnx.NodeProto) -> np.ndarray | None:
@@ -116,10 +131,7 @@ def needed_nodes(nodes: list[onnx.NodeProto], outputs: set[str]) -> list[onnx.No
     for node in reversed(nodes):
         if any(output in needed for output in node.output):
             kept.append(node)
-            needed.update(name for name in node.input if name)
-            for attr in node.attribute:
-                for sub in _attr_graphs(attr):
-                    needed.update(_outer_references(sub))
+            needed.update(node_reads(node))
     return kept[::-1]
 
 
@@ -128,6 +140,15 @@ def delete_where(field, predicate) -> None:
     for position in reversed(range(len(field))):
         if predicate(field[position]):
             del field[position]
+
+
+def all_graphs(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
+    """The graph and every subgraph, not indexed (see `walk_graphs`)."""
+    yield graph
+    for node in graph.node:
+        for attr in node.attribute:
+            for sub in _attr_graphs(attr):
+                yield from all_graphs(sub)
 
 
 def walk_graphs(graph: onnx.GraphProto, path: str = "", parent: str | None = None) -> Iterator[GraphIndex]:

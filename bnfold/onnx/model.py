@@ -17,7 +17,7 @@ from bnfold.errors import InputError
 from bnfold.layers import BNLayer
 from bnfold.model import InputSpec, Model, ModelFormat
 from bnfold.onnx.discover import discover
-from bnfold.onnx.graph import opset_version, walk_graphs
+from bnfold.onnx.graph import all_graphs, opset_version
 from bnfold.onnx.weightless import Weightless, copy_fields, varint
 
 
@@ -73,8 +73,12 @@ class OnnxModel(Model):
         return specs
 
     def parameter_count(self) -> int:
-        return sum(int(np.prod(init.dims)) for index in walk_graphs(self.proto.graph)
-                   for init in index.graph.initializer)
+        return self.weight_count(self.proto)
+
+    @staticmethod
+    def weight_count(proto: onnx.ModelProto) -> int:
+        """The elements of every initializer, subgraphs included (from their shapes, reading no data)."""
+        return sum(int(np.prod(init.dims)) for graph in all_graphs(proto.graph) for init in graph.initializer)
 
     def save(self, path: Path) -> None:
         save_model(self.proto, path, external=self.external_data)

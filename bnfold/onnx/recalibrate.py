@@ -39,10 +39,11 @@ from bnfold.foldmath import round_to
 from bnfold.layers import BNLayer
 from bnfold.model import InputSpec
 from bnfold.onnx.discover import discover, is_training_mode, used_optional_outputs
-from bnfold.onnx.graph import BN_OP, DEFAULT_DOMAINS, GraphIndex, delete_where, needed_nodes, node_label, opset_version
+from bnfold.onnx.graph import (BN_OP, DEFAULT_DOMAINS, GraphIndex, delete_where, needed_nodes, node_label,
+                               node_reads, opset_version)
 from bnfold.onnx.model import OnnxModel
 from bnfold.onnx.runtime import session
-from bnfold.onnx.shapes import infer_facts
+from bnfold.onnx.shapes import infer_facts, traced_dtype
 from bnfold.recalibration import GraphStep, upstream_layers
 from bnfold.stats import ChannelStatistics, Moments, beyond_float32_means
 
@@ -77,6 +78,7 @@ class OnnxStatisticsRunner:
         self.nodes: dict[str, onnx.NodeProto] = {}
         self.careful: set[str] = set()  # layers whose inputs a mean-square probe would cancel
         self._input_types = None
+        self._dtypes: dict[str, np.dtype] = {}
         for node in self.proto.graph.node:
             if node.op_type == BN_OP and node.domain in DEFAULT_DOMAINS:
                 reason = self._unusable(node)
@@ -90,7 +92,7 @@ class OnnxStatisticsRunner:
                 self._skipped[layer.name] = "inside a subgraph (If/Loop/Scan), which bnfold cannot observe"
 
     def _unusable(self, node: onnx.NodeProto) -> str | None:
-        if len(node.input) < 5 or any(self._constant(name) is None for name in node.input[3:5]):
+        if len(node.input) < 5 or any(self._constant_source(name) is None for name in node.input[3:5]):
             return "its running statistics are not constants in the file (computed or fed at run time)"
         if is_training_mode(node, self.opset) or used_optional_outputs(node, self.index):
             return "runs in training mode: it normalizes by batch statistics and ignores the stored ones"
@@ -101,12 +103,23 @@ class OnnxStatisticsRunner:
 
     def _constant(self, name: str) -> np.ndarray | None:
         """A constant, also behind Identity nodes (the TorchScript exporter shares equal tensors so)."""
-        while (value := self.index.constant(name)) is None:
+        source = self._constant_source(name)
+        return None if source is None else self.index.constant(source)
+
+    def _constant_source(self, name: str) -> str | None:
+        """The initializer or Constant output whose value `name` has, following Identity nodes."""
+        while not self.index.is_constant(name):
             producer = self.index.producers.get(name)
             if producer is None or producer.op_type != "Identity":
                 return None
             name = producer.input[0]
-        return value
+        return name
+
+    def _dtype(self, name: str) -> np.dtype:
+        """A constant's element type (the passes rewrite values, never types)."""
+        if name not in self._dtypes:
+            self._dtypes[name] = self._constant(name).dtype
+        return self._dtypes[name]
 
     def layers(self) -> list[BNLayer]:
         layers = [copy.copy(layer) for layer in self._discovered if layer.name in self.nodes]
@@ -183,7 +196,7 @@ class OnnxStatisticsRunner:
                     probe = builder.moments(node.input[0], len(nodes), self._reduces_in_place(node),
                                             careful=layer in self.careful)
                     if batch_statistics:
-                        builder.normalize_by(node, probe, self._constant(node.input[3]).dtype)
+                        builder.normalize_by(node, probe, self._dtype(node.input[3]))
                 nodes.extend(builder.nodes)
                 if layer in observe:
                     probes[layer] = probe
@@ -194,7 +207,7 @@ class OnnxStatisticsRunner:
         graph.node.extend(kept)
         graph.ClearField("output")
         graph.output.extend(helper.ValueInfoProto(name=name) for name in outputs)
-        read = GraphIndex(graph).consumers
+        read = {name for node in kept for name in node_reads(node)}
         delete_where(graph.initializer, lambda init: init.name not in read and init.name not in self.index.input_names)
         return proto, probes
 
@@ -203,17 +216,17 @@ class OnnxStatisticsRunner:
         double input and statistics: onnxruntime then reduces in two passes, in the input's precision),
         rather than probe it carefully (an input offset far beyond its spread, see `beyond_float32_means`)."""
         return (self.opset >= 14 and node_label(node) not in self.careful and self._reduces_in_place(node)
-                and self._constant(node.input[3]).dtype in (np.float32, np.float64))
+                and self._dtype(node.input[3]) in (np.float32, np.float64))
 
     def _reduces_in_place(self, node: onnx.NodeProto) -> bool:
         """Whether a BN's input is float32 or double, precise enough to reduce without a cast.
 
-        Before opset 15 the input has the scale's type; from 15 on they may differ, and shape inference
-        tells (a value of unknown type is cast, which is always safe).
+        Before opset 15 the input has the scale's type; from 15 on they may differ, and the ops before
+        it or shape inference tell (a value of unknown type is cast, which is always safe).
         """
         if self.opset < 15:
-            dtype = self._constant(node.input[1]).dtype
-        else:
+            dtype = self._dtype(node.input[1])
+        elif (dtype := traced_dtype(self.index, node.input[0])) is None:
             if self._input_types is None:
                 self._input_types = infer_facts(self.proto)
             dtype = self._input_types.dtype(node.input[0])

@@ -13,8 +13,11 @@ import numpy as np
 import onnx
 
 from bnfold import memory
-from bnfold.onnx.model import save_model
+from bnfold.onnx.model import OnnxModel, save_model
 
+# Models of up to this many weights reach onnxruntime as bytes: quicker than a file, and their three
+# copies (see `session`) are a few MB.
+IN_MEMORY_WEIGHTS = 1 << 20
 # Intra-op threads of the sessions bnfold creates; 0 lets onnxruntime choose (one per core). Benchmarks
 # set 1, as they do for torch, so that a neighbour's load on a shared machine is not timed as the model.
 intra_op_threads = 0
@@ -24,9 +27,10 @@ def session(model: onnx.ModelProto, optimize: bool = False):
     """An unoptimized CPU session (`optimize`: every graph optimization on, as deployments run it);
     raises onnxruntime's own errors when the model cannot load.
 
-    The model reaches onnxruntime as a file in a temporary directory, written a tensor at a time: from
-    bytes, onnxruntime would hold the serialized model, its own copy and the parsed graph at once (three
-    times the weights); from a file it keeps one copy, and models over protobuf's 2 GB limit work too.
+    A large model reaches onnxruntime as a file in a temporary directory, written a tensor at a time:
+    from bytes, onnxruntime would hold the serialized model, its own copy and the parsed graph at once
+    (three times the weights); from a file it keeps one copy, and models over protobuf's 2 GB limit work
+    too. A small one (up to `IN_MEMORY_WEIGHTS`) goes as bytes, which is quicker.
     """
     import onnxruntime as ort
 
@@ -35,11 +39,14 @@ def session(model: onnx.ModelProto, optimize: bool = False):
                                         else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
     options.log_severity_level = 4  # failures surface as exceptions; no console noise
     options.intra_op_num_threads = intra_op_threads
+    providers = ["CPUExecutionProvider"]
+    if OnnxModel.weight_count(model) <= IN_MEMORY_WEIGHTS:  # counted from shapes: ByteSize() serializes
+        return ort.InferenceSession(model.SerializeToString(), options, providers=providers)
     with tempfile.TemporaryDirectory(prefix="bnfold-ort-", ignore_cleanup_errors=True) as folder:
         path = Path(folder) / "model.onnx"
         save_model(model, path)
         memory.release()  # the writer's buffers, before onnxruntime allocates its copy
-        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        return ort.InferenceSession(str(path), options, providers=providers)
 
 
 def run(sess, batch: dict[str, np.ndarray]) -> list[np.ndarray]:

@@ -17,7 +17,7 @@ import numpy as np
 import onnx
 from onnx import helper, shape_inference
 
-from bnfold.onnx.graph import walk_graphs
+from bnfold.onnx.graph import DEFAULT_DOMAINS, GraphIndex, attribute, walk_graphs
 from bnfold.onnx.weightless import Weightless
 
 Shape = tuple[int | None, ...]
@@ -46,6 +46,39 @@ class ValueFacts:
         for table in (self.shapes, self.types):
             if old in table:
                 table[new] = table.pop(old)
+
+
+# Ops whose first output has their first input's element type (the common ones: others are left to
+# shape inference).
+_SAME_TYPE_OPS = frozenset({
+    "Abs", "Add", "AveragePool", "BatchNormalization", "Ceil", "Clip", "Concat", "Conv", "ConvTranspose",
+    "DepthToSpace", "Div", "Dropout", "Einsum", "Elu", "Erf", "Exp", "Expand", "Flatten", "Floor", "Gather",
+    "Gelu", "Gemm", "GlobalAveragePool", "GlobalMaxPool", "GroupNormalization", "HardSigmoid", "HardSwish",
+    "Identity", "InstanceNormalization", "LRN", "LayerNormalization", "LeakyRelu", "Log", "LogSoftmax",
+    "LpPool", "MatMul", "Max", "MaxPool", "Mean", "Min", "Mish", "Mul", "Neg", "PRelu", "Pad", "Pow",
+    "Reciprocal", "ReduceMax", "ReduceMean", "ReduceMin", "ReduceSum", "Relu", "Reshape", "Resize", "Round",
+    "Selu", "Sigmoid", "Slice", "Softmax", "Softplus", "Softsign", "SpaceToDepth", "Split", "Sqrt",
+    "Squeeze", "Sub", "Sum", "Tanh", "Tile", "Transpose", "Unsqueeze", "Upsample"})
+
+
+def traced_dtype(index: GraphIndex, name: str) -> np.dtype | None:
+    """`name`'s element type, followed back through ops that keep their input's type to an initializer,
+    a declared type or a Cast: no shape inference (milliseconds on every call); None where the trail ends."""
+    declared = index.declared_types
+    for _ in range(len(index.graph.node) + 1):
+        if name in index.initializers:
+            return helper.tensor_dtype_to_np_dtype(index.initializers[name].data_type)
+        if name in declared:
+            return helper.tensor_dtype_to_np_dtype(declared[name])
+        producer = index.producers.get(name)
+        if producer is None or producer.domain not in DEFAULT_DOMAINS or name != producer.output[0]:
+            return None
+        if producer.op_type == "Cast":
+            return helper.tensor_dtype_to_np_dtype(attribute(producer, "to"))
+        if producer.op_type not in _SAME_TYPE_OPS or not producer.input:
+            return None
+        name = producer.input[0]
+    return None
 
 
 def infer_facts(model: onnx.ModelProto) -> ValueFacts:
