@@ -36,11 +36,13 @@ def check_layer(layer: BNLayer) -> list[Finding]:
         else:
             add(Finding("training-mode", Severity.WARNING, "module was saved in training mode; "
                         "bnfold evaluates it in eval mode", name, "call model.eval() before saving"))
-    if layer.extra.get("runtime_params") and not layer.has_running_stats:
-        add(Finding("runtime-stats", Severity.WARNING, "statistics are graph inputs fed at run time "
+    if layer.extra.get("runtime_params"):  # the rest is checked when the statistics are constants
+        what = "parameters" if layer.has_running_stats else "statistics"
+        add(Finding("runtime-stats", Severity.WARNING, f"{what} are graph inputs fed at run time "
                     f"({', '.join(layer.extra['runtime_params'])}); they cannot be checked or folded", name,
                     "store them as initializers if they are constants"))
-        return findings
+        if not layer.has_running_stats:
+            return findings
     if not layer.track_running_stats or not layer.has_running_stats:
         add(Finding("no-running-stats", Severity.WARNING, "no running statistics: the layer normalizes "
                     "with batch statistics at inference and cannot be folded", name,
@@ -66,8 +68,8 @@ def check_layer(layer: BNLayer) -> list[Finding]:
         if parameter is not None and not np.isfinite(parameter).all():
             add(Finding("non-finite-params", Severity.ERROR, f"{label} holds NaN/Inf", name))
 
-    gain = np.abs(layer.effective_gain())
-    finite_gain = gain[np.isfinite(gain)]
+    gain = layer.effective_gain()  # None: gamma is fed at run time
+    finite_gain = np.abs(gain[np.isfinite(gain)]) if gain is not None else np.empty(0)
     if finite_gain.size:
         exploding = finite_gain > MAX_GAIN
         if exploding.any():
@@ -101,9 +103,9 @@ def check_layer(layer: BNLayer) -> list[Finding]:
         add(Finding("redundant-bias", Severity.INFO,
                     f"{layer.extra['producer_bias']} has a bias that this BN subtracts again", name,
                     "the bias is redundant before BN; folding absorbs it"))
-    low, high = EPS_RANGE
-    if not np.isnan(layer.eps) and not low <= layer.eps <= high:  # NaN: eps unknown (kept in no attribute)
-        add(Finding("unusual-eps", Severity.WARNING, f"eps = {layer.eps:g} is outside [{low:g}, {high:g}]", name))
+    low, high, eps = *EPS_RANGE, layer.shown_eps()  # the value the user chose, not its float32 rounding
+    if not np.isnan(eps) and not low <= eps <= high:  # NaN: eps unknown (kept in no attribute)
+        add(Finding("unusual-eps", Severity.WARNING, f"eps = {eps!r} is outside [{low:g}, {high:g}]", name))
     momentum = torch_momentum(layer)
     if momentum is not None and not MOMENTUM_RANGE[0] <= momentum <= MOMENTUM_RANGE[1]:
         add(Finding("unusual-momentum", Severity.INFO,

@@ -6,6 +6,7 @@ folding and recalibration never need to know which framework a model came from.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
@@ -38,7 +39,7 @@ class BNLayer:
     name: str
     kind: str
     framework: str
-    channels: int
+    channels: int | None  # None: unknown (no constant parameter, no declared shape)
     eps: float
     momentum: float | None
     affine: bool
@@ -50,18 +51,14 @@ class BNLayer:
     num_batches_tracked: int | None = None
     dtype: str = "float32"
     training: bool = False
+    # eps is stored as float32 (ONNX's epsilon attribute): `eps` is that exact value, which arithmetic uses
+    eps_float32: bool = False
     # Framework-specific facts the health checks may use (e.g. "producer_has_bias").
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def has_running_stats(self) -> bool:
         return self.running_mean is not None and self.running_var is not None
-
-    def gamma(self) -> np.ndarray:
-        return self.weight if self.weight is not None else np.ones(self.channels)
-
-    def beta(self) -> np.ndarray:
-        return self.bias if self.bias is not None else np.zeros(self.channels)
 
     def mismatch(self) -> str | None:
         """Why the layer's vectors cannot describe one BN (their lengths differ), or None."""
@@ -72,12 +69,21 @@ class BNLayer:
             return None
         return "parameters of different lengths (" + ", ".join(f"{k} {v}" for k, v in sizes.items()) + ")"
 
+    def shown_eps(self) -> float:
+        """eps as reports show it: the shortest decimal that reads back as the stored value. ONNX's float32
+        1e-5 is 9.999999747378752e-06 as a float64, which nobody wrote."""
+        if self.eps_float32 and math.isfinite(self.eps):
+            return float(np.format_float_positional(np.float32(self.eps), unique=True))
+        return self.eps
+
     def effective_gain(self) -> np.ndarray | None:
-        """gamma / sqrt(var + eps): the per-channel factor a fold multiplies into weights."""
-        if not self.has_running_stats or self.mismatch():
+        """gamma / sqrt(var + eps): the per-channel factor a fold multiplies into weights. None when a
+        factor is unknown: no statistics, or an affine layer's gamma fed at run time (ONNX graph input)."""
+        if not self.has_running_stats or self.mismatch() or (self.affine and self.weight is None):
             return None
+        gamma = self.weight if self.weight is not None else 1.0
         with np.errstate(invalid="ignore", divide="ignore"):
-            return self.gamma() / np.sqrt(self.running_var + self.eps)
+            return gamma / np.sqrt(self.running_var + self.eps)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -85,7 +91,7 @@ class BNLayer:
             "kind": self.kind,
             "framework": self.framework,
             "channels": self.channels,
-            "eps": self.eps,
+            "eps": self.shown_eps(),
             "momentum": self.momentum,
             "affine": self.affine,
             "track_running_stats": self.track_running_stats,

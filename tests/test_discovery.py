@@ -3,18 +3,23 @@ BatchNormalization of every opset."""
 
 from __future__ import annotations
 
+import io
+
 import numpy as np
 import onnx
 import pytest
 import torch
 import torch.nn.functional as F
 from onnx import numpy_helper
+from rich.console import Console
 from torch import nn
 
 from bnfold import inspect
 from bnfold.layers import FoldStatus, Severity
 from bnfold.pytorch.discover import discover_exported, discover_module
-from tests.onnx_builders import conv_bn
+from bnfold.reports.html import render_html
+from tests.onnx_builders import bn_node, bn_params, conv_bn, make, weights
+from tests.torch_builders import randomized
 
 
 class BatchNormAct2d(nn.BatchNorm2d):
@@ -65,7 +70,7 @@ def test_module_walk_finds_every_bn_kind():
     assert layers["frozen"].kind == "FrozenBatchNorm2d (look-alike)"
     assert layers["sync"].kind == "SyncBatchNorm"
     assert layers["no_stats"].running_mean is None and not layers["no_stats"].track_running_stats
-    assert layers["lazy"].channels == 0 and layers["lazy"].running_mean is None
+    assert layers["lazy"].channels is None and layers["lazy"].running_mean is None
     assert layers["bn2d"].num_batches_tracked == 0 and layers["bn2d"].channels == 4
 
 
@@ -192,3 +197,68 @@ def test_onnx_bn_in_training_mode_is_an_error(opset, attributes):
     report = inspect(conv_bn(np.random.default_rng(0), bias=False, opset=opset, bn_attrs=attributes))
     assert [(f.code, f.severity) for f in report.findings] == [("training-mode", Severity.ERROR)]
     assert not report
+
+
+def _printed(report) -> str:
+    console = Console(width=200, record=True, color_system=None, file=io.StringIO())
+    console.print(report)
+    return console.export_text()
+
+
+@pytest.mark.parametrize("eps", [1e-5, 1.234567e-5, 1e-3])
+@pytest.mark.parametrize("framework", ["onnx", "torch"])
+def test_eps_is_shown_as_written_and_computed_with_as_stored(framework, eps):
+    """ONNX keeps epsilon as float32: reports show the shortest decimal that reads back as it (1e-05, not
+    9.999999747378752e-06), in full (1.234567e-05, not 1.2e-05), as for a torch eps; the gain uses the
+    stored value."""
+    if framework == "onnx":
+        model, stored = conv_bn(np.random.default_rng(0), bn_attrs={"epsilon": eps}), float(np.float32(eps))
+    else:
+        model, stored = randomized(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4, eps=eps))), eps
+    report = inspect(model)
+    (layer,) = report.layers
+    assert layer.eps == stored and report.to_dict()["layers"][0]["eps"] == eps
+    np.testing.assert_array_equal(layer.effective_gain(), layer.weight / np.sqrt(layer.running_var + stored))
+    assert f", eps {eps!r})" in _printed(report).splitlines()[0]
+    assert f" · eps {eps!r} · " in render_html(report)
+
+
+def _bn_fed_at_run_time(x_shape, param_shape, *, conv: bool, constant: tuple[str, ...] = ()) -> onnx.ModelProto:
+    """x (-> Conv to 6 channels) -> BN whose parameters are graph inputs, except those named `constant`."""
+    rng = np.random.default_rng(0)
+    params = {name: value for name, value in bn_params(rng, 6).items() if name.removeprefix("bn.") in constant}
+    inputs = {"x": (x_shape, np.float32), **{f"bn.{role}": (param_shape, np.float32)
+                                             for role in ("scale", "bias", "mean", "var") if role not in constant}}
+    nodes = [onnx.helper.make_node("Conv", ["x", "w"], ["c"], name="conv")] if conv else []
+    return make([*nodes, bn_node("c" if conv else "x", "y")], inputs, {"y": (None, np.float32)},
+                {**params, **({"w": weights(rng, 6, 4, 3, 3)} if conv else {})})
+
+
+@pytest.mark.parametrize("model, channels", [
+    (_bn_fed_at_run_time((2, 4, 5, 5), (6,), conv=True), 6),  # the parameters' declared shape
+    (_bn_fed_at_run_time((2, 4, 5, 5), ("C",), conv=True), 6),  # shape inference: the Conv's output channels
+    (_bn_fed_at_run_time((2, 6, 5, 5), ("C",), conv=False), 6),  # the input's declared shape
+    (_bn_fed_at_run_time((2, "C", 5, 5), ("C",), conv=False), None),  # nothing says
+], ids=["declared", "inferred", "input", "unknown"])
+def test_onnx_bn_whose_parameters_are_graph_inputs_has_the_channels_the_shapes_say(model, channels):
+    """Such a BN showed 0 channels; now what the declared or inferred shapes say, else 'unknown' ('?',
+    null), and it stays a runtime-stats warning that is kept, not folded."""
+    report = inspect(model)
+    (layer,) = report.layers
+    assert layer.channels == channels and report.to_dict()["layers"][0]["channels"] == channels
+    row = next(line for line in _printed(report).splitlines() if line.startswith("│ bn "))
+    assert row.split("│")[2].strip() == ("?" if channels is None else str(channels))
+    assert (" · channels unknown · " if channels is None else f" · {channels} channels · ") in render_html(report)
+    assert [(f.code, f.severity) for f in report.findings] == [("runtime-stats", Severity.WARNING)]
+    assert report.folds["bn"].status is FoldStatus.KEPT and "is a graph input" in report.folds["bn"].reason
+    assert report  # a warning: inspect passes
+
+
+def test_onnx_bn_with_a_scale_fed_at_run_time_has_no_gain():
+    """Constant statistics and a runtime gamma: the gain is unknown, not 1/sqrt(var + eps) as if gamma were 1,
+    and the runtime input is a finding (the layer showed 'ok')."""
+    report = inspect(_bn_fed_at_run_time((2, 6, 5, 5), (6,), conv=False, constant=("bias", "mean", "var")))
+    (layer,) = report.layers
+    assert layer.channels == 6 and layer.effective_gain() is None
+    assert [(f.code, f.message) for f in report.findings] == [
+        ("runtime-stats", "parameters are graph inputs fed at run time (bn.scale); they cannot be checked or folded")]

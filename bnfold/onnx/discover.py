@@ -8,6 +8,7 @@ import onnx
 from bnfold.layers import BNLayer
 from bnfold.onnx.constants import Constants
 from bnfold.onnx.graph import BN_OP, DEFAULT_DOMAINS, GraphIndex, attribute, node_label, walk_graphs
+from bnfold.onnx.shapes import ValueFacts, infer_facts
 
 # Ops whose bias input makes the BN after them subtract the bias again.
 _BIASED_PRODUCERS = {"Conv": 2, "ConvTranspose": 2, "Gemm": 2}
@@ -45,7 +46,7 @@ def describe_bn(node: onnx.NodeProto, index: GraphIndex, opset: int, constants: 
     (initializers, Constant nodes or constant subgraphs, as the fold analysis sees them)."""
     scale, bias, mean, var = (constants.value(name) for name in _param_names(node))
     known = [array for array in (scale, bias, mean, var) if array is not None]
-    channels = int(known[0].size) if known else 0
+    channels = int(known[0].size) if known else None  # else from declared shapes (`discover`)
     dtype = known[0].dtype.name if known else "unknown"
     extra: dict = {"opset": opset, "node": node_label(node)}
     producer = index.producers.get(node.input[0])
@@ -67,7 +68,8 @@ def describe_bn(node: onnx.NodeProto, index: GraphIndex, opset: int, constants: 
         kind=f"{BN_OP}-{operator_version(BN_OP, opset)}",
         framework="onnx",
         channels=channels,
-        eps=float(attribute(node, "epsilon", 1e-5)),
+        eps=float(np.float32(attribute(node, "epsilon", 1e-5))),  # a float32 attribute, also its default
+        eps_float32=True,
         momentum=float(attribute(node, "momentum", 0.9)),
         affine=True,
         track_running_stats=stats_known,
@@ -90,14 +92,33 @@ def _as_float64(array: np.ndarray | None) -> np.ndarray | None:
     return None if array is None else np.asarray(array, dtype=np.float64).ravel()
 
 
+def declared_channels(node: onnx.NodeProto, facts: ValueFacts, per_activation: bool) -> int | None:
+    """The channels of a BN whose parameters are no constants, from the shapes the file declares or
+    shape inference derives: a parameter's, else axis 1 of its input or output; None when none says."""
+    for name in _param_names(node):
+        shape = facts.shape(name) if name else None
+        if shape and all(size is not None for size in shape):
+            return int(np.prod(shape))
+    for name in () if per_activation else (node.input[0], node.output[0] if node.output else ""):
+        shape = facts.shape(name)
+        if shape is not None and len(shape) > 1 and shape[1] is not None:
+            return shape[1]
+    return None
+
+
 def discover(model: onnx.ModelProto, opset: int) -> list[BNLayer]:
     """Every BN node in the model, main graph first, then subgraphs."""
     layers: list[BNLayer] = []
     scopes: dict[str, Constants] = {}
+    facts: ValueFacts | None = None  # shape inference, only for the rare BN without constant parameters
     for index in walk_graphs(model.graph):
         parent = scopes[index.parent] if index.parent is not None else None
         constants = scopes[index.path] = Constants(index, list(model.opset_import), strict_inputs=False, parent=parent)
         for node in index.graph.node:
             if node.op_type == BN_OP and node.domain in DEFAULT_DOMAINS:
-                layers.append(describe_bn(node, index, opset, constants))
+                layer = describe_bn(node, index, opset, constants)
+                if layer.channels is None:
+                    facts = infer_facts(model) if facts is None else facts
+                    layer.channels = declared_channels(node, facts, bool(layer.extra.get("per_activation")))
+                layers.append(layer)
     return layers

@@ -74,7 +74,7 @@ def describe_module(name: str, module: nn.Module, kind: str) -> BNLayer:
     channels = getattr(module, "num_features", None)
     if not isinstance(channels, int) or channels <= 0:
         known = next((t for t in (mean, var, weight) if isinstance(t, torch.Tensor) and not _is_uninitialized(t)), None)
-        channels = int(known.numel()) if known is not None else 0
+        channels = int(known.numel()) if known is not None else None  # e.g. a lazy BN not yet materialized
     eps = getattr(module, "eps", None)
     extra = {} if eps is not None else {"eps_unknown": True}
     momentum = getattr(module, "momentum", None)
@@ -341,7 +341,7 @@ def describe_tensors(name: str, kind: str, *, mean, var, weight=None, bias=None,
         name=name,
         kind=kind,
         framework="torch",
-        channels=int(reference.numel()) if reference is not None else 0,
+        channels=int(reference.numel()) if reference is not None else None,
         eps=float(eps) if eps is not None else math.nan,
         momentum=float(momentum) if isinstance(momentum, (int, float)) else None,
         affine=weight is not None,

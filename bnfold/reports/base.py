@@ -11,7 +11,7 @@ import numpy as np
 from rich.console import Console, ConsoleOptions, RenderResult
 from rich.text import Text
 
-from bnfold.layers import Finding, Severity
+from bnfold.layers import BNLayer, Finding, Severity
 
 SCHEMA_VERSION = 1
 
@@ -69,6 +69,17 @@ def fmt_number(value: float | None, digits: int = 3) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "?"
     return f"{value:.{digits}g}"
+
+
+def fmt_channels(layer: BNLayer) -> str:
+    """A layer's channel count; '?' when nothing in the model says (never 0, which reads as a count)."""
+    return "?" if layer.channels is None else str(layer.channels)
+
+
+def fmt_eps(layer: BNLayer) -> str:
+    """A layer's eps in full (two layers with eps 1e-5 and 1.02e-5 differ), as the user wrote it; '?' when unknown."""
+    eps = layer.shown_eps()
+    return "?" if math.isnan(eps) else repr(eps)
 
 
 def fmt_range(summary: dict[str, Any] | None) -> str:

@@ -22,7 +22,7 @@ import numpy as np
 from bnfold.discrepancy import LayerDiscrepancy
 from bnfold.layers import BNLayer, Finding, FoldDecision, FoldStatus, Severity
 from bnfold.output import atomic_write, check_output_path
-from bnfold.reports.base import fmt_number
+from bnfold.reports.base import fmt_channels, fmt_eps, fmt_number
 from bnfold.reports.check import CheckReport, Outcome
 from bnfold.reports.inspect import InspectReport
 
@@ -141,7 +141,7 @@ def _overview(inspection: InspectReport, layers: list[BNLayer], check: CheckRepo
         head.append("gate")
     rows = []
     for index, layer in enumerate(layers, 1):
-        cells = [str(index), f'<a class="mono" href="#layer-{index}">{_e(layer.name)}</a>', str(layer.channels),
+        cells = [str(index), f'<a class="mono" href="#layer-{index}">{_e(layer.name)}</a>', fmt_channels(layer),
                  _fold_pill(_decision(inspection, layer)), _health_pills(inspection.findings_for(layer.name))]
         if drift is not None:
             item = drift.get(layer.name)
@@ -170,7 +170,9 @@ def _layer_card(inspection: InspectReport, layer: BNLayer, index: int, check: Ch
     rank = _worst_rank(findings)
     tone = ("bad" if failures or rank == Severity.ERROR.rank
             else "warn" if rank == Severity.WARNING.rank or (drift and drift.drifted) else "good")
-    facts = [layer.kind, f"{layer.channels} channel{'s' if layer.channels != 1 else ''}", f"eps {fmt_number(layer.eps, 2)}"]
+    channels = ("channels unknown" if layer.channels is None
+                else f"{layer.channels} channel{'s' if layer.channels != 1 else ''}")
+    facts = [layer.kind, channels, f"eps {fmt_eps(layer)}"]
     facts += [f"momentum {fmt_number(layer.momentum, 2)}"] if layer.momentum is not None else []
     facts += [layer.dtype] + ([] if layer.affine else ["no affine"]) + (["training mode"] if layer.training else [])
     facts += [f"{layer.num_batches_tracked:,} batches tracked"] if layer.num_batches_tracked is not None else []

@@ -11,7 +11,7 @@ from rich.text import Text
 
 from bnfold.discrepancy import DriftLimits, LayerDiscrepancy, OutputComparison
 from bnfold.layers import BNLayer, Finding, FoldDecision, FoldStatus, Severity, summarize
-from bnfold.reports.base import SEVERITY_STYLE, Report, finding_line, fmt_number, fmt_range
+from bnfold.reports.base import SEVERITY_STYLE, Report, finding_line, fmt_channels, fmt_eps, fmt_number, fmt_range
 
 
 @dataclass
@@ -105,7 +105,7 @@ class InspectReport(Report):
         counts = self.counts()
         # Columns every layer shares (kind, eps) move into the title to leave room for names.
         kinds = {layer.kind for layer in self.layers}
-        epsilons = {fmt_number(layer.eps, 2) for layer in self.layers}
+        epsilons = {fmt_eps(layer) for layer in self.layers}
         shared = [f"all {next(iter(kinds))}"] if len(kinds) == 1 else []
         shared += [f"eps {next(iter(epsilons))}"] if len(epsilons) == 1 else []
         title = (f"{self.model.path} ({self.model.format}): {counts['layers']} BN layers"
@@ -126,8 +126,8 @@ class InspectReport(Report):
         for layer in self.by_drift():
             decision = self.folds.get(layer.name) if self.folds is not None else None
             drift = [] if self.discrepancy is None else [_drift(self.discrepancy.get(layer.name))]
-            cells = {"layer": layer.name, "kind": layer.kind, "ch": str(layer.channels),
-                     "eps": fmt_number(layer.eps, 2), "running mean": fmt_range(summarize(layer.running_mean)),
+            cells = {"layer": layer.name, "kind": layer.kind, "ch": fmt_channels(layer),
+                     "eps": fmt_eps(layer), "running mean": fmt_range(summarize(layer.running_mean)),
                      "running var": fmt_range(summarize(layer.running_var)),
                      "gain": fmt_range(summarize(layer.effective_gain())), "fold": _fold_cell(decision),
                      "health": _health(self.findings_for(layer.name))}
