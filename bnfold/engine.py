@@ -7,6 +7,7 @@ engine lazily, so the ONNX path never imports torch.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import ClassVar, Protocol
 
 import numpy as np
@@ -25,11 +26,13 @@ class Engine(Protocol):
     def plan(self, model: Model, options: FoldOptions = FoldOptions()) -> FoldPlan:
         """Decide, per BN layer, whether and where it folds exactly; never changes the model."""
 
-    def apply(self, model: Model, plan: FoldPlan) -> Model:
-        """A new model with the plan's folds carried out; the input model is left untouched."""
+    def apply(self, model: Model, plan: FoldPlan, into: ModelFormat | None = None) -> Model:
+        """A new model with the plan's folds carried out, in the format `into` when it will be written
+        (`folded_format`; a UsageError where it cannot be had); the input model is left untouched."""
 
-    def folded_format(self, model: Model) -> ModelFormat:
-        """The format `apply` returns `model` in (its own, or another where its own cannot hold the fold)."""
+    def folded_format(self, model: Model, output: Path | None = None) -> ModelFormat:
+        """The format a fold of `model` is written in (to `output`): its own, or another where its own
+        cannot hold the fold."""
 
     def run(self, model: Model, batch: Batch) -> list[np.ndarray]:
         """The model's outputs (eval mode) for one batch, as numpy arrays."""

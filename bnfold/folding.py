@@ -41,8 +41,9 @@ def fold(source: object, output: str | Path | None = None, *, tolerance: float |
         check_output_path(output_path, source_path, force=force, in_place=in_place)
     model = as_model(source, LoadOptions(allow_pickle=allow_pickle, model_factory=model_factory))
     engine = engine_for(model)
+    written = engine.folded_format(model, output_path) if output_path is not None else None
     if output_path is not None:
-        check_output_name(output_path, model, "fold", engine.folded_format(model))
+        check_output_name(output_path, model, "fold", written)
     inputs_label = "random" if batches is None and data is None else "data"
     if batches is None and data is not None:  # before planning: some captures need an example
         batches = _data_batches(model, data, data_options)
@@ -63,7 +64,7 @@ def fold(source: object, output: str | Path | None = None, *, tolerance: float |
             expected = outputs(engine, model, batches, "original")
         except VerificationUnavailable as error:
             verify_error = str(error)
-    folded_model = engine.apply(model, plan)
+    folded_model = engine.apply(model, plan, written)
     if source_path is not None:
         del model  # loaded here, needed no more: the folded model runs without the original in memory
     memory.release()

@@ -555,7 +555,7 @@ def test_state_dict_input_is_written_as_an_exported_program_also_when_nothing_fo
 @pytest.mark.filterwarnings("ignore")
 @pytest.mark.parametrize("source, options, output, fragment", [
     ("cnn_state_dict.pt", {"model_factory": "sample_models.architectures:make_cnn", "input_shape": SAMPLE_SHAPE},
-     "out.pt", "fold writes a state_dict model as a torch.export program: name the output out.pt2"),
+     "out.bin", "fold writes a state_dict model as a torch.export program: name the output out.pt2"),
     ("cnn.pt2", {}, "out.folded", "fold writes a .pt2 model as a torch.export program: name the output out.pt2"),
     ("cnn_pickle.pt", {"allow_pickle": True, "input_shape": SAMPLE_SHAPE}, "out.safetensors",
      "fold writes a pickled model as a torch.save pickle: name the output out.pt"),

@@ -182,8 +182,8 @@ def safetensors_model(tmp_path) -> Path:
 @pytest.mark.parametrize("args, out, fragment", [
     (("fold", "safetensors", *FACTORY), "out.safetensors", "fold writes a safetensors model as a torch.export "
                                                            "program: name the output out.pt2"),
-    (("fold", "cnn_state_dict.pt", *FACTORY), "out.pt", "fold writes a state_dict model as a torch.export "
-                                                        "program: name the output out.pt2"),
+    (("fold", "cnn_state_dict.pt", *FACTORY), "out.bin", "fold writes a state_dict model as a torch.export "
+                                                         "program: name the output out.pt2"),
     (("fold", "cnn.pt2"), "out.pt", "fold writes a .pt2 model as a torch.export program: name the output out.pt2"),
     (("recalibrate", "cnn.pt2", "--data", CALIB), "out", "name the output out.pt2"),
     (("recalibrate", "cnn_state_dict.pt", "--data", CALIB, *FACTORY[:2]), "out.safetensors",

@@ -20,6 +20,7 @@ import pytest
 import torch
 
 import bnfold
+from bnfold.errors import UsageError
 from bnfold.formats import FileKind, sniff
 from bnfold.layers import FoldStatus
 from bnfold.model import ModelFormat
@@ -234,9 +235,11 @@ def test_fold_pickled_module(entry: ZooModel, zoo_dir: Path) -> None:
     assert_bn_gone(entry, original, reloaded, x)
 
 
-def _fold_state_dict(entry: ZooModel, directory: Path) -> tuple[FoldReport, Path]:
-    """Fold a saved state_dict of `entry` with its factory into a .pt2 output; the report and the output."""
-    source, output = directory / f"{entry.name}_state_dict.pt", directory / f"{entry.name}_state_dict.folded.pt2"
+def _fold_state_dict(entry: ZooModel, directory: Path, suffix: str = ".pt2") -> tuple[FoldReport, Path]:
+    """Fold a saved state_dict of `entry` with its factory into an output named `suffix`; the report and
+    the output."""
+    source = directory / f"{entry.name}_state_dict.pt"
+    output = directory / f"{entry.name}_state_dict.folded{suffix}"
     torch.save(entry.factory().state_dict(), str(source))
     report = bnfold.fold(source, output, model_factory=entry.factory_spec, input_shape=entry.shape_text())
     return report, output
@@ -254,34 +257,44 @@ def test_fold_state_dict_with_factory(entry: ZooModel, zoo_dir: Path) -> None:
 
 @pytest.mark.parametrize("entry", zoo_params(STATE_DICT_PICKLE))
 def test_fold_state_dict_that_torch_export_cannot_capture(entry: ZooModel, zoo_dir: Path) -> None:
-    """The documented fallback: the fold is still exact and written, as a torch.save pickle (README, formats
-    table), and the notes say that torch.export could not export it, and why."""
-    report, output = _fold_state_dict(entry, zoo_dir)
+    """A .pt2 output cannot hold it: refused, saying why and what to do, with nothing written; an output
+    named .pt gets the folded module pickled (README, formats table)."""
+    with pytest.raises(UsageError, match="cannot be written as a .pt2 program.*data-dependent") as refused:
+        _fold_state_dict(entry, zoo_dir)
+    assert "name the output .pt" in refused.value.hint
+    assert not (zoo_dir / f"{entry.name}_state_dict.folded.pt2").exists()
+    report, output = _fold_state_dict(entry, zoo_dir, ".pt")
     original = entry.factory()
     check_torch_fold(report, entry, original)
     assert report.folded_model.format is ModelFormat.PICKLE
-    (note,) = [note for note in report.notes if "torch.export could not export it" in note]
-    assert "torch.load(..., weights_only=False)" in note  # how to load what was written instead
-    assert "data-dependent expression" in note  # the reason torch.export gave, passed on
+    assert any("torch.load(..., weights_only=False)" in note for note in report.notes)
     assert report.output == str(output) and sniff(output) == FileKind.TORCH_PICKLE
     assert_written_model_computes(entry, original, torch.load(str(output), weights_only=False))
+    in_memory = bnfold.fold(zoo_dir / f"{entry.name}_state_dict.pt", model_factory=entry.factory_spec,
+                            input_shape=entry.shape_text())
+    assert in_memory.verified and in_memory.folded_model.format is ModelFormat.PICKLE
+    assert any("stays an eager module: torch.export cannot capture it" in note for note in in_memory.notes)
 
 
 @pytest.mark.parametrize("entry", zoo_params([ZOO_BY_NAME["token_mlp"], *STATE_DICT_PICKLE]))
 def test_cli_folds_a_state_dict_with_a_factory(entry: ZooModel, zoo_dir: Path, cli) -> None:
-    source, output = zoo_dir / f"{entry.name}_cli_state_dict.pt", zoo_dir / f"{entry.name}_cli.folded.pt2"
+    source = zoo_dir / f"{entry.name}_cli_state_dict.pt"
     torch.save(entry.factory().state_dict(), str(source))
-    result = cli("fold", source, "-o", output, "--model-factory", entry.factory_spec,
-                 "--input-shape", entry.shape_text(), "--json")
-    assert result.code == 0, result.stderr
-    body = json.loads(result.stdout)
-    assert (body["folded"], body["kept"]) == (len(entry.foldable), len(entry.kept))
-    assert body["verified"] and body["max_rel_error"] <= REL_TOLERANCE
-    assert body["output"] == str(output)
+    options = ["--model-factory", entry.factory_spec, "--input-shape", entry.shape_text(), "--json"]
     exported = not entry.pt2_skip
-    assert any(("torch.export program" if exported else "torch.export could not export it") in note
-               for note in body["notes"])
-    assert sniff(output) == (FileKind.EXPORTED_PROGRAM if exported else FileKind.TORCH_PICKLE)
+    for suffix in (".pt2", ".pt"):  # the output's name says what is written: a program, or a pickled module
+        output = zoo_dir / f"{entry.name}_cli.folded{suffix}"
+        result = cli("fold", source, "-o", output, *options)
+        if suffix == ".pt2" and not exported:
+            assert result.code == 2 and "name the output .pt" in result.stderr and not output.exists()
+            continue
+        assert result.code == 0, result.stderr
+        body = json.loads(result.stdout)
+        assert (body["folded"], body["kept"]) == (len(entry.foldable), len(entry.kept))
+        assert body["verified"] and body["max_rel_error"] <= REL_TOLERANCE
+        assert body["output"] == str(output)
+        assert any(("torch.export program" if suffix == ".pt2" else "pickled") in note for note in body["notes"])
+        assert sniff(output) == (FileKind.EXPORTED_PROGRAM if suffix == ".pt2" else FileKind.TORCH_PICKLE)
 
 
 # --------------------------------------------------------------------------------------------------------

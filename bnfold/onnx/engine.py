@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import numpy as np
 
@@ -25,10 +26,10 @@ class OnnxEngine:
     def plan(self, model: OnnxModel, options: FoldOptions = FoldOptions()) -> FoldPlan:
         return plan_folds(model.proto, options)
 
-    def apply(self, model: OnnxModel, plan: FoldPlan) -> OnnxModel:
+    def apply(self, model: OnnxModel, plan: FoldPlan, into: ModelFormat | None = None) -> OnnxModel:
         return OnnxModel(model.path, apply_folds(model.proto, plan), external_data=model.external_data)
 
-    def folded_format(self, model: OnnxModel) -> ModelFormat:
+    def folded_format(self, model: OnnxModel, output: Path | None = None) -> ModelFormat:
         return model.format
 
     def run(self, model: OnnxModel, batch: dict[str, np.ndarray]) -> list[np.ndarray]:

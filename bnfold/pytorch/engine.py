@@ -25,6 +25,7 @@ import copy
 import functools
 import weakref
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -76,7 +77,7 @@ class TorchEngine:
         notes = [capture.note] if capture.note else []
         return FoldPlan(decisions + list(found.values()), actions=[capture, build], notes=notes)
 
-    def apply(self, model: Model, plan: FoldPlan) -> Model:
+    def apply(self, model: Model, plan: FoldPlan, into: ModelFormat | None = None) -> Model:
         if not plan.foldable and model.format is not ModelFormat.STATE_DICT:
             return model  # nothing folds: the model as it is, in its own format (a state_dict's is not kept)
         capture, build = plan.actions
@@ -92,11 +93,15 @@ class TorchEngine:
         streamline(folded)  # eager outputs run the folded graph's Python code on every call
         if model.format is ModelFormat.PICKLE:
             return ModuleModel(model.path, folded, ModelFormat.PICKLE)
-        return _state_dict_output(model, folded, capture, plan)
+        return _state_dict_output(model, folded, capture, plan, into)
 
-    def folded_format(self, model: Model) -> ModelFormat:
-        # a state_dict cannot drop the BN modules of the factory's class: it is written as a program
-        return ModelFormat.EXPORTED_PROGRAM if model.format is ModelFormat.STATE_DICT else model.format
+    def folded_format(self, model: Model, output: Path | None = None) -> ModelFormat:
+        # a state_dict cannot drop the BN modules of the factory's class: it is written as a program, or
+        # as a pickled module where the output is named so (.pt, .pth)
+        if model.format is not ModelFormat.STATE_DICT:
+            return model.format
+        pickled = output is not None and output.suffix in (".pt", ".pth")
+        return ModelFormat.PICKLE if pickled else ModelFormat.EXPORTED_PROGRAM
 
     def run(self, model: Model, batch: Batch) -> list[np.ndarray]:
         inputs = _inputs(model, batch)
@@ -235,8 +240,15 @@ def _dim(size: torch.SymInt, program: torch.export.ExportedProgram, dims: dict[s
     return dims[str(expr)]
 
 
-def _state_dict_output(model: ModuleModel, folded: nn.Module, capture: Capture, plan: FoldPlan) -> Model:
-    """A state_dict cannot say a BN is gone: write a .pt2 program, or a pickled GraphModule if export fails."""
+def _state_dict_output(model: ModuleModel, folded: nn.Module, capture: Capture, plan: FoldPlan,
+                       into: ModelFormat | None) -> Model:
+    """A state_dict cannot say a BN is gone: the folded module as a .pt2 program (`into` None: one if
+    torch.export can capture it), or as a module to pickle (`into` PICKLE)."""
+    pickled = ModuleModel(model.path, folded, ModelFormat.PICKLE)
+    if into is ModelFormat.PICKLE:
+        plan.notes.append(f"the folded model is written as a pickled {type(folded).__name__} (load it with "
+                          "torch.load(..., weights_only=False), with the factory's package importable)")
+        return pickled
     if capture.example is None:
         raise UsageError("folding a state_dict model needs an example input to write the folded program",
                          "pass --input-shape (e.g. 1,3,224,224)")
@@ -244,9 +256,13 @@ def _state_dict_output(model: ModuleModel, folded: nn.Module, capture: Capture, 
     try:
         program = _export(folded, capture.example, tuple({0: batch} if t.dim() else {} for t in capture.example))
     except Exception as error:  # e.g. control flow export cannot capture
-        plan.notes.append("the folded model is written as a pickled torch.fx GraphModule (load with "
-                          f"torch.load(..., weights_only=False)); torch.export could not export it: {error}")
-        return ModuleModel(model.path, folded, ModelFormat.PICKLE)
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
+        if into is ModelFormat.EXPORTED_PROGRAM:
+            raise UsageError(f"torch.export cannot capture the folded model, so it cannot be written as a "
+                             f".pt2 program ({reason})", "name the output .pt to write it as a pickled module "
+                             "(torch.load(..., weights_only=False))") from None
+        plan.notes.append(f"the folded model stays an eager module: torch.export cannot capture it ({reason})")
+        return pickled
     plan.notes.append("the folded model is written as a torch.export program (load with torch.export.load): "
                       "the factory's architecture still has its BN modules, which a state_dict cannot remove")
     return ExportedProgramModel(model.path, program)
