@@ -78,7 +78,7 @@ class OnnxModel(Model):
     @staticmethod
     def weight_count(proto: onnx.ModelProto) -> int:
         """The elements of every initializer, subgraphs included (from their shapes, reading no data)."""
-        return sum(int(np.prod(init.dims)) for graph in all_graphs(proto.graph) for init in graph.initializer)
+        return sum(math.prod(init.dims) for graph in all_graphs(proto.graph) for init in graph.initializer)
 
     def save(self, path: Path) -> None:
         save_model(self.proto, path, external=self.external_data)
