@@ -1,4 +1,5 @@
-"""Read-only views of an ONNX graph: who produces and consumes each value, and which values are constant."""
+"""Views of an ONNX graph: who produces and consumes each value, which values are constant, which nodes
+an output needs; and deleting from a repeated field in place."""
 
 from __future__ import annotations
 

@@ -4,7 +4,9 @@ Each pass runs a copy of the graph with a small probe in front of every observed
 its input is reshaped to (N, C, L), and each sample's mean and mean square over its L positions are
 reduced in the input's precision (float32 at least), then cast to double and combined into the batch's
 per-channel mean, population variance and variance of the sample means. Those and the shape come out
-as extra graph outputs, so only C-sized vectors leave onnxruntime, never the activations. For the fast
+as the graph's outputs, so only C-sized vectors leave onnxruntime, never the activations, and only the
+nodes those outputs need stay in the pass's graph (onnxruntime runs every node, whatever a run fetches:
+a pass ends at its last layer). For the fast
 method the BN node reads the probe's mean and variance instead of its stored ones, so it normalizes by
 the batch's statistics (any opset, no training-mode kernel needed). For the exact method each pass runs
 with the statistics written by the passes before.

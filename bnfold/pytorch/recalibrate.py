@@ -5,16 +5,19 @@ One runner per kind of torch object, because each is instrumented differently:
 - eager `nn.Module` (pickle, state_dict + factory): forward pre-hooks on the BN modules, and
   `F.batch_norm` intercepted where a module that is no BN module calls it on its own buffers; for the
   fast method, a BN module with torch's own forward gets a forward that normalizes by its batch.
-  Dependencies come from a torch.fx trace. A model fx cannot trace is planned from one eval pass over
-  the data: each layer comes after every layer called before it, in any batch (more passes, and
-  correct as long as the branches the stored statistics take are those the new ones take: a branch on
-  activation values that the new statistics switch is not followed; recalibrating the result again is).
+  Dependencies come from a torch.fx trace, which also counts each pass's calls: an exact pass's
+  forward stops once they are made (checked on its first batch). A model fx cannot trace is planned
+  from one eval pass over the data: each layer comes after every layer called before it, in any batch
+  (more passes, and correct as long as the branches the stored statistics take are those the new ones
+  take: a branch on activation values that the new statistics switch is not followed; recalibrating
+  the result again is).
 - ExportedProgram (.pt2): `program.module()` is an fx GraphModule whose BN ops read the program's own
   buffers; an observer call is inserted before each BN op (for the fast method, the BN op reads the
-  batch's statistics from it instead). The buffers are updated in place and the program is saved as a
-  .pt2 again.
-- TorchScript: the inlined forward graph gets the BN inputs as extra outputs (and batch-statistics BN
-  ops for the fast method), compiled into a function that runs on the module's own attributes.
+  batch's statistics from it instead), and the observers are the graph's outputs (dead code after the
+  last is dropped). The buffers are updated in place and the program is saved as a .pt2 again.
+- TorchScript: the inlined forward graph returns the BN inputs instead of the model's output (dead code
+  dropped, as far as the model's own checks allow; batch-statistics BN ops for the fast method), compiled
+  into a function that runs on the module's own attributes.
 
 Every runner hands each BN call to one `InputStatistics`, which reduces it on its device (torch's own
 BN kernels for small calls, vectorized passes per sample for large ones), takes each batch's results to
