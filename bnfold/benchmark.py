@@ -61,35 +61,40 @@ def bench(source: object, folded: object | None = None, *, batch_size: int | Non
     Each of the framework's modes is timed (PyTorch eager; onnxruntime with graph optimizations off and
     on). `batch_size` replaces the batch dimension of the inputs (default: 1, or `input_shape`'s).
     The report also compares both models' outputs on that batch: it passes when they agree within the
-    fold tolerance, so a speed-up is never reported for a model that computes something else.
+    fold tolerance, so a speed-up is never reported for a model that computes something else. A model
+    bnfold cannot analyse is not timed at all (it would be timed against itself): the report fails and
+    gives the reason as `analysis_error`.
     """
     options = LoadOptions(allow_pickle=allow_pickle, model_factory=model_factory)
     model = as_model(source, options)
     shapes = parse_input_shapes(input_shape)
     batch = _batch(model.input_specs(), shapes, batch_size, seed)
+    analysis_error = None
     if folded is None:
         result = fold(model, batches=[_fold_example(model.input_specs(), shapes, batch, seed)], verify=False)
         folded_model, folded_from = result.folded_model, "in memory"
-        folded_layers = len(result.folded)
+        folded_layers, analysis_error = len(result.folded), result.analysis_error
     else:
         folded_model, folded_from, folded_layers = as_model(folded, options), str(folded), None
         if folded_model.framework != model.framework:
             raise UsageError(f"--folded is a {folded_model.framework} model but {model.path} is {model.framework}",
                              "compare a model with its own folded output (bnfold fold MODEL -o OUT)")
     engine = engine_for(model)
-    try:
-        difference = compare(engine, model, folded_model, [batch])
-    except VerificationUnavailable as error:
-        shapes_text = ", ".join(f"{name} {tuple(array.shape)}" for name, array in batch.items())
-        raise InputError(f"cannot time the model on inputs {shapes_text}: {error}",
-                         "pass --input-shape with the shape the model takes") from None
-    rows = [_time_mode(engine, mode, model, folded_model, batch, runs, warmup) for mode in engine.modes]
-    dtypes = {layer.dtype for layer in model.bn_layers()} | difference.dtypes
+    difference, rows = None, []
+    if analysis_error is None:
+        try:
+            difference = compare(engine, model, folded_model, [batch])
+        except VerificationUnavailable as error:
+            shapes_text = ", ".join(f"{name} {tuple(array.shape)}" for name, array in batch.items())
+            raise InputError(f"cannot time the model on inputs {shapes_text}: {error}",
+                             "pass --input-shape with the shape the model takes") from None
+        rows = [_time_mode(engine, mode, model, folded_model, batch, runs, warmup) for mode in engine.modes]
+    dtypes = {layer.dtype for layer in model.bn_layers()} | (difference.dtypes if difference else set())
     return BenchReport(
         model=ModelInfo(str(model.path), model.format.value, model.framework),
         folded_from=folded_from, inputs={name: list(array.shape) for name, array in batch.items()},
         rows=rows, runs=runs, warmup=warmup, bn_layers=len(model.bn_layers()), folded_layers=folded_layers,
-        difference=difference, tolerance=default_tolerance(dtypes))
+        difference=difference, tolerance=default_tolerance(dtypes), analysis_error=analysis_error)
 
 
 def _time_mode(engine, mode: str, model: Model, folded: Model, batch: Batch, runs: int, warmup: int) -> BenchRow:

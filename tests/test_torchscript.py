@@ -134,6 +134,24 @@ def test_a_torchscript_model_bnfold_cannot_analyse_fails_fold_and_the_require_fo
     assert policy["outcome"] == "failed" and report.analysis_error in policy["failures"][0]["message"]
 
 
+def test_bench_of_a_torchscript_model_bnfold_cannot_analyse_says_why_and_times_nothing(tmp_path, cli):
+    """Without a fold both sides are the same model: bench timed it against itself and exited 0 with a
+    speed-up of nothing. It now fails as fold does (exit 1), giving the reason, in --json too."""
+    scripted = torch.jit.script(randomized(TwoConvBN()))
+    scripted.bn2.train()
+    model = tmp_path / "model.ts"
+    torch.jit.save(scripted, model)
+    report = bnfold.bench(model, input_shape="2,3,8,8", runs=1, warmup=1)
+    assert not report and report.rows == [] and "because bn2 is in training mode" in report.analysis_error
+    args = ("bench", str(model), "--input-shape", "2,3,8,8", "--runs", "1", "--warmup", "1")
+    result = cli(*args)
+    assert result.code == 1 and f"not analysed: {report.analysis_error}" in " ".join(result.stdout.split())
+    assert "speed-up" not in result.stdout and "not timed" in result.stdout
+    document = json.loads(cli(*args, "--json").stdout)
+    assert (document["passed"], document["results"]) == (False, [])
+    assert document["analysis_error"] == report.analysis_error
+
+
 def test_recalibrating_a_frozen_module_skips_its_constant_statistics_saying_why():
     model = randomized(SumThenLinear())
     data = np.random.default_rng(0).standard_normal((16, 3, 8, 8)).astype(np.float32)

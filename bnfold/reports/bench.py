@@ -62,7 +62,8 @@ class BenchRow:
 
 @dataclass
 class BenchReport(Report):
-    """Passed when the folded model's outputs agree with the original's (a timing itself never fails)."""
+    """Passed when the folded model's outputs agree with the original's (a timing itself never fails);
+    never when bnfold could not analyse the model (`analysis_error`): nothing was folded or timed."""
 
     kind = "bench"
     model: ModelInfo
@@ -73,12 +74,13 @@ class BenchReport(Report):
     warmup: int
     bn_layers: int
     folded_layers: int | None  # None: the folded model came from a file
-    difference: OutputDifference
+    difference: OutputDifference | None  # None: not analysed, so not compared
     tolerance: float
+    analysis_error: str | None = None  # why the in-memory fold could not analyse the model
 
     @property
     def passed(self) -> bool:
-        return self.difference.within(self.tolerance)
+        return self.analysis_error is None and self.difference is not None and self.difference.within(self.tolerance)
 
     def body(self) -> dict[str, Any]:
         return {
@@ -90,16 +92,22 @@ class BenchReport(Report):
             "bn_layers": self.bn_layers,
             "folded_layers": self.folded_layers,
             "results": [row.to_dict() for row in self.rows],
-            "max_abs_error": self.difference.max_abs,
-            "max_rel_error": self.difference.max_rel,
+            "max_abs_error": self.difference.max_abs if self.difference else None,
+            "max_rel_error": self.difference.max_rel if self.difference else None,
             "tolerance": self.tolerance,
+            "analysis_error": self.analysis_error,
         }
 
     def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
-        folded = (f"folded in memory ({self.folded_layers} of {self.bn_layers} BN layers)"
-                  if self.folded_layers is not None else f"folded: {self.folded_from}")
+        folded = (f"folded: {self.folded_from}" if self.folded_layers is None
+                  else "not folded in memory" if self.difference is None
+                  else f"folded in memory ({self.folded_layers} of {self.bn_layers} BN layers)")
         inputs = ", ".join(f"{name} {tuple(shape)}" for name, shape in self.inputs.items())
         yield Text(f"{self.model.path} ({self.model.format}), {folded}; inputs {inputs}", style="bold")
+        if self.difference is None:  # not analysed: timing the model against itself would say nothing
+            yield Text(f"not analysed: {self.analysis_error}", style="bold red")
+            yield Text("not timed: without a fold both sides are the same model", style="bold red")
+            return
         table = Table(caption=f"median (min-max) of {self.runs} interleaved runs after {self.warmup} warm-up; "
                               "setup: session creation or program unlifting, original → folded",
                       caption_justify="left")
