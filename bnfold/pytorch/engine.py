@@ -67,7 +67,7 @@ class TorchEngine:
             build = folder.folded  # the folded weights are computed only when applied
         except CaptureFailed as failure:
             if not isinstance(model, ModuleModel):
-                reason = f"not analysed: {failure}"
+                reason = "not analysed (see above)"  # the failure is the model's, reported once for all layers
                 return FoldPlan([FoldDecision(layer.name, FoldStatus.KEPT, reason=reason) for layer in layers],
                                 failure=str(failure))
             capture, found = _fold_by_module(model, options.example_batch, failure)

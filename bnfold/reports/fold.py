@@ -95,6 +95,8 @@ class FoldReport(Report):
         outcome = "folded" if self.passed else "foldable, none folded"  # a rejected fold folds nothing
         yield Text(f"{self.model.path} ({self.model.format}): {len(self.folded)} of "
                    f"{len(self.decisions)} BN layers {outcome}", style="bold")
+        if self.analysis_error:  # above the table, whose rows refer to it
+            yield Text(f"not analysed: {self.analysis_error}", style="bold red")
         table = Table()
         table.add_column("BN layer", overflow="fold")
         table.add_column("result", overflow="fold")
@@ -107,8 +109,6 @@ class FoldReport(Report):
             yield Text(f"{verb} on {self.verification_inputs} inputs ({self.difference.samples} samples): "
                        f"max abs error {fmt_number(self.difference.max_abs)}, max rel error "
                        f"{fmt_number(self.difference.max_rel)} (tolerance {fmt_number(self.tolerance)})")
-        if self.analysis_error:
-            yield Text(f"not analysed: {self.analysis_error}", style="bold red")
         if self.verify_error:
             yield Text(f"not verified: {self.verify_error}", style="bold red")
         elif self.skipped_verification:
