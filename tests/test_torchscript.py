@@ -4,11 +4,13 @@ constants) and scripted modules with a BN left in training mode."""
 from __future__ import annotations
 
 import json
+from collections import OrderedDict
 
 import numpy as np
 import pytest
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 import bnfold
 from bnfold.errors import NoBatchNormError
@@ -165,3 +167,27 @@ def test_recalibrating_a_frozen_module_skips_its_constant_statistics_saying_why(
     assert [(s.name, "torch.jit.freeze" in s.reason) for s in report.skipped] == [("bn", True)]
     with pytest.raises(NoBatchNormError, match=r"bn: its statistics are constants of a frozen.*; bn1d: "):
         bnfold.recalibrate(torch.jit.freeze(torch.jit.script(model)), data=data)
+
+
+class StatisticsOnBuffers(nn.Module):
+    """F.batch_norm on buffers of a module that is no BN module: only the graph shows it is one."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("mu", torch.linspace(-1, 1, 4))
+        self.register_buffer("sigma2", torch.linspace(0.5, 2, 4))
+
+    def forward(self, x):
+        return F.batch_norm(x, self.mu, self.sigma2, None, None, False, 0.1, 1e-3)
+
+
+def test_functional_batch_norm_in_a_submodule_named_like_a_script_module_property_is_found():
+    """A ScriptModule's own `code` and `graph` properties hid its submodules of those names: reading the
+    statistics failed, discovery silently fell back to the module walk, and inspect and recalibrate saw
+    no BN at all."""
+    scripted = torch.jit.script(nn.Sequential(OrderedDict(code=StatisticsOnBuffers(), graph=StatisticsOnBuffers())))
+    layers = bnfold.inspect(scripted).layers
+    assert [(layer.name, layer.channels, layer.eps) for layer in layers] == [("code", 4, 1e-3), ("graph", 4, 1e-3)]
+    np.testing.assert_array_equal(layers[1].running_var, np.linspace(0.5, 2, 4, dtype=np.float32))
+    data = np.random.default_rng(0).standard_normal((16, 4, 5, 5)).astype(np.float32)
+    assert [layer.name for layer in bnfold.recalibrate(scripted, data=data).layers] == ["code", "graph"]

@@ -136,7 +136,17 @@ def attribute_path(node: torch._C.Node, position: int) -> str | None:
 
 def resolve_path(module: nn.Module, path: str | None) -> Any:
     """The attribute at a dotted path ("stem.norm.mu"; ScriptModules have no get_submodule), or None."""
-    return functools.reduce(getattr, path.split("."), module) if path else None
+    return functools.reduce(_attribute, path.split("."), module) if path else None
+
+
+def _attribute(owner: Any, name: str) -> Any:
+    """`getattr`, except that a ScriptModule's own properties (`code`, `graph`) do not hide its submodules,
+    parameters and buffers of the same name."""
+    if isinstance(owner, torch.jit.ScriptModule):
+        for table in (owner._modules, owner._parameters, owner._buffers):
+            if name in table:
+                return table[name]
+    return getattr(owner, name)
 
 
 def constant_input(node: torch._C.Node, position: int) -> Any:
