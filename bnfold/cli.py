@@ -68,8 +68,14 @@ StrictInputsOpt = Annotated[bool, typer.Option(
                             "no effect on PyTorch models.")]
 
 
+# Piped output (CI logs, files) has no terminal to size it: Rich would assume 80 columns and break layer
+# names across lines. COLUMNS, when set, still decides.
+PIPED_WIDTH = 120
+
+
 def stdout_console() -> Console:
-    return Console(soft_wrap=False)
+    piped = not sys.stdout.isatty() and not os.environ.get("COLUMNS")
+    return Console(soft_wrap=False, width=PIPED_WIDTH if piped else None)
 
 
 def stderr_console() -> Console:

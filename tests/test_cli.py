@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -141,6 +142,17 @@ def test_real_subprocess_run():
                                capture_output=True, text=True, cwd=REPO, timeout=120)
     assert completed.returncode == 0, completed.stderr
     assert len(json.loads(completed.stdout)["layers"]) == 2
+
+
+def test_piped_tables_are_wide_enough_for_layer_names():
+    """Rich sizes piped output (a CI log) at 80 columns, which broke 'block.downsample.1' across lines."""
+    environment = {key: value for key, value in os.environ.items() if key != "COLUMNS"}
+    completed = subprocess.run([sys.executable, "-m", "bnfold", "inspect", str(SAMPLES / "resnet.pt2")],
+                               capture_output=True, text=True, cwd=REPO, timeout=120, env=environment)
+    assert completed.returncode == 0, completed.stderr
+    lines = completed.stdout.splitlines()
+    assert any("block.downsample.1" in line for line in lines)
+    assert 80 < max(map(len, lines)) <= 120
 
 
 def test_fold_verifies_on_real_data(cli):
