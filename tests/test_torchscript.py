@@ -191,3 +191,28 @@ def test_functional_batch_norm_in_a_submodule_named_like_a_script_module_propert
     np.testing.assert_array_equal(layers[1].running_var, np.linspace(0.5, 2, 4, dtype=np.float32))
     data = np.random.default_rng(0).standard_normal((16, 4, 5, 5)).astype(np.float32)
     assert [layer.name for layer in bnfold.recalibrate(scripted, data=data).layers] == ["code", "graph"]
+
+
+class HandWrittenFrozenMomentum(nn.Module):
+    """F.batch_norm on its own buffers with a momentum of 0.0 written out, beside a BN module whose
+    momentum=None its forward passes as 0.0."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.register_buffer("mu", torch.zeros(4))
+        self.register_buffer("sigma2", torch.ones(4))
+        self.bn = nn.BatchNorm2d(4, momentum=None)
+
+    def forward(self, x):
+        return self.bn(F.batch_norm(self.conv(x), self.mu, self.sigma2, None, None, False, 0.0, 1e-5))
+
+
+def test_momentum_reads_alike_in_eager_scripted_and_frozen_modules():
+    module = HandWrittenFrozenMomentum().eval()
+    scripted = torch.jit.script(module)
+    for source in (module, scripted):
+        assert {layer.name: layer.momentum for layer in bnfold.inspect(source).layers} == {"mu": 0.0, "bn": None}
+    # freezing folds bn into conv; a frozen call's 0.0 reads as a module's momentum=None (it cannot tell)
+    frozen = bnfold.inspect(torch.jit.freeze(torch.jit.script(module)))
+    assert [layer.momentum for layer in frozen.layers] == [None]

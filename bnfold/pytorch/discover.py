@@ -252,33 +252,43 @@ def _complete_from_graph(module: torch.jit.ScriptModule, graph: torch._C.Graph,
     for name, node in frozen_batch_norms(graph):
         if name not in layers:
             weight, bias, mean, var = (constant_input(node, position) for position in FROZEN_INPUTS)
-            eps, momentum, training = (constant_input(node, position) for position in (7, 6, 5))
-            layers[name] = describe_tensors(
-                name, FROZEN_KIND, mean=mean, var=var, weight=weight, bias=bias,
-                eps=eps if isinstance(eps, float) else None,
-                momentum=momentum if isinstance(momentum, float) and momentum > 0 else None,  # 0.0: None
-                training=training is True)
+            settings = _call_settings(node)
+            settings["momentum"] = _module_momentum(settings["momentum"])  # a frozen BN module's call
+            layers[name] = describe_tensors(name, FROZEN_KIND, mean=mean, var=var, weight=weight, bias=bias,
+                                            **settings)
     for node in graph.findAllNodes("aten::batch_norm", True):
         mean_path = attribute_path(node, 3)
         if mean_path is None:  # statistics that are no attribute (none, computed, or frozen: above)
             continue
         owner_path = mean_path.rpartition(".")[0]
         name = owner_path or ("<root>" if "<root>" in layers else mean_path)
-        eps, momentum, training = (constant_input(node, position) for position in (7, 6, 5))
+        settings = _call_settings(node)
         layer = layers.get(name)
         if layer is None:
             owner = resolve_path(module, owner_path) if owner_path else module
             weight, bias, mean, var = (resolve_path(module, attribute_path(node, at)) for at in (1, 2, 3, 4))
-            layers[name] = describe_tensors(
-                name, f"F.batch_norm ({_class_name(owner)})", mean=mean, var=var, weight=weight, bias=bias,
-                eps=eps if isinstance(eps, float) else None, momentum=momentum, training=training is True)
+            layers[name] = describe_tensors(name, f"F.batch_norm ({_class_name(owner)})", mean=mean, var=var,
+                                            weight=weight, bias=bias, **settings)
             continue
-        if math.isnan(layer.eps) and isinstance(eps, float):  # a traced module keeps no eps attribute
-            layer.eps = eps
+        if math.isnan(layer.eps) and settings["eps"] is not None:  # a traced module keeps no eps attribute
+            layer.eps = settings["eps"]
             layer.extra.pop("eps_unknown", None)
-        if layer.momentum is None and isinstance(momentum, float) and momentum > 0:  # 0.0: momentum=None
-            layer.momentum = momentum
+        if layer.momentum is None:  # a BN module's call
+            layer.momentum = _module_momentum(settings["momentum"])
     return list(layers.values())
+
+
+def _call_settings(node: torch._C.Node) -> dict[str, Any]:
+    """eps, momentum and training of a batch_norm call, where constants say (as a hand-written call passes them)."""
+    eps, momentum, training = (constant_input(node, position) for position in (7, 6, 5))
+    return {"eps": eps if isinstance(eps, float) else None,
+            "momentum": momentum if isinstance(momentum, float) else None, "training": training is True}
+
+
+def _module_momentum(passed: float | None) -> float | None:
+    """A BN module's momentum from what its forward passes: 0.0 stands for momentum=None (a cumulative
+    average, not a frozen one)."""
+    return passed if passed else None
 
 
 def with_graph_layers(source: nn.Module | torch.export.ExportedProgram, known: list[BNLayer],
