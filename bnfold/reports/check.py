@@ -107,9 +107,10 @@ class CheckReport(Report):
 
     def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
         model = self.inspection.model
-        table = Table(title=f"bnfold check {model.path} ({model.format})"
-                            + (f" on {self.inspection.data}" if self.inspection.data else ""),
-                      title_justify="left")
+        # the title above the table, not in it: a table title wraps at the table's width
+        yield Text(f"bnfold check {model.path} ({model.format})"
+                   + (f" on {self.inspection.data}" if self.inspection.data else ""), style="bold")
+        table = Table()
         for column in ("policy", "limit", "result", "detail"):
             table.add_column(column, overflow="fold")
         for result in self.results:

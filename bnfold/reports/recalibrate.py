@@ -117,7 +117,8 @@ class RecalibrateReport(Report):
     def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
         title = (f"{self.model.path} ({self.model.format}): {len(self.layers)} BN layers recalibrated "
                  f"({self.method}) on {self.samples} samples of {self.data}")
-        table = Table(title=title, title_justify="left")
+        yield Text(title, style="bold")  # above the table, not in it: a table title wraps at its width
+        table = Table()
         for column, justify in (("layer", "left"), ("pass", "right"), ("samples", "right"),
                                 ("mean old → new", "right"), ("var old → new", "right"),
                                 ("max shift (σ)", "right"), ("var ratio", "right"), ("max rel. SE", "right")):
