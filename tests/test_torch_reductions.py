@@ -178,3 +178,21 @@ def test_calls_of_several_sizes_in_channels_last_models_match_the_oracle(method,
         bn = report.result.module.get_submodule(name)
         assert_statistics_match(bn.running_mean.numpy(), bn.running_var.numpy(), mean, var, layer=name)
         assert int(bn.num_batches_tracked) == oracle.calls[name]
+
+
+def test_a_float16_program_normalizes_by_float32_batch_statistics_as_eager_runs_do():
+    """A pure float16 .pt2 gets its batch statistics in float32 (with float32 weight and bias for torch's BN),
+    as the eager fast method normalizes, so both store the same statistics downstream; in float16 the
+    first layer's rounded statistics moved the second layer's."""
+    torch.manual_seed(0)
+    module = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 8, 1),
+                           nn.BatchNorm2d(8)).half().eval()
+    data = (np.random.default_rng(3).standard_normal((32, 3, 8, 8)) * 3 + 1).astype(np.float32)
+    options = {"method": "fast", "batch_size": 8, "min_samples": 1}
+    eager = bnfold.recalibrate(module, data, **options).result.module.state_dict()
+    program = torch.export.export(module, (torch.zeros(8, 3, 8, 8).half(),))
+    exported = bnfold.recalibrate(program, data, **options).result.program.state_dict
+    for name in ("1", "4"):
+        for statistic in ("running_mean", "running_var"):
+            assert exported[f"{name}.{statistic}"].dtype == torch.float16
+            assert torch.equal(exported[f"{name}.{statistic}"], eager[f"{name}.{statistic}"]), (name, statistic)

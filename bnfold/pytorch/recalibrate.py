@@ -797,10 +797,11 @@ class ExportedProgramRunner(_TorchRunner):
             if key in statistics.observe_layers or batch_statistics:
                 node = copies[original]
                 with graph.inserting_before(node):
-                    observed = graph.call_function(_observer(statistics, key), (node.args[0], node.args[3]))
+                    observed = graph.call_function(_observer(statistics, key), (node.args[0], *node.args[1:4]))
                     if batch_statistics:  # the BN op reads the batch's mean and variance instead of its buffers
-                        batch = [graph.call_function(operator.getitem, (observed, index)) for index in (0, 1)]
-                        node.args = (*node.args[:3], *batch, *node.args[5:])
+                        mean, var, weight, bias = (graph.call_function(operator.getitem, (observed, index))
+                                                   for index in range(4))
+                        node.args = (node.args[0], weight, bias, mean, var, *node.args[5:])
                 observers.append(observed)
         graph.output(tuple(observers))  # the pass needs nothing after the last observer: it is not run
         module = fx.GraphModule(self.module, graph)
@@ -820,12 +821,18 @@ class ExportedProgramRunner(_TorchRunner):
         return ExportedProgramModel(self.model.path, self.program)
 
 
-def _observer(statistics: InputStatistics,
-              layer: str) -> Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
-    def observe_batch_norm_input(inputs: torch.Tensor, running_mean: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The batch's statistics in the dtype of the running ones they stand in for (float32 BN layers in a
-        float16 model)."""
-        return statistics.observe(layer, inputs, running_mean.dtype)
+Parameter = torch.Tensor | None
+
+
+def _observer(statistics: InputStatistics, layer: str) -> Callable[..., tuple[Parameter, ...]]:
+    def observe_batch_norm_input(inputs: torch.Tensor, weight: Parameter, bias: Parameter,
+                                 running_mean: torch.Tensor) -> tuple[Parameter, ...]:
+        """The batch's mean and variance, then the BN's weight and bias, in float32 at least, as eager runs
+        normalize (`InputStatistics.normalize`: a float16 variance overflows past 65,504), or in the running
+        statistics' dtype where it is wider; torch's BN takes float16 inputs with float32 parameters."""
+        dtype = torch.promote_types(torch.promote_types(inputs.dtype, running_mean.dtype), torch.float32)
+        mean, var = statistics.observe(layer, inputs, dtype)
+        return mean, var, *(None if parameter is None else parameter.to(dtype) for parameter in (weight, bias))
 
     return observe_batch_norm_input
 
