@@ -30,7 +30,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from bnfold.errors import BnfoldError, DistributedError, MissingDependencyError, UsageError
+from bnfold.errors import BnfoldError, DistributedError, MissingDependencyError, UsageError, first_line
 from bnfold.stats import ChannelStatistics, Moments
 
 TIMEOUT_ENV = "BNFOLD_DISTRIBUTED_TIMEOUT"
@@ -154,7 +154,7 @@ class ProcessGroupWorld(World):
             yield
         except RuntimeError as error:  # torch.distributed.DistBackendError and the like
             raise DistributedError(
-                f"rank {self.rank} of {self.size} lost contact with the others while {what} ({_first_line(error)})",
+                f"rank {self.rank} of {self.size} lost contact with the others while {what} ({first_line(error)})",
                 "another rank probably crashed or was stopped: its own output says why") from None
 
 
@@ -189,7 +189,7 @@ def joined(device: str = "cpu", enabled: bool | None = None) -> Iterator[World]:
             dist.init_process_group(_backend(device, place.local_rank), init_method="env://", timeout=_timeout())
         except (RuntimeError, ValueError) as error:
             raise DistributedError(f"rank {place.rank} could not join the torch.distributed group of {place.size} "
-                                   f"processes ({_first_line(error)})",
+                                   f"processes ({first_line(error)})",
                                    "launch with torchrun, which sets MASTER_ADDR, MASTER_PORT, RANK and "
                                    "WORLD_SIZE") from None
         atexit.register(dist.destroy_process_group)
@@ -228,7 +228,7 @@ def _status(error: Exception) -> tuple[str, str | None]:
     """What another rank prints about this rank's failure: the error's line and hint."""
     if isinstance(error, BnfoldError):
         return error.message, error.hint
-    return f"{type(error).__name__}: {_first_line(error)}", "that rank printed its traceback"
+    return f"{type(error).__name__}: {first_line(error)}", "that rank printed its traceback"
 
 
 def _pack(statistics: Mapping[str, ChannelStatistics], channels: Mapping[str, int]) -> np.ndarray:
@@ -278,10 +278,6 @@ def _environment(name: str, default: int) -> int:
         return int(text) if text else default
     except ValueError:
         raise UsageError(f"the environment variable {name} must be an integer, got {text!r}") from None
-
-
-def _first_line(error: BaseException) -> str:
-    return (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
 
 
 __all__ = ["DEFAULT_TIMEOUT_S", "ProcessGroupWorld", "TIMEOUT_ENV", "World", "joined", "world"]

@@ -87,3 +87,10 @@ class CheckFailed(BnfoldError):
     """Verification or a policy failed; the result is reported and nothing is written."""
 
     exit_code = ExitCode.CHECK_FAILED
+
+
+def first_line(error: BaseException, limit: int = 300) -> str:
+    """The first line of an error's message (at most `limit` characters), or its type's name: what a
+    one-line report of a third-party failure quotes."""
+    lines = str(error).strip().splitlines()
+    return lines[0][:limit] if lines else type(error).__name__

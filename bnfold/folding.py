@@ -11,6 +11,7 @@ import numpy as np
 from bnfold import memory
 from bnfold.data import DataOptions, open_data
 from bnfold.engine import Batch, Engine, engine_for
+from bnfold.errors import first_line
 from bnfold.formats import as_model
 from bnfold.layers import FoldStatus
 from bnfold.model import LoadOptions, Model
@@ -119,7 +120,7 @@ def outputs(engine: Engine, model: Model, batches: Sequence[Batch], role: str) -
     try:
         return engine.outputs(model, batches)
     except Exception as error:
-        raise VerificationUnavailable(f"the {role} model does not run: {_short(error)}") from None
+        raise VerificationUnavailable(f"the {role} model does not run: {first_line(error)}") from None
 
 
 def differences(expected: Sequence[list[np.ndarray]], actual: Sequence[list[np.ndarray]]) -> OutputDifference:
@@ -127,8 +128,3 @@ def differences(expected: Sequence[list[np.ndarray]], actual: Sequence[list[np.n
     for reference, candidate in zip(expected, actual, strict=True):
         difference.add(reference, candidate)
     return difference
-
-
-def _short(error: BaseException) -> str:
-    lines = str(error).strip().splitlines()
-    return (lines[0][:300] if lines else type(error).__name__)

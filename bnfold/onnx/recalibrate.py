@@ -36,7 +36,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from bnfold.engine import Batch
-from bnfold.errors import InputError, UsageError
+from bnfold.errors import InputError, UsageError, first_line
 from bnfold.foldmath import round_to
 from bnfold.layers import BNLayer
 from bnfold.model import InputSpec
@@ -58,8 +58,7 @@ _PENDING_BYTES = 4 << 20
 
 
 def _cannot_run(error: Exception) -> InputError:
-    first = (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
-    return InputError(f"onnxruntime cannot run the model ({first})")
+    return InputError(f"onnxruntime cannot run the model ({first_line(error)})")
 
 
 class OnnxStatisticsRunner:

@@ -24,6 +24,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.conv import _ConvNd
 
+from bnfold.errors import first_line
 from bnfold.pytorch.discover import bn_kind, frozen_constant_targets, resolve_path, tensor_key
 
 SYMBOLIC = "symbolic tracing"
@@ -110,11 +111,11 @@ def capture_module(module: nn.Module, example: tuple[torch.Tensor, ...] | None,
         traced = trace_functional(module, share_tensors)
     except Exception as error:
         if example is None:
-            raise CaptureFailed(f"symbolic tracing failed ({_short(error)}) and capturing with torch.export "
+            raise CaptureFailed(f"symbolic tracing failed ({first_line(error, 200)}) and capturing with torch.export "
                                 "needs an example input (--input-shape)") from None
         program = _export(module, example, share_tensors)
         return Capture(unlift(program), EXPORT, example,
-                       note=f"symbolic tracing failed ({_short(error)}); captured with torch.export instead")
+                       note=f"symbolic tracing failed ({first_line(error, 200)}); captured with torch.export instead")
     if example is not None:
         try:
             with _eval_mode(traced):  # shapes do not depend on the mode; BN statistics must not move
@@ -122,7 +123,7 @@ def capture_module(module: nn.Module, example: tuple[torch.Tensor, ...] | None,
         except Exception as error:  # the trace specialised on something: trust export instead
             program = _export(module, example, share_tensors)
             return Capture(unlift(program), EXPORT, example,
-                           note=f"the symbolic trace does not run ({_short(error)}); captured with torch.export")
+                           note=f"the symbolic trace does not run ({first_line(error, 200)}); captured with torch.export")
     return Capture(traced, SYMBOLIC, example)
 
 
@@ -163,7 +164,7 @@ def _export(module: nn.Module, example: tuple[torch.Tensor, ...], share_tensors:
             return torch.export.export(private_copy(module, share_tensors), example, dynamic_shapes=dynamic, strict=False)
     except Exception as error:
         raise CaptureFailed(f"neither symbolic tracing nor torch.export can capture the model "
-                            f"({_short(error)})") from None
+                            f"({first_line(error, 200)})") from None
 
 
 def capture_program(program: torch.export.ExportedProgram) -> Capture:
@@ -208,7 +209,7 @@ def _conversion_failure(module: torch.jit.ScriptModule, example: tuple[torch.Ten
                     f"{'is' if len(training) == 1 else 'are'} in training mode (the converter cannot convert "
                     "BatchNorm's batch-statistics branch); call .eval() on the model before torch.jit.script "
                     "or torch.jit.save")
-    return f"torch.export cannot convert this TorchScript model ({_short(error)})"
+    return f"torch.export cannot convert this TorchScript model ({first_line(error, 200)})"
 
 
 def _frozen_names(graph_module: fx.GraphModule, script: torch.jit.ScriptModule) -> fx.GraphModule:
@@ -265,8 +266,3 @@ def _portable(graph: fx.Graph) -> fx.Graph:
         if isinstance(node.type, str):  # postponed annotations (`from __future__ import annotations`)
             node.type = None
     return graph
-
-
-def _short(error: BaseException) -> str:
-    lines = str(error).strip().splitlines()
-    return (lines[0][:200] if lines else type(error).__name__)

@@ -32,7 +32,7 @@ import torch
 from torch import nn
 from torch.utils import _pytree as pytree
 
-from bnfold.errors import UsageError
+from bnfold.errors import UsageError, first_line
 from bnfold.layers import FoldDecision, FoldStatus
 from bnfold.model import Model, ModelFormat
 from bnfold.plan import FoldOptions, FoldPlan
@@ -256,7 +256,7 @@ def _state_dict_output(model: ModuleModel, folded: nn.Module, capture: Capture, 
     try:
         program = _export(folded, capture.example, tuple({0: batch} if t.dim() else {} for t in capture.example))
     except Exception as error:  # e.g. control flow export cannot capture
-        reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
+        reason = first_line(error)
         if into is ModelFormat.EXPORTED_PROGRAM:
             raise UsageError(f"torch.export cannot capture the folded model, so it cannot be written as a "
                              f".pt2 program ({reason})", "name the output .pt to write it as a pickled module "

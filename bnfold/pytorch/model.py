@@ -16,7 +16,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from bnfold.errors import BnfoldError, InputError, MissingDependencyError, UnsafePickleError, UsageError
+from bnfold.errors import (BnfoldError, InputError, MissingDependencyError, UnsafePickleError, UsageError,
+                           first_line)
 from bnfold.formats import FileKind
 from bnfold.layers import BNLayer
 from bnfold.model import InputSpec, LoadOptions, Model, ModelFormat
@@ -156,7 +157,7 @@ def _load_torch_pickle(path: Path, options: LoadOptions) -> Model:
     except pickle.UnpicklingError:
         loaded = None  # needs code: a pickled module (or other objects)
     except Exception as error:  # a damaged file makes torch raise almost any type (TypeError, KeyError...)
-        raise InputError(f"{path} is not a readable torch file ({_first_line(error)})") from None
+        raise InputError(f"{path} is not a readable torch file ({first_line(error)})") from None
     if loaded is not None:
         return _from_state_dict(path, loaded, options)
     _require_consent(path, "is a pickled module; loading it runs code from", archive_pickle_imports(path), options)
@@ -213,7 +214,7 @@ def _damaged_zip(path: Path) -> Iterator[None]:
     except BnfoldError:
         raise
     except Exception as error:
-        raise InputError(f"{path} is a damaged zip archive ({_first_line(error)})") from None
+        raise InputError(f"{path} is a damaged zip archive ({first_line(error)})") from None
 
 
 def _check_records(path: Path) -> None:
@@ -292,7 +293,7 @@ def _from_state_dict(path: Path, loaded: Any, options: LoadOptions, safetensors:
     try:
         module.load_state_dict(state_dict, strict=True)
     except RuntimeError as error:
-        raise InputError(f"the weights in {path} do not fit the factory's model: {_first_line(error)}") from None
+        raise InputError(f"the weights in {path} do not fit the factory's model: {first_line(error)}") from None
     return ModuleModel(path, module.eval(), ModelFormat.STATE_DICT, safetensors=safetensors, owned=True)
 
 
@@ -328,16 +329,12 @@ def _guarded(load, path: Path, what: str, causes: list[BaseException] = (), impo
         raise
     except Exception as error:  # torch raises RuntimeError, ValueError, KeyError, zip errors...
         cause = causes[0] if causes else error
-        reason = _first_line(cause)
+        reason = first_line(cause)
         hint = import_hint if isinstance(cause, ImportError) else None
         if "version" in reason.lower():
             hint = "it may come from another torch version: re-export it with torch " + torch.__version__
         raise InputError(f"{path} could not be loaded as a {what} model ({reason})", hint) from None
 
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip().splitlines()
-    return text[0][:300] if text else type(error).__name__
 
 
 def wrap_torch_object(source: object) -> Model:

@@ -48,7 +48,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.overrides import TorchFunctionMode
 
 from bnfold.engine import Batch
-from bnfold.errors import DataError, UsageError
+from bnfold.errors import DataError, UsageError, first_line
 from bnfold.foldmath import round_to
 from bnfold.layers import BNLayer
 from bnfold.model import InputSpec, Model
@@ -555,8 +555,7 @@ class ModuleRunner(_TorchRunner):
         try:
             return BatchNormLeaves().trace(self.module)
         except Exception as error:  # fx cannot trace data-dependent control flow and more
-            reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:160]
-            self._untraceable = reason
+            self._untraceable = first_line(error, 160)
             return None
 
     def inputs(self) -> list[InputSpec | str]:
