@@ -125,15 +125,16 @@ def _outer_references(graph: onnx.GraphProto) -> set[str]:
     return used - defined
 
 
-def needed_nodes(nodes: list[onnx.NodeProto], outputs: set[str]) -> list[onnx.NodeProto]:
-    """The `nodes` (in order) that `outputs` depend on, values captured by subgraphs included:
-    onnxruntime runs every node of a graph, whatever a run fetches."""
+def needed_nodes(nodes: list[onnx.NodeProto], outputs: set[str]) -> tuple[list[onnx.NodeProto], set[str]]:
+    """The `nodes` (in order) that `outputs` depend on, values captured by subgraphs included (onnxruntime
+    runs every node of a graph, whatever a run fetches), and the names of `outputs` and of every value
+    those nodes read."""
     needed, kept = set(outputs), []
     for node in reversed(nodes):
         if any(output in needed for output in node.output):
             kept.append(node)
             needed.update(node_reads(node))
-    return kept[::-1]
+    return kept[::-1], needed
 
 
 def delete_where(field, predicate) -> None:

@@ -42,7 +42,7 @@ from bnfold.layers import BNLayer
 from bnfold.model import InputSpec
 from bnfold.onnx.discover import discover, is_training_mode, used_optional_outputs
 from bnfold.onnx.graph import (BN_OP, DEFAULT_DOMAINS, GraphIndex, delete_where, needed_nodes, node_label,
-                               node_reads, opset_version)
+                               opset_version)
 from bnfold.onnx.model import OnnxModel
 from bnfold.onnx.runtime import session
 from bnfold.onnx.shapes import infer_facts, traced_dtype
@@ -203,12 +203,11 @@ class OnnxStatisticsRunner:
                     probes[layer] = probe
             nodes.append(node)
         outputs = [name for probe in probes.values() for name in probe.outputs]
-        kept = needed_nodes(nodes, set(outputs))  # what comes after the last probe would run for nothing
+        kept, read = needed_nodes(nodes, set(outputs))  # what comes after the last probe would run for nothing
         graph.ClearField("node")
         graph.node.extend(kept)
         graph.ClearField("output")
         graph.output.extend(helper.ValueInfoProto(name=name) for name in outputs)
-        read = {name for node in kept for name in node_reads(node)}
         delete_where(graph.initializer, lambda init: init.name not in read and init.name not in self.index.input_names)
         return proto, probes
 
