@@ -12,8 +12,9 @@ from bnfold.onnx.model import OnnxModel
 from bnfold.onnx.recalibrate import OnnxStatisticsRunner
 
 
-def two_bn_model(channels: int) -> OnnxModel:
-    """x -> bn_a -> y_a and z -> bn_b -> y_b: two independent BN layers on two inputs."""
+def two_bn_model(channels: int, input_shape: list | None = None) -> OnnxModel:
+    """x -> bn_a -> y_a and z -> bn_b -> y_b: two independent BN layers on two inputs (declared with
+    `input_shape`: by default with none, so that their rank is unknown)."""
     nodes, inits = [], []
     for layer, source in (("a", "x"), ("b", "z")):
         names = [f"{layer}_{part}" for part in ("scale", "bias", "mean", "var")]
@@ -21,7 +22,7 @@ def two_bn_model(channels: int) -> OnnxModel:
                   for name, value in zip(names, (1, 0, 0, 1))]
         nodes.append(helper.make_node("BatchNormalization", [source, *names], [f"y_{layer}"], name=f"bn_{layer}"))
     graph = helper.make_graph(
-        nodes, "two", [helper.make_tensor_value_info(name, 1, None) for name in ("x", "z")],
+        nodes, "two", [helper.make_tensor_value_info(name, 1, input_shape) for name in ("x", "z")],
         [helper.make_tensor_value_info(name, 1, None) for name in ("y_a", "y_b")], inits)
     return OnnxModel(None, helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8))
 
@@ -86,3 +87,38 @@ def test_plain_models_need_no_shape_inference_to_type_their_bn_inputs(monkeypatc
 
     monkeypatch.setattr(recalibrate, "infer_facts", refused)
     OnnxStatisticsRunner(two_bn_model(4))._instrumented({"bn_a", "bn_b"}, batch_statistics=True)
+
+
+@pytest.mark.parametrize("batch_statistics", [True, False])
+@pytest.mark.parametrize("offset_by", [3.0, 1000.0])  # far offsets take the careful probe
+def test_probes_reduce_inputs_of_known_rank_without_reshaping(batch_statistics, offset_by):
+    """A Reshape of a BN input that the BN still reads cost 11% of a MobileNet batch in onnxruntime: where
+    the rank is known the probe reduces the input's own axes, with the same statistics."""
+    rng = np.random.default_rng(2)
+    values = (rng.standard_normal((6, 8, 5, 4)) * 0.5 + 0.5 * offset_by).astype(np.float32)
+    batches = [{"x": values[:3], "z": values[:3]}, {"x": values[3:], "z": values[3:]}]
+    found = {}
+    for declared in (None, ["N", 8, "H", "W"]):
+        runner = OnnxStatisticsRunner(two_bn_model(8, declared))
+        found[declared is not None] = runner.run_pass(batches, ["bn_a", "bn_b"], batch_statistics)
+        proto, _ = runner._instrumented({"bn_a", "bn_b"}, batch_statistics)
+        assert any(node.op_type == "Reshape" for node in proto.graph.node) == (declared is None)
+    per_channel = values.astype(np.float64).transpose(1, 0, 2, 3).reshape(8, -1)
+    for statistics in found.values():
+        for layer in ("bn_a", "bn_b"):
+            assert statistics[layer].count == per_channel.shape[1]
+            np.testing.assert_allclose(statistics[layer].variance(), per_channel.var(axis=1), rtol=2e-6)
+            np.testing.assert_allclose(statistics[layer].mean, per_channel.mean(axis=1), rtol=1e-6)
+            assert statistics[layer].samples == 6
+
+
+def test_bn_input_ranks_are_traced_back_through_convs_and_rank_keeping_ops():
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"]), helper.make_node("Relu", ["c"], ["r"]),
+             helper.make_node("Add", ["r", "bias"], ["a"]), helper.make_node("Flatten", ["a"], ["f"]),
+             helper.make_node("Sigmoid", ["f"], ["s"]), helper.make_node("Add", ["a", "s"], ["mixed"])]
+    graph = helper.make_graph(nodes, "ranks", [helper.make_tensor_value_info("x", 1, None)], [],
+                              [numpy_helper.from_array(np.ones((4, 3, 3, 3, 3), np.float32), "w"),
+                               numpy_helper.from_array(np.ones((4, 1, 1, 1), np.float32), "bias")])
+    runner = OnnxStatisticsRunner(OnnxModel(None, helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])))
+    assert {name: runner._rank(name) for name in ("x", "c", "r", "a", "f", "s", "mixed")} == {
+        "x": None, "c": 5, "r": 5, "a": 5, "f": None, "s": None, "mixed": None}

@@ -57,6 +57,12 @@ class GraphIndex:
         return {value.name: value.type.tensor_type.elem_type for value in (*self.graph.input, *self.graph.value_info)
                 if value.type.tensor_type.elem_type}
 
+    @functools.cached_property
+    def declared_ranks(self) -> dict[str, int]:
+        """Ranks the graph declares for its inputs and intermediate values (with or without sizes)."""
+        return {value.name: len(value.type.tensor_type.shape.dim) for value in (*self.graph.input, *self.graph.value_info)
+                if value.type.tensor_type.HasField("shape")}
+
     @property
     def input_names(self) -> set[str]:
         return {value.name for value in self.graph.input}
