@@ -42,8 +42,9 @@ def fold(source: object, output: str | Path | None = None, *, tolerance: float |
         check_output_path(output_path, source_path, force=force, in_place=in_place)
     model = as_model(source, LoadOptions(allow_pickle=allow_pickle, model_factory=model_factory))
     engine = engine_for(model)
-    written = engine.folded_format(model, output_path) if output_path is not None else None
+    written = None  # the format the folded model is written in
     if output_path is not None:
+        written = engine.folded_format(model, output_path)
         check_output_name(output_path, model, "fold", written)
     inputs_label = "random" if batches is None and data is None else "data"
     if batches is None and data is not None:  # before planning: some captures need an example
