@@ -337,9 +337,8 @@ class _Probe(ABC):
 
     def _value_moments(self, batches: list[dict[str, np.ndarray]]) -> Moments:
         """The moments of all values: every batch's mean and variance over its N * L values, pooled."""
-        counts = np.array([values[self.shape][0] * np.prod(values[self.shape][2:]) for values in batches],
-                          dtype=np.float64)
-        return _stacked(counts, batches, self.mean, self.var)
+        shapes = np.stack([values[self.shape] for values in batches]).astype(np.float64)
+        return _stacked(shapes[:, 0] * shapes[:, 2:].prod(axis=1), batches, self.mean, self.var)
 
 
 def _stacked(counts: np.ndarray, batches: list[dict[str, np.ndarray]], mean: str, variance: str) -> Moments:
