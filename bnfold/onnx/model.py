@@ -18,6 +18,7 @@ from bnfold.layers import BNLayer
 from bnfold.model import InputSpec, Model, ModelFormat
 from bnfold.onnx.discover import discover
 from bnfold.onnx.graph import all_graphs, opset_version
+from bnfold.onnx.shapes import input_dim_sizes
 from bnfold.onnx.weightless import Weightless, copy_fields, varint
 
 
@@ -60,15 +61,21 @@ class OnnxModel(Model):
         return discover(self.proto, self.opset)
 
     def input_specs(self) -> list[InputSpec]:
+        """The declared inputs, with the dynamic dims the graph sizes filled in (a BN parameter fed as
+        an input of shape ["C"] is as long as the channels it normalizes), and the dims it ties together
+        under one symbol, so that random inputs fit the model."""
         initializers = {init.name for init in self.proto.graph.initializer}
+        sizes = input_dim_sizes(self.proto)
         specs = []
         for value in self.proto.graph.input:
             if value.name in initializers:
                 continue
             tensor = value.type.tensor_type
-            shape = tuple(d.dim_value if d.HasField("dim_value") else None for d in tensor.shape.dim)
+            dims = [(d.dim_value if d.HasField("dim_value") else sizes.get((value.name, axis)), d.dim_param or None)
+                    for axis, d in enumerate(tensor.shape.dim)]
+            shape = tuple(size if isinstance(size, int) else None for size, _ in dims)
+            names = tuple(size if isinstance(size, str) else name for size, name in dims)
             dtype = helper.tensor_dtype_to_np_dtype(tensor.elem_type).name if tensor.elem_type else "unknown"
-            names = tuple(d.dim_param or None for d in tensor.shape.dim)
             specs.append(InputSpec(value.name, shape, dtype, names))
         return specs
 

@@ -4,7 +4,8 @@ Folding through Reshape/Flatten/Transpose is exact only when the shapes prove wh
 these facts are what the proof uses. Inference runs on a copy whose large tensors carry no data
 (`bnfold.onnx.weightless`: fast, and no second copy of the weights), whose nodes are topologically
 sorted and whose IR version lets inference see every initializer; a model that inference rejects
-simply yields fewer facts.
+simply yields fewer facts. A symbolic dim (dim_param) that a layer's weights force to one length (a
+BN's channel axis, a Conv's input channels) counts as that length: no input of another length runs.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from bnfold.onnx.graph import DEFAULT_DOMAINS, GraphIndex, attribute, walk_graph
 from bnfold.onnx.weightless import Weightless
 
 Shape = tuple[int | None, ...]
+Dim = int | str | None  # a length, a symbol (dim_param) or unknown
 
 
 @dataclass
@@ -82,31 +84,134 @@ def traced_dtype(index: GraphIndex, name: str) -> np.dtype | None:
 
 
 def infer_facts(model: onnx.ModelProto) -> ValueFacts:
-    """Shapes and types of every value shape inference can reach; never raises."""
+    """Shapes and types of every value shape inference can reach, a symbolic dim as the one length the
+    graph forces on it (see `input_dim_sizes`); never raises."""
+    inferred, classes = _inferred(_skeleton(model))
+    facts = ValueFacts()
+    for name, elem_type, dims in _values(inferred):
+        if elem_type:
+            facts.types[name] = elem_type
+        if dims is not None:
+            facts.shapes[name] = tuple(classes.length(dim) if isinstance(dim, str) else dim for dim in dims)
+    return facts
+
+
+def input_dim_sizes(model: onnx.ModelProto) -> dict[tuple[str, int], int | str]:
+    """What the graph says about the dynamic dims of its inputs, keyed by (input, axis): the length an
+    operator forces on it (a BN's channel axis is as long as its constant parameters, a Conv's input
+    channels are its weight's), else a symbol shared by every dim that must be as long (a BN parameter
+    fed as an input of shape ["C"] and the channel axis "K" of the activation it normalizes). Absent:
+    the graph says nothing, or asks for two lengths at once. Never raises."""
     skeleton = _skeleton(model)
+    initializers = {init.name for init in skeleton.graph.initializer}
+    dynamic = {(value.name, axis): dim.dim_param for value in skeleton.graph.input if value.name not in initializers
+               for axis, dim in enumerate(value.type.tensor_type.shape.dim) if not dim.HasField("dim_value")}
+    if not dynamic:
+        return {}
+    _, classes = _inferred(skeleton)
+    sizes = {key: classes.length(symbol) or classes.shared_name(symbol) for key, symbol in dynamic.items()}
+    return {key: size for key, size in sizes.items() if size is not None}
+
+
+def _inferred(skeleton: onnx.ModelProto) -> tuple[onnx.ModelProto, _SizeClasses]:
+    """The skeleton after shape inference, and the symbols its layers tie to each other and to lengths."""
     try:
         skeleton = shape_inference.infer_shapes(skeleton, strict_mode=False, data_prop=True)
     except Exception:  # inference rejects the file: keep what it records
         pass
-    facts = ValueFacts()
+    shapes = {name: dims for name, _, dims in _values(skeleton) if dims is not None}
+    classes = _SizeClasses()
     for index in walk_graphs(skeleton.graph):
+        for node in index.graph.node:
+            if node.domain in DEFAULT_DOMAINS:
+                for first, second in _tied_dims(node, shapes):
+                    classes.tie(first, second)
+    return skeleton, classes
+
+
+def _values(model: onnx.ModelProto) -> Iterator[tuple[str, int, tuple[Dim, ...] | None]]:
+    """(name, element type, dims) of every declared or inferred value and initializer, subgraphs included."""
+    for index in walk_graphs(model.graph):
         graph = index.graph
         for value in (*graph.input, *graph.value_info, *graph.output):
             tensor = value.type.tensor_type
-            if tensor.elem_type:
-                facts.types[value.name] = tensor.elem_type
-            if tensor.HasField("shape"):
-                facts.shapes[value.name] = tuple(
-                    dim.dim_value if dim.HasField("dim_value") else None for dim in tensor.shape.dim)
+            dims = tuple(dim.dim_value if dim.HasField("dim_value") else dim.dim_param or None
+                         for dim in tensor.shape.dim) if tensor.HasField("shape") else None
+            yield value.name, tensor.elem_type, dims
         for init in graph.initializer:
-            facts.types[init.name] = init.data_type
-            facts.shapes[init.name] = tuple(init.dims)
-    return facts
+            yield init.name, init.data_type, tuple(init.dims)
+
+
+def _tied_dims(node: onnx.NodeProto, shapes: dict[str, tuple[Dim, ...]]) -> Iterator[tuple[Dim, Dim]]:
+    """Pairs of dims that `node` needs equally long: an activation's against its layer's parameters."""
+    def dim(position: int, axis: int) -> Dim:
+        shape = shapes.get(node.input[position]) if position < len(node.input) and node.input[position] else None
+        return shape[axis] if shape is not None and -len(shape) <= axis < len(shape) else None
+
+    op = node.op_type
+    if op in ("BatchNormalization", "InstanceNormalization"):
+        for position in range(1, len(node.input)):
+            yield dim(0, 1), dim(position, 0)
+    elif op == "Conv":
+        group, per_group = attribute(node, "group", 1), dim(1, 1)
+        if group == 1 or isinstance(per_group, int):  # a symbol times a group is no symbol
+            yield dim(0, 1), per_group * group if isinstance(per_group, int) else per_group
+    elif op == "ConvTranspose":
+        yield dim(0, 1), dim(1, 0)
+    elif op == "Gemm":
+        yield dim(0, 0 if attribute(node, "transA", 0) else 1), dim(1, 1 if attribute(node, "transB", 0) else 0)
+    elif op == "MatMul":
+        matrix = len(shapes.get(node.input[1], ())) >= 2
+        yield dim(0, -1), dim(1, -2 if matrix else 0)
+
+
+class _SizeClasses:
+    """Symbols that must be equally long, merged into classes, with the lengths each class is tied to."""
+
+    def __init__(self) -> None:
+        self._parent: dict[str, str] = {}
+        self._lengths: dict[str, set[int]] = {}
+        self._members: dict[str, int] = {}
+
+    def _root(self, symbol: str) -> str:
+        while self._parent.setdefault(symbol, symbol) != symbol:
+            symbol = self._parent[symbol]
+        return symbol
+
+    def tie(self, first: Dim, second: Dim) -> None:
+        if isinstance(first, int):
+            first, second = second, first
+        if not isinstance(first, str) or second is None:
+            return
+        root = self._root(first)
+        if isinstance(second, int):
+            self._lengths.setdefault(root, set()).add(second)
+            return
+        other = self._root(second)
+        if other != root:
+            self._parent[other] = root
+            self._lengths.setdefault(root, set()).update(self._lengths.pop(other, ()))
+            self._members[root] = self._members.get(root, 1) + self._members.pop(other, 1)
+
+    def length(self, symbol: str | None) -> int | None:
+        """The one length `symbol` is tied to; None when none (or two: no input runs the model then)."""
+        lengths = self._lengths.get(self._root(symbol), set()) if symbol else set()
+        return next(iter(lengths)) if len(lengths) == 1 else None
+
+    def shared_name(self, symbol: str) -> str | None:
+        """The name of every symbol tied to `symbol` and to no length; None when none is."""
+        root = self._root(symbol)
+        return root if self._members.get(root, 1) > 1 and not self._lengths.get(root) else None
 
 
 def _skeleton(model: onnx.ModelProto) -> onnx.ModelProto:
     skeleton = Weightless(model).proto
     skeleton.ir_version = max(skeleton.ir_version, 4)  # IR 3 hides initializers that are not inputs
+    initializers = {init.name for init in skeleton.graph.initializer}
+    for value in skeleton.graph.input:  # an unnamed open dim gets a name, which inference carries along
+        for axis, dim in enumerate(value.type.tensor_type.shape.dim):
+            if value.name not in initializers and not dim.HasField("dim_value") and not dim.dim_param:
+                dim.dim_param = f"{value.name}[{axis}]"
     for index in walk_graphs(skeleton.graph):
         _sort_nodes(index.graph)
     return skeleton
