@@ -11,6 +11,7 @@ and TorchScript (converted with torch.export) are aten-level already. `bnfold.py
 from __future__ import annotations
 
 import copy
+import functools
 import io
 import logging
 import warnings
@@ -99,9 +100,71 @@ def trace_functional(module: nn.Module, share_tensors: bool = False) -> fx.Graph
         except Exception as failure:  # user code raises anything while tracing
             error = error or failure
             continue
-        return fx.GraphModule(tracer.root, _portable(graph), type(module).__name__)
+        return _graph_module(tracer.root, _portable(graph), type(module).__name__)
     assert error is not None
     raise error
+
+
+RENAMED = "bnfold_renamed"  # GraphModule.meta key: {name in the graph: the model's name} (see `_graph_module`)
+
+
+def _graph_module(root: nn.Module, graph: fx.Graph, class_name: str) -> fx.GraphModule:
+    """`fx.GraphModule(root, graph)`, with each attribute of `root` that the graph reads and whose name the
+    GraphModule uses itself (`code`, `graph`, `meta`, ...) renamed (`code_`): the generated code reaches it
+    as `self.code`, which would find the GraphModule's own attribute, and building the module would fail
+    or clash. The graph's targets and module paths follow; `meta[RENAMED]` maps the names back."""
+    read = {str(node.target).partition(".")[0] for node in graph.nodes if node.op in ("get_attr", "call_module")}
+    renamed = _renames(read, _top_level_names(root))
+    for name, new in renamed.items():  # root is the private copy being traced: give it the new names too
+        table = next(t for t in (root._modules, root._parameters, root._buffers, vars(root)) if name in t)
+        table[new] = table[name]
+    for node in graph.nodes if renamed else ():
+        if node.op in ("get_attr", "call_module"):
+            node.target = _renamed_path(str(node.target), renamed)
+        stack = node.meta.get("nn_module_stack")
+        if stack:
+            node.meta["nn_module_stack"] = {key: (_renamed_path(path, renamed), cls)
+                                            for key, (path, cls) in stack.items()}
+    module = fx.GraphModule(root, graph, class_name)
+    if renamed:
+        module.meta[RENAMED] = {new: name for name, new in renamed.items()}
+    return module
+
+
+def _renames(names: set[str], taken: set[str]) -> dict[str, str]:
+    """A name not `taken` (`code_`) for each of `names` that a GraphModule uses itself."""
+    taken = names | taken | _graph_module_attributes()
+    renamed = {}
+    for name in sorted(names & _graph_module_attributes()):
+        new = f"{name}_"
+        while new in taken:
+            new += "_"
+        taken.add(new)
+        renamed[name] = new
+    return renamed
+
+
+def _top_level_names(module: nn.Module) -> set[str]:
+    return {*module._modules, *module._parameters, *module._buffers, *vars(module)}
+
+
+def model_path(module: fx.GraphModule, path: str) -> str:
+    """The model's own name for a module path in a graph `_graph_module` made (`code_.0` -> `code.0`)."""
+    return _renamed_path(path, module.meta.get(RENAMED, {}))
+
+
+def _renamed_path(path: str, renamed: dict[str, str]) -> str:
+    first, dot, rest = path.partition(".")
+    return renamed.get(first, first) + dot + rest
+
+
+@functools.cache
+def _graph_module_attributes() -> frozenset[str]:
+    """Every name a GraphModule answers itself, before its children, parameters and buffers."""
+    graph = fx.Graph()
+    graph.output(graph.placeholder("x"))
+    module = fx.GraphModule(nn.Module(), graph)
+    return frozenset(dir(type(module))) | frozenset(module.__dict__)
 
 
 def capture_module(module: nn.Module, example: tuple[torch.Tensor, ...] | None,
@@ -217,6 +280,8 @@ def _frozen_names(graph_module: fx.GraphModule, script: torch.jit.ScriptModule) 
     statistics of its batch_norm calls get the names inspect reports (`frozen_constant_targets`), so fold
     names those layers alike."""
     targets = frozen_constant_targets(script)
+    reserved = _renames({target.partition(".")[0] for target in targets.values()}, _top_level_names(graph_module))
+    targets = {key: _renamed_path(target, reserved) for key, target in targets.items()}
     renamed: dict[str, str] = {}
     for node in graph_module.graph.nodes if targets else ():
         if node.op != "get_attr":
@@ -245,12 +310,19 @@ def _frozen_names(graph_module: fx.GraphModule, script: torch.jit.ScriptModule) 
     if renamed:
         graph_module.delete_all_unused_submodules()
         graph_module.recompile()
+    if reserved:
+        graph_module.meta[RENAMED] = {new: name for name, new in reserved.items()}
     return graph_module
 
 
 def unlift(program: torch.export.ExportedProgram) -> fx.GraphModule:
     """`program.module()` without its input guards, as a plain (picklable) GraphModule."""
-    module = program.module()
+    try:
+        with quiet():
+            module = program.module()
+    except Exception as error:  # e.g. a top-level module named `code` or `graph`, which a GraphModule reserves
+        raise CaptureFailed(f"the torch.export program does not unlift into a GraphModule "
+                            f"({first_line(error, 200)})") from None
     graph = module.graph
     for node in list(graph.nodes):
         if node.op == "call_module" and node.target == "_guards_fn":

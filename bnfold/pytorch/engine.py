@@ -29,14 +29,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch import nn
+from torch import fx, nn
 from torch.utils import _pytree as pytree
 
 from bnfold.errors import UsageError, first_line
 from bnfold.layers import FoldDecision, FoldStatus
 from bnfold.model import Model, ModelFormat
 from bnfold.plan import FoldOptions, FoldPlan
-from bnfold.pytorch.capture import (MODULEWISE, Capture, CaptureFailed, capture_module, capture_program,
+from bnfold.pytorch.capture import (MODULEWISE, RENAMED, Capture, CaptureFailed, capture_module, capture_program,
                                     capture_script, quiet)
 from bnfold.pytorch.fold import GraphFolder
 from bnfold.pytorch.modulewise import fold_by_module
@@ -75,6 +75,8 @@ class TorchEngine:
         decisions = [found.pop(layer.name, None) or FoldDecision(layer.name, FoldStatus.KEPT, reason=NOT_FOUND)
                      for layer in layers]
         notes = [capture.note] if capture.note else []
+        if any(decision.status is FoldStatus.FOLDABLE for decision in decisions):
+            notes += _renaming_note(capture.module)
         return FoldPlan(decisions + list(found.values()), actions=[capture, build], notes=notes)
 
     def apply(self, model: Model, plan: FoldPlan, into: ModelFormat | None = None) -> Model:
@@ -157,6 +159,16 @@ def _runnable(program: torch.export.ExportedProgram) -> nn.Module:
         holder = module.get_submodule(owner) if owner else module
         holder._buffers[attribute] = holder._buffers[attribute].clone()
     return module
+
+
+def _renaming_note(captured: nn.Module) -> list[str]:
+    """What the folded graph calls the model's attributes that a GraphModule's own names hide."""
+    renamed = captured.meta.get(RENAMED) if isinstance(captured, fx.GraphModule) else None
+    if not renamed:
+        return []
+    names = ", ".join(f"{name} as {new}" for new, name in renamed.items())
+    return [f"the folded model holds {names} (a torch.fx GraphModule uses those names itself), so its "
+            "state_dict keys start with the new names"]
 
 
 def _fold_by_module(model: ModuleModel, batch: Batch | None, failure: CaptureFailed) -> tuple[Capture, dict]:

@@ -31,6 +31,7 @@ from torch import fx, nn
 from bnfold import foldmath
 from bnfold.health import fold_refusal
 from bnfold.layers import BNLayer, FoldDecision, FoldDirection, FoldStatus
+from bnfold.pytorch.capture import model_path
 from bnfold.pytorch.discover import bn_kind, describe_tensors
 from bnfold.pytorch.ops import (Constants, arg, conv_is_transposed, fetch_attr, is_identity, kind_of,
                                 module_stack, set_arg, shape_of, spec_of, target_name, value_users)
@@ -177,6 +178,10 @@ class GraphFolder:
                 delattr(self.module.get_submodule(owner) if owner else self.module, attr)
         self.module.delete_all_unused_submodules()
 
+    def _path(self, path: str) -> str:
+        """The module path in the whole model of a module path in the graph."""
+        return self.prefix + model_path(self.module, path)
+
     def layers(self) -> list[BNLayer]:
         """Every BN layer applied in the graph, described from the tensors its ops read (for discovery)."""
         seen: dict[str, BNLayer] = {}
@@ -230,7 +235,7 @@ class GraphFolder:
         if isinstance(mean, fx.Node) and mean.op == "get_attr":
             claimed.add(str(mean.target).rpartition(".")[0])
         training = arg(node, "training") if "training" in spec_of(node).params else False
-        stack = [cls for path, cls in module_stack(node) if self.prefix + path == name]
+        stack = [cls for path, cls in module_stack(node) if self._path(path) == name]
         occurrence = Occurrence(name, f"F.batch_norm ({stack[-1]})" if stack else "F.batch_norm", x,
                                 output or node, node)
         tensors = (mean, var, weight, bias)
@@ -266,20 +271,20 @@ class GraphFolder:
         if isinstance(mean, fx.Node) and mean.op == "get_attr":
             owner, _, attribute = str(mean.target).rpartition(".")
             if owner:
-                name = self.prefix + owner
+                name = self._path(owner)
             else:  # statistics of the root itself: a BN module is "<root>", a functional BN its buffer's name
-                name = self.prefix.rstrip(".") or ("<root>" if attribute == "running_mean" else attribute)
+                name = self.prefix.rstrip(".") or ("<root>" if attribute == "running_mean" else self._path(attribute))
             if owners.setdefault(name, str(mean.target)) != str(mean.target):
-                name = self.prefix + str(mean.target)  # two BN ops in one module: name them by their statistics
+                name = self._path(str(mean.target))  # two BN ops in one module: name them by their statistics
             return name
         stack = module_stack(node)
-        return self.prefix + (stack[-1][0] if stack else node.name)
+        return self._path(stack[-1][0] if stack else node.name)
 
     def _bn_module(self, node: fx.Node) -> Occurrence:
         """A BN module kept as one call (tracing leaves BN in training mode opaque)."""
         module = self.module.get_submodule(str(node.target))
         refusal = TRAINING if module.training else NO_STATS
-        return Occurrence(self.prefix + str(node.target), str(bn_kind(module)), node.args[0], node, node,
+        return Occurrence(self._path(str(node.target)), str(bn_kind(module)), node.args[0], node, node,
                           refusal=refusal)
 
     def _lookalike_paths(self, claimed: set[str]) -> list[str]:
@@ -297,7 +302,7 @@ class GraphFolder:
             return None
         self._claimed.update(chain)
         cls = next(c for p, c in module_stack(chain[0]) if p == path)
-        occurrence = Occurrence(self.prefix + path, f"{cls} (look-alike)", chain[0], chain[-1], chain[0],
+        occurrence = Occurrence(self._path(path), f"{cls} (look-alike)", chain[0], chain[-1], chain[0],
                                 axis=None, stats=self._lookalike_stats(path))
         scale, shift, previous = np.ones(1), np.zeros(1), None
         for node in chain:
@@ -612,7 +617,7 @@ class GraphFolder:
             return None
         weight, bias = arg(node, "weight"), arg(node, "bias")
         stack = module_stack(node)
-        name = self.prefix + (stack[-1][0] if stack else _owner(weight) or node.name)
+        name = self._path(stack[-1][0] if stack else _owner(weight) or node.name)
         if not _stored(weight) or (bias is not None and not _stored(bias)):
             return f"{name} computes its weight at run time, so there is no stored weight to fold into"
         if kind == "convolution":
@@ -633,11 +638,11 @@ class GraphFolder:
         if isinstance(call, LayerCall):
             return call.name
         if node.op == "call_module":
-            return self.prefix + str(node.target)
+            return self._path(str(node.target))
         if kind_of(node, self.module) == "batch_norm":
             return self._op_layer_name(node, arg(node, "running_mean"), {})
         stack = module_stack(node)
-        where = f" in {self.prefix}{stack[-1][0]}" if stack else ""
+        where = f" in {self._path(stack[-1][0])}" if stack else ""
         return f"`{target_name(node)}`{where}"
 
     def _labels(self, nodes: list[fx.Node]) -> str:
@@ -647,7 +652,7 @@ class GraphFolder:
         call = self._layer_call(occurrence.input)
         if not isinstance(call, LayerCall) or call.bias is None:
             return None
-        classes = [cls for path, cls in module_stack(call.node) if self.prefix + path == call.name]
+        classes = [cls for path, cls in module_stack(call.node) if self._path(path) == call.name]
         return f"{classes[-1] if classes else target_name(call.node)} {call.name}"
 
     def _is_layout(self, node: fx.Node) -> bool:

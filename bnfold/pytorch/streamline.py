@@ -15,7 +15,7 @@ after folding:
   binding of the same operator (`torch.conv2d`), which dispatches to the same kernel.
 
 Every module that holds tensors keeps its name, so the folded model's state_dict keys stay the original
-model's module paths.
+model's module paths (but for the few names a GraphModule uses itself: `bnfold.pytorch.capture`).
 """
 
 from __future__ import annotations
