@@ -36,6 +36,10 @@ def check_layer(layer: BNLayer) -> list[Finding]:
         else:
             add(Finding("training-mode", Severity.WARNING, "module was saved in training mode; "
                         "bnfold evaluates it in eval mode", name, "call model.eval() before saving"))
+    if layer.extra.get("hidden_call"):
+        add(Finding("hidden-call", Severity.WARNING, f"{layer.extra['hidden_call']}: its statistics are checked, "
+                    "but it cannot be recalibrated or folded", name,
+                    "call the module as a plain submodule (no torch.jit.interface) so TorchScript inlines it"))
     if layer.extra.get("runtime_params"):  # the rest is checked when the statistics are constants
         what = "parameters" if layer.has_running_stats else "statistics"
         add(Finding("runtime-stats", Severity.WARNING, f"{what} are graph inputs fed at run time "

@@ -112,20 +112,72 @@ def discover_module(module: nn.Module, share_tensors: bool = False) -> list[BNLa
 
 
 def inlined_graph(module: torch.jit.ScriptModule) -> torch._C.Graph | None:
-    """A copy of a TorchScript module's forward graph with every submodule call inlined (None: no forward)."""
+    """A copy of a TorchScript module's forward graph with every submodule call inlined (None: no forward),
+    as this instance runs it: a call through an interface-typed attribute (`torch.jit.interface`) is
+    inlined as the module the attribute holds (as torch.jit.freeze does), and an Optional attribute that
+    holds None and that no node sets is read as a None constant, as TorchScript compiles a buffer
+    registered as None (BatchNorm's track_running_stats=False)."""
     forward = getattr(module, "forward", None)
     graph = getattr(forward, "graph", None)
     if graph is None:
         return None
     graph = graph.copy()
     torch._C._jit_pass_inline(graph)
+    while _resolve_interfaces(module, graph):
+        torch._C._jit_pass_inline(graph)
+    _read_unset_none_as_constant(module, graph)
     return graph
+
+
+def _resolve_interfaces(module: torch.jit.ScriptModule, graph: torch._C.Graph) -> bool:
+    """Type each interface-typed submodule read as the module it holds, so that inlining sees through its
+    calls; whether any was. A module picked at run time (a ModuleDict indexed by a variable) stays hidden."""
+    resolved = False
+    for node in graph.findAllNodes("prim::GetAttr", True):
+        if node.output().type().kind() != "InterfaceType":
+            continue
+        held = resolve_path(module, _value_path(node.output()))
+        if isinstance(held, torch.jit.ScriptModule):
+            node.output().setType(held._c._type())
+            resolved = True
+    return resolved
+
+
+def _read_unset_none_as_constant(module: torch.jit.ScriptModule, graph: torch._C.Graph) -> None:
+    """Read each Optional attribute that holds None and that no node sets as a None constant: a hand-written
+    BN's `running_mean: Optional[Tensor] = None` then reads as BatchNorm's track_running_stats=False does."""
+    written = {node.s("name") for node in graph.findAllNodes("prim::SetAttr", True)}
+    for node in graph.findAllNodes("prim::GetAttr", True):
+        if node.output().type().kind() != "OptionalType" or node.s("name") in written:
+            continue
+        path = _value_path(node.output())
+        if path is not None and resolve_path(module, path) is None:
+            graph.setInsertPoint(node)
+            node.output().replaceAllUsesWith(graph.insertConstant(None))
+
+
+def _hidden_interface_calls(graph: torch._C.Graph) -> list[str]:
+    """The submodules (or containers, for a module picked from one at run time) that the graph still calls
+    through an interface: what they run is not in the graph."""
+    hidden = []
+    for node in graph.findAllNodes("prim::CallMethod", True):
+        callee = node.inputsAt(0)
+        if callee.type().kind() != "InterfaceType":
+            continue
+        if callee.node().kind() == "prim::ModuleContainerIndex":
+            callee = callee.node().inputsAt(0)
+        hidden.append(_value_path(callee) or "")
+    return hidden
 
 
 def attribute_path(node: torch._C.Node, position: int) -> str | None:
     """The path of the module attribute a node reads as input `position` ("layer1.0.bn1.running_mean")."""
+    return _value_path(node.inputsAt(position))
+
+
+def _value_path(value: torch._C.Value) -> str | None:
+    """The path of the module attribute a graph value is read from, or None when it is no attribute."""
     names = []
-    value = node.inputsAt(position)
     while value.node().kind() == "prim::GetAttr":
         names.append(value.node().s("name"))
         value = value.node().inputsAt(0)
@@ -252,17 +304,19 @@ def _complete_from_graph(module: torch.jit.ScriptModule, graph: torch._C.Graph,
     for name, node in frozen_batch_norms(graph):
         if name not in layers:
             weight, bias, mean, var = (constant_input(node, position) for position in FROZEN_INPUTS)
-            settings = _call_settings(node)
+            settings = _call_settings(module, node)
             settings["momentum"] = _module_momentum(settings["momentum"])  # a frozen BN module's call
             layers[name] = describe_tensors(name, FROZEN_KIND, mean=mean, var=var, weight=weight, bias=bias,
                                             **settings)
+    called = set()
     for node in graph.findAllNodes("aten::batch_norm", True):
-        mean_path = attribute_path(node, 3)
-        if mean_path is None:  # statistics that are no attribute (none, computed, or frozen: above)
+        tensor_path = _naming_path(node)
+        if tensor_path is None:  # statistics that are no attribute (computed, or frozen: above), or no weight
             continue
-        owner_path = mean_path.rpartition(".")[0]
-        name = owner_path or ("<root>" if "<root>" in layers else mean_path)
-        settings = _call_settings(node)
+        owner_path = tensor_path.rpartition(".")[0]
+        name = owner_path or ("<root>" if "<root>" in layers else tensor_path)
+        called.add(name)
+        settings = _call_settings(module, node)
         layer = layers.get(name)
         if layer is None:
             owner = resolve_path(module, owner_path) if owner_path else module
@@ -275,14 +329,40 @@ def _complete_from_graph(module: torch.jit.ScriptModule, graph: torch._C.Graph,
             layer.extra.pop("eps_unknown", None)
         if layer.momentum is None:  # a BN module's call
             layer.momentum = _module_momentum(settings["momentum"])
+    hidden = _hidden_interface_calls(graph)
+    for layer in layers.values():
+        callee = next((path for path in hidden if _is_within(layer.name, path)), None)
+        if layer.name not in called and callee is not None:  # its call is somewhere in code the graph hides
+            layer.extra["hidden_call"] = (f"called through a TorchScript interface ({callee or 'unknown'}) "
+                                          "bnfold cannot see through")
     return list(layers.values())
 
 
-def _call_settings(node: torch._C.Node) -> dict[str, Any]:
-    """eps, momentum and training of a batch_norm call, where constants say (as a hand-written call passes them)."""
-    eps, momentum, training = (constant_input(node, position) for position in (7, 6, 5))
+def _naming_path(node: torch._C.Node) -> str | None:
+    """The attribute a batch_norm call is named after: its running_mean, or its weight when it has no
+    statistics (track_running_stats=False)."""
+    if node.inputsAt(3).type().kind() == "NoneType":
+        return attribute_path(node, 1)
+    return attribute_path(node, 3)
+
+
+def _is_within(name: str, path: str) -> bool:
+    """Whether module `name` is the module at `path` or inside it ("" stands for anywhere)."""
+    return not path or name == path or name.startswith(path + ".")
+
+
+def _call_settings(module: torch.jit.ScriptModule, node: torch._C.Node) -> dict[str, Any]:
+    """eps, momentum and training of a batch_norm call, where constants say (as a hand-written call passes
+    them) or the module attributes it reads (as a scripted hand-written BN passes `self.eps`)."""
+    eps, momentum, training = (_input_value(module, node, position) for position in (7, 6, 5))
     return {"eps": eps if isinstance(eps, float) else None,
             "momentum": momentum if isinstance(momentum, float) else None, "training": training is True}
+
+
+def _input_value(module: torch.jit.ScriptModule, node: torch._C.Node, position: int) -> Any:
+    """A node's input when it is a graph constant or a module attribute, else None."""
+    path = attribute_path(node, position)
+    return resolve_path(module, path) if path else constant_input(node, position)
 
 
 def _module_momentum(passed: float | None) -> float | None:
