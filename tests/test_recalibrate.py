@@ -18,9 +18,11 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
+import torch.nn.functional as F
 from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
+import bnfold
 from bnfold.errors import DataError, NoBatchNormError, OutputError, UsageError
 from bnfold.recalibration import dependency_levels, recalibrate, upstream_layers
 from sample_models.architectures import make_mlp
@@ -620,3 +622,30 @@ def test_pending_moments_stay_within_their_memory_bound_and_merge_exactly(monkey
     np.testing.assert_allclose(merged.variance(), everything.var(axis=1), rtol=2e-6)
     sample_means = np.concatenate([batch.double().mean(dim=(2, 3)).numpy() for batch in batches])
     np.testing.assert_allclose(merged.sample_means.variance(1), sample_means.var(axis=0, ddof=1), rtol=1e-5)
+
+
+class _RootFunctionalBN(nn.Module):
+    """F.batch_norm on statistics the root module owns (`mu`, `sigma2`): no module path to name it by."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.register_buffer("mu", torch.zeros(4))
+        self.register_buffer("sigma2", torch.ones(4))
+        self.gamma, self.beta = nn.Parameter(torch.ones(4)), nn.Parameter(torch.zeros(4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.batch_norm(self.conv(x), self.mu, self.sigma2, self.gamma, self.beta, False, 0.1, 1e-5)
+
+
+def test_functional_bn_on_the_root_statistics_is_named_as_inspect_names_it():
+    """Recalibration named it '' (the path of the module owning `mu`); inspect and fold name it `mu`."""
+    model = _RootFunctionalBN().eval()
+    data = np.random.default_rng(0).standard_normal((64, 3, 8, 8)).astype(np.float32) * 2 + 1
+    inspected = [layer.name for layer in bnfold.inspect(model, input_shape="2,3,8,8").layers]
+    report = bnfold.recalibrate(model, data, method="exact")
+    assert inspected == [layer.name for layer in report.layers] == ["mu"]
+    conv = model.conv(torch.from_numpy(data)).detach().double()
+    recalibrated = report.result.module
+    np.testing.assert_allclose(recalibrated.mu.numpy(), conv.mean((0, 2, 3)).numpy(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(recalibrated.sigma2.numpy(), conv.var((0, 2, 3)).numpy(), rtol=1e-5)

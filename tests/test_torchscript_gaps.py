@@ -114,8 +114,6 @@ def test_a_bn_picked_at_run_time_through_an_interface_is_reported_as_hidden():
         folded.analysis_error)
 
 
-@pytest.mark.xfail(strict=True, reason="needs ScriptRunner to skip layers with extra['hidden_call'] "
-                                       "(bnfold/pytorch/recalibrate.py)")
 def test_recalibrating_a_bn_picked_at_run_time_says_why_it_is_skipped():
     with pytest.raises(NoBatchNormError, match=r"norms\.a: called through a TorchScript interface \(norms\)"):
         bnfold.recalibrate(torch.jit.script(randomized(PickedAtRunTime())), data=_calibration())

@@ -524,7 +524,8 @@ class ModuleRunner(_TorchRunner):
             if call is None or not all(isinstance(call[key], fx.Node) and call[key].op == "get_attr"
                                        for key in ("running_mean", "running_var")):
                 continue
-            owner = call["running_mean"].target.rpartition(".")[0]
+            module_path = call["running_mean"].target.rpartition(".")[0]
+            owner = module_path or call["running_mean"].target  # the root's statistics: named as inspect names them
             if owner in self.bns or owner in self._skipped or owner in found:
                 continue
             if call["training"] is not False:
@@ -533,7 +534,7 @@ class ModuleRunner(_TorchRunner):
             tensors = {key: resolve_path(self.module, call[key].target if isinstance(call[key], fx.Node) else None)
                        for key in ("running_mean", "running_var", "weight", "bias")}
             found[owner] = describe_tensors(
-                owner, f"F.batch_norm ({type(self.module.get_submodule(owner)).__name__})",
+                owner, f"F.batch_norm ({type(self.module.get_submodule(module_path)).__name__})",
                 mean=tensors["running_mean"], var=tensors["running_var"], weight=tensors["weight"],
                 bias=tensors["bias"], eps=call["eps"] if isinstance(call["eps"], float) else None,
                 momentum=call["momentum"], extra={"buffers": (call["running_mean"].target, call["running_var"].target)})
@@ -862,6 +863,9 @@ class ScriptRunner(_TorchRunner):
                     self._skipped[owner] = "called inside control flow (if/loop), where bnfold cannot observe it"
         for name, _ in frozen_batch_norms(graph):
             self._skipped[name] = _FROZEN
+        for layer in discover_module(self.module):
+            if "hidden_call" in layer.extra:
+                self._skipped[layer.name] = layer.extra["hidden_call"]
         unnamed = False
         for node, key in zip(_top_level_batch_norms(graph), self.keys):
             owner = _stats_owner(node, position=1) if key is None else None  # named after its weight instead
