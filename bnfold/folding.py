@@ -74,6 +74,9 @@ def fold(source: object, output: str | Path | None = None, *, tolerance: float |
         try:
             difference = differences(expected, outputs(engine, folded_model, batches, "folded"))
             dtypes |= difference.dtypes
+            if not difference.compared:
+                verify_error = ("nothing was compared: both models output only NaN or Inf on these inputs (a BN "
+                                "with bad statistics? see bnfold inspect; else pass real inputs with --data)")
         except VerificationUnavailable as error:
             verify_error = str(error)
     tolerance = default_tolerance(dtypes) if tolerance is None else tolerance

@@ -40,6 +40,8 @@ class InputSpec:
     shape: tuple[int | None, ...]
     dtype: str
     dim_names: tuple[str | None, ...] = ()  # symbolic names of dynamic dims (ONNX dim_param), when recorded
+    # a BN's variance fed at run time: random inputs for it must be positive, or every output is NaN
+    positive: bool = False
 
 
 class Model(ABC):

@@ -56,7 +56,8 @@ def random_batches(specs: Sequence[InputSpec], shapes: list[tuple[int, ...]] | N
             names = spec.dim_names or (None,) * len(spec.shape)
             shape = tuple(d if d is not None else _dynamic_size(named, name, i)
                           for i, (d, name) in enumerate(zip(spec.shape, names)))
-            batch[spec.name] = _random_array(rng, shape, spec.dtype)
+            array = _random_array(rng, shape, spec.dtype)
+            batch[spec.name] = np.abs(array) if spec.positive else array
         batches.append(batch)
     return batches
 
@@ -92,6 +93,7 @@ class OutputDifference:
     batches: int = 0
     samples: int = 0
     non_finite: bool = False  # one model produced NaN/Inf where the other did not
+    compared: int = 0  # output values finite in both models: where none is, nothing was verified
     dtypes: set[str] = field(default_factory=set)  # of the reference outputs: they set the default tolerance
 
     def add(self, reference: Iterable[np.ndarray], candidate: Iterable[np.ndarray]) -> None:
@@ -106,6 +108,7 @@ class OutputDifference:
             if not np.array_equal(np.isfinite(a64), np.isfinite(b64)):
                 self.non_finite = True
             finite = np.isfinite(a64) & np.isfinite(b64)
+            self.compared += int(finite.sum())
             if not finite.any():
                 continue
             diff = float(np.max(np.abs(a64[finite] - b64[finite])))
@@ -116,8 +119,8 @@ class OutputDifference:
         self.samples += int(np.asarray(reference[0]).shape[0]) if reference and np.ndim(reference[0]) else 1
 
     def within(self, tolerance: float) -> bool:
-        return not self.non_finite and self.max_rel <= tolerance
+        return not self.non_finite and self.compared > 0 and self.max_rel <= tolerance
 
     def to_dict(self) -> dict:
         return {"max_abs_error": self.max_abs, "max_rel_error": self.max_rel, "batches": self.batches,
-                "samples": self.samples, "non_finite_mismatch": self.non_finite}
+                "samples": self.samples, "non_finite_mismatch": self.non_finite, "values_compared": self.compared}

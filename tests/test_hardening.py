@@ -658,7 +658,12 @@ def test_fold_refuses_bn_with_bad_statistics_and_spreads_no_nan(tmp_path, case, 
     report = bnfold.fold(source, input_shape=None if route == "onnx" else "1,1,8,8")
     decisions = [d for d in report.decisions if d.status.value == "kept"]
     assert len(decisions) == 1 and BAD_STATS[case][3] in decisions[0].reason
-    assert report.passed and len(report.folded) == 1  # the healthy BN still folds
+    assert len(report.folded) == 1  # the healthy BN still folds
+    # a NaN channel reaches every output through the second conv: the fold compared nothing, and is not
+    # called verified (an infinite mean gives -inf, which the ReLU turns into 0)
+    nan_everywhere = case in ("nan-var", "negative-var", "nan-gamma")
+    assert report.passed is not nan_everywhere
+    assert ("nothing was compared" in report.verify_error) if nan_everywhere else report.verify_error is None
     folded = report.folded_model
     weights = ([numpy_helper.to_array(init) for init in folded.proto.graph.initializer] if route == "onnx"
                else [t.numpy() for t in folded.module.state_dict().values() if t.is_floating_point()])
@@ -671,7 +676,10 @@ def test_fold_refuses_bad_statistics_through_the_cli(cli, tmp_path):
 
     broken = corrupt_first_bn(SAMPLES / "cnn.onnx", tmp_path / "nan.onnx", VARIANCE, np.nan)
     out = tmp_path / "out.onnx"
-    result = cli("fold", broken, "-o", out, "--json")
+    refused = cli("fold", broken, "-o", out, "--json")  # every output is NaN: nothing to verify against
+    assert refused.code == 1 and "nothing was compared" in json.loads(refused.stdout)["verify_error"]
+    assert not out.exists()
+    result = cli("fold", broken, "-o", out, "--json", "--no-verify")
     assert result.code == 0, result.stderr
     kept = [d for d in json.loads(result.stdout)["layers"] if d["status"] == "kept"]
     assert any("non-finite scale or shift" in d["reason"] for d in kept)

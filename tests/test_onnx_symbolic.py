@@ -200,3 +200,40 @@ def test_inspect_counts_the_channels_of_a_runtime_bn_that_a_later_conv_sizes(tmp
     assert result.code == 0, result.stderr
     layer = json.loads(result.stdout)["layers"][0]
     assert layer["channels"] == 4
+
+
+# --- verification compares finite outputs, or says it compared nothing -------------------------------
+
+def test_a_runtime_bn_variance_gets_positive_random_values_so_the_fold_is_compared(tmp_path):
+    """Half of normal random values are negative: a BN variance fed them made every output NaN, and a
+    fold downstream 'verified' with error 0 while comparing nothing."""
+    rng = np.random.default_rng(4)
+    conv, inits = _conv(rng, "a", "c", 4, 6)
+    first, params = _runtime_bn("x", "a", ["C"])
+    model = make([first, conv, bn_node("c", "y")], {"x": (ACTIVATION, F32), **params}, {"y": (None, F32)},
+                 {**inits, **bn_params(rng, 6)})
+    report = fold(_onnx(model, tmp_path))
+    assert report.passed and report.verify_error is None, report.verify_error
+    assert report.difference.compared > 0 and not report.difference.non_finite
+
+
+def test_a_fold_whose_outputs_are_nan_everywhere_is_not_verified(tmp_path):
+    rng = np.random.default_rng(6)
+    conv, inits = _conv(rng, "x", "c", 4, 6)
+    nodes = [conv, bn_node("c", "b"), helper.make_node("Abs", ["b"], ["positive"]),
+             helper.make_node("Neg", ["positive"], ["negative"]),
+             helper.make_node("Sqrt", ["negative"], ["y"])]  # NaN (or 0 where b is exactly 0: never here)
+    model = make(nodes, {"x": ([2, 4, 5, 5], F32)}, {"y": (None, F32)}, {**inits, **bn_params(rng, 6)})
+    report = fold(_onnx(model, tmp_path), tmp_path / "out.onnx")
+    assert not report.passed and report.difference.compared == 0
+    assert "nothing was compared" in report.verify_error
+    assert not (tmp_path / "out.onnx").exists()
+
+
+def test_sizing_inputs_survives_a_matmul_missing_its_second_input():
+    """Found by the fuzzer: a mutated MatMul with one input made inspect crash while sizing inputs."""
+    from bnfold.onnx.shapes import input_dim_sizes
+
+    node = helper.make_node("MatMul", ["x"], ["y"])
+    model = make([node], {"x": (["N", "K"], F32)}, {"y": (None, F32)})
+    assert input_dim_sizes(model) == {}

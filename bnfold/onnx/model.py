@@ -60,12 +60,15 @@ class OnnxModel(Model):
     def bn_layers(self) -> list[BNLayer]:
         return discover(self.proto, self.opset)
 
-    def input_specs(self) -> list[InputSpec]:
+    def input_specs(self, sized: bool = True) -> list[InputSpec]:
         """The declared inputs, with the dynamic dims the graph sizes filled in (a BN parameter fed as
         an input of shape ["C"] is as long as the channels it normalizes), and the dims it ties together
-        under one symbol, so that random inputs fit the model."""
+        under one symbol, so that random inputs fit the model. `sized=False`: as declared, without the
+        shape inference that sizing takes (3.5 ms on the zoo ResNet, whose fast recalibration takes 60)."""
         initializers = {init.name for init in self.proto.graph.initializer}
-        sizes = input_dim_sizes(self.proto)
+        variances = {node.input[4] for node in self.proto.graph.node
+                     if node.op_type == "BatchNormalization" and len(node.input) > 4}
+        sizes = input_dim_sizes(self.proto) if sized else {}
         specs = []
         for value in self.proto.graph.input:
             if value.name in initializers:
@@ -76,7 +79,7 @@ class OnnxModel(Model):
             shape = tuple(size if isinstance(size, int) else None for size, _ in dims)
             names = tuple(size if isinstance(size, str) else name for size, name in dims)
             dtype = helper.tensor_dtype_to_np_dtype(tensor.elem_type).name if tensor.elem_type else "unknown"
-            specs.append(InputSpec(value.name, shape, dtype, names))
+            specs.append(InputSpec(value.name, shape, dtype, names, positive=value.name in variances))
         return specs
 
     def parameter_count(self) -> int:

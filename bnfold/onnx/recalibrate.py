@@ -109,7 +109,7 @@ class OnnxStatisticsRunner:
         return None
 
     def inputs(self) -> list[InputSpec | str]:
-        return list(self.model.input_specs())
+        return list(self.model.input_specs(sized=False))  # real data brings its own sizes
 
     def _constant(self, name: str) -> np.ndarray | None:
         """A constant, also behind Identity nodes (the TorchScript exporter shares equal tensors so)."""

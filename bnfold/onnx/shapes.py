@@ -161,7 +161,7 @@ def _tied_dims(node: onnx.NodeProto, shapes: dict[str, tuple[Dim, ...]]) -> Iter
     elif op == "Gemm":
         yield dim(0, 0 if attribute(node, "transA", 0) else 1), dim(1, 1 if attribute(node, "transB", 0) else 0)
     elif op == "MatMul":
-        matrix = len(shapes.get(node.input[1], ())) >= 2
+        matrix = len(node.input) > 1 and len(shapes.get(node.input[1], ())) >= 2
         yield dim(0, -1), dim(1, -2 if matrix else 0)
 
 

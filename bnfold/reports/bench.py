@@ -122,7 +122,8 @@ class BenchReport(Report):
                           Text(f"{row.speedup:.2f}×", style=style),
                           f"{_ms(row.setup_original_s)} → {_ms(row.setup_folded_s)}")
         yield table
-        agree = "outputs agree" if self.passed else "outputs DIFFER"
+        agree = ("outputs agree" if self.passed else "outputs DIFFER" if self.difference.compared
+                 else "outputs NOT COMPARED (NaN or Inf everywhere in both models)")
         yield Text(f"{agree}: max abs error {fmt_number(self.difference.max_abs)}, max rel error "
                    f"{fmt_number(self.difference.max_rel)} (tolerance {fmt_number(self.tolerance)})",
                    style="green" if self.passed else "bold red")
