@@ -10,11 +10,13 @@ found, folded exactly, named as the model names it, and recalibrated.
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 import bnfold
+from bnfold.errors import InputError
 from bnfold.layers import FoldStatus
 from tests.recalibration_oracle import assert_statistics_match, exact_oracle
 from tests.torch_builders import assert_folds, bn_calls, outputs, randomized, runnable
@@ -127,3 +129,14 @@ def test_recalibrated_statistics_are_exact_and_the_result_folds():
         bn = recalibrated.get_submodule(name)
         assert_statistics_match(bn.running_mean.numpy(), bn.running_var.numpy(), *expected[name], layer=name)
     assert_folds(recalibrated, SHAPE, folded={"code.1", "graph.1"})
+
+
+def test_a_program_torch_cannot_turn_back_into_a_module_gets_a_one_line_error(tmp_path):
+    """torch.export captures `code`, but the program never becomes a module again: recalibrate and
+    inspect --data raised torch's RuntimeError (exit 3, a traceback)."""
+    path = tmp_path / "reserved.pt2"
+    torch.export.save(torch.export.export(randomized(Reserved()).eval(), (torch.randn(*SHAPE),)), str(path))
+    data = np.random.default_rng(0).standard_normal((8, *SHAPE[1:])).astype(np.float32)
+    for call in (lambda: bnfold.recalibrate(path, data), lambda: bnfold.inspect(path, data=data)):
+        with pytest.raises(InputError, match=r"does not turn back into a module \(Node code"):
+            call()

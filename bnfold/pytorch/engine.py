@@ -40,7 +40,7 @@ from bnfold.pytorch.capture import (MODULEWISE, RENAMED, Capture, CaptureFailed,
                                     capture_script, quiet)
 from bnfold.pytorch.fold import GraphFolder
 from bnfold.pytorch.modulewise import fold_by_module
-from bnfold.pytorch.model import ExportedProgramModel, ModuleModel, TorchScriptModel
+from bnfold.pytorch.model import ExportedProgramModel, ModuleModel, TorchScriptModel, program_module
 from bnfold.pytorch.ops import may_write
 from bnfold.pytorch.streamline import streamline
 from bnfold.verify import random_batches
@@ -150,7 +150,7 @@ def _runnable(program: torch.export.ExportedProgram) -> nn.Module:
     """`program.module()` with private copies of the buffers its graph writes (a BN exported in training
     mode updates its statistics): the unlifted module shares the program's tensors, so running it would
     change the caller's program, and the folded program made from it, whose file would keep the change."""
-    module = program.module()
+    module = program_module(program)
     buffers = {name for name, _ in module.named_buffers(remove_duplicate=False)}
     written = {str(source.target) for node in module.graph.nodes if may_write(node)
                for source in node.all_input_nodes if source.op == "get_attr" and str(source.target) in buffers}

@@ -60,6 +60,16 @@ class ExportedProgramModel(Model):
         torch.export.save(self.program, str(path))
 
 
+def program_module(program: torch.export.ExportedProgram) -> torch.fx.GraphModule:
+    """`program.module()`, which shares the program's tensors; an InputError where torch cannot turn the
+    program back into a module (a top-level module named `code` or `graph`, which a GraphModule reserves)."""
+    try:
+        return program.module()
+    except Exception as error:  # torch raises RuntimeError and AttributeError alike here
+        raise InputError(f"torch cannot run this program: it does not turn back into a module "
+                         f"({first_line(error, 200)})") from None
+
+
 class _ModuleBacked(Model):
     """A model held as a module (TorchScript or eager): its BN layers are submodules, and it records no
     inputs. A base of its own, not ModuleModel: the engines tell eager modules from TorchScript by type."""

@@ -55,7 +55,7 @@ from bnfold.model import InputSpec, Model
 from bnfold.pytorch.discover import (BN_ATEN_SIGNATURES, attribute_path, bn_kind, describe_module,
                                      constant_input, describe_tensors, discover_exported, discover_module,
                                      frozen_batch_norms, inlined_graph, resolve_path)
-from bnfold.pytorch.model import ExportedProgramModel, ModuleModel, TorchScriptModel
+from bnfold.pytorch.model import ExportedProgramModel, ModuleModel, TorchScriptModel, program_module
 from bnfold.recalibration import GraphStep, upstream_layers
 from bnfold.stats import ChannelStatistics, Moments, beyond_float32_means
 
@@ -755,7 +755,7 @@ class ExportedProgramRunner(_TorchRunner):
         super().__init__(device)
         self.model = model
         self.program = _copy_program(model.program) if copy_model else model.program
-        self.module = self.program.module().to(device)
+        self.module = program_module(self.program).to(device)
         self.float_dtype = _first_float_dtype(self.program.state_dict.values())
         self.layer_of: dict[fx.Node, str] = {}
         self.statistics_of: dict[str, tuple[str, str]] = {}  # layer -> its (mean, var) buffers, by any name
