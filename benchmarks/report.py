@@ -186,19 +186,26 @@ def _why_not(results: dict) -> list[str]:
                                           for r in results["recalibration"].values()):
         lines.append(
             "- Fast recalibration below 0.85× of inference: the fast method normalizes each BN by its batch, "
-            "so every BN input is reduced once more than in inference. In PyTorch a small call (up to 65,536 "
+            "so every BN input is read again, at least once for its sums and once for its squares, and models "
+            "where BN inputs are most of the memory traffic pay most. In PyTorch a small call (up to 65,536 "
             "values) is one training-mode BN call, whose kernel reduces in two scalar passes with double "
             "accumulators (2 to 7 times the eval-mode kernel's time on the zoo ResNet's layers), plus one sum "
             "per sample for the standard error: each extra operation costs some 10 µs once the model's own "
             "kernels have run, which a model of small, cheap layers (the zoo ResNet: 12 BN calls in about "
-            "3.4 ms per batch) pays in full and the conv-heavy wide CNN hardly notices. In onnxruntime "
-            "(profiled per batch of 32 on the zoo ResNet, 1.5 ms of inference): BN in training mode takes "
-            "232 µs against 101 µs in eval mode, the per-sample means 83 µs, and the Reshape and Shape nodes "
-            "that feed them 87 µs, about 3.5 µs per node however small. A whole call also pays fixed costs "
-            "(copying the model, instrumenting it, building an onnxruntime session: 13 ms on the ONNX zoo "
-            "ResNet, 46 ms of inference), shown in section 4. Exact recalibration needs one pass per "
-            "dependency level (5 for the wide CNN's chain), each stopping after its last layer, so its ratio "
-            "is about the fast ratio divided by the levels' average share of the model.")
+            "3.4 ms per batch) pays in full. A larger call is reduced by three vectorized passes (per-sample "
+            "sums, deviations from them, their norms): on the MobileNet at 64×64 those took 28 ms beside 95 ms "
+            "of inference kernels (torch profiler, 256 samples). Single-pass alternatives were measured and "
+            "rejected: torch's group-norm kernel as a moments kernel was slower inside the model (its "
+            "normalized output is a full-size write); raw second moments from one vector norm per sample were "
+            "faster on the MobileNet but lose precision in proportion to a channel's mean square over its "
+            "variance, so every layer with an offset channel would fall back to the passes above. In onnxruntime BN in training mode costs about 1.5 times the eval-mode node "
+            "and the per-sample means another read of each BN input (MobileNet at 128×128: 72 and 17 ms "
+            "against 47 ms of eval-mode BN per 128 samples); on the small zoo ResNet each extra node costs "
+            "about 3.5 µs however small. A whole call also pays fixed costs (copying the model, instrumenting "
+            "it, building an onnxruntime session: some 13 ms on the ONNX zoo ResNet, whose 1,024 samples take "
+            "46 ms of inference), shown in section 4. Exact recalibration needs one pass per dependency level "
+            "(5 for the wide CNN's chain), each stopping after its last layer, so its ratio is about the fast "
+            "ratio divided by the levels' average share of the model.")
     if "memory" in results:
         largest, steepest = _memory_extremes(results["memory"])
         if max(largest["fold_over_weights"], steepest) > MEMORY_TARGET * ABOUT:
