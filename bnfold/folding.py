@@ -102,9 +102,9 @@ VERIFY_BATCHES = 4
 
 
 def _data_batches(model: Model, data: object, options: DataOptions | None) -> list[Batch]:
-    from bnfold.recalibration import statistics_runner  # knows each format's input names
+    from bnfold.recalibration import data_inputs
 
-    stream = open_data(data, statistics_runner(model, copy=False).inputs(), options)
+    stream = open_data(data, data_inputs(model), options)
     return list(islice(stream.batches(), VERIFY_BATCHES))
 
 

@@ -195,6 +195,16 @@ def statistics_runner(model: Model, *, device: str = "cpu", copy: bool = True) -
     return torch_statistics_runner(model, device=device, copy=copy)
 
 
+def data_inputs(model: Model) -> list[InputSpec | str]:
+    """The inputs data must provide, in the order the model takes them (what its runner's `inputs` says),
+    without building a runner, which puts a module it does not copy in eval mode."""
+    if model.framework == "onnx":
+        return list(model.input_specs(sized=False))  # type: ignore[call-arg]
+    from bnfold.pytorch.recalibrate import torch_inputs
+
+    return torch_inputs(model)
+
+
 def _target(source: Path | None, output: str | Path | None, in_place: bool) -> Path | None:
     if in_place and source is None:
         raise UsageError("--in-place needs a model file, not an in-memory model")

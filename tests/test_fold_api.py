@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -79,3 +80,18 @@ def test_batch_one_example_keeps_the_pt2_batch_dynamic(tmp_path):
     assert fold(SAMPLES / "cnn.pt2", output, input_shape="1,1,8,8").passed
     program = torch.export.load(str(output)).module()
     assert program(torch.rand(5, 1, 8, 8)).shape == (5, 10)
+
+
+def test_fold_with_data_leaves_the_callers_model_as_it_was():
+    """Reading the data's input names built a recalibration runner on the caller's module, which put it in
+    eval mode: a BN the caller left in training mode was then folded (found by helper-33), and the
+    caller's model came back changed. With data as with an input shape, it is kept, and nothing moves."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 4, 3), nn.BatchNorm2d(4))
+    model[4].eval()
+    data = np.random.default_rng(0).standard_normal((16, 3, 10, 10)).astype(np.float32)
+    for source in ({"data": data}, {"input_shape": "2,3,10,10"}):
+        report = fold(model, **source)
+        assert [(d.layer, d.status) for d in report.decisions] == [("1", FoldStatus.KEPT), ("4", FoldStatus.FOLDED)]
+        assert "training mode" in report.decisions[0].reason
+        assert [m.training for m in model.modules()] == [True, True, True, True, True, False]

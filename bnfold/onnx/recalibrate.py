@@ -46,7 +46,7 @@ from bnfold.onnx.graph import (BN_OP, DEFAULT_DOMAINS, GraphIndex, delete_where,
 from bnfold.onnx.model import OnnxModel
 from bnfold.onnx.runtime import session
 from bnfold.onnx.shapes import infer_facts, traced_dtype
-from bnfold.recalibration import GraphStep, upstream_layers
+from bnfold.recalibration import GraphStep, data_inputs, upstream_layers
 from bnfold.stats import ChannelStatistics, Moments, beyond_float32_means
 
 _PREFIX = "bnfold_recalibrate"
@@ -109,7 +109,7 @@ class OnnxStatisticsRunner:
         return None
 
     def inputs(self) -> list[InputSpec | str]:
-        return list(self.model.input_specs(sized=False))  # real data brings its own sizes
+        return data_inputs(self.model)  # as declared: real data brings its own sizes
 
     def _constant(self, name: str) -> np.ndarray | None:
         """A constant, also behind Identity nodes (the TorchScript exporter shares equal tensors so)."""

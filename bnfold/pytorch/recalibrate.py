@@ -76,6 +76,15 @@ def torch_statistics_runner(model: Model, *, device: str = "cpu", copy: bool = T
     raise UsageError(f"cannot recalibrate a {type(model).__name__}")
 
 
+def torch_inputs(model: Model) -> list[InputSpec | str]:
+    """The model's inputs, in the order its forward takes them (what the data must provide)."""
+    if isinstance(model, ExportedProgramModel):
+        return list(model.input_specs()) or ["input"]
+    if isinstance(model, TorchScriptModel):
+        return [argument.name for argument in model.module.forward.schema.arguments[1:]] or ["input"]
+    return list(_forward_names(model.module.forward))
+
+
 def _device(name: str) -> torch.device:
     try:
         device = torch.device(name)
@@ -411,6 +420,9 @@ class _TorchRunner(ABC):
     def skipped(self) -> dict[str, str]:
         return dict(self._skipped)
 
+    def inputs(self) -> list[InputSpec | str]:
+        return torch_inputs(self.model)
+
     def run_pass(self, batches: Iterable[Batch], observe: Sequence[str],
                  batch_statistics: bool) -> dict[str, ChannelStatistics]:
         statistics = InputStatistics(observe)
@@ -447,10 +459,6 @@ class _TorchRunner(ABC):
             running_var.copy_(torch.from_numpy(round_to(var, _numpy_dtype(running_var))))
             if tracked is not None:
                 tracked.fill_(batches)
-
-    @abstractmethod
-    def inputs(self) -> list[InputSpec | str]:
-        """The model's inputs, in the order its forward takes them."""
 
     @abstractmethod
     def _instrumented(self, batch_statistics: bool, statistics: InputStatistics) -> Any:
@@ -558,9 +566,6 @@ class ModuleRunner(_TorchRunner):
         except Exception as error:  # fx cannot trace data-dependent control flow and more
             self._untraceable = first_line(error, 160)
             return None
-
-    def inputs(self) -> list[InputSpec | str]:
-        return list(_forward_names(self.module.forward))
 
     def layers(self) -> list[BNLayer]:
         modules = [describe_module(name, bn, bn_kind(bn)) for name, bn in self.bns.items()]
@@ -777,9 +782,6 @@ class ExportedProgramRunner(_TorchRunner):
                 self.layer_of[node] = key
                 self.statistics_of[key] = (mean.target, var.target)
 
-    def inputs(self) -> list[InputSpec | str]:
-        return list(self.model.input_specs()) or ["input"]
-
     def layers(self) -> list[BNLayer]:
         keys = set(self.layer_of.values())
         return [layer for layer in discover_exported(self.program) if layer.name in keys]
@@ -880,9 +882,6 @@ class ScriptRunner(_TorchRunner):
 
     def _inlined(self) -> torch._C.Graph:
         return inlined_graph(self.module)
-
-    def inputs(self) -> list[InputSpec | str]:
-        return [argument.name for argument in self.module.forward.schema.arguments[1:]] or ["input"]
 
     def layers(self) -> list[BNLayer]:
         return [layer for layer in discover_module(self.module) if layer.name in self.names]
