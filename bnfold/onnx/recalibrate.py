@@ -45,7 +45,7 @@ from bnfold.onnx.graph import (BN_OP, DEFAULT_DOMAINS, GraphIndex, delete_where,
                                opset_version)
 from bnfold.onnx.model import OnnxModel
 from bnfold.onnx.runtime import session
-from bnfold.onnx.shapes import infer_facts, traced_dtype
+from bnfold.onnx.shapes import infer_facts, traced_dtype, traced_rank
 from bnfold.recalibration import GraphStep, data_inputs, upstream_layers
 from bnfold.stats import ChannelStatistics, Moments, beyond_float32_means
 
@@ -55,14 +55,6 @@ _PREFIX = "bnfold_recalibrate"
 CANCELLATION_RATIO = 6.0
 # Probe outputs of this many bytes wait to be merged in one vectorized step (bounded, whatever the data).
 _PENDING_BYTES = 4 << 20
-# Ops whose (first) output has their first input's rank, and ops whose output has the highest rank of
-# their inputs (they broadcast): what a BN input's rank is traced back through.
-_RANK_KEEPING_OPS = frozenset({
-    "Abs", "AveragePool", "BatchNormalization", "Cast", "Ceil", "Clip", "Dropout", "Elu", "Erf", "Exp", "Floor",
-    "Gelu", "GlobalAveragePool", "GlobalMaxPool", "HardSigmoid", "HardSwish", "Identity", "InstanceNormalization",
-    "LRN", "LeakyRelu", "Log", "LpPool", "MaxPool", "Mish", "Neg", "PRelu", "Pad", "Reciprocal", "Relu", "Round",
-    "Selu", "Sigmoid", "Softplus", "Softsign", "Sqrt", "Tanh"})
-_BROADCASTING_OPS = frozenset({"Add", "Div", "Max", "Mean", "Min", "Mul", "Pow", "Sub", "Sum"})
 
 
 def _cannot_run(error: Exception) -> InputError:
@@ -88,7 +80,7 @@ class OnnxStatisticsRunner:
         self.careful: set[str] = set()  # layers whose inputs a mean-square probe would cancel
         self._input_types = None
         self._dtypes: dict[str, np.dtype] = {}
-        self._ranks: dict[str, int | None] = {}
+        self._ranks: dict[str, int | None] = {}  # traced so far (see `traced_rank`)
         for node in self.proto.graph.node:
             if node.op_type == BN_OP and node.domain in DEFAULT_DOMAINS:
                 reason = self._unusable(node)
@@ -130,29 +122,6 @@ class OnnxStatisticsRunner:
         if name not in self._dtypes:
             self._dtypes[name] = self._constant(name).dtype
         return self._dtypes[name]
-
-    def _rank(self, name: str, depth: int = 200) -> int | None:
-        """`name`'s rank, traced back to a Conv's weight, a constant or a declared shape through ops that
-        keep or broadcast ranks (no shape inference); None where the trail ends."""
-        if name not in self._ranks:
-            producer = self.index.producers.get(name)
-            if name in self.index.initializers:
-                rank = len(self.index.initializers[name].dims)
-            elif name in self.index.declared_ranks:
-                rank = self.index.declared_ranks[name]
-            elif depth == 0 or producer is None or producer.domain not in DEFAULT_DOMAINS:
-                rank = None
-            elif producer.op_type in ("Conv", "ConvTranspose") and len(producer.input) > 1:
-                rank = self._rank(producer.input[1], depth - 1)
-            elif producer.op_type in _RANK_KEEPING_OPS and name == producer.output[0]:
-                rank = self._rank(producer.input[0], depth - 1)
-            elif producer.op_type in _BROADCASTING_OPS and all(producer.input):
-                ranks = [self._rank(value, depth - 1) for value in producer.input]
-                rank = None if None in ranks else max(ranks)
-            else:
-                rank = None
-            self._ranks[name] = rank
-        return self._ranks[name]
 
     def layers(self) -> list[BNLayer]:
         layers = [copy.copy(layer) for layer in self._discovered if layer.name in self.nodes]
@@ -223,7 +192,7 @@ class OnnxStatisticsRunner:
         for node in graph.node:
             layer = node_label(node) if node.op_type == BN_OP else None
             if layer in self.nodes and (layer in observe or batch_statistics):
-                rank = self._rank(node.input[0])
+                rank = traced_rank(self.index, node.input[0], self._ranks)
                 if batch_statistics and self._trains(node):
                     probe: _Probe = builder.training_mode(node, len(nodes), rank)
                 else:
@@ -241,7 +210,8 @@ class OnnxStatisticsRunner:
         graph.node.extend(kept)
         graph.ClearField("output")
         graph.output.extend(helper.ValueInfoProto(name=name) for name in outputs)
-        delete_where(graph.initializer, lambda init: init.name not in read and init.name not in self.index.input_names)
+        inputs = self.index.input_names  # a property that builds its set on every call
+        delete_where(graph.initializer, lambda init: init.name not in read and init.name not in inputs)
         return proto, probes
 
     def _trains(self, node: onnx.NodeProto) -> bool:

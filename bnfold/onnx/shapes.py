@@ -83,6 +83,41 @@ def traced_dtype(index: GraphIndex, name: str) -> np.dtype | None:
     return None
 
 
+# Ops whose (first) output has their first input's rank, and ops whose output has the highest rank of
+# their inputs (they broadcast): what `traced_rank` follows.
+_RANK_KEEPING_OPS = frozenset({
+    "Abs", "AveragePool", "BatchNormalization", "Cast", "Ceil", "Clip", "Dropout", "Elu", "Erf", "Exp", "Floor",
+    "Gelu", "GlobalAveragePool", "GlobalMaxPool", "HardSigmoid", "HardSwish", "Identity", "InstanceNormalization",
+    "LRN", "LeakyRelu", "Log", "LpPool", "MaxPool", "Mish", "Neg", "PRelu", "Pad", "Reciprocal", "Relu", "Round",
+    "Selu", "Sigmoid", "Softplus", "Softsign", "Sqrt", "Tanh"})
+_BROADCASTING_OPS = frozenset({"Add", "Div", "Max", "Mean", "Min", "Mul", "Pow", "Sub", "Sum"})
+
+
+def traced_rank(index: GraphIndex, name: str, known: dict[str, int | None], depth: int = 200) -> int | None:
+    """`name`'s rank, followed back to a Conv's weight, a constant or a declared shape through ops that keep
+    or broadcast ranks, as `traced_dtype` follows types; None where the trail ends. `known` holds the ranks
+    traced so far (residual branches meet again at every Add)."""
+    if name not in known:
+        producer = index.producers.get(name)
+        if name in index.initializers:
+            rank = len(index.initializers[name].dims)
+        elif name in index.declared_ranks:
+            rank = index.declared_ranks[name]
+        elif depth == 0 or producer is None or producer.domain not in DEFAULT_DOMAINS:
+            rank = None
+        elif producer.op_type in ("Conv", "ConvTranspose") and len(producer.input) > 1:
+            rank = traced_rank(index, producer.input[1], known, depth - 1)
+        elif producer.op_type in _RANK_KEEPING_OPS and name == producer.output[0]:
+            rank = traced_rank(index, producer.input[0], known, depth - 1)
+        elif producer.op_type in _BROADCASTING_OPS and all(producer.input):
+            ranks = [traced_rank(index, value, known, depth - 1) for value in producer.input]
+            rank = None if None in ranks else max(ranks)
+        else:
+            rank = None
+        known[name] = rank
+    return known[name]
+
+
 def infer_facts(model: onnx.ModelProto) -> ValueFacts:
     """Shapes and types of every value shape inference can reach, a symbolic dim as the one length the
     graph forces on it (see `input_dim_sizes`); never raises."""
