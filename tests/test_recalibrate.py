@@ -509,11 +509,17 @@ def observed_batch(statistics, layer: str, call) -> None:
         call()
 
 
-@pytest.fixture(params=["kernels", "vectorized"])
+@pytest.fixture(params=["native", "kernels", "vectorized"])
 def torch_reduction(request, monkeypatch):
-    """Both ways torch calls are reduced: BN kernels (small calls) and per-sample sums and norms (large ones)."""
+    """Every way torch calls are reduced: bnfold's moments kernel where it was built, else torch's BN kernels
+    (small calls) and per-sample sums and norms (large ones)."""
     from bnfold.pytorch import recalibrate as torch_recalibrate
 
+    if request.param == "native":
+        if torch_recalibrate._moments is None:
+            pytest.skip("bnfold's moments kernel was not built (no C compiler at install)")
+    else:
+        monkeypatch.setattr(torch_recalibrate, "_moments", None)
     if request.param == "vectorized":
         monkeypatch.setattr(torch_recalibrate, "_VECTORIZED_VALUES", 0)
     return request.param

@@ -19,8 +19,9 @@ One runner per kind of torch object, because each is instrumented differently:
   dropped, as far as the model's own checks allow; batch-statistics BN ops for the fast method), compiled
   into a function that runs on the module's own attributes.
 
-Every runner hands each BN call to one `InputStatistics`, which reduces it on its device (torch's own
-BN kernels for small calls, vectorized passes per sample for large ones), takes each batch's results to
+Every runner hands each BN call to one `InputStatistics`, which reduces it on its device (bnfold's moments
+kernel on the CPU, else torch's own BN kernels for small calls and vectorized passes per sample for large
+ones), takes each batch's results to
 the host as one array and merges them into `bnfold.stats.ChannelStatistics` in float64, many batches at
 a time (a per-call merge of small arrays would cost more than the reduction). Where the fast method
 normalizes a small call by its batch, that is one training-mode BN call, which hands back the
@@ -58,6 +59,11 @@ from bnfold.pytorch.discover import (BN_ATEN_SIGNATURES, attribute_path, bn_kind
 from bnfold.pytorch.model import ExportedProgramModel, ModuleModel, TorchScriptModel, program_module
 from bnfold.recalibration import GraphStep, upstream_layers
 from bnfold.stats import ChannelStatistics, Moments, beyond_float32_means
+
+try:
+    from bnfold import _moments  # the moments kernel (bnfold/_moments.c), built where a C compiler was found
+except ImportError:
+    _moments = None
 
 # ExportedProgram BN ops that normalize with their running statistics, and how to make them use the
 # batch's statistics instead.
@@ -115,9 +121,9 @@ class Observation(NamedTuple):
     sample's sum (N, C) over its `positions` values, whose spread gives the standard error.
 
     `spread` is the population variance, or, when `eps` is set, what a training-mode BN hands back
-    instead: 1 / sqrt(variance + eps). When `sample_norms` is set (the norm of each sample's deviations
-    from its own mean per channel, the square root of its M2), the statistics come from the per-sample
-    sums and norms instead, and `mean` and `spread` only serve to check the batch.
+    instead: 1 / sqrt(variance + eps). When `sample_m2` is set (each sample's sum of squared deviations
+    from its own mean per channel), the statistics come from the per-sample sums and M2 instead, and
+    `mean` and `spread` only serve to check the batch, unless the reduction was `exact` at any offset.
     """
 
     mean: torch.Tensor
@@ -125,29 +131,30 @@ class Observation(NamedTuple):
     sample_sums: torch.Tensor
     positions: int
     eps: float | None = None
-    sample_norms: torch.Tensor | None = None
+    sample_m2: torch.Tensor | None = None
+    exact: bool = False
 
     def pieces(self) -> list[torch.Tensor]:
         """Its tensors, flat, in the order `_Call` reads them back."""
-        norms = [self.sample_norms.reshape(-1)] if self.sample_norms is not None else []
-        return [self.mean, self.spread, self.sample_sums.reshape(-1), *norms]
+        m2 = [self.sample_m2.reshape(-1)] if self.sample_m2 is not None else []
+        return [self.mean, self.spread, self.sample_sums.reshape(-1), *m2]
 
 
 class _Call(NamedTuple):
     """Where one call's observation lies in its batch's flat array (its `Observation.pieces`, in order)."""
 
     layer: str
-    checked: bool  # whether `end_batch` checks it (not in float64 already, more than one value per sample)
+    checked: bool  # whether `end_batch` checks it (not exact already, more than one value per sample)
     positions: int
     eps: float | None
-    norms: bool
+    m2: bool
     samples: int
     channels: int
     start: int
 
     @property
     def size(self) -> int:
-        return self.channels * (2 + self.samples * (2 if self.norms else 1))
+        return self.channels * (2 + self.samples * (2 if self.m2 else 1))
 
     def mean(self, flat: np.ndarray) -> np.ndarray:
         return flat[self.start:self.start + self.channels]
@@ -159,7 +166,7 @@ class _Call(NamedTuple):
         start = self.start + 2 * self.channels
         return flat[start:start + self.samples * self.channels].reshape(self.samples, self.channels)
 
-    def sample_norms(self, flat: np.ndarray) -> np.ndarray:
+    def sample_m2(self, flat: np.ndarray) -> np.ndarray:
         start = self.start + (2 + self.samples) * self.channels
         return flat[start:start + self.samples * self.channels].reshape(self.samples, self.channels)
 
@@ -199,22 +206,30 @@ class _BatchLayout:
 class InputStatistics:
     """What one pass saw of the BN inputs, batch by batch, merged into `ChannelStatistics` in bulk.
 
-    Every BN call is reduced on its device, in one of three ways, each exact at any offset:
+    Every BN call is reduced on its device, in one of four ways, each exact at any offset:
 
-    - small calls (up to `_VECTORIZED_VALUES` values): torch's own BN kernels, which reduce a contiguous
-      input in two passes with double accumulators on the CPU (Welford's update on CUDA): one
-      training-mode BN call where the layer normalizes by its batch (`normalize`),
-      `torch.batch_norm_update_stats` where only the statistics are needed (`observe`). Few operations.
-    - larger calls: each sample's sums, then the norm of its deviations from its own mean, in vectorized
-      float32 passes, several times faster per value than those kernels' scalar loops.
-    - where a sample is one value per channel (BN after a Linear), the values themselves are kept.
+    - small calls (up to `_VECTORIZED_VALUES` values) that the fast method normalizes by their batch
+      (`normalize`): one training-mode call of torch's BN kernel, which reduces a contiguous input in two
+      passes with double accumulators on the CPU (Welford's update on CUDA) and hands back the
+      statistics it normalized by. Few operations.
+    - other contiguous float32 calls on the CPU with several values per sample: bnfold's moments kernel
+      (`bnfold/_moments.c`), which reads the values once for each sample's sum and M2 and the batch's
+      mean and variance, in float64 (four times faster than the next two ways on a MobileNet's BN
+      inputs); where the fast method normalizes by the batch, one eval-mode BN call with those
+      statistics follows. Where the kernel was not built (no C compiler at install), the next two ways.
+    - other small calls: `torch.batch_norm_update_stats`, the same kernel as the first way.
+    - other larger calls: each sample's sums, then the norm of its deviations from its own mean, in
+      vectorized float32 passes (a sum, a subtraction written out, a norm), several times faster per
+      value than torch's BN kernels' scalar loops.
 
-    Each keeps one sum per sample and channel, for the standard error. What comes back in float32 is
-    exact enough but in two cases, which `end_batch` checks once per batch: a variance far below eps,
-    recovered from 1 / sqrt(variance + eps) (the layer then uses `torch.batch_norm_update_stats`), and a
-    mean too far out for float32 (`bnfold.stats.beyond_float32_means`), whose rounding would blur the
-    variance between batches and samples (the layer is then reduced in float64). The batch then runs
-    again, and the layer stays so for the rest of the pass.
+    Where a sample is one value per channel (BN after a Linear), the values themselves are kept too.
+    Each way keeps one sum per sample and channel, for the standard error. What comes back in float32
+    from all but the moments kernel is exact enough but in two cases, which `end_batch` checks once per
+    batch: a variance far below eps, recovered from 1 / sqrt(variance + eps) (the layer then uses
+    `torch.batch_norm_update_stats`), and a mean too far out for float32
+    (`bnfold.stats.beyond_float32_means`), whose rounding would blur the variance between batches and
+    samples (the layer is then reduced in float64). The batch then runs again, and the layer stays so
+    for the rest of the pass.
     """
 
     def __init__(self, observe: Iterable[str]) -> None:
@@ -251,8 +266,8 @@ class InputStatistics:
         _check_dims(inputs)
         values = inputs.detach()
         dtype = dtype or inputs.dtype
-        if not self._singled_out(layer) and _plain(values) and _large(values):
-            mean, var = self._centered(layer, values)
+        if not self._singled_out(layer) and (_read_once(values) or _plain(values) and _large(values)):
+            mean, var = (self._kernel_moments if _read_once(values) else self._centered)(layer, values)
             return mean.to(dtype), var.to(dtype)
         values = values.contiguous()  # torch reduces channels-last inputs in float32: not exact
         if layer in self._careful:
@@ -267,6 +282,17 @@ class InputStatistics:
         """Whether a check singled the layer out for `batch_norm_update_stats` (see the class)."""
         return layer in self._direct or layer in self._careful
 
+    def _kernel_moments(self, layer: str, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One read by the moments kernel: each sample's sum and M2, the batch's mean and variance."""
+        samples, channels = values.shape[:2]
+        positions = _positions(values)
+        sums, m2 = torch.empty(2, samples, channels, dtype=torch.float64)
+        mean, var = torch.empty(2, channels)
+        _moments.batch_moments(values.numpy(), samples, channels, positions, sums.numpy(), m2.numpy(),
+                               mean.numpy(), var.numpy(), torch.get_num_threads())
+        self._record(layer, Observation(mean, var, sums, positions, sample_m2=m2, exact=True))
+        return mean, var
+
     def _centered(self, layer: str, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Two vectorized passes per sample: its sums, then the norm of its deviations from its mean."""
         dims = tuple(range(2, values.dim()))
@@ -274,11 +300,11 @@ class InputStatistics:
         sums = values.sum(dim=dims)
         sample_means = sums / positions
         deviations = torch.sub(values, sample_means[(...,) + (None,) * len(dims)], out=self._scratch(values))
-        norms = torch.linalg.vector_norm(deviations, dim=dims)
+        m2 = torch.linalg.vector_norm(deviations, dim=dims).square_()
         mean = sample_means.mean(dim=0)
         between = (sample_means - mean).square_().sum(dim=0)  # Chan's update, summed over the samples
-        var = norms.square().sum(dim=0).add_(between, alpha=positions).div_(values.shape[0] * positions)
-        self._record(layer, Observation(mean, var, sums, positions, None, norms))
+        var = m2.sum(dim=0).add_(between, alpha=positions).div_(values.shape[0] * positions)
+        self._record(layer, Observation(mean, var, sums, positions, sample_m2=m2))
         return mean, var
 
     def _scratch(self, values: torch.Tensor) -> torch.Tensor:
@@ -313,14 +339,14 @@ class InputStatistics:
 
     def _layout(self) -> _BatchLayout:
         """The layout of this batch's calls, made once per pattern of calls."""
-        key = tuple((layer, layer in self._careful, observation.positions, observation.eps,
-                     observation.sample_norms is not None, *observation.sample_sums.shape)
+        key = tuple((layer, layer in self._careful or observation.exact, observation.positions, observation.eps,
+                     observation.sample_m2 is not None, *observation.sample_sums.shape)
                     for layer, observation in self._batch)
         layout = self._layouts.get(key)
         if layout is None:
             calls, start = [], 0
-            for layer, careful, positions, eps, norms, samples, channels in key:
-                calls.append(_Call(layer, not careful and positions > 1, positions, eps, norms, samples, channels, start))
+            for layer, exact, positions, eps, m2, samples, channels in key:
+                calls.append(_Call(layer, not exact and positions > 1, positions, eps, m2, samples, channels, start))
                 start += calls[-1].size
             layout = self._layouts[key] = _BatchLayout(calls)
         return layout
@@ -335,7 +361,7 @@ class InputStatistics:
         for layout, flat in self._pending:
             for call in layout.calls:
                 if call.layer in self.observe_layers:
-                    alike.setdefault((call.layer, call.positions, call.eps, call.norms), []).append((call, flat))
+                    alike.setdefault((call.layer, call.positions, call.eps, call.m2), []).append((call, flat))
         for (layer, *_), calls in alike.items():
             self._statistics.setdefault(layer, ChannelStatistics()).add(*_pooled(calls), batches=len(calls))
         self._pending.clear()
@@ -352,10 +378,10 @@ def _pooled(calls: list[tuple[_Call, np.ndarray]]) -> tuple[Moments, Moments]:
     samples = Moments.of(sample_means)
     if first.positions == 1:
         return samples, samples
-    if first.norms:  # the values' M2: the samples' own, and positions times that of their means
-        norms = np.concatenate([call.sample_norms(flat) for call, flat in calls]).astype(np.float64)
+    if first.m2:  # the values' M2: the samples' own, and positions times that of their means
+        m2 = np.concatenate([call.sample_m2(flat) for call, flat in calls]).astype(np.float64)
         return Moments(samples.count * first.positions, samples.mean,
-                       np.square(norms).sum(axis=0) + first.positions * samples.m2), samples
+                       m2.sum(axis=0) + first.positions * samples.m2), samples
     spreads = np.stack([call.spread(flat) for call, flat in calls]).astype(np.float64)
     return Moments.of_batches(np.array([call.samples for call, _ in calls]) * first.positions,
                               np.stack([call.mean(flat) for call, flat in calls]),
@@ -370,6 +396,12 @@ def _invstd_variance(invstd: np.ndarray, eps: np.ndarray | float) -> np.ndarray:
 def _plain(inputs: torch.Tensor) -> bool:
     """Float32 or float64 and contiguous: what torch's BN kernels reduce with double accumulators."""
     return inputs.dtype in _EXACT_DTYPES and inputs.is_contiguous()
+
+
+def _read_once(inputs: torch.Tensor) -> bool:
+    """Whether the moments kernel reduces this call: contiguous float32 on the CPU, (N, C, ...) with values."""
+    return (_moments is not None and inputs.dtype == torch.float32 and inputs.device.type == "cpu"
+            and inputs.dim() > 2 and inputs.numel() > 0 and inputs.is_contiguous())
 
 
 def _large(inputs: torch.Tensor) -> bool:

@@ -1,0 +1,90 @@
+"""bnfold's moments kernel (bnfold/_moments.c) against float64 numpy, at any offset, length and thread count."""
+
+import numpy as np
+import pytest
+
+_moments = pytest.importorskip("bnfold._moments", reason="bnfold's moments kernel was not built (no C compiler)")
+
+
+def kernel_moments(values: np.ndarray, threads: int = 1):
+    samples, channels = values.shape[:2]
+    positions = int(np.prod(values.shape[2:]))
+    sums, m2 = np.empty((2, samples, channels))
+    mean, var = np.empty((2, channels), dtype=np.float32)
+    _moments.batch_moments(values, samples, channels, positions, sums, m2, mean, var, threads)
+    return sums, m2, mean, var
+
+
+def reference(values: np.ndarray):
+    rows = values.astype(np.float64).reshape(values.shape[0], values.shape[1], -1)
+    per_channel = rows.transpose(1, 0, 2).reshape(rows.shape[1], -1)
+    deviations = rows - rows.mean(axis=2, keepdims=True)
+    return rows.sum(axis=2), np.square(deviations).sum(axis=2), per_channel.mean(axis=1), per_channel.var(axis=1)
+
+
+# lengths around the kernel's lanes (16) and blocks (256); offsets up to 1e4 standard deviations
+@pytest.mark.parametrize("positions", [1, 3, 16, 17, 255, 256, 257, 1000, 4099])
+@pytest.mark.parametrize("offset", [0.0, 3.0, -40.0, 1e4])
+def test_row_and_channel_moments_are_those_of_float64(positions, offset):
+    generator = np.random.default_rng(positions)
+    scales = np.array([0.5, 2.0, 1e-3])[None, :, None]
+    values = (generator.standard_normal((5, 3, positions)) * scales + offset).astype(np.float32)
+    sums, m2, mean, var = kernel_moments(values)
+    sums_ref, m2_ref, mean_ref, var_ref = reference(values)
+    spread = np.sqrt(var_ref)
+    # the sums carry float64 rounding of the values' own spread, not of their size
+    np.testing.assert_allclose(sums, sums_ref, rtol=1e-12, atol=1e-6 * positions * spread.max())
+    np.testing.assert_allclose(m2, m2_ref, rtol=2e-6, atol=1e-12)
+    np.testing.assert_allclose(mean, mean_ref, rtol=1e-7, atol=1e-6 * spread.max())
+    np.testing.assert_allclose(var, var_ref, rtol=2e-6, atol=1e-12)
+
+
+def test_constant_rows_have_no_spread_at_all():
+    values = np.full((4, 2, 300), 1234.5678, dtype=np.float32)
+    values[:, 1] = -7.0
+    sums, m2, mean, var = kernel_moments(values)
+    np.testing.assert_array_equal(m2, 0.0)
+    np.testing.assert_array_equal(var, 0.0)
+    np.testing.assert_array_equal(mean, values[0, :, 0])
+
+
+@pytest.mark.parametrize("threads", [2, 3, 64, 1000])
+def test_threads_share_the_rows_and_agree_with_one(threads):
+    values = (np.random.default_rng(0).standard_normal((32, 7, 4096)) + 2).astype(np.float32)  # worth threads
+    alone, shared = kernel_moments(values, 1), kernel_moments(values, threads)
+    for one, many in zip(alone, shared):
+        np.testing.assert_array_equal(one, many)
+
+
+@pytest.mark.parametrize("wrong", ["values", "sums", "mean"])
+def test_buffers_of_the_wrong_size_are_refused(wrong):
+    values = np.zeros((2, 3, 4), dtype=np.float32)
+    buffers = {"values": values, "sums": np.empty((2, 3)), "m2": np.empty((2, 3)),
+               "mean": np.empty(3, dtype=np.float32), "var": np.empty(3, dtype=np.float32)}
+    buffers[wrong] = np.empty(5, dtype=buffers[wrong].dtype)
+    with pytest.raises(ValueError, match=wrong):
+        _moments.batch_moments(buffers["values"], 2, 3, 4, buffers["sums"], buffers["m2"], buffers["mean"],
+                               buffers["var"], 1)
+
+
+def test_large_calls_far_from_zero_are_exact_in_one_run():
+    """The kernel's calls need none of the second runs that float32 reductions need (see InputStatistics)."""
+    import torch
+    import torch.nn.functional as F
+
+    from bnfold.pytorch.recalibrate import _VECTORIZED_VALUES, InputStatistics
+
+    generator = torch.Generator().manual_seed(3)
+    inputs = torch.randn(8, 3, 100, 100, generator=generator) * torch.tensor([1.0, 1e-3, 0.0]).reshape(1, 3, 1, 1)
+    inputs += 5000.0  # 5000 standard deviations out, 5e6 for the second channel, and a dead third one
+    assert inputs.numel() > _VECTORIZED_VALUES
+    statistics = InputStatistics(["bn"])
+    output = statistics.normalize("bn", inputs, None, None, 1e-5)
+    assert statistics.end_batch()
+    result = statistics.result()["bn"]
+    values = inputs.double().transpose(0, 1).reshape(3, -1)
+    np.testing.assert_allclose(result.mean, values.mean(dim=1).numpy(), rtol=1e-12)
+    np.testing.assert_allclose(result.variance(), values.var(dim=1, unbiased=False).numpy(), rtol=2e-6, atol=0)
+    expected = F.batch_norm(inputs.double(), None, None, None, None, True, 0.0, 1e-5)
+    # float32 inputs 5000 out carry 5000 * 6e-8 of rounding: 3e-4 of a unit standard deviation
+    assert (output.double() - expected)[:, 0].abs().max() < 1e-3
