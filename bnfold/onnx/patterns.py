@@ -130,9 +130,7 @@ class Layer:
 
     @property
     def bias_name(self) -> str | None:
-        if self.bias_add is not None:
-            return next(name for name in self.bias_add.input if name != self.node.output[0])
-        return self.node.input[2] if len(self.node.input) > 2 and self.node.input[2] else None
+        return _bias_name(self.node, self.bias_add)
 
     @property
     def group(self) -> int:
@@ -194,6 +192,11 @@ def read_layer(scope: Scope, node: onnx.NodeProto, bias_add: onnx.NodeProto | No
     if len(node.input) < 2 or not node.input[1]:
         raise Skip(f"{describe(node)} has no weight input")
     constants = scope.constants
+    for name in (node.input[1], _bias_name(node, bias_add)):
+        dequantize = _dequantizer(scope, name) if name else None
+        if dequantize is not None:
+            raise Skip(f"{describe(node)} input {name!r} is dequantized by {describe(dequantize)}: folding would "
+                       "replace its quantized values with float ones (fold before quantizing)")
     weight = constants.value(node.input[1])
     if weight is None:
         raise Skip(f"{describe(node)} weight {node.input[1]!r} {constants.why_not(node.input[1])}")
@@ -205,6 +208,27 @@ def read_layer(scope: Scope, node: onnx.NodeProto, bias_add: onnx.NodeProto | No
             raise Skip(f"{describe(node)} bias {bias_name!r} {constants.why_not(bias_name)}")
     _check_layer(scope, layer)
     return layer
+
+
+def _bias_name(node: onnx.NodeProto, bias_add: onnx.NodeProto | None) -> str | None:
+    if bias_add is not None:
+        return next(name for name in bias_add.input if name != node.output[0])
+    return node.input[2] if len(node.input) > 2 and node.input[2] else None
+
+
+def _dequantizer(scope: Scope, name: str) -> onnx.NodeProto | None:
+    """The DequantizeLinear that constant `name` is computed from, if any (a QDQ model's quantized weight)."""
+    pending, seen = [name], set()
+    while pending:
+        value = pending.pop()
+        node = scope.producer(value)
+        if node is None or id(node) in seen or not scope.constants.is_constant(value):
+            continue
+        if node.op_type == "DequantizeLinear":
+            return node
+        seen.add(id(node))
+        pending.extend(value for value in node.input if value)
+    return None
 
 
 def _check_layer(scope: Scope, layer: Layer) -> None:
