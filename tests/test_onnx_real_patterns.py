@@ -4,10 +4,12 @@ folds them exactly or keeps the BN with a reason, and recalibrates them to a flo
 from __future__ import annotations
 
 import numpy as np
+import onnx
 import pytest
-from onnx import helper
+from onnx import helper, numpy_helper
 
-from tests.onnx_builders import F32, bn_node, bn_params, fold_checked, make, statuses, weights
+from bnfold import recalibrate
+from tests.onnx_builders import BN, F32, bn_node, bn_params, fold_checked, make, run, statuses, weights
 
 
 def _quantized(values: np.ndarray, axis: int | None) -> tuple[np.ndarray, np.ndarray]:
@@ -46,3 +48,55 @@ def test_a_matmul_with_a_dequantized_bias_keeps_its_bn():
              helper.make_node("Add", ["m", "b"], ["mb"]), bn_node("mb", "y")]
     _, plan = fold_checked(make(nodes, {"x": ((3, 6), F32)}, {"y": (None, F32)}, inits, opset=21), check=False)
     assert statuses(plan) == ["kept"] and "'b' is dequantized" in plan.decisions[0].reason
+
+
+def _bn_input_statistics(model, data: np.ndarray, value: str) -> tuple[np.ndarray, np.ndarray]:
+    """The oracle: `value` computed by onnxruntime, its mean and population variance per channel (axis 1,
+    over the batch and every position) in float64."""
+    observed = onnx.shape_inference.infer_shapes(model)
+    observed.graph.output.append(next(info for info in observed.graph.value_info if info.name == value))
+    outputs = np.asarray(run(observed, {"x": data})[-1], np.float64)
+    axes = (0, *range(2, outputs.ndim))
+    return outputs.mean(axis=axes), outputs.var(axis=axes)
+
+
+def _recalibrated(model, data: np.ndarray, method: str):
+    report = recalibrate(model, data, method=method)
+    arrays = {init.name: numpy_helper.to_array(init) for init in report.result.proto.graph.initializer}
+    stored = {node.name: tuple(arrays[name].astype(np.float64) for name in node.input[3:5])
+              for node in report.result.proto.graph.node if node.op_type == BN}
+    return report, stored
+
+
+@pytest.mark.parametrize("method", ["exact", "fast"])
+def test_a_per_activation_bn_is_skipped_with_its_reason_and_the_others_recalibrated(method):
+    """spatial=0 (opset 7, onnxruntime runs it): the per-channel probe met (C, H, W) statistics and the
+    whole recalibration failed with a channel-count DataError."""
+    rng = np.random.default_rng(2)
+    per_activation = {name: values.reshape(6, 3, 3) for name, values in bn_params(rng, 54, "pa").items()}
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"]), bn_node("c", "n", "pa", spatial=0),
+             helper.make_node("Conv", ["n", "w2"], ["c2"]), bn_node("c2", "y")]
+    model = make(nodes, {"x": (("N", 4, 5, 5), F32)}, {"y": (None, F32)},
+                 {"w": weights(rng, 6, 4, 3, 3), "w2": weights(rng, 5, 6, 1, 1), **per_activation, **bn_params(rng, 5)},
+                 opset=7)
+    data = (rng.standard_normal((40, 4, 5, 5)) + 0.5).astype(F32)
+    report, stored = _recalibrated(model, data, method)
+    assert [(skipped.name, skipped.reason.split(":")[0]) for skipped in report.skipped] == [("pa", "spatial=0")]
+    mean, var = _bn_input_statistics(model, data, "c2")
+    np.testing.assert_allclose(stored["bn"][0], mean, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(stored["bn"][1], var, rtol=1e-6)
+    assert all(np.array_equal(stored["pa"][k], per_activation[f"pa.{r}"]) for k, r in enumerate(("mean", "var")))
+
+
+@pytest.mark.parametrize("method", ["exact", "fast"])
+def test_a_per_activation_bn_on_features_is_per_channel_and_recalibrated(method):
+    rng = np.random.default_rng(3)
+    nodes = [helper.make_node("Gemm", ["x", "w", "b"], ["g"]), bn_node("g", "y", spatial=0)]
+    model = make(nodes, {"x": (("N", 6), F32)}, {"y": (None, F32)},
+                 {"w": weights(rng, 6, 8), "b": rng.standard_normal(8).astype(F32), **bn_params(rng, 8)}, opset=7)
+    data = (rng.standard_normal((40, 6)) * 3 - 1).astype(F32)
+    report, stored = _recalibrated(model, data, method)
+    mean, var = _bn_input_statistics(model, data, "g")
+    assert not report.skipped
+    np.testing.assert_allclose(stored["bn"][0], mean, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(stored["bn"][1], var, rtol=1e-6)
