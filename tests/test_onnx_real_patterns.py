@@ -100,3 +100,27 @@ def test_a_per_activation_bn_on_features_is_per_channel_and_recalibrated(method)
     assert not report.skipped
     np.testing.assert_allclose(stored["bn"][0], mean, rtol=1e-6, atol=1e-6)
     np.testing.assert_allclose(stored["bn"][1], var, rtol=1e-6)
+
+
+def test_a_model_with_external_data_is_recalibrated_into_its_own_external_data(tmp_path):
+    """fold kept the sidecar layout of a model saved with external data; recalibrate wrote every tensor
+    inline."""
+    rng = np.random.default_rng(4)
+    model = make([helper.make_node("Conv", ["x", "w"], ["c"]), bn_node("c", "y")], {"x": (("N", 4, 5, 5), F32)},
+                 {"y": (None, F32)}, {"w": weights(rng, 6, 4, 3, 3), **bn_params(rng, 6)})
+    source = tmp_path / "source"
+    source.mkdir()
+    onnx.save_model(onnx.ModelProto.FromString(model.SerializeToString()), str(source / "m.onnx"),  # it edits the model
+                    save_as_external_data=True, location="m.weights", size_threshold=0)
+    originals = {path.name: path.read_bytes() for path in source.iterdir()}
+    data = (rng.standard_normal((24, 4, 5, 5)) - 2).astype(F32)
+    recalibrate(source / "m.onnx", data, output=tmp_path / "r.onnx")
+    assert {path.name: path.read_bytes() for path in source.iterdir()} == originals
+    written = onnx.load(str(tmp_path / "r.onnx"), load_external_data=False)
+    locations = {init.name: entry.value for init in written.graph.initializer for entry in init.external_data
+                 if entry.key == "location"}
+    assert locations["w"] == "r.onnx.data" and set(locations.values()) == {"r.onnx.data"}  # small ones inline
+    arrays = {init.name: numpy_helper.to_array(init) for init in onnx.load(str(tmp_path / "r.onnx")).graph.initializer}
+    mean, var = _bn_input_statistics(model, data, "c")
+    np.testing.assert_allclose(arrays["bn.mean"], mean, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(arrays["bn.var"], var, rtol=1e-6)

@@ -262,7 +262,7 @@ class OnnxStatisticsRunner:
                 and all(consumer is node for consumer in self.index.consumers.get(name, [])))
 
     def result(self) -> OnnxModel:
-        return OnnxModel(self.model.path, self.proto)
+        return OnnxModel(self.model.path, self.proto, external_data=self.model.external_data)
 
 
 def _merge(statistics: dict[str, ChannelStatistics], probes: dict[str, _Probe],
