@@ -86,7 +86,30 @@ def private_copy(module: nn.Module, share_tensors: bool = False) -> nn.Module:
     bnfold loaded itself) it keeps the original's parameters and buffers: nothing writes into a tensor,
     and a copy of every weight per capture was most of the PyTorch eager formats' peak memory."""
     memo = {id(t): t for t in (*module.parameters(), *module.buffers())} if share_tensors else {}
+    memo.update(_computed_tensors(module))
     return copy.deepcopy(module, memo)
+
+
+def _computed_tensors(module: nn.Module) -> dict[int, torch.Tensor]:
+    """Detached copies of the non-leaf tensors that modules hold as plain attributes, by the original's id:
+    `torch.nn.utils.weight_norm`'s `weight`, outputs a feature hook kept. deepcopy refuses such a tensor
+    (torch cannot copy its autograd history), and the hooks that computed them compute them again."""
+    copies: dict[int, torch.Tensor] = {}
+    seen: set[int] = set()
+    pending = [value for child in module.modules() for value in vars(child).values()]
+    while pending:
+        value = pending.pop()
+        if id(value) in seen:
+            continue
+        seen.add(id(value))
+        if isinstance(value, torch.Tensor):
+            if not value.is_leaf:
+                copies[id(value)] = value.detach().clone()
+        elif isinstance(value, (list, tuple, set, frozenset)):
+            pending.extend(value)
+        elif isinstance(value, dict):
+            pending.extend(value.values())
+    return copies
 
 
 def trace_functional(module: nn.Module, share_tensors: bool = False) -> fx.GraphModule:

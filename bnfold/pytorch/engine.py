@@ -37,7 +37,7 @@ from bnfold.layers import FoldDecision, FoldStatus
 from bnfold.model import Model, ModelFormat
 from bnfold.plan import FoldOptions, FoldPlan
 from bnfold.pytorch.capture import (MODULEWISE, RENAMED, Capture, CaptureFailed, capture_module, capture_program,
-                                    capture_script, quiet)
+                                    capture_script, private_copy, quiet)
 from bnfold.pytorch.fold import GraphFolder
 from bnfold.pytorch.modulewise import fold_by_module
 from bnfold.pytorch.model import ExportedProgramModel, ModuleModel, TorchScriptModel, program_module
@@ -142,7 +142,7 @@ class TorchEngine:
             return self._programs[model.program]
         module = model.module  # type: ignore[attr-defined]
         if any(getattr(m, "training", False) for m in module.modules()):  # frozen TorchScript has none
-            return copy.deepcopy(module)  # training-mode BN would update the caller's statistics
+            return private_copy(module)  # training-mode BN would update the caller's statistics
         return module
 
 

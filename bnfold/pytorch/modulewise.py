@@ -10,7 +10,6 @@ stock torch modules used nowhere else, and the BN class itself insists on the co
 from __future__ import annotations
 
 import ast
-import copy
 import inspect
 import textwrap
 
@@ -19,7 +18,7 @@ from torch import nn
 from bnfold import foldmath
 from bnfold.health import fold_refusal
 from bnfold.layers import FoldDecision, FoldDirection, FoldStatus
-from bnfold.pytorch.capture import trace_functional
+from bnfold.pytorch.capture import private_copy, trace_functional
 from bnfold.pytorch.discover import bn_kind
 from bnfold.pytorch.fold import GraphFolder, assign_rounded
 
@@ -32,7 +31,7 @@ _RANK_CHECKED_PAIRS = {
 
 def fold_by_module(model: nn.Module, why: str) -> tuple[nn.Module, dict[str, FoldDecision]]:
     """A folded copy of `model` and the decisions, for a model that does not capture as a whole."""
-    root = copy.deepcopy(model)
+    root = private_copy(model)
     decisions: dict[str, FoldDecision] = {}
     _visit(root, "", root, decisions, why)
     return root, decisions

@@ -1,0 +1,171 @@
+"""Eager PyTorch models built the way real projects build them, beyond the zoo's architectures: weight
+normalization (legacy hooks and parametrizations), torch.ao's fused ConvBn modules (float and QAT), models
+saved inside nn.DataParallel, channels_last and half-precision models, user hooks, a BN called twice.
+
+Each is folded (verified), inspected and recalibrated; recalibrated statistics are held against the float64
+oracle of `tests.recalibration_oracle`, or, for half-precision models, against statistics of the BN inputs
+the model computes in its own dtype, gathered with forward pre-hooks.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.ao.nn.intrinsic as nni
+import torch.ao.nn.intrinsic.qat as nniqat
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.utils import parametrizations
+
+import bnfold
+from bnfold.errors import BnfoldError
+from bnfold.layers import FoldStatus
+from tests.recalibration_oracle import BatchNormOracle, assert_statistics_match
+
+SHAPE = (2, 3, 8, 8)
+RUNTIME_WEIGHT = "computes its weight at run time"
+
+
+def randomized(module: nn.Module) -> nn.Module:
+    """`module` in eval mode with random BN statistics and affine parameters (identity BN proves nothing)."""
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for child in module.modules():
+            if isinstance(child, _BatchNorm):
+                channels = child.num_features
+                child.running_mean.copy_(torch.rand(channels, generator=generator) * 2 - 1)
+                child.running_var.copy_(torch.rand(channels, generator=generator) + 0.5)
+                child.weight.copy_(torch.rand(channels, generator=generator) + 0.5)
+                child.bias.copy_(torch.rand(channels, generator=generator) * 2 - 1)
+                child.num_batches_tracked.fill_(100)
+    return module.eval()
+
+
+def calibration_data(shape: tuple[int, ...] = SHAPE, samples: int = 24) -> np.ndarray:
+    return (np.random.default_rng(1).standard_normal((samples, *shape[1:])) * 2 + 0.5).astype(np.float32)
+
+
+def input_shape(shape: tuple[int, ...] = SHAPE) -> str:
+    return ",".join(map(str, shape))
+
+
+def decisions(report) -> dict[str, tuple[FoldStatus, str | None]]:
+    return {decision.layer: (decision.status, decision.reason) for decision in report.plan.decisions}
+
+
+def assert_matches_oracle(module: nn.Module, result: nn.Module, method: str, data: np.ndarray, batch: int) -> None:
+    """`result`'s BN statistics are those the float64 oracle computes for `module` on `data`."""
+    oracle = BatchNormOracle(module, data, batch=batch, ddof=1)
+    oracle = oracle.exact() if method == "exact" else oracle.fast()
+    assert oracle.statistics
+    for layer, (mean, var) in oracle.statistics.items():
+        assert_statistics_match(result.get_buffer(oracle.reads[layer][0]).numpy(),
+                                result.get_buffer(oracle.reads[layer][1]).numpy(), mean, var, layer=layer)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Weight normalization: the conv's weight is computed on every call
+# --------------------------------------------------------------------------------------------------------
+
+
+def legacy_weight_norm() -> nn.Module:
+    """torch.nn.utils.weight_norm: `weight` is a plain attribute that a forward pre-hook computes from
+    weight_g and weight_v; freshly built, it carries autograd history, which deepcopy refuses."""
+    with pytest.warns(FutureWarning):
+        conv = nn.utils.weight_norm(nn.Conv2d(3, 4, 3))
+    return randomized(nn.Sequential(conv, nn.BatchNorm2d(4), nn.ReLU()))
+
+
+def test_legacy_weight_norm_keeps_its_bn() -> None:
+    module = legacy_weight_norm()
+    assert not module[0].weight.is_leaf
+    report = bnfold.fold(module, input_shape=input_shape())
+    assert report.passed and report.difference.max_rel == 0
+    status, reason = decisions(report)["1"]
+    assert status is FoldStatus.KEPT and RUNTIME_WEIGHT in reason
+    assert bnfold.inspect(module, input_shape=input_shape()).folds["1"].status is FoldStatus.KEPT
+
+
+@pytest.mark.parametrize("parametrize", [parametrizations.weight_norm, parametrizations.spectral_norm])
+def test_parametrized_conv_keeps_its_bn(parametrize) -> None:
+    """A parametrization recomputes the weight from its originals: a weight written into the conv would be
+    ignored, so the BN stays, and so does the parametrization."""
+    module = randomized(nn.Sequential(parametrize(nn.Conv2d(3, 4, 3)), nn.BatchNorm2d(4), nn.ReLU()))
+    report = bnfold.fold(module, input_shape=input_shape())
+    assert report.passed
+    status, reason = decisions(report)["1"]
+    assert status is FoldStatus.KEPT and RUNTIME_WEIGHT in reason
+    assert nn.utils.parametrize.is_parametrized(report.folded_model.module[0])
+
+
+@pytest.mark.parametrize("method", ["fast", "exact"])
+def test_parametrized_conv_recalibrates(method: str) -> None:
+    module = randomized(nn.Sequential(parametrizations.weight_norm(nn.Conv2d(3, 4, 3)), nn.BatchNorm2d(4),
+                                      nn.ReLU(), nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4)))
+    data = calibration_data()
+    report = bnfold.recalibrate(module, data, method=method, batch_size=8)
+    assert [layer.name for layer in report.layers] == ["1", "4"]
+    assert_matches_oracle(module, report.result.module, method, data, batch=8)
+
+
+# --------------------------------------------------------------------------------------------------------
+# User hooks and a BN called twice
+# --------------------------------------------------------------------------------------------------------
+
+
+class FeatureTap(nn.Module):
+    """Keeps the conv output a forward hook hands it, as feature-extraction code does."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.bn = nn.BatchNorm2d(4)
+        self.features: list[torch.Tensor] = []
+        self.conv.register_forward_hook(lambda _module, _inputs, output: self.features.append(output))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bn(self.conv(x)).relu()
+
+
+def test_feature_hook_holding_autograd_outputs() -> None:
+    """A hook kept an output computed with autograd on (a training step, a Grad-CAM run): copying the model
+    must not trip over it."""
+    module = randomized(FeatureTap())
+    module(torch.randn(SHAPE))  # with grad: the kept feature is not a leaf
+    report = bnfold.fold(module, input_shape=input_shape())
+    assert report.passed and decisions(report)["bn"][0] is FoldStatus.FOLDED
+    assert bnfold.inspect(module, input_shape=input_shape()).folds["bn"].status is FoldStatus.FOLDABLE
+
+
+class SharedBN(nn.Module):
+    """One BN module normalizes two branches (a weight-sharing shortcut some papers use)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv_a = nn.Conv2d(3, 4, 3, padding=1)
+        self.conv_b = nn.Conv2d(3, 4, 1)
+        self.bn = nn.BatchNorm2d(4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bn(self.conv_a(x)) + self.bn(self.conv_b(x))
+
+
+@pytest.mark.parametrize("method", ["fast", "exact"])
+def test_bn_called_on_two_branches(method: str) -> None:
+    module = randomized(SharedBN())
+    report = bnfold.fold(module, input_shape=input_shape())
+    assert report.passed and report.difference.max_rel < 1e-5
+    assert decisions(report)["bn"][0] is FoldStatus.FOLDED
+    data = calibration_data()
+    result = bnfold.recalibrate(module, data, method=method, batch_size=8)
+    assert_matches_oracle(module, result.result.module, method, data, batch=8)
+    assert int(result.result.module.bn.num_batches_tracked) == 2 * 3  # two calls in each of 3 batches
+
+
+def test_bn_feeding_its_own_input_refuses_exact_in_one_line() -> None:
+    module = randomized(nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4)))
+    chained = nn.Sequential(module, nn.ReLU(), module)
+    with pytest.raises(BnfoldError, match="feeds its own input") as raised:
+        bnfold.recalibrate(chained, calibration_data(), method="exact", batch_size=8)
+    assert "\n" not in str(raised.value)
