@@ -88,3 +88,24 @@ def test_large_calls_far_from_zero_are_exact_in_one_run():
     expected = F.batch_norm(inputs.double(), None, None, None, None, True, 0.0, 1e-5)
     # float32 inputs 5000 out carry 5000 * 6e-8 of rounding: 3e-4 of a unit standard deviation
     assert (output.double() - expected)[:, 0].abs().max() < 1e-3
+
+
+def test_a_recalibration_without_the_kernel_says_so_and_agrees_with_it(monkeypatch):
+    import torch
+    from torch import nn
+
+    from bnfold import recalibrate
+    from bnfold.pytorch import recalibrate as torch_recalibrate
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 4, 3), nn.BatchNorm2d(4)).eval()
+    data = np.random.default_rng(0).standard_normal((64, 3, 40, 40)).astype(np.float32) * 3 + 100  # large calls
+    with_kernel = recalibrate(model, data, method="fast")
+    monkeypatch.setattr(torch_recalibrate, "_moments", None)
+    without = recalibrate(model, data, method="fast")
+    assert not any("moments kernel" in note for note in with_kernel.notes)
+    assert any("moments kernel was not built" in note for note in without.notes)
+    for name in ("1", "4"):
+        kernel_bn, torch_bn = (report.result.module.get_submodule(name) for report in (with_kernel, without))
+        torch.testing.assert_close(kernel_bn.running_mean, torch_bn.running_mean, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(kernel_bn.running_var, torch_bn.running_var, rtol=1e-5, atol=1e-8)

@@ -446,6 +446,9 @@ class _TorchRunner(ABC):
     def __init__(self, device: torch.device) -> None:
         self.device = device
         self.notes: list[str] = []
+        if _moments is None and device.type == "cpu":
+            self.notes.append("bnfold's moments kernel was not built (no C compiler when bnfold was installed): "
+                              "large BN inputs were reduced by torch's slower passes, exactly all the same")
         self._skipped: dict[str, str] = {}
         self.float_dtype = torch.float32
 
@@ -695,7 +698,8 @@ class ModuleRunner(_TorchRunner):
         return [(*self._statistics(layer), tracked)]
 
     def result(self) -> Model:
-        return ModuleModel(self.model.path, self.module.cpu(), self.model.format, safetensors=self.model.safetensors)
+        return ModuleModel(self.model.path, self.module.cpu(), self.model.format, safetensors=self.model.safetensors,
+                           key_prefix=self.model.key_prefix)
 
 
 class _PassComplete(BaseException):
