@@ -124,3 +124,23 @@ def test_a_model_with_external_data_is_recalibrated_into_its_own_external_data(t
     mean, var = _bn_input_statistics(model, data, "c")
     np.testing.assert_allclose(arrays["bn.mean"], mean, rtol=1e-6, atol=1e-6)
     np.testing.assert_allclose(arrays["bn.var"], var, rtol=1e-6)
+
+
+def test_a_model_older_than_onnxruntime_is_named_as_such_with_the_way_out(tmp_path):
+    """onnxruntime has no kernel before opset 7 (BatchNormalization-6): recalibration blamed its own probe
+    node ("no implementation for Mul(6)"); both commands now say what is old and how to convert it."""
+    from bnfold import fold
+    from bnfold.errors import InputError
+
+    rng = np.random.default_rng(0)
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], name="conv"), bn_node("c", "y", is_test=1)]
+    model = make(nodes, {"x": ((2, 3, 6, 6), F32)}, {"y": (None, F32)}, {"w": weights(rng, 4, 3, 3, 3), **bn_params(rng, 4)},
+                 opset=6, ir=3, inputs_from_initializers=True)
+    path = tmp_path / "old.onnx"
+    onnx.save(model, path)
+    with pytest.raises(InputError, match="onnxruntime runs opset 7 and later, and this model is opset 6") as raised:
+        recalibrate(path, rng.standard_normal((32, 3, 6, 6)).astype(F32))
+    assert "version_converter" in raised.value.hint
+    report = fold(path, tmp_path / "folded.onnx")
+    assert not report.passed and "opset 7 and later" in report.verify_error
+    assert not (tmp_path / "folded.onnx").exists()

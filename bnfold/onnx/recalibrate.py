@@ -179,6 +179,8 @@ class OnnxStatisticsRunner:
         proto, probes = self._instrumented(observe, batch_statistics)
         try:
             return session(proto), probes
+        except InputError:  # says why already
+            raise
         except Exception as error:  # onnxruntime has many error types; all mean "cannot run this model"
             raise _cannot_run(error) from None
 

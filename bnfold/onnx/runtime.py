@@ -13,11 +13,15 @@ import numpy as np
 import onnx
 
 from bnfold import memory
+from bnfold.errors import InputError
+from bnfold.onnx.graph import opset_version
 from bnfold.onnx.model import OnnxModel, save_model
 
 # Models of up to this many weights reach onnxruntime as bytes: quicker than a file, and their three
 # copies (see `session`) are a few MB.
 IN_MEMORY_WEIGHTS = 1 << 20
+# The oldest default-domain opset onnxruntime implements (BatchNormalization-6 and older have no kernel).
+OLDEST_OPSET = 7
 # Intra-op threads of the sessions bnfold creates; 0 lets onnxruntime choose (one per core). Benchmarks
 # set 1, as they do for torch, so that a neighbour's load on a shared machine is not timed as the model.
 intra_op_threads = 0
@@ -30,8 +34,20 @@ def session(model: onnx.ModelProto, optimize: bool = False):
     A large model reaches onnxruntime as a file in a temporary directory, written a tensor at a time:
     from bytes, onnxruntime would hold the serialized model, its own copy and the parsed graph at once
     (three times the weights); from a file it keeps one copy, and models over protobuf's 2 GB limit work
-    too. A small one (up to `IN_MEMORY_WEIGHTS`) goes as bytes, which is quicker.
+    too. A small one (up to `IN_MEMORY_WEIGHTS`) goes as bytes, which is quicker. A model older than
+    onnxruntime's oldest opset gets an InputError that says so, not the first node it has no kernel for.
     """
+    try:
+        return _session(model, optimize)
+    except Exception as error:
+        if opset_version(model) >= OLDEST_OPSET:
+            raise
+        raise InputError(f"onnxruntime runs opset {OLDEST_OPSET} and later, and this model is opset "
+                         f"{opset_version(model)}",
+                         "convert it first: onnx.version_converter.convert_version(model, 17)") from error
+
+
+def _session(model: onnx.ModelProto, optimize: bool):
     import onnxruntime as ort
 
     options = ort.SessionOptions()
