@@ -9,6 +9,9 @@ the model computes in its own dtype, gathered with forward pre-hooks.
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
+
 import numpy as np
 import pytest
 import torch
@@ -42,6 +45,17 @@ def randomized(module: nn.Module) -> nn.Module:
     return module.eval()
 
 
+def same_every_call(factory: Callable[[], nn.Module]) -> Callable[[], nn.Module]:
+    """`factory` with its conv weights drawn from a fixed seed, so that two calls build the same model."""
+    @functools.wraps(factory)
+    def build() -> nn.Module:
+        with torch.random.fork_rng():
+            torch.manual_seed(0)
+            return factory()
+
+    return build
+
+
 def calibration_data(shape: tuple[int, ...] = SHAPE, samples: int = 24) -> np.ndarray:
     return (np.random.default_rng(1).standard_normal((samples, *shape[1:])) * 2 + 0.5).astype(np.float32)
 
@@ -69,6 +83,7 @@ def assert_matches_oracle(module: nn.Module, result: nn.Module, method: str, dat
 # --------------------------------------------------------------------------------------------------------
 
 
+@same_every_call
 def legacy_weight_norm() -> nn.Module:
     """torch.nn.utils.weight_norm: `weight` is a plain attribute that a forward pre-hook computes from
     weight_g and weight_v; freshly built, it carries autograd history, which deepcopy refuses."""
@@ -168,4 +183,68 @@ def test_bn_feeding_its_own_input_refuses_exact_in_one_line() -> None:
     chained = nn.Sequential(module, nn.ReLU(), module)
     with pytest.raises(BnfoldError, match="feeds its own input") as raised:
         bnfold.recalibrate(chained, calibration_data(), method="exact", batch_size=8)
+    assert "\n" not in str(raised.value)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Models saved inside nn.DataParallel: pickled whole, or as a state_dict whose keys start with `module.`
+# --------------------------------------------------------------------------------------------------------
+
+
+@same_every_call
+def conv_stack() -> nn.Module:
+    """The bare model (importable: `--model-factory tests.test_eager_patterns:conv_stack`)."""
+    return randomized(nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                                    nn.Conv2d(8, 4, 3), nn.BatchNorm2d(4)))
+
+
+def test_pickled_data_parallel_model_through_the_cli(tmp_path, cli) -> None:
+    wrapped = nn.DataParallel(conv_stack()).eval()
+    source, data = tmp_path / "wrapped.pt", tmp_path / "data.npy"
+    torch.save(wrapped, source)
+    np.save(data, calibration_data())
+    assert cli("inspect", source, "--input-shape", input_shape()).code == 2  # a pickle needs consent
+    assert "module.1" in cli("inspect", source, "--allow-pickle", "--input-shape", input_shape()).stdout
+    folded = tmp_path / "folded.pt"
+    assert cli("fold", source, "--allow-pickle", "--input-shape", input_shape(), "-o", folded).code == 0
+    x = torch.randn(SHAPE)
+    with torch.no_grad():
+        expected, actual = wrapped(x), torch.load(folded, weights_only=False)(x)
+    torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5)
+    recalibrated = tmp_path / "recalibrated.pt"
+    assert cli("recalibrate", source, "--allow-pickle", "--data", data, "--batch-size", "8", "-o",
+               recalibrated).code == 0
+    assert_matches_oracle(wrapped, torch.load(recalibrated, weights_only=False), "exact", np.load(data), batch=8)
+
+
+def test_data_parallel_state_dict_loads_into_the_bare_factory_model(tmp_path, cli) -> None:
+    weights = tmp_path / "weights.pt"
+    torch.save(nn.DataParallel(conv_stack()).state_dict(), weights)
+    factory = ["--model-factory", "tests.test_eager_patterns:conv_stack"]
+    inspected = cli("inspect", weights, *factory)
+    assert inspected.code == 0 and "2 BN layers, 2 foldable" in inspected.stdout
+    report = bnfold.fold(weights, model_factory=factory[1], input_shape=input_shape())
+    assert report.passed and {d.status for d in report.plan.decisions} == {FoldStatus.FOLDED}
+    data = calibration_data()
+    result = bnfold.recalibrate(weights, data, model_factory=factory[1], batch_size=8)
+    assert_matches_oracle(conv_stack(), result.result.module, "exact", data, batch=8)
+
+
+def test_recalibrated_data_parallel_state_dict_keeps_its_keys(tmp_path, cli) -> None:
+    """The written weights load where the input did: into the DataParallel-wrapped model."""
+    weights, data, recalibrated = tmp_path / "weights.pt", tmp_path / "data.npy", tmp_path / "recalibrated.pt"
+    torch.save(nn.DataParallel(conv_stack()).state_dict(), weights)
+    np.save(data, calibration_data())
+    assert cli("recalibrate", weights, "--model-factory", "tests.test_eager_patterns:conv_stack", "--data", data,
+               "-o", recalibrated).code == 0
+    wrapped = nn.DataParallel(conv_stack())
+    wrapped.load_state_dict(torch.load(recalibrated))
+    assert_matches_oracle(conv_stack(), wrapped.module, "exact", np.load(data), batch=32)
+
+
+def test_state_dict_that_does_not_fit_names_the_keys(tmp_path) -> None:
+    weights = tmp_path / "weights.pt"
+    torch.save({"encoder.weight": torch.zeros(1)}, weights)
+    with pytest.raises(BnfoldError, match='Unexpected key.*"encoder.weight"') as raised:
+        bnfold.inspect(weights, model_factory="tests.test_eager_patterns:conv_stack")
     assert "\n" not in str(raised.value)

@@ -106,15 +106,18 @@ class ModuleModel(_ModuleBacked):
     """An eager nn.Module: unpickled (with consent) or built by a factory and given a state_dict.
 
     `owned`: bnfold loaded it from a file, so its captures may share its tensors (see `private_copy`);
-    a caller's module is never shared with what bnfold builds or hands back.
+    a caller's module is never shared with what bnfold builds or hands back. `key_prefix`: what the
+    state_dict's keys had before the module's own names (`module.` from nn.DataParallel); saved weights
+    get it back, so they load where the input did.
     """
 
     def __init__(self, path: Path, module: nn.Module, fmt: ModelFormat, safetensors: bool = False,
-                 owned: bool = False) -> None:
+                 owned: bool = False, key_prefix: str = "") -> None:
         super().__init__(path, module)
         self.format = fmt
         self.safetensors = safetensors
         self.owned = owned
+        self.key_prefix = key_prefix
 
     def bn_layers(self) -> list[BNLayer]:
         return discover_module(self.module, self.owned)
@@ -122,12 +125,14 @@ class ModuleModel(_ModuleBacked):
     def save(self, path: Path) -> None:
         if self.format is ModelFormat.PICKLE:
             torch.save(self.module, str(path))
-        elif self.safetensors:
+            return
+        weights = {self.key_prefix + key: tensor for key, tensor in self.module.state_dict().items()}
+        if self.safetensors:
             from safetensors.torch import save_file
 
-            save_file({k: v.contiguous() for k, v in self.module.state_dict().items()}, str(path))
+            save_file({k: v.contiguous() for k, v in weights.items()}, str(path))
         else:
-            torch.save(self.module.state_dict(), str(path))
+            torch.save(weights, str(path))
 
 
 def _numel(tensors: Mapping[str, Any]) -> int:
@@ -299,12 +304,29 @@ def _from_state_dict(path: Path, loaded: Any, options: LoadOptions, safetensors:
     if not isinstance(module, nn.Module):
         raise UsageError(f"--model-factory {options.model_factory} returned {type(module).__name__}, "
                          "not an nn.Module")
+    prefix = _wrapper_prefix(state_dict, module)
+    state_dict = {key.removeprefix(prefix): tensor for key, tensor in state_dict.items()}
     _materialize_lazy(module, state_dict)
     try:
         module.load_state_dict(state_dict, strict=True)
-    except RuntimeError as error:
-        raise InputError(f"the weights in {path} do not fit the factory's model: {first_line(error)}") from None
-    return ModuleModel(path, module.eval(), ModelFormat.STATE_DICT, safetensors=safetensors, owned=True)
+    except RuntimeError as error:  # its first line names only the class; the keys follow on the next lines
+        keys = " ".join(line.strip() for line in str(error).splitlines())
+        raise InputError(f"the weights in {path} do not fit the factory's model: {keys[:400]}") from None
+    return ModuleModel(path, module.eval(), ModelFormat.STATE_DICT, safetensors=safetensors, owned=True,
+                       key_prefix=prefix)
+
+
+# nn.DataParallel and DistributedDataParallel hold the model as `module`: its weights are saved under this.
+_WRAPPER_PREFIX = "module."
+
+
+def _wrapper_prefix(state_dict: Mapping[str, torch.Tensor], module: nn.Module) -> str:
+    """`module.` when the weights were saved from a model wrapped in (Distributed)DataParallel and the
+    factory builds the bare model, else ''."""
+    def wrapped(keys) -> bool:
+        return all(key.startswith(_WRAPPER_PREFIX) for key in keys)
+
+    return _WRAPPER_PREFIX if wrapped(state_dict) and not wrapped(module.state_dict()) else ""
 
 
 def _materialize_lazy(module: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> None:
