@@ -9,6 +9,7 @@ the model computes in its own dtype, gathered with forward pre-hooks.
 
 from __future__ import annotations
 
+import copy
 import functools
 from collections.abc import Callable
 
@@ -248,3 +249,93 @@ def test_state_dict_that_does_not_fit_names_the_keys(tmp_path) -> None:
     with pytest.raises(BnfoldError, match='Unexpected key.*"encoder.weight"') as raised:
         bnfold.inspect(weights, model_factory="tests.test_eager_patterns:conv_stack")
     assert "\n" not in str(raised.value)
+
+
+# --------------------------------------------------------------------------------------------------------
+# torch.ao's fused modules: float ConvBn (Sequential subclasses) and QAT ConvBn (the BN inside the conv)
+# --------------------------------------------------------------------------------------------------------
+
+
+FUSED = {
+    "ConvBn2d": (lambda: nni.ConvBn2d(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)), SHAPE),
+    "ConvBnReLU2d": (lambda: nni.ConvBnReLU2d(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU()), SHAPE),
+    "ConvBn1d": (lambda: nni.ConvBn1d(nn.Conv1d(3, 4, 3), nn.BatchNorm1d(4)), (2, 3, 8)),
+}
+
+
+@pytest.mark.parametrize("name", FUSED)
+def test_fused_float_conv_bn_folds_and_recalibrates(name: str) -> None:
+    build, shape = FUSED[name]
+    module = randomized(nn.Sequential(build(), nn.Tanh()))
+    report = bnfold.fold(module, input_shape=input_shape(shape))
+    assert report.passed and report.difference.max_rel < 1e-5
+    assert decisions(report) == {"0.1": (FoldStatus.FOLDED, None)}
+    data = calibration_data(shape)
+    for method in ("fast", "exact"):
+        result = bnfold.recalibrate(module, data, method=method, batch_size=8)
+        assert_matches_oracle(module, result.result.module, method, data, batch=8)
+
+
+def test_qat_conv_bn_keeps_its_bn_and_recalibrates_it() -> None:
+    """QAT's ConvBn2d scales its weight by the BN's running statistics on every call: nothing stored to fold."""
+    qconfig = torch.ao.quantization.get_default_qat_qconfig("fbgemm")
+    module = randomized(nn.Sequential(nniqat.ConvBn2d(3, 4, 3, qconfig=qconfig, freeze_bn=True), nn.ReLU()))
+    assert [layer.name for layer in bnfold.inspect(module).layers] == ["0.bn"]
+    report = bnfold.fold(module, input_shape=input_shape())
+    assert report.passed
+    status, reason = decisions(report)["0.bn"]
+    assert status is FoldStatus.KEPT and RUNTIME_WEIGHT in reason
+    result = bnfold.recalibrate(module, calibration_data(), method="fast", batch_size=8)
+    assert [layer.name for layer in result.layers] == ["0.bn"]
+
+
+# --------------------------------------------------------------------------------------------------------
+# Memory format and precision
+# --------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("method", ["fast", "exact"])
+def test_channels_last_model(method: str) -> None:
+    module = conv_stack().to(memory_format=torch.channels_last)
+    report = bnfold.fold(module, input_shape=input_shape())
+    assert report.passed and report.difference.max_rel < 1e-5
+    assert {status for status, _ in decisions(report).values()} == {FoldStatus.FOLDED}
+    data = calibration_data()
+    result = bnfold.recalibrate(module, data, method=method, batch_size=8)
+    assert_matches_oracle(module, result.result.module, method, data, batch=8)
+
+
+def own_dtype_statistics(module: nn.Module, data: np.ndarray, batch: int) -> dict[str, tuple[np.ndarray, ...]]:
+    """Exact statistics of a chain of BN layers computed in the module's own dtype: one eval pass per layer,
+    each storing (rounded to the dtype) the float64 mean and unbiased variance of its layer's inputs."""
+    module = copy.deepcopy(module)
+    dtype = next(module.parameters()).dtype
+    layers = {name: child for name, child in module.named_modules() if isinstance(child, _BatchNorm)}
+    statistics = {}
+    for name, layer in layers.items():
+        seen = []
+        hook = layer.register_forward_pre_hook(lambda _module, inputs: seen.append(inputs[0].double()))
+        with torch.no_grad():
+            for start in range(0, len(data), batch):
+                module(torch.from_numpy(data[start:start + batch]).to(dtype))
+        hook.remove()
+        values = torch.cat([x.transpose(0, 1).reshape(x.shape[1], -1) for x in seen], 1)
+        statistics[name] = (values.mean(1), values.var(1, correction=1))
+        with torch.no_grad():
+            layer.running_mean.copy_(statistics[name][0])
+            layer.running_var.copy_(statistics[name][1])
+    return statistics
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_model_recalibrates_in_its_dtype(dtype: torch.dtype) -> None:
+    module = conv_stack().to(dtype)
+    report = bnfold.fold(module, input_shape=input_shape())
+    assert report.passed and report.difference.max_rel < 1e-2
+    data = calibration_data()
+    result = bnfold.recalibrate(module, data, method="exact", batch_size=8).result.module
+    for name, (mean, var) in own_dtype_statistics(module, data, batch=8).items():
+        layer = result.get_submodule(name)
+        assert layer.running_mean.dtype == dtype
+        torch.testing.assert_close(layer.running_mean, mean.to(dtype), rtol=0, atol=0)
+        torch.testing.assert_close(layer.running_var, var.to(dtype), rtol=0, atol=0)
