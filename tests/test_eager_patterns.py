@@ -103,6 +103,17 @@ def test_legacy_weight_norm_keeps_its_bn() -> None:
     assert bnfold.inspect(module, input_shape=input_shape()).folds["1"].status is FoldStatus.KEPT
 
 
+@pytest.mark.parametrize("method", ["fast", "exact"])
+def test_legacy_weight_norm_recalibrates(method: str) -> None:
+    module = legacy_weight_norm()
+    data = calibration_data()
+    report = bnfold.recalibrate(module, data, method=method, batch_size=8)
+    twin = legacy_weight_norm()
+    with torch.no_grad():
+        twin(torch.from_numpy(data[:1]))  # its weight recomputed without autograd: a tensor the oracle can copy
+    assert_matches_oracle(twin, report.result.module, method, data, batch=8)
+
+
 @pytest.mark.parametrize("parametrize", [parametrizations.weight_norm, parametrizations.spectral_norm])
 def test_parametrized_conv_keeps_its_bn(parametrize) -> None:
     """A parametrization recomputes the weight from its originals: a weight written into the conv would be

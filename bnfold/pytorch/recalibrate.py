@@ -53,6 +53,7 @@ from bnfold.errors import DataError, UsageError, first_line
 from bnfold.foldmath import round_to
 from bnfold.layers import BNLayer
 from bnfold.model import InputSpec, Model
+from bnfold.pytorch.capture import private_copy
 from bnfold.pytorch.discover import (BN_ATEN_SIGNATURES, attribute_path, bn_kind, describe_module,
                                      constant_input, describe_tensors, discover_exported, discover_module,
                                      frozen_batch_norms, inlined_graph, resolve_path)
@@ -480,7 +481,7 @@ class _TorchRunner(ABC):
 
     def _working_copy(self, module: nn.Module, copy_model: bool) -> nn.Module:
         """The module the passes run on, in eval mode on the device; `float_dtype` follows its weights."""
-        working = (copy.deepcopy(module) if copy_model else module).eval().to(self.device)
+        working = (private_copy(module) if copy_model else module).eval().to(self.device)
         self.float_dtype = _first_float_dtype(working.parameters())
         return working
 
