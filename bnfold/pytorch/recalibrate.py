@@ -203,6 +203,28 @@ class _BatchLayout:
                 {self.calls[i].layer for i in self.owners[too_far]})
 
 
+class _Arena:
+    """Room for one batch's kernel outputs, taken call by call and given back at the end of the batch: a few
+    small tensors per call that live until the batch ends, allocated between freed activations, fragment
+    glibc's heap (the wide CNN's fast recalibration peaked at 70 or 240 MiB from one process to the next)."""
+
+    def __init__(self) -> None:
+        self._blocks: dict[torch.dtype, torch.Tensor] = {}
+        self._used: dict[torch.dtype, int] = {}
+
+    def take(self, dtype: torch.dtype, *shape: int) -> torch.Tensor:
+        size, used = math.prod(shape), self._used.get(dtype, 0)
+        block = self._blocks.get(dtype)
+        if block is None or used + size > block.numel():  # grown for good; views of the old block stay valid
+            block = self._blocks[dtype] = torch.empty(max(2 * (used + size), 1 << 12), dtype=dtype)
+            used = 0
+        self._used[dtype] = used + size
+        return block[used:used + size].view(shape)
+
+    def clear(self) -> None:
+        self._used.clear()
+
+
 class InputStatistics:
     """What one pass saw of the BN inputs, batch by batch, merged into `ChannelStatistics` in bulk.
 
@@ -244,6 +266,7 @@ class InputStatistics:
         self._pending: list[tuple[_BatchLayout, np.ndarray]] = []
         self._pending_bytes = 0
         self._deviations: torch.Tensor | None = None  # see `_scratch`
+        self._arena = _Arena()  # the moments kernel's outputs, see `_Arena`
 
     def normalize(self, layer: str, inputs: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
                   eps: float) -> torch.Tensor:
@@ -288,8 +311,8 @@ class InputStatistics:
         """One read by the moments kernel: each sample's sum and M2, the batch's mean and variance."""
         samples, channels = values.shape[:2]
         positions = _positions(values)
-        sums, m2 = torch.empty(2, samples, channels, dtype=torch.float64)
-        mean, var = torch.empty(2, channels)
+        sums, m2 = self._arena.take(torch.float64, 2, samples, channels)
+        mean, var = self._arena.take(torch.float32, 2, channels)
         _moments.batch_moments(values.numpy(), samples, channels, positions, sums.numpy(), m2.numpy(),
                                mean.numpy(), var.numpy(), torch.get_num_threads())
         self._record(layer, Observation(mean, var, sums, positions, sample_m2=m2, exact=True))
@@ -328,6 +351,7 @@ class InputStatistics:
         layout = self._layout()
         flat = torch.cat([piece for _, observation in self._batch for piece in observation.pieces()]).numpy(force=True)
         self._batch.clear()
+        self._arena.clear()
         direct, careful = layout.needing_care(flat)
         if direct or careful:
             self._direct |= direct
