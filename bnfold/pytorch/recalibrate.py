@@ -204,11 +204,13 @@ class _BatchLayout:
 
 
 class _Arena:
-    """Room for one batch's kernel outputs, taken call by call and given back at the end of the batch: a few
-    small tensors per call that live until the batch ends, allocated between freed activations, fragment
-    glibc's heap (the wide CNN's fast recalibration peaked at 70 or 240 MiB from one process to the next)."""
+    """Room for results that live a while (a batch's kernel outputs, kept batches until they merge), taken
+    piece by piece from blocks that stay, and given back all at once. Small tensors that outlive the
+    activations freed around them fragment glibc's heap: allocated afresh, they made the wide CNN's fast
+    recalibration peak at 70 or 240 MiB from one process to the next."""
 
-    def __init__(self) -> None:
+    def __init__(self, smallest: int = 1 << 12) -> None:
+        self.smallest = smallest  # elements in a block at least
         self._blocks: dict[torch.dtype, torch.Tensor] = {}
         self._used: dict[torch.dtype, int] = {}
 
@@ -216,10 +218,25 @@ class _Arena:
         size, used = math.prod(shape), self._used.get(dtype, 0)
         block = self._blocks.get(dtype)
         if block is None or used + size > block.numel():  # grown for good; views of the old block stay valid
-            block = self._blocks[dtype] = torch.empty(max(2 * (used + size), 1 << 12), dtype=dtype)
+            block = self._blocks[dtype] = torch.empty(max(2 * (used + size), self.smallest), dtype=dtype)
             used = 0
         self._used[dtype] = used + size
         return block[used:used + size].view(shape)
+
+    def write(self, pieces: list[torch.Tensor], make_room: Callable[[], None]) -> np.ndarray:
+        """The pieces, concatenated in float64 into room not yet kept (`make_room` first if there is none
+        left: it must let go of what was kept); the room is reused until `keep`."""
+        size = sum(piece.numel() for piece in pieces)
+        block, used = self._blocks.get(torch.float64), self._used.get(torch.float64, 0)
+        if block is not None and used + size > block.numel() and used:
+            make_room()
+        flat = self.take(torch.float64, size)
+        self._used[torch.float64] -= size
+        return torch.cat(pieces, out=flat).numpy()
+
+    def keep(self, flat: np.ndarray) -> None:
+        """Keep what `write` returned last, until `clear`."""
+        self._used[torch.float64] = self._used.get(torch.float64, 0) + flat.size
 
     def clear(self) -> None:
         self._used.clear()
@@ -261,12 +278,13 @@ class InputStatistics:
         self._batch: list[tuple[str, Observation]] = []
         self._layouts: dict[tuple[Any, ...], _BatchLayout] = {}
         self._statistics: dict[str, ChannelStatistics] = {}
-        # kept batches, each one flat host array (one allocation per batch, not a few per call: small
-        # long-lived blocks between freed activations fragment glibc's heap, hundreds of MB over a pass)
+        # kept batches, each one flat host array (in `_kept_batches` on the CPU, never a few blocks per
+        # call: small long-lived blocks between freed activations fragment glibc's heap, see `_Arena`)
         self._pending: list[tuple[_BatchLayout, np.ndarray]] = []
         self._pending_bytes = 0
         self._deviations: torch.Tensor | None = None  # see `_scratch`
         self._arena = _Arena()  # the moments kernel's outputs, see `_Arena`
+        self._kept_batches = _Arena(2 * _PENDING_BYTES // 8)  # the pending batches' flat arrays (CPU, float64)
 
     def normalize(self, layer: str, inputs: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
                   eps: float) -> torch.Tensor:
@@ -349,14 +367,18 @@ class InputStatistics:
         if not self._batch:
             return True
         layout = self._layout()
-        flat = torch.cat([piece for _, observation in self._batch for piece in observation.pieces()]).numpy(force=True)
+        pieces = [piece for _, observation in self._batch for piece in observation.pieces()]
         self._batch.clear()
+        on_host = all(piece.device.type == "cpu" for piece in pieces)
+        flat = self._kept_batches.write(pieces, self._merge_pending) if on_host else torch.cat(pieces).numpy(force=True)
         self._arena.clear()
         direct, careful = layout.needing_care(flat)
         if direct or careful:
             self._direct |= direct
             self._careful |= careful
             return False
+        if on_host:
+            self._kept_batches.keep(flat)
         self._pending.append((layout, flat))
         self._pending_bytes += flat.nbytes
         if self._pending_bytes > _PENDING_BYTES:
@@ -392,6 +414,7 @@ class InputStatistics:
             self._statistics.setdefault(layer, ChannelStatistics()).add(*_pooled(calls), batches=len(calls))
         self._pending.clear()
         self._pending_bytes = 0
+        self._kept_batches.clear()
 
 
 def _pooled(calls: list[tuple[_Call, np.ndarray]]) -> tuple[Moments, Moments]:
