@@ -215,13 +215,9 @@ class _Arena:
         self._used: dict[torch.dtype, int] = {}
 
     def take(self, dtype: torch.dtype, *shape: int) -> torch.Tensor:
-        size, used = math.prod(shape), self._used.get(dtype, 0)
-        block = self._blocks.get(dtype)
-        if block is None or used + size > block.numel():  # grown for good; views of the old block stay valid
-            block = self._blocks[dtype] = torch.empty(max(2 * (used + size), self.smallest), dtype=dtype)
-            used = 0
-        self._used[dtype] = used + size
-        return block[used:used + size].view(shape)
+        room = self._room(dtype, math.prod(shape))
+        self._used[dtype] = self._used.get(dtype, 0) + room.numel()
+        return room.view(shape)
 
     def write(self, pieces: list[torch.Tensor], make_room: Callable[[], None]) -> np.ndarray:
         """The pieces, concatenated in float64 into room not yet kept (`make_room` first if there is none
@@ -230,9 +226,16 @@ class _Arena:
         block, used = self._blocks.get(torch.float64), self._used.get(torch.float64, 0)
         if block is not None and used + size > block.numel() and used:
             make_room()
-        flat = self.take(torch.float64, size)
-        self._used[torch.float64] -= size
-        return torch.cat(pieces, out=flat).numpy()
+        return torch.cat(pieces, out=self._room(torch.float64, size)).numpy()
+
+    def _room(self, dtype: torch.dtype, size: int) -> torch.Tensor:
+        """`size` elements after those taken, in a block grown for good if need be (views of the old
+        block stay valid)."""
+        used, block = self._used.get(dtype, 0), self._blocks.get(dtype)
+        if block is None or used + size > block.numel():
+            block = self._blocks[dtype] = torch.empty(max(2 * (used + size), self.smallest), dtype=dtype)
+            self._used[dtype] = used = 0
+        return block[used:used + size]
 
     def keep(self, flat: np.ndarray) -> None:
         """Keep what `write` returned last, until `clear`."""
@@ -497,7 +500,7 @@ class _TorchRunner(ABC):
         self.notes: list[str] = []
         if _moments is None and device.type == "cpu":
             self.notes.append("bnfold's moments kernel was not built (no C compiler when bnfold was installed): "
-                              "large BN inputs were reduced by torch's slower passes, exactly all the same")
+                              "large BN inputs are reduced by torch's slower passes instead, to the same statistics")
         self._skipped: dict[str, str] = {}
         self.float_dtype = torch.float32
 
