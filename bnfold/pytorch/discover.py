@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.modules.batchnorm import _BatchNorm, _NormBase
 
 from bnfold.layers import BNLayer
 
@@ -64,6 +64,20 @@ def bn_kind(module: nn.Module) -> str | None:
     if {"running_mean", "running_var"} <= own:
         return f"{name} (look-alike)"
     return None
+
+
+def missing_statistics(module: nn.Module) -> str | None:
+    """Why a BN module, or a hand-written one (an `eps` and a `running_mean` that is None), has no statistics
+    to recalibrate; None for any other module. InstanceNorm keeps none by design: it is no BN."""
+    if isinstance(module, _BatchNorm):
+        if module.track_running_stats and module.running_mean is not None and module.running_var is not None:
+            return None
+        why = "track_running_stats=False" if not module.track_running_stats else "running_mean/running_var is None"
+    elif isinstance(module, _NormBase) or not hasattr(module, "eps") or getattr(module, "running_mean", 0) is not None:
+        return None
+    else:
+        why = "running_mean is None"
+    return f"no running statistics ({why}): it always normalizes by batch statistics, so there are none to recalibrate"
 
 
 def describe_module(name: str, module: nn.Module, kind: str) -> BNLayer:
