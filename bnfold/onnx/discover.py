@@ -23,6 +23,12 @@ def is_training_mode(node: onnx.NodeProto, opset: int) -> bool:
     return False
 
 
+def per_activation(node: onnx.NodeProto, opset: int, input_rank: int | None) -> bool:
+    """spatial=0 before opset 9 keeps statistics per activation, (C, *spatial): per channel only on an
+    (N, C) input, so an input of any other rank, or of unknown rank, is treated as per activation."""
+    return opset < 9 and attribute(node, "spatial", 1) == 0 and input_rank != 2
+
+
 def used_optional_outputs(node: onnx.NodeProto, index: GraphIndex) -> list[str]:
     """Names of BN outputs beyond Y that something reads (running stats or saved mean/var)."""
     return [name for name in node.output[1:]

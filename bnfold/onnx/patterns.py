@@ -20,7 +20,7 @@ from bnfold import foldmath
 from bnfold.health import fold_refusal
 from bnfold.layers import FoldDecision, FoldDirection, FoldStatus
 from bnfold.onnx.constants import Constants
-from bnfold.onnx.discover import is_training_mode
+from bnfold.onnx.discover import is_training_mode, per_activation
 from bnfold.onnx.graph import BN_OP, DEFAULT_DOMAINS, GraphIndex, attribute, node_label
 from bnfold.onnx.shapes import Shape, ValueFacts
 
@@ -275,8 +275,6 @@ def bn_affine(scope: Scope, bn: onnx.NodeProto) -> Affine:
     optional = [name for name in bn.output[1:] if name]
     if optional:
         raise Skip(f"BN has optional output {optional[0]!r} (running statistics), so it runs in training mode")
-    if scope.opset < 9 and attribute(bn, "spatial", 1) == 0:
-        raise Skip("spatial=0: statistics per activation, not per channel")
     params = []
     for role, name in zip(("scale", "bias", "mean", "variance"), bn.input[1:5]):
         value = scope.constants.value(name)
@@ -304,6 +302,17 @@ def bn_affine(scope: Scope, bn: onnx.NodeProto) -> Affine:
     if refusal:
         raise Skip(refusal)
     return Affine(scale, shift, params[0].dtype)
+
+
+def planned_bn_affine(scope: Scope, bn: onnx.NodeProto) -> Affine:
+    """`bn_affine` of a BN whose statistics are proven per channel. Planning only: a plan is applied
+    without shape facts, and the rank that proved it does not change."""
+    rank = scope.facts.rank(bn.input[0])
+    if per_activation(bn, scope.opset, rank):
+        raise Skip("spatial=0: statistics per activation, not per channel" if rank is not None else
+                   "spatial=0: statistics per activation, which are per channel only on an (N, C) input, and "
+                   "the rank of this BN's input is unknown")
+    return bn_affine(scope, bn)
 
 
 def elementwise_affine(scope: Scope, node: onnx.NodeProto, layer: Layer) -> Affine | None:
@@ -354,7 +363,7 @@ def _analyze_elementwise(scope: Scope, node: onnx.NodeProto):
 
 
 def _analyze_bn(scope: Scope, bn: onnx.NodeProto) -> tuple[FoldAction, list[FoldDecision]]:
-    affine = bn_affine(scope, bn)
+    affine = planned_bn_affine(scope, bn)
     try:
         return _into_producers(scope, bn, affine)
     except Skip as backward:
@@ -615,7 +624,7 @@ def _identical_users(scope: Scope, bn: onnx.NodeProto, layer: Layer,
         other_bn = scope.sole_reader(other.output[0])
         if not is_op(other_bn, BN_OP) or other_bn.input[0] != other.output[0]:
             raise Skip("no BN of its own after it")
-        other_affine = bn_affine(scope, other_bn)
+        other_affine = planned_bn_affine(scope, other_bn)
         if not (np.array_equal(other_affine.scale, affine.scale)
                 and np.array_equal(other_affine.shift, affine.shift)):
             raise Skip("a different BN")

@@ -40,8 +40,8 @@ from bnfold.errors import InputError, UsageError, first_line
 from bnfold.foldmath import round_to
 from bnfold.layers import BNLayer
 from bnfold.model import InputSpec
-from bnfold.onnx.discover import discover, is_training_mode, used_optional_outputs
-from bnfold.onnx.graph import (BN_OP, DEFAULT_DOMAINS, GraphIndex, attribute, delete_where, needed_nodes,
+from bnfold.onnx.discover import discover, is_training_mode, per_activation, used_optional_outputs
+from bnfold.onnx.graph import (BN_OP, DEFAULT_DOMAINS, GraphIndex, delete_where, needed_nodes,
                                node_label, opset_version)
 from bnfold.onnx.model import OnnxModel
 from bnfold.onnx.runtime import session
@@ -98,15 +98,9 @@ class OnnxStatisticsRunner:
             return "its running statistics are not constants in the file (computed or fed at run time)"
         if is_training_mode(node, self.opset) or used_optional_outputs(node, self.index):
             return "runs in training mode: it normalizes by batch statistics and ignores the stored ones"
-        if self._per_activation(node):
+        if per_activation(node, self.opset, traced_rank(self.index, node.input[0], self._ranks)):
             return "spatial=0: it keeps statistics per activation, and bnfold recalibrates per-channel statistics"
         return None
-
-    def _per_activation(self, node: onnx.NodeProto) -> bool:
-        """A BN before opset 9 with spatial=0 on an input that may have positions beyond its channels
-        (on an (N, C) input, per activation is per channel)."""
-        return (self.opset < 9 and attribute(node, "spatial", 1) == 0
-                and traced_rank(self.index, node.input[0], self._ranks) != 2)
 
     def inputs(self) -> list[InputSpec | str]:
         return data_inputs(self.model)  # as declared: real data brings its own sizes

@@ -274,14 +274,44 @@ def _convert(module: torch.jit.ScriptModule, example: tuple[torch.Tensor, ...]) 
     from torch._export.converter import TS2EPConverter
 
     with quiet():
-        return TS2EPConverter(module, example).convert()
+        return TS2EPConverter(_members_over_properties(module), example).convert()
+
+
+# A ScriptModule's own properties (`code`, `graph`, ...), which hide its members of the same names.
+_SCRIPT_PROPERTIES = frozenset(name for cls in torch.jit.RecursiveScriptModule.__mro__
+                               for name, value in vars(cls).items() if isinstance(value, property))
+
+
+def _property_members(module: nn.Module) -> set[str]:
+    """The submodules, parameters and buffers of `module` named like a ScriptModule property."""
+    return _SCRIPT_PROPERTIES & {*module._modules.keys(), *module._parameters.keys(), *module._buffers.keys()}
+
+
+def _members_over_properties(module: torch.jit.ScriptModule) -> torch.jit.ScriptModule:
+    """`module`, or a copy in which a member named like a ScriptModule property (a child `code`) is what
+    the name reads: the converter resolves every attribute with getattr, met the property (a string, a
+    Graph) and failed with "'str' object has no attribute '0'"."""
+    if not any(_property_members(child) for child in module.modules()):
+        return module
+    copied = copy.deepcopy(module)
+    for child in copied.modules():
+        names = _property_members(child)
+        if names:
+            own = type(child)
+            child.__class__ = type(own.__name__, (own,),
+                                   {name: property(functools.partial(resolve_path, path=name)) for name in names})
+    return copied
 
 
 def _conversion_failure(module: torch.jit.ScriptModule, example: tuple[torch.Tensor, ...],
                         error: Exception) -> str:
     """Why the converter failed, in user terms. It cannot convert a BN's training branch (whose batch-size
-    check is a loop): when a copy with those BN in eval mode converts, they are named as the cause."""
-    training = [name for name, child in module.named_modules() if bn_kind(child) is not None and child.training]
+    check is a loop): when a copy with those BN in eval mode converts, they are named as the cause. A BN
+    without running statistics always takes that branch, and no mode changes that: it is named beside the
+    converter's error."""
+    bns = [(name, child) for name, child in module.named_modules() if bn_kind(child) is not None]
+    no_statistics = [name for name, child in bns if getattr(child, "running_mean", None) is None]
+    training = [name for name, child in bns if child.training and name not in no_statistics]
     if training:
         in_eval = copy.deepcopy(module)
         for name in training:
@@ -295,7 +325,19 @@ def _conversion_failure(module: torch.jit.ScriptModule, example: tuple[torch.Ten
                     f"{'is' if len(training) == 1 else 'are'} in training mode (the converter cannot convert "
                     "BatchNorm's batch-statistics branch); call .eval() on the model before torch.jit.script "
                     "or torch.jit.save")
-    return f"torch.export cannot convert this TorchScript model ({first_line(error, 200)})"
+    failure = f"torch.export cannot convert this TorchScript model ({first_line(error, 200)})"
+    reserved = sorted(_property_members(module) & _graph_module_attributes())
+    if reserved:
+        one = len(reserved) == 1
+        return (f"{failure}: the model's top-level {', '.join(reserved)} {'is' if one else 'are'} named like an "
+                "attribute of torch.fx.GraphModule, which the converter builds; rename "
+                f"{'it' if one else 'them'} (e.g. {reserved[0]}_) before torch.jit.script")
+    if no_statistics:
+        one = len(no_statistics) == 1
+        return (f"{failure}: {', '.join(no_statistics)} {'has' if one else 'have'} no running statistics "
+                f"(track_running_stats=False), so {'it always normalizes' if one else 'they always normalize'} "
+                "by batch statistics, a BatchNorm branch the converter cannot convert")
+    return failure
 
 
 def _frozen_names(graph_module: fx.GraphModule, script: torch.jit.ScriptModule) -> fx.GraphModule:

@@ -38,7 +38,7 @@ from bnfold.model import Model, ModelFormat
 from bnfold.plan import FoldOptions, FoldPlan
 from bnfold.pytorch.capture import (MODULEWISE, RENAMED, Capture, CaptureFailed, capture_module, capture_program,
                                     capture_script, private_copy, quiet)
-from bnfold.pytorch.fold import GraphFolder
+from bnfold.pytorch.fold import NO_STATS, GraphFolder
 from bnfold.pytorch.modulewise import fold_by_module
 from bnfold.pytorch.model import ExportedProgramModel, ModuleModel, TorchScriptModel, program_module
 from bnfold.pytorch.ops import may_write
@@ -68,8 +68,10 @@ class TorchEngine:
         except CaptureFailed as failure:
             if not isinstance(model, ModuleModel):
                 reason = "not analysed (see above)"  # the failure is the model's, reported once for all layers
-                return FoldPlan([FoldDecision(layer.name, FoldStatus.KEPT, reason=reason) for layer in layers],
-                                failure=str(failure))
+                # a BN without running statistics never folds, analysed or not: it says so as in eager models
+                return FoldPlan([FoldDecision(layer.name, FoldStatus.KEPT,
+                                              reason=reason if layer.track_running_stats else NO_STATS)
+                                 for layer in layers], failure=str(failure))
             capture, found = _fold_by_module(model, options.example_batch, failure)
             build = functools.partial(copy.deepcopy, capture.module)
         decisions = [found.pop(layer.name, None) or FoldDecision(layer.name, FoldStatus.KEPT, reason=NOT_FOUND)
