@@ -16,8 +16,11 @@ import torch.ao.quantization as tq
 import torch.nn.functional as F
 from torch import nn
 
+import bnfold
+from bnfold.errors import NoBatchNormError
 from bnfold.pytorch.discover import missing_statistics
 from bnfold.pytorch.quantization import observers_frozen
+from tests.recalibration_oracle import assert_statistics_match
 
 SHAPE = (16, 3, 8, 8)
 # torch.ao.quantization announces its deprecation, and its default QAT qconfig a reduce_range one
@@ -140,3 +143,111 @@ def test_missing_statistics_names_bn_layers_without_running_statistics_only() ->
     for module in (nn.BatchNorm2d(4), nn.InstanceNorm2d(4), nn.LayerNorm(4), nn.Conv2d(3, 4, 3)):
         assert missing_statistics(module) is None
 
+
+# --------------------------------------------------------------------------------------------------------
+# End to end: recalibrate, inspect --data and fold --data on a QAT model
+# --------------------------------------------------------------------------------------------------------
+
+
+def frozen_exact_statistics(model: nn.Module, data: np.ndarray, batch: int) -> dict[str, tuple[np.ndarray, ...]]:
+    """What exact recalibration must find: each BN in turn gets the float64 mean and unbiased variance of
+    the inputs it sees in eval mode with the observers off, the BN layers before it already updated."""
+    model = copy.deepcopy(model).apply(tq.disable_observer)
+    found = {}
+    for name in ("conv1.bn", "conv2.bn"):
+        bn, seen = model.get_submodule(name), []
+        hook = bn.register_forward_pre_hook(lambda _module, inputs: seen.append(inputs[0].double()))
+        with torch.no_grad():
+            for start in range(0, len(data), batch):
+                model(torch.from_numpy(data[start:start + batch]))
+        hook.remove()
+        values = torch.cat(seen).transpose(0, 1).flatten(1)
+        found[name] = (values.mean(dim=1).numpy(), values.var(dim=1).numpy())
+        with torch.no_grad():
+            bn.running_mean.copy_(torch.from_numpy(found[name][0]))
+            bn.running_var.copy_(torch.from_numpy(found[name][1]))
+    return found
+
+
+@pytest.mark.parametrize("method", ["exact", "fast"])
+def test_recalibrating_a_qat_model_changes_only_its_bn_statistics(method: str) -> None:
+    model = qat_model()
+    before, statistics = all_but_bn_statistics(model), {k: v.clone() for k, v in model.state_dict().items()}
+    report = bnfold.recalibrate(model, shifted_data(), method=method, batch_size=16)
+    assert [layer.name for layer in report.layers] == ["conv1.bn", "conv2.bn"]
+    result = report.result.module
+    assert_same_tensors(all_but_bn_statistics(result), before)  # scales, zero points, min/max and flags
+    assert_same_tensors(model.state_dict(), statistics)  # the caller's model is untouched
+    for name in ("conv1.bn", "conv2.bn"):
+        assert not torch.allclose(result.get_submodule(name).running_mean, statistics[f"{name}.running_mean"])
+    if method == "exact":
+        for name, (mean, var) in frozen_exact_statistics(model, shifted_data(), 16).items():
+            bn = result.get_submodule(name)
+            assert_statistics_match(bn.running_mean.numpy(), bn.running_var.numpy(), mean, var, layer=name)
+
+
+def test_recalibrating_a_qat_checkpoint_writes_its_quantization_as_it_was(tmp_path) -> None:
+    """A model bnfold loads itself is worked on without a copy: the flags must be back before it is written."""
+    model = qat_model()
+    torch.save(model.state_dict(), tmp_path / "qat.pt")
+    bnfold.recalibrate(tmp_path / "qat.pt", shifted_data(), output=tmp_path / "out.pt",
+                       model_factory="tests.test_qat_and_statless:qat_model")
+    written = torch.load(tmp_path / "out.pt")
+    assert_same_tensors(all_but_bn_statistics_of(written), all_but_bn_statistics(model))
+
+
+def test_inspect_with_data_leaves_a_qat_model_as_it_was() -> None:
+    model = qat_model()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    report = bnfold.inspect(model, data=shifted_data())
+    assert set(report.discrepancy) == {"conv1.bn", "conv2.bn"}
+    assert_same_tensors(model.state_dict(), state)
+
+
+def test_fold_verified_on_data_leaves_a_qat_model_as_it_was() -> None:
+    """Nothing folds (QAT's ConvBn computes its weight at run time); the output is the model itself, run
+    twice by verification: with observers learning, the second run differed by 5% and the fold failed."""
+    model = qat_model()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    report = bnfold.fold(model, data=shifted_data())
+    assert report.passed and report.difference.max_abs == 0.0
+    assert_same_tensors(model.state_dict(), state)
+
+
+# --------------------------------------------------------------------------------------------------------
+# BN layers without running statistics
+# --------------------------------------------------------------------------------------------------------
+
+
+class Normalized(nn.Module):
+    """A conv, then `norm`, then (with `also_bn`) a BN that has statistics."""
+
+    def __init__(self, norm: nn.Module, also_bn: bool) -> None:
+        super().__init__()
+        self.conv, self.norm = nn.Conv2d(3, 4, 3), norm
+        self.bn = nn.BatchNorm2d(4) if also_bn else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bn(self.norm(self.conv(x)))
+
+
+WITHOUT_STATISTICS = {
+    "hand-written": (lambda: HandWrittenBatchNorm(4, register=False), "running_mean is None"),
+    "registered None": (lambda: HandWrittenBatchNorm(4, register=True), "running_mean is None"),
+    "track_running_stats=False": (lambda: nn.BatchNorm2d(4, track_running_stats=False), "track_running_stats=False"),
+}
+WHY = "it always normalizes by batch statistics, so there are none to recalibrate"
+
+
+@pytest.mark.parametrize("name", WITHOUT_STATISTICS)
+def test_recalibrate_names_a_bn_without_running_statistics_and_why(name: str) -> None:
+    build, cause = WITHOUT_STATISTICS[name]
+    with pytest.raises(NoBatchNormError) as raised:
+        bnfold.recalibrate(Normalized(build(), also_bn=False).eval(), shifted_data())
+    assert f"(norm: no running statistics ({cause}): {WHY})" in str(raised.value)
+    report = bnfold.recalibrate(Normalized(build(), also_bn=True).eval(), shifted_data())
+    assert [layer.name for layer in report.layers] == ["bn"]
+    assert [(layer.name, layer.reason) for layer in report.skipped] == [
+        ("norm", f"no running statistics ({cause}): {WHY}")]
+    findings = bnfold.inspect(Normalized(build(), also_bn=True).eval()).findings
+    assert ("no-running-stats", "norm") in {(finding.code, finding.layer) for finding in findings}

@@ -42,6 +42,7 @@ from bnfold.pytorch.fold import NO_STATS, GraphFolder
 from bnfold.pytorch.modulewise import fold_by_module
 from bnfold.pytorch.model import ExportedProgramModel, ModuleModel, TorchScriptModel, program_module
 from bnfold.pytorch.ops import may_write
+from bnfold.pytorch.quantization import observers_frozen
 from bnfold.pytorch.streamline import streamline
 from bnfold.verify import random_batches
 
@@ -108,9 +109,9 @@ class TorchEngine:
         return ModelFormat.PICKLE if pickled else ModelFormat.EXPORTED_PROGRAM
 
     def run(self, model: Model, batch: Batch) -> list[np.ndarray]:
-        inputs = _inputs(model, batch)
-        with torch.no_grad():
-            outputs = self._callable(model)(*inputs)
+        inputs, function = _inputs(model, batch), self._callable(model)
+        with torch.no_grad(), observers_frozen(function):  # a QAT model's observers would learn from the batch
+            outputs = function(*inputs)
         return [_numpy(t) for t in pytree.tree_leaves(outputs) if isinstance(t, torch.Tensor)]
 
     def outputs(self, model: Model, batches: Sequence[Batch]) -> list[list[np.ndarray]]:

@@ -55,8 +55,9 @@ from bnfold.model import InputSpec, Model
 from bnfold.pytorch.capture import private_copy
 from bnfold.pytorch.discover import (BN_ATEN_SIGNATURES, attribute_path, bn_kind, describe_module,
                                      constant_input, describe_tensors, discover_exported, discover_module,
-                                     frozen_batch_norms, inlined_graph, resolve_path)
+                                     frozen_batch_norms, inlined_graph, missing_statistics, resolve_path)
 from bnfold.pytorch.model import ExportedProgramModel, ModuleModel, TorchScriptModel, program_module
+from bnfold.pytorch.quantization import observers_frozen
 from bnfold.recalibration import GraphStep, upstream_layers
 from bnfold.stats import ChannelStatistics, Moments, beyond_float32_means
 
@@ -513,7 +514,8 @@ class _TorchRunner(ABC):
     def run_pass(self, batches: Iterable[Batch], observe: Sequence[str],
                  batch_statistics: bool) -> dict[str, ChannelStatistics]:
         statistics = InputStatistics(observe)
-        with torch.no_grad(), self._instrumented(batch_statistics, statistics) as forward:
+        with torch.no_grad(), observers_frozen(self.module), \
+                self._instrumented(batch_statistics, statistics) as forward:
             for batch in batches:
                 tensors = self._tensors(batch)
                 forward(*tensors)
@@ -594,14 +596,14 @@ class ModuleRunner(_TorchRunner):
         self.module = self._working_copy(model.module, copy_model)
         self.bns: dict[str, _BatchNorm] = {}
         for name, child in self.module.named_modules():
-            kind = bn_kind(child)
-            if kind is None:
+            kind, missing = bn_kind(child), missing_statistics(child)
+            if missing is not None:
+                self._skipped[name] = missing
+            elif kind is None:
                 continue
-            if not isinstance(child, _BatchNorm):
+            elif not isinstance(child, _BatchNorm):
                 self._skipped[name] = (f"{kind}: not a torch BatchNorm class, so how it uses its statistics "
                                        "is unknown")
-            elif child.running_mean is None or child.running_var is None or not child.track_running_stats:
-                self._skipped[name] = "no running statistics (track_running_stats=False)"
             else:
                 self.bns[name] = child
         self.functional = self._functional_batch_norms()
@@ -681,7 +683,8 @@ class ModuleRunner(_TorchRunner):
         eval pass over the data: a branch on the input can call other layers batch by batch)."""
         upstream: dict[str, set[str]] = {}
         order: list[str] = []
-        with torch.no_grad(), self._observed(set(self.layer_names), lambda name, _: order.append(name)):
+        with torch.no_grad(), observers_frozen(self.module), \
+                self._observed(set(self.layer_names), lambda name, _: order.append(name)):
             for batch in batches:
                 order.clear()
                 self.module(*self._tensors(batch))
