@@ -7,11 +7,15 @@ _moments = pytest.importorskip("bnfold._moments", reason="bnfold's moments kerne
 
 
 def kernel_moments(values: np.ndarray, threads: int = 1):
+    """Each row's sum and M2, each channel's mean and variance (float64), as the kernel's record has them;
+    the float32 statistics it normalizes by are those, rounded."""
     samples, channels = values.shape[:2]
     positions = int(np.prod(values.shape[2:]))
-    sums, m2 = np.empty((2, samples, channels))
-    mean, var = np.empty((2, channels), dtype=np.float32)
-    _moments.batch_moments(values, samples, channels, positions, sums, m2, mean, var, threads)
+    record, statistics = np.empty(2 * (channels + samples * channels)), np.empty(2 * channels, dtype=np.float32)
+    _moments.batch_moments(values, samples, channels, positions, record, statistics, threads)
+    np.testing.assert_array_equal(statistics, record[:2 * channels].astype(np.float32))
+    mean, var, rows = record[:channels], record[channels:2 * channels], record[2 * channels:]
+    sums, m2 = rows.reshape(2, samples, channels)
     return sums, m2, mean, var
 
 
@@ -35,7 +39,7 @@ def test_row_and_channel_moments_are_those_of_float64(positions, offset):
     # the sums carry float64 rounding of the values' own spread, not of their size
     np.testing.assert_allclose(sums, sums_ref, rtol=1e-12, atol=1e-6 * positions * spread.max())
     np.testing.assert_allclose(m2, m2_ref, rtol=2e-6, atol=1e-12)
-    np.testing.assert_allclose(mean, mean_ref, rtol=1e-7, atol=1e-6 * spread.max())
+    np.testing.assert_allclose(mean, mean_ref, rtol=1e-12, atol=1e-6 * spread.max())
     np.testing.assert_allclose(var, var_ref, rtol=2e-6, atol=1e-12)
 
 
@@ -56,15 +60,13 @@ def test_threads_share_the_rows_and_agree_with_one(threads):
         np.testing.assert_array_equal(one, many)
 
 
-@pytest.mark.parametrize("wrong", ["values", "sums", "mean"])
+@pytest.mark.parametrize("wrong", ["values", "record", "statistics"])
 def test_buffers_of_the_wrong_size_are_refused(wrong):
     values = np.zeros((2, 3, 4), dtype=np.float32)
-    buffers = {"values": values, "sums": np.empty((2, 3)), "m2": np.empty((2, 3)),
-               "mean": np.empty(3, dtype=np.float32), "var": np.empty(3, dtype=np.float32)}
+    buffers = {"values": values, "record": np.empty(2 * (3 + 6)), "statistics": np.empty(6, dtype=np.float32)}
     buffers[wrong] = np.empty(5, dtype=buffers[wrong].dtype)
     with pytest.raises(ValueError, match=wrong):
-        _moments.batch_moments(buffers["values"], 2, 3, 4, buffers["sums"], buffers["m2"], buffers["mean"],
-                               buffers["var"], 1)
+        _moments.batch_moments(buffers["values"], 2, 3, 4, buffers["record"], buffers["statistics"], 1)
 
 
 def test_large_calls_far_from_zero_are_exact_in_one_run():
@@ -109,3 +111,39 @@ def test_a_recalibration_without_the_kernel_says_so_and_agrees_with_it(monkeypat
         kernel_bn, torch_bn = (report.result.module.get_submodule(name) for report in (with_kernel, without))
         torch.testing.assert_close(kernel_bn.running_mean, torch_bn.running_mean, rtol=1e-6, atol=1e-6)
         torch.testing.assert_close(kernel_bn.running_var, torch_bn.running_var, rtol=1e-5, atol=1e-8)
+
+
+@pytest.mark.parametrize("shape", [(4, 3, 16), (5, 2, 3), (2, 7, 300), (3, 4, 1)])
+@pytest.mark.parametrize("affine", [True, False])
+def test_normalized_output_is_that_of_a_training_mode_batch_norm(shape, affine):
+    """With an output, the kernel also writes the values normalized by the statistics it found, as a BN in
+    training mode does (to float32 rounding of its scale and shift); the statistics do not change."""
+    generator = np.random.default_rng(sum(shape))
+    samples, channels, positions = shape
+    values = (generator.standard_normal(shape) * 3 + 40).astype(np.float32)
+    weight, bias = ((generator.random(channels) + 0.5).astype(np.float32),
+                    generator.standard_normal(channels).astype(np.float32)) if affine else (None, None)
+    alone = np.empty(2 * (channels + samples * channels)), np.empty(2 * channels, dtype=np.float32)
+    normalizing = np.empty(2 * (channels + samples * channels)), np.empty(2 * channels, dtype=np.float32)
+    output = np.full_like(values, np.nan)
+    _moments.batch_moments(values, samples, channels, positions, *alone, 1)
+    _moments.batch_moments(values, samples, channels, positions, *normalizing, 1, output, weight, bias, 1e-3)
+    for one, other in zip(alone, normalizing):
+        np.testing.assert_array_equal(one, other)
+    exact = values.astype(np.float64)
+    mean, var = exact.mean(axis=(0, 2), keepdims=True), exact.var(axis=(0, 2), keepdims=True)
+    scale = (1.0 if weight is None else weight[None, :, None]) / np.sqrt(var + 1e-3)
+    expected = (exact - mean) * scale + (0.0 if bias is None else bias[None, :, None])
+    # y = x * scale + shift in float32: rounding of the order of |x * scale|, not of |y|
+    np.testing.assert_allclose(output, expected, rtol=0, atol=8 * np.finfo(np.float32).eps * np.abs(exact * scale).max())
+
+
+@pytest.mark.parametrize("wrong", ["output", "weight", "bias"])
+def test_normalizing_buffers_of_the_wrong_size_are_refused(wrong):
+    values = np.zeros((2, 3, 4), dtype=np.float32)
+    buffers = {"output": np.empty_like(values), "weight": np.ones(3, dtype=np.float32),
+               "bias": np.zeros(3, dtype=np.float32)}
+    buffers[wrong] = np.empty(5, dtype=np.float32)
+    with pytest.raises(ValueError, match=wrong):
+        _moments.batch_moments(values, 2, 3, 4, np.empty(18), np.empty(6, dtype=np.float32), 1, buffers["output"],
+                               buffers["weight"], buffers["bias"], 1e-5)

@@ -600,7 +600,8 @@ def test_a_layer_needing_more_care_reruns_its_batch_once_and_stays_careful(torch
             statistics.normalize("plain", dead, None, None, 1e-8)  # a variance of 0 is exact when eps is tiny
             if statistics.end_batch():
                 break
-    assert runs == 4  # the first batch once more, for both layers at once
+    # torch's BN kernels: the first batch once more, for both layers at once; the moments kernel needs no care
+    assert runs == (3 if torch_reduction == "native" else 4)
     result = statistics.result()
     assert result["dead"].batches == result["offset"].batches == 3
     np.testing.assert_array_equal(result["dead"].variance()[:2], 0.0)

@@ -130,8 +130,11 @@ def test_layers_flagged_in_later_batches_keep_every_batch_exact(torch_reduction,
         observed_batch(statistics, "", run)
         for name, batch in (("late", late), ("both", both), ("plain", plain)):
             seen[name].append(batch)
-    assert statistics._careful >= {"late", "both"} and "plain" not in statistics._careful | statistics._direct
-    assert runs == 7  # batches 2 and 3 once more
+    if torch_reduction == "native":  # the moments kernel is exact at any offset: nothing needs care
+        assert not statistics._careful | statistics._direct and runs == 5
+    else:
+        assert statistics._careful >= {"late", "both"} and "plain" not in statistics._careful | statistics._direct
+        assert runs == 7  # batches 2 and 3 once more
     result = statistics.result()
     for name, batches in seen.items():
         mean, variance = float64_moments(batches)

@@ -20,11 +20,10 @@ One runner per kind of torch object, because each is instrumented differently:
   into a function that runs on the module's own attributes.
 
 Every runner hands each BN call to one `InputStatistics`, which reduces it on its device (bnfold's moments
-kernel for float32 on the CPU, else torch's own BN kernels for small calls and vectorized passes per
-sample for large ones), takes each batch's results to the host as one array and merges them into
-`bnfold.stats.ChannelStatistics` in float64, many batches at a time (a per-call merge of small arrays
-would cost more than the reduction). Where the fast method normalizes a small call by its batch, that is
-one training-mode BN call, which hands back the statistics it normalized by.
+kernel for float32 on the CPU, which also normalizes where the fast method normalizes by the batch; else
+torch's own BN kernels for small calls and vectorized passes per sample for large ones), takes each
+batch's results to the host as one array and merges them into `bnfold.stats.ChannelStatistics` in
+float64, many batches at a time (a per-call merge of small arrays would cost more than the reduction).
 """
 
 from __future__ import annotations
@@ -118,27 +117,30 @@ _VECTORIZED_VALUES = 1 << 16
 
 
 class Observation(NamedTuple):
-    """One call of a BN, reduced on its device: per channel the batch's `mean` and `spread`, and each
-    sample's sum (N, C) over its `positions` values, whose spread gives the standard error.
+    """One call of a BN, reduced on its device, as flat `pieces` in the order `_Call` reads them back: per
+    channel the batch's mean and spread, and each sample's sum (N, C) over its `positions` values, whose
+    spread gives the standard error; with `m2`, each sample's sum of squared deviations from its own mean
+    (N, C) too.
 
-    `spread` is the population variance, or, when `eps` is set, what a training-mode BN hands back
-    instead: 1 / sqrt(variance + eps). When `sample_m2` is set (each sample's sum of squared deviations
-    from its own mean per channel), the statistics come from the per-sample sums and M2 instead, and
-    `mean` and `spread` only serve to check the batch, unless the reduction was `exact` at any offset.
+    The spread is the population variance, or, when `eps` is set, what a training-mode BN hands back
+    instead: 1 / sqrt(variance + eps). With `m2` the statistics come from the per-sample sums and M2, and
+    the mean and spread only serve to check the batch, unless the reduction was `exact` at any offset.
+    The moments kernel's observation is one host array (its record, in an `_Arena`); others are tensors.
     """
 
-    mean: torch.Tensor
-    spread: torch.Tensor
-    sample_sums: torch.Tensor
+    pieces: list[torch.Tensor | np.ndarray]
+    samples: int
+    channels: int
     positions: int
     eps: float | None = None
-    sample_m2: torch.Tensor | None = None
+    m2: bool = False
     exact: bool = False
 
-    def pieces(self) -> list[torch.Tensor]:
-        """Its tensors, flat, in the order `_Call` reads them back."""
-        m2 = [self.sample_m2.reshape(-1)] if self.sample_m2 is not None else []
-        return [self.mean, self.spread, self.sample_sums.reshape(-1), *m2]
+    @classmethod
+    def of(cls, mean: torch.Tensor, spread: torch.Tensor, sample_sums: torch.Tensor, positions: int,
+           eps: float | None = None, sample_m2: torch.Tensor | None = None) -> "Observation":
+        m2 = [sample_m2.reshape(-1)] if sample_m2 is not None else []
+        return cls([mean, spread, sample_sums.reshape(-1), *m2], *sample_sums.shape, positions, eps, bool(m2))
 
 
 class _Call(NamedTuple):
@@ -206,41 +208,43 @@ class _BatchLayout:
 
 class _Arena:
     """Room for results that live a while (a batch's kernel outputs, kept batches until they merge), taken
-    piece by piece from blocks that stay, and given back all at once. Small tensors that outlive the
+    piece by piece from host blocks that stay, and given back all at once. Small arrays that outlive the
     activations freed around them fragment glibc's heap: allocated afresh, they made the wide CNN's fast
-    recalibration peak at 70 or 240 MiB from one process to the next."""
+    recalibration peak at 70 or 240 MiB from one process to the next. Numpy, not torch: a slice costs a
+    tenth of a tensor view, and a small BN call is a few microseconds."""
 
     def __init__(self, smallest: int = 1 << 12) -> None:
         self.smallest = smallest  # elements in a block at least
-        self._blocks: dict[torch.dtype, torch.Tensor] = {}
-        self._used: dict[torch.dtype, int] = {}
+        self._blocks: dict[type, np.ndarray] = {}
+        self._used: dict[type, int] = {}
 
-    def take(self, dtype: torch.dtype, *shape: int) -> torch.Tensor:
-        room = self._room(dtype, math.prod(shape))
-        self._used[dtype] = self._used.get(dtype, 0) + room.numel()
-        return room.view(shape)
+    def take(self, dtype: type, size: int) -> np.ndarray:
+        """`size` elements of `dtype` (a numpy scalar type), flat, until `clear`."""
+        room = self._room(dtype, size)
+        self._used[dtype] = self._used.get(dtype, 0) + size
+        return room
 
-    def write(self, pieces: list[torch.Tensor], make_room: Callable[[], None]) -> np.ndarray:
+    def write(self, pieces: list[np.ndarray], make_room: Callable[[], None]) -> np.ndarray:
         """The pieces, concatenated in float64 into room not yet kept (`make_room` first if there is none
         left: it must let go of what was kept); the room is reused until `keep`."""
-        size = sum(piece.numel() for piece in pieces)
-        block, used = self._blocks.get(torch.float64), self._used.get(torch.float64, 0)
-        if block is not None and used + size > block.numel() and used:
+        size = sum(piece.size for piece in pieces)
+        block, used = self._blocks.get(np.float64), self._used.get(np.float64, 0)
+        if block is not None and used + size > block.size and used:
             make_room()
-        return torch.cat(pieces, out=self._room(torch.float64, size)).numpy()
+        return np.concatenate(pieces, out=self._room(np.float64, size))
 
-    def _room(self, dtype: torch.dtype, size: int) -> torch.Tensor:
+    def _room(self, dtype: type, size: int) -> np.ndarray:
         """`size` elements after those taken, in a block grown for good if need be (views of the old
         block stay valid)."""
         used, block = self._used.get(dtype, 0), self._blocks.get(dtype)
-        if block is None or used + size > block.numel():
-            block = self._blocks[dtype] = torch.empty(max(2 * (used + size), self.smallest), dtype=dtype)
+        if block is None or used + size > block.size:
+            block = self._blocks[dtype] = np.empty(max(2 * (used + size), self.smallest), dtype=dtype)
             self._used[dtype] = used = 0
         return block[used:used + size]
 
     def keep(self, flat: np.ndarray) -> None:
         """Keep what `write` returned last, until `clear`."""
-        self._used[torch.float64] = self._used.get(torch.float64, 0) + flat.size
+        self._used[np.float64] = self._used.get(np.float64, 0) + flat.size
 
     def clear(self) -> None:
         self._used.clear()
@@ -251,16 +255,18 @@ class InputStatistics:
 
     Every BN call is reduced on its device, in one of four ways, each exact at any offset:
 
-    - small calls (up to `_VECTORIZED_VALUES` values) that the fast method normalizes by their batch
-      (`normalize`): one training-mode call of torch's BN kernel, which reduces a contiguous input in two
+    - contiguous float32 calls on the CPU with several values per sample: bnfold's moments kernel
+      (`bnfold/_moments.c`), which reads the values once for each sample's sum and M2 and the batch's
+      mean and variance, in float64, and, where the fast method normalizes by the batch (`normalize`),
+      writes the normalized values in the same call (3 to 10 times faster than the vectorized passes
+      below on large inputs; on small ones a call costs little more than an eval-mode BN's). Its
+      results go straight into a host arena, laid out as a batch keeps them. Where the kernel was not
+      built (no C compiler at install), the next three ways.
+    - other small calls (up to `_VECTORIZED_VALUES` values) that the fast method normalizes by their
+      batch: one training-mode call of torch's BN kernel, which reduces a contiguous input in two
       passes with double accumulators on the CPU (Welford's update on CUDA) and hands back the
       statistics it normalized by. Few operations.
-    - other contiguous float32 calls on the CPU with several values per sample: bnfold's moments kernel
-      (`bnfold/_moments.c`), which reads the values once for each sample's sum and M2 and the batch's
-      mean and variance, in float64 (3 to 10 times faster than the vectorized passes below on large
-      inputs); where the fast method normalizes by the batch, one eval-mode BN call with those
-      statistics follows. Where the kernel was not built (no C compiler at install), the next two ways.
-    - other small calls: `torch.batch_norm_update_stats`, the same kernel as the first way.
+    - other small calls: `torch.batch_norm_update_stats`, the same kernel as the second way.
     - other larger calls: each sample's sums, then the norm of its deviations from its own mean, in
       vectorized float32 passes (a sum, a subtraction written out, a norm), several times faster per
       value than torch's BN kernels' scalar loops.
@@ -288,11 +294,16 @@ class InputStatistics:
         self._pending_bytes = 0
         self._deviations: torch.Tensor | None = None  # see `_scratch`
         self._arena = _Arena()  # the moments kernel's outputs, see `_Arena`
+        self._threads = torch.get_num_threads()  # the moments kernel's
         self._kept_batches = _Arena(2 * _PENDING_BYTES // 8)  # the pending batches' flat arrays (CPU, float64)
 
     def normalize(self, layer: str, inputs: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
                   eps: float) -> torch.Tensor:
         """`inputs` normalized by their own batch's statistics, as a BN in training mode does; recorded."""
+        if _read_once(inputs) and not self._singled_out(layer) and (parameters := _kernel_parameters(weight, bias)):
+            output = torch.empty_like(inputs)  # the moments kernel reads the values once and normalizes them
+            self._kernel_moments(layer, inputs.detach(), output.numpy(), *parameters, eps)
+            return output
         if self._singled_out(layer) or not _plain(inputs) or _large(inputs):
             # float16/bfloat16 inputs are normalized with float32 statistics and parameters: a float16
             # variance overflows past 65,504, and float32 BN layers in a float16 model take no float16 ones
@@ -302,7 +313,7 @@ class InputStatistics:
             return F.batch_norm(inputs, mean, var, weight, bias, False, 0.0, eps)
         _check_dims(inputs)
         output, mean, invstd = torch.native_batch_norm(inputs, weight, bias, None, None, True, 0.0, eps)
-        self._record(layer, Observation(mean, invstd, _sample_sums(inputs), _positions(inputs), eps))
+        self._record(layer, Observation.of(mean, invstd, _sample_sums(inputs), _positions(inputs), eps))
         return output
 
     def observe(self, layer: str, inputs: torch.Tensor,
@@ -311,10 +322,11 @@ class InputStatistics:
         _check_dims(inputs)
         values = inputs.detach()
         dtype = dtype or inputs.dtype
-        reduce = (self._kernel_moments if _read_once(values)
-                  else self._centered if _plain(values) and _large(values) else None)
-        if reduce is not None and not self._singled_out(layer):
-            mean, var = reduce(layer, values)
+        if _read_once(values) and not self._singled_out(layer):
+            mean, var = torch.from_numpy(self._kernel_moments(layer, values)).view(2, -1)
+            return mean.to(dtype), var.to(dtype)
+        if _plain(values) and _large(values) and not self._singled_out(layer):
+            mean, var = self._centered(layer, values)
             return mean.to(dtype), var.to(dtype)
         values = values.contiguous()  # torch reduces channels-last inputs in float32: not exact
         if layer in self._careful:
@@ -322,23 +334,25 @@ class InputStatistics:
         elif values.dtype not in _EXACT_DTYPES:
             values = values.float()
         mean, var = torch.batch_norm_update_stats(values, None, None, 0.0)
-        self._record(layer, Observation(mean, var, _sample_sums(values), _positions(values)))
+        self._record(layer, Observation.of(mean, var, _sample_sums(values), _positions(values)))
         return mean.to(dtype), var.to(dtype)
 
     def _singled_out(self, layer: str) -> bool:
         """Whether a check singled the layer out for `batch_norm_update_stats` (see the class)."""
         return layer in self._direct or layer in self._careful
 
-    def _kernel_moments(self, layer: str, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """One read by the moments kernel: each sample's sum and M2, the batch's mean and variance."""
+    def _kernel_moments(self, layer: str, values: torch.Tensor, *normalized: Any) -> np.ndarray:
+        """One read by the moments kernel: each sample's sum and M2, the batch's mean and variance (float32,
+        returned: the means, then the variances). With `normalized` (output, weight, bias, eps), the
+        values normalized by them too, as an eval-mode BN with those statistics."""
         samples, channels = values.shape[:2]
-        positions = _positions(values)
-        sums, m2 = self._arena.take(torch.float64, 2, samples, channels)
-        mean, var = self._arena.take(torch.float32, 2, channels)
-        _moments.batch_moments(values.numpy(), samples, channels, positions, sums.numpy(), m2.numpy(),
-                               mean.numpy(), var.numpy(), torch.get_num_threads())
-        self._record(layer, Observation(mean, var, sums, positions, sample_m2=m2, exact=True))
-        return mean, var
+        rows = samples * channels
+        positions = values.numel() // rows
+        record, statistics = self._arena.take(np.float64, 2 * (channels + rows)), self._arena.take(np.float32, 2 * channels)
+        _moments.batch_moments(values.numpy(), samples, channels, positions, record, statistics, self._threads,
+                               *normalized)
+        self._record(layer, Observation([record], samples, channels, positions, m2=True, exact=True))
+        return statistics
 
     def _centered(self, layer: str, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Two vectorized passes per sample: its sums, then the norm of its deviations from its mean."""
@@ -351,7 +365,7 @@ class InputStatistics:
         mean = sample_means.mean(dim=0)
         between = (sample_means - mean).square_().sum(dim=0)  # Chan's update, summed over the samples
         var = m2.sum(dim=0).add_(between, alpha=positions).div_(values.shape[0] * positions)
-        self._record(layer, Observation(mean, var, sums, positions, sample_m2=m2))
+        self._record(layer, Observation.of(mean, var, sums, positions, sample_m2=m2))
         return mean, var
 
     def _scratch(self, values: torch.Tensor) -> torch.Tensor:
@@ -371,10 +385,11 @@ class InputStatistics:
         if not self._batch:
             return True
         layout = self._layout()
-        pieces = [piece for _, observation in self._batch for piece in observation.pieces()]
+        pieces = [piece for _, observation in self._batch for piece in observation.pieces]
         self._batch.clear()
-        on_host = all(piece.device.type == "cpu" for piece in pieces)
-        flat = self._kept_batches.write(pieces, self._merge_pending) if on_host else torch.cat(pieces).numpy(force=True)
+        on_host = all(isinstance(piece, np.ndarray) or piece.device.type == "cpu" for piece in pieces)
+        flat = (self._kept_batches.write([_host(piece) for piece in pieces], self._merge_pending) if on_host
+                else torch.cat(pieces).numpy(force=True))
         self._arena.clear()
         direct, careful = layout.needing_care(flat)
         if direct or careful:
@@ -392,7 +407,7 @@ class InputStatistics:
     def _layout(self) -> _BatchLayout:
         """The layout of this batch's calls, made once per pattern of calls."""
         key = tuple((layer, layer in self._careful or observation.exact, observation.positions, observation.eps,
-                     observation.sample_m2 is not None, *observation.sample_sums.shape)
+                     observation.m2, observation.samples, observation.channels)
                     for layer, observation in self._batch)
         layout = self._layouts.get(key)
         if layout is None:
@@ -444,6 +459,22 @@ def _pooled(calls: list[tuple[_Call, np.ndarray]]) -> tuple[Moments, Moments]:
 def _invstd_variance(invstd: np.ndarray, eps: np.ndarray | float) -> np.ndarray:
     """The population variance behind a training-mode BN's 1 / sqrt(variance + eps), in float64."""
     return 1.0 / np.square(invstd.astype(np.float64)) - eps
+
+
+def _host(piece: torch.Tensor | np.ndarray) -> np.ndarray:
+    return piece if isinstance(piece, np.ndarray) else piece.numpy()
+
+
+def _kernel_parameters(weight: torch.Tensor | None, bias: torch.Tensor | None) -> tuple[np.ndarray | None, ...] | None:
+    """The BN's weight and bias as the moments kernel takes them (float32 arrays, or None for 1 and 0);
+    None if it cannot (another dtype or device: torch's eval-mode BN converts them)."""
+    parameters = []
+    for parameter in (weight, bias):
+        if parameter is not None and (parameter.dtype != torch.float32 or parameter.device.type != "cpu"
+                                      or not parameter.is_contiguous()):
+            return None
+        parameters.append(None if parameter is None else parameter.detach().numpy())
+    return tuple(parameters)
 
 
 def _plain(inputs: torch.Tensor) -> bool:
