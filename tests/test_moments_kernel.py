@@ -135,7 +135,8 @@ def test_normalized_output_is_that_of_a_training_mode_batch_norm(shape, affine):
     scale = (1.0 if weight is None else weight[None, :, None]) / np.sqrt(var + 1e-3)
     expected = (exact - mean) * scale + (0.0 if bias is None else bias[None, :, None])
     # y = x * scale + shift in float32: rounding of the order of |x * scale|, not of |y|
-    np.testing.assert_allclose(output, expected, rtol=0, atol=8 * np.finfo(np.float32).eps * np.abs(exact * scale).max())
+    rounding = 8 * np.finfo(np.float32).eps * np.abs(exact * scale).max()
+    np.testing.assert_allclose(output, expected, rtol=0, atol=rounding)
 
 
 @pytest.mark.parametrize("wrong", ["output", "weight", "bias"])

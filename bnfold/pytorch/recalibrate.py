@@ -348,7 +348,8 @@ class InputStatistics:
         samples, channels = values.shape[:2]
         rows = samples * channels
         positions = values.numel() // rows
-        record, statistics = self._arena.take(np.float64, 2 * (channels + rows)), self._arena.take(np.float32, 2 * channels)
+        record = self._arena.take(np.float64, 2 * (channels + rows))
+        statistics = self._arena.take(np.float32, 2 * channels)
         _moments.batch_moments(values.numpy(), samples, channels, positions, record, statistics, self._threads,
                                *normalized)
         self._record(layer, Observation([record], samples, channels, positions, m2=True, exact=True))
