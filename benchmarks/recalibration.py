@@ -6,13 +6,15 @@ here), so the ratio is the price of observing the BN inputs and of the extra pas
 data, every pass, writing the statistics into the copy), interleaved with inference. Inference and the
 fast method also run on twice the data: the time the second half adds is their steady-state throughput,
 and what the first call costs beyond it is the fixed cost of one call (copies, instrumentation, a fresh
-onnxruntime session). Peak memory is measured in a fresh process per method: the resident-set high-water
-mark (Linux VmHWM, reset just before the call) minus the resident set before it.
+onnxruntime session). Timings run on a settled heap (`settle_heap`). Peak memory is measured in a fresh
+process per method, with glibc's defaults: the resident-set high-water mark (Linux VmHWM, reset just
+before the call) minus the resident set before it.
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import statistics
 import subprocess
@@ -92,6 +94,21 @@ def _calls(model, data: np.ndarray, samples: int) -> dict:
             DOUBLED["fast"]: lambda: recalibrate("fast", len(data))}
 
 
+def settle_heap() -> None:
+    """Serve activations from heap pages that stay, as glibc's malloc settles after a warm-up (its mmap
+    threshold rises to the largest block freed, up to 32 MB, and its trim threshold to twice that).
+    Left to settle by itself, it settled differently from one process to the next on this virtual
+    machine, where a fresh page costs microseconds: the MobileNet's inference over the same 1,024
+    samples took 0.26 s in one process and 0.7 s in the next, and a ratio moved by up to 0.5. For the rest
+    of the process: glibc has no way back to its dynamic thresholds (later sections run settled too)."""
+    try:
+        libc = ctypes.CDLL(None)
+        libc.mallopt(-3, 32 << 20)  # M_MMAP_THRESHOLD
+        libc.mallopt(-1, 64 << 20)  # M_TRIM_THRESHOLD
+    except (OSError, AttributeError):  # not glibc
+        pass
+
+
 def _rss_kib(field: str) -> int:
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith(field + ":"):
@@ -119,6 +136,7 @@ def _measure_in_child(name: str, framework: str, method: str, samples: int) -> f
 
 def run(quick: bool = False) -> dict:
     results, samples = {}, QUICK_SAMPLES if quick else SAMPLES
+    settle_heap()
     with tempfile.TemporaryDirectory(prefix="bnfold-recal-") as folder:
         for name in MODELS:
             for framework in ("torch", "onnx"):
