@@ -120,7 +120,7 @@ static inline __attribute__((always_inline)) void row_moments(const float *base,
    evicted each other from the cache (1.6 times slower than an eval-mode BN on 32x64x32x32). Vectorized
    as a whole, the lanes inlined: a call per row through the clones' dispatch cost as much as a short row. */
 VECTORIZED static void *channel_moments(void *arg) {
-    const Share *share = (const Share *)arg;
+    Share *share = (Share *)arg;
     const Call *call = share->call;
     int64_t samples = call->samples, channels = call->channels, positions = call->positions;
     int64_t group = positions <= SHORT_ROW ? GROUP : 1; /* long rows one at a time, each in the cache for its M2 */
