@@ -103,6 +103,8 @@ def _device(name: str) -> torch.device:
     return device
 
 
+NO_KERNEL_NOTE = ("bnfold's moments kernel was not built (no C compiler when bnfold was installed): BN inputs "
+                  "are reduced and normalized by torch's slower kernels and passes instead, to the same statistics")
 # Kept batches wait on the host until they take this many bytes, then merge into the float64
 # statistics in bulk: few merges per pass, and memory far below one batch's activations.
 _PENDING_BYTES = 4 << 20
@@ -532,8 +534,7 @@ class _TorchRunner(ABC):
         self.device = device
         self.notes: list[str] = []
         if _moments is None and device.type == "cpu":
-            self.notes.append("bnfold's moments kernel was not built (no C compiler when bnfold was installed): "
-                              "large BN inputs are reduced by torch's slower passes instead, to the same statistics")
+            self.notes.append(NO_KERNEL_NOTE)
         self._skipped: dict[str, str] = {}
         self.float_dtype = torch.float32
 
