@@ -23,10 +23,15 @@ def is_training_mode(node: onnx.NodeProto, opset: int) -> bool:
     return False
 
 
+def spatial_zero(node: onnx.NodeProto, opset: int) -> bool:
+    """spatial=0 before opset 9: statistics per activation, (C, *spatial), whatever the input's rank."""
+    return opset < 9 and attribute(node, "spatial", 1) == 0
+
+
 def per_activation(node: onnx.NodeProto, opset: int, input_rank: int | None) -> bool:
     """spatial=0 before opset 9 keeps statistics per activation, (C, *spatial): per channel only on an
     (N, C) input, so an input of any other rank, or of unknown rank, is treated as per activation."""
-    return opset < 9 and attribute(node, "spatial", 1) == 0 and input_rank != 2
+    return spatial_zero(node, opset) and input_rank != 2
 
 
 def used_optional_outputs(node: onnx.NodeProto, index: GraphIndex) -> list[str]:
@@ -66,8 +71,6 @@ def describe_bn(node: onnx.NodeProto, index: GraphIndex, opset: int, constants: 
     runtime_params = [name for name in node.input[1:] if name and constants.value(name) is None]
     if runtime_params:
         extra["runtime_params"] = runtime_params
-    if opset < 9 and attribute(node, "spatial", 1) == 0:
-        extra["per_activation"] = True
     stats_known = mean is not None and var is not None
     return BNLayer(
         name=node_label(node, index.path),
@@ -113,18 +116,22 @@ def declared_channels(node: onnx.NodeProto, facts: ValueFacts, per_activation: b
 
 
 def discover(model: onnx.ModelProto, opset: int) -> list[BNLayer]:
-    """Every BN node in the model, main graph first, then subgraphs."""
+    """Every BN node in the model, main graph first, then subgraphs. A spatial=0 BN is marked
+    per activation by the rule fold planning applies, on the input rank shape inference gives it."""
     layers: list[BNLayer] = []
     scopes: dict[str, Constants] = {}
-    facts: ValueFacts | None = None  # shape inference, only for the rare BN without constant parameters
+    facts: ValueFacts | None = None  # shape inference, only for a spatial=0 BN or one without constant parameters
     for index in walk_graphs(model.graph):
         parent = scopes[index.parent] if index.parent is not None else None
         constants = scopes[index.path] = Constants(index, list(model.opset_import), strict_inputs=False, parent=parent)
         for node in index.graph.node:
             if node.op_type == BN_OP and node.domain in DEFAULT_DOMAINS:
                 layer = describe_bn(node, index, opset, constants)
-                if layer.channels is None:
+                if spatial_zero(node, opset) or layer.channels is None:
                     facts = infer_facts(model) if facts is None else facts
+                if per_activation(node, opset, facts.rank(node.input[0]) if facts is not None else None):
+                    layer.extra["per_activation"] = True
+                if layer.channels is None:
                     layer.channels = declared_channels(node, facts, bool(layer.extra.get("per_activation")))
                 layers.append(layer)
     return layers

@@ -40,7 +40,7 @@ from bnfold.errors import InputError, UsageError, first_line
 from bnfold.foldmath import round_to
 from bnfold.layers import BNLayer
 from bnfold.model import InputSpec
-from bnfold.onnx.discover import discover, is_training_mode, per_activation, used_optional_outputs
+from bnfold.onnx.discover import discover, is_training_mode, used_optional_outputs
 from bnfold.onnx.graph import (BN_OP, DEFAULT_DOMAINS, GraphIndex, delete_where, needed_nodes,
                                node_label, opset_version)
 from bnfold.onnx.model import OnnxModel
@@ -81,6 +81,8 @@ class OnnxStatisticsRunner:
         self._input_types = None
         self._dtypes: dict[str, np.dtype] = {}
         self._ranks: dict[str, int | None] = {}  # traced so far (see `traced_rank`)
+        self._discovered = discover(self.proto, self.opset)
+        self._per_activation = {layer.name for layer in self._discovered if layer.extra.get("per_activation")}
         for node in self.proto.graph.node:
             if node.op_type == BN_OP and node.domain in DEFAULT_DOMAINS:
                 reason = self._unusable(node)
@@ -88,7 +90,6 @@ class OnnxStatisticsRunner:
                     self._skipped[node_label(node)] = reason
                 else:
                     self.nodes[node_label(node)] = node
-        self._discovered = discover(self.proto, self.opset)
         for layer in self._discovered:
             if layer.name not in self.nodes and layer.name not in self._skipped:
                 self._skipped[layer.name] = "inside a subgraph (If/Loop/Scan), which bnfold cannot observe"
@@ -98,7 +99,7 @@ class OnnxStatisticsRunner:
             return "its running statistics are not constants in the file (computed or fed at run time)"
         if is_training_mode(node, self.opset) or used_optional_outputs(node, self.index):
             return "runs in training mode: it normalizes by batch statistics and ignores the stored ones"
-        if per_activation(node, self.opset, traced_rank(self.index, node.input[0], self._ranks)):
+        if node_label(node) in self._per_activation:  # as discovery, inspect and fold judge it
             return "spatial=0: it keeps statistics per activation, and bnfold recalibrates per-channel statistics"
         return None
 
