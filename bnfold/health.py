@@ -33,7 +33,8 @@ def check_layer(layer: BNLayer) -> list[Finding]:
             add(Finding("training-mode", Severity.ERROR, "BN runs in training mode in the exported graph: "
                         "it normalizes with each batch's statistics, so outputs depend on the batch",
                         name, "re-export the model in eval mode (model.eval()) or run bnfold fold"))
-        else:
+        elif layer.track_running_stats and layer.has_running_stats:
+            # one without statistics normalizes by its batch in either mode, as no-running-stats says
             add(Finding("training-mode", Severity.WARNING, "module was saved in training mode; "
                         "bnfold evaluates it in eval mode", name, "call model.eval() before saving"))
     if layer.extra.get("hidden_call"):

@@ -42,7 +42,7 @@ from bnfold.pytorch.fold import NO_STATS, GraphFolder
 from bnfold.pytorch.modulewise import fold_by_module
 from bnfold.pytorch.model import ExportedProgramModel, ModuleModel, TorchScriptModel, program_module
 from bnfold.pytorch.ops import may_write
-from bnfold.pytorch.quantization import observers_frozen
+from bnfold.pytorch.quantization import disable_observers, holds_quantizers, observers_frozen
 from bnfold.pytorch.streamline import streamline
 from bnfold.verify import random_batches
 
@@ -119,6 +119,10 @@ class TorchEngine:
 
     def prepare(self, model: Model, batch: Batch, mode: str = modes[0]) -> Callable[[], object]:
         inputs, function = _inputs(model, batch), self._callable(model)
+        if holds_quantizers(function):  # timed thousands of times: too often to freeze and restore each call
+            with quiet():  # deepcopy of a program's module warns of torch's own pytree deprecation
+                function = private_copy(function)
+            disable_observers(function)
 
         def forward() -> object:
             with torch.inference_mode():
