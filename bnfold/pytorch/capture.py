@@ -11,13 +11,16 @@ and TorchScript (converted with torch.export) are aten-level already. `bnfold.py
 from __future__ import annotations
 
 import copy
+import copyreg
 import functools
 import io
 import logging
 import warnings
+from collections import Counter, OrderedDict
 from collections.abc import Iterator
 from contextlib import contextmanager, redirect_stderr
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import fx, nn
@@ -84,10 +87,70 @@ def _no_check(_input) -> None:
 def private_copy(module: nn.Module, share_tensors: bool = False) -> nn.Module:
     """A copy to trace and fold, which change the modules they work on. With `share_tensors` (models
     bnfold loaded itself) it keeps the original's parameters and buffers: nothing writes into a tensor,
-    and a copy of every weight per capture was most of the PyTorch eager formats' peak memory."""
-    memo = {id(t): t for t in (*module.parameters(), *module.buffers())} if share_tensors else {}
+    and a copy of every weight per capture was most of the PyTorch eager formats' peak memory.
+
+    It is `copy.deepcopy`'s copy, made faster (5 ms to 1 ms on a 39-module ResNet, a twentieth of a
+    recalibration's time on it): plain tensors are cloned directly rather than through
+    `Tensor.__deepcopy__`, and modules that copy by their state are copied attribute by attribute, with
+    their empty bookkeeping dicts made afresh; everything else goes through deepcopy, one memo for all."""
+    if share_tensors:
+        memo: dict[int, Any] = {id(t): t for t in (*module.parameters(), *module.buffers())}
+    else:
+        memo = _plain_tensor_copies(module) if _copied_by_state(type(module)) else {}
     memo.update(_computed_tensors(module))
-    return copy.deepcopy(module, memo)
+    return _module_copy(module, memo)
+
+
+_ATOMIC = (bool, int, float, str, type(None))
+
+
+def _copied_by_state(cls: type) -> bool:
+    """Whether deepcopy copies instances of `cls` by `__getstate__` and `__setstate__` alone."""
+    return (getattr(cls, "__deepcopy__", None) is None and cls.__reduce_ex__ is object.__reduce_ex__
+            and cls.__reduce__ is object.__reduce__ and cls not in copyreg.dispatch_table)
+
+
+def _module_copy(module: nn.Module, memo: dict[int, Any]) -> nn.Module:
+    """`copy.deepcopy(module, memo)`, as deepcopy makes it, for a module copied by its state dict."""
+    if id(module) in memo:
+        return memo[id(module)]
+    cls = type(module)
+    state = module.__getstate__() if _copied_by_state(cls) else None
+    if type(state) is not dict:
+        return copy.deepcopy(module, memo)
+    copied = cls.__new__(cls)
+    memo[id(module)] = copied
+    fresh: dict[str, Any] = {}
+    for name, value in state.items():
+        kind = type(value)
+        if name == "_modules" and kind is dict:
+            fresh[name] = {key: child if child is None else _module_copy(child, memo) for key, child in value.items()}
+        elif kind in _ATOMIC:
+            fresh[name] = value
+        elif kind in (dict, OrderedDict, set) and not value:  # hooks and buffer sets, mostly empty
+            fresh[name] = kind()
+        else:
+            fresh[name] = copy.deepcopy(value, memo)
+    copied.__setstate__(fresh)
+    return copied
+
+
+def _plain_tensor_copies(module: nn.Module) -> dict[int, torch.Tensor]:
+    """Clones of the module's parameters and buffers that deepcopy would copy to the same effect, by the
+    original's id: plain dense leaves without a gradient or attributes of their own, each alone on its
+    storage (deepcopy keeps storages shared; these do not share one)."""
+    tensors = {id(t): t for t in (*module.parameters(), *module.buffers())}.values()
+    storages = Counter(t.untyped_storage().data_ptr() for t in tensors if t.layout == torch.strided)
+    copies: dict[int, torch.Tensor] = {}
+    for tensor in tensors:
+        if (type(tensor) in (torch.Tensor, nn.Parameter) and tensor.layout == torch.strided and tensor.is_leaf
+                and tensor.grad is None and not vars(tensor) and not tensor.is_quantized and not tensor.is_conj()
+                and not tensor.is_neg() and tensor.device.type != "meta"
+                and storages[tensor.untyped_storage().data_ptr()] == 1
+                and (type(tensor) is nn.Parameter or not tensor.requires_grad)):
+            clone = tensor.detach().clone()
+            copies[id(tensor)] = nn.Parameter(clone, tensor.requires_grad) if type(tensor) is nn.Parameter else clone
+    return copies
 
 
 def _computed_tensors(module: nn.Module) -> dict[int, torch.Tensor]:
