@@ -118,3 +118,24 @@ def test_a_bn_without_running_statistics_in_training_mode_gets_no_training_mode_
     codes = {(finding.code, finding.layer) for finding in findings}
     assert ("no-running-stats", "norm") in codes and ("training-mode", "norm") not in codes
     assert ("training-mode", "bn") in codes  # a BatchNorm2d with statistics left in training mode
+
+
+def fused_fake_quantized_model() -> nn.Module:
+    """A fused fake quantizer before a Conv+BN: symbolic tracing takes it whole (a QatNet needs export)."""
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = nn.Sequential(tq.FusedMovingAvgObsFakeQuantize(), nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))
+        model(torch.randn(SHAPE))
+    return model.eval()
+
+
+def test_folding_a_checkpoint_writes_its_quantization_as_it_was(tmp_path) -> None:
+    """bnfold's own model shares its tensors with the capture, whose shape propagation runs the model once."""
+    torch.save(fused_fake_quantized_model().state_dict(), tmp_path / "model.pt")
+    report = bnfold.fold(tmp_path / "model.pt", tmp_path / "folded.pt2", input_shape=",".join(map(str, SHAPE)),
+                         model_factory="tests.test_qat_forms:fused_fake_quantized_model")
+    assert report.passed and [decision.layer for decision in report.folded] == ["2"]
+    written = torch.export.load(tmp_path / "folded.pt2").state_dict
+    expected = fused_fake_quantized_model().state_dict()
+    assert_same_tensors({name: written[name] for name in written if name.startswith("0.")},
+                        {name: expected[name] for name in written if name.startswith("0.")})

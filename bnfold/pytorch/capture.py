@@ -30,6 +30,7 @@ from torch.nn.modules.conv import _ConvNd
 
 from bnfold.errors import first_line
 from bnfold.pytorch.discover import bn_kind, frozen_constant_targets, resolve_path, tensor_key
+from bnfold.pytorch.quantization import observers_frozen
 
 SYMBOLIC = "symbolic tracing"
 EXPORT = "torch.export"
@@ -98,7 +99,20 @@ def private_copy(module: nn.Module, share_tensors: bool = False) -> nn.Module:
     else:
         memo = _plain_tensor_copies(module) if _copied_by_state(type(module)) else {}
     memo.update(_computed_tensors(module))
-    return _module_copy(module, memo)
+    with torch.no_grad():  # a ScriptModule's deepcopy clones its parameters with autograd on: no leaves
+        copied = _module_copy(module, memo)
+    _keep_requires_grad(module, copied)
+    return copied
+
+
+def _keep_requires_grad(original: nn.Module, copied: nn.Module) -> None:
+    """Give the copy's parameters the original's requires_grad, which cloning without autograd drops.
+    With autograd, a scripted model's copy (the model `recalibrate` returns) held non-leaf parameters:
+    torch.optim refuses them, and `Module.to` warned when it read their .grad."""
+    originals = dict(original.named_parameters())
+    for name, parameter in copied.named_parameters():
+        if name in originals:
+            parameter.requires_grad_(originals[name].requires_grad)
 
 
 _ATOMIC = (bool, int, float, str, type(None))
@@ -267,7 +281,9 @@ def capture_module(module: nn.Module, example: tuple[torch.Tensor, ...] | None,
                        note=f"symbolic tracing failed ({first_line(error, 200)}); captured with torch.export instead")
     if example is not None:
         try:
-            with _eval_mode(traced):  # shapes do not depend on the mode; BN statistics must not move
+            # shapes do not depend on the mode; BN statistics and a QAT model's quantization must not move
+            # (with tensors shared, the fold's output holds them)
+            with _eval_mode(traced), observers_frozen(traced):
                 ShapeProp(traced).propagate(*example)
         except Exception as error:  # the trace specialised on something: trust export instead
             program = _export(module, example, share_tensors)
