@@ -14,7 +14,6 @@ before the call) minus the resident set before it.
 from __future__ import annotations
 
 import argparse
-import ctypes
 import json
 import statistics
 import subprocess
@@ -28,6 +27,7 @@ from torch import nn
 
 import bnfold
 from benchmarks.common import REPO, THREADS, set_threads, table
+from bnfold import memory
 from bnfold.benchmark import time_interleaved
 from bnfold.engine import engine_for
 from bnfold.formats import as_model
@@ -101,12 +101,7 @@ def settle_heap() -> None:
     machine, where a fresh page costs microseconds: the MobileNet's inference over the same 1,024
     samples took 0.26 s in one process and 0.7 s in the next, and a ratio moved by up to 0.5. For the rest
     of the process: glibc has no way back to its dynamic thresholds (later sections run settled too)."""
-    try:
-        libc = ctypes.CDLL(None)
-        libc.mallopt(-3, 32 << 20)  # M_MMAP_THRESHOLD
-        libc.mallopt(-1, 64 << 20)  # M_TRIM_THRESHOLD
-    except (OSError, AttributeError):  # not glibc
-        pass
+    memory.map_large_blocks(32 << 20, trim_threshold=64 << 20)
 
 
 def _rss_kib(field: str) -> int:

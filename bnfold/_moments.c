@@ -89,10 +89,11 @@ typedef struct {
     int failed;          /* out of memory */
 } Share;
 
-/* The sums and M2 of `count` rows of channel `c`, the first at `base`, the next `stride` values on, into
-   the record's sums and M2 of samples `first` on. First all their sums, then all their M2: a row's two
-   passes are one chain of dependent additions, and a 4x4 feature map is little else; rows of a group are
-   independent, so the processor overlaps them (24 ns a row of 16 values alone, 14 in groups of 8). */
+/* The sums and M2 of `count` rows of one channel, the first at `base`, the next `stride` values on, into
+   `sums` and `m2`, each row's `channels` entries after the last's. First all their sums, then all their
+   M2: a row's two passes are one chain of dependent additions, and a 4x4 feature map is little else;
+   rows of a group are independent, so the processor overlaps them (24 ns a row of 16 values alone, 14
+   in groups of 8). */
 static inline __attribute__((always_inline)) void row_moments(const float *base, int64_t stride, int64_t positions,
                                                               int64_t count, double *sums, double *m2,
                                                               int64_t channels) {

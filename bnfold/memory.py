@@ -13,16 +13,20 @@ from __future__ import annotations
 import ctypes
 import functools
 
-_M_MMAP_THRESHOLD = -3  # mallopt's parameter number, from glibc's malloc.h
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt's parameter numbers, from glibc's malloc.h
 LARGE_BLOCK = 2**20  # bytes: blocks this large get their own mapping in the CLI
 
 
-def map_large_blocks(threshold: int = LARGE_BLOCK) -> None:
+def map_large_blocks(threshold: int = LARGE_BLOCK, trim_threshold: int | None = None) -> None:
     """Serve blocks of `threshold` bytes and more from their own mappings, unmapped when freed, for the
-    rest of the process. For the CLI's process: a library must not change its host's allocator."""
+    rest of the process; with `trim_threshold`, keep up to that many free bytes atop the heap rather than
+    give them back. For a process of bnfold's own (the CLI's, a benchmark's): a library must not change
+    its host's allocator."""
     libc = _libc()
     if libc is not None:
         libc.mallopt(_M_MMAP_THRESHOLD, threshold)
+        if trim_threshold is not None:
+            libc.mallopt(_M_TRIM_THRESHOLD, trim_threshold)
 
 
 def release() -> None:
