@@ -4,7 +4,8 @@ One runner per kind of torch object, because each is instrumented differently:
 
 - eager `nn.Module` (pickle, state_dict + factory): forward pre-hooks on the BN modules, and
   `F.batch_norm` intercepted where a module that is no BN module calls it on its own buffers; for the
-  fast method, a BN module with torch's own forward gets a forward that normalizes by its batch.
+  fast method, a BN module with torch's own forward gets a forward that normalizes by its batch, and a BN
+  subclass's own forward gets its F.batch_norm call taken over to do the same.
   Dependencies come from a torch.fx trace, which also counts each pass's calls: an exact pass's
   forward stops once they are made (checked on its first batch). A model fx cannot trace is planned
   from one eval pass over the data: each layer comes after every layer called before it, in any batch
@@ -288,6 +289,7 @@ class InputStatistics:
         self._direct: set[str] = set()  # reduced by batch_norm_update_stats
         self._careful: set[str] = set()  # reduced by batch_norm_update_stats in float64
         self._batch: list[tuple[str, Observation]] = []
+        self._rejected = False  # see `reject_batch`
         self._layouts: dict[tuple[Any, ...], _BatchLayout] = {}
         self._statistics: dict[str, ChannelStatistics] = {}
         # kept batches, each one flat host array (in `_kept_batches` on the CPU, never a few blocks per
@@ -382,9 +384,18 @@ class InputStatistics:
     def _record(self, layer: str, observation: Observation) -> None:
         self._batch.append((layer, observation))  # checked even if not observed: it may have normalized
 
+    def reject_batch(self) -> None:
+        """Have `end_batch` discard this batch: an instrumented forward found it must change its way."""
+        self._rejected = True
+
     def end_batch(self) -> bool:
-        """Keep this batch's observations; or, where a layer's need more care (see the class), discard
-        them and return False: the caller runs the batch again."""
+        """Keep this batch's observations; or, where a layer's need more care (see the class) or the batch
+        was rejected, discard them and return False: the caller runs the batch again."""
+        if self._rejected:
+            self._rejected = False
+            self._batch.clear()
+            self._arena.clear()
+            return False
         if not self._batch:
             return True
         layout = self._layout()
@@ -754,10 +765,12 @@ class ModuleRunner(_TorchRunner):
     @contextmanager
     def _instrumented(self, batch_statistics: bool, statistics: InputStatistics) -> Iterator[Callable[..., Any]]:
         """Fast method: a BN module with torch's own forward normalizes by its batch in one training-mode
-        call (its forward replaced for the pass); any other layer gets its batch's statistics written into
-        its running buffers before it runs in eval mode (they are restored after the pass)."""
+        call (its forward replaced for the pass), and so does the F.batch_norm call inside a BN subclass's
+        own forward (`_OwnForwardByBatch`); any other layer gets its batch's statistics written into its
+        running buffers before it runs in eval mode (they are restored after the pass)."""
         layers = set(self.layer_names) if batch_statistics else statistics.observe_layers
         replaced = {name for name in layers if batch_statistics and _torch_forward(self.bns.get(name))}
+        own = {name for name in layers if batch_statistics and _class_forward(self.bns.get(name))} - replaced
 
         # the exact method has a trace (it planned the passes with it): a forward can stop after its layers
         countdown = _Countdown(None if batch_statistics else self._calls_per_forward(layers))
@@ -773,7 +786,10 @@ class ModuleRunner(_TorchRunner):
         pairs = [self._statistics(name) for name in layers - replaced] if batch_statistics else []
         forwards = {self.bns[name]: functools.partial(_normalized_by_batch, statistics, name, self.bns[name])
                     for name in replaced}
-        with _buffers_restored(pairs), _forwards_replaced(forwards), self._observed(layers - replaced, observe_input):
+        forwards |= {self.bns[name]: _OwnForwardByBatch(statistics, name, self.bns[name], observe_input)
+                     for name in own}
+        with _buffers_restored(pairs), _forwards_replaced(forwards), \
+                self._observed(layers - replaced - own, observe_input):
             yield functools.partial(countdown.run, self.module)
 
     def _calls_per_forward(self, layers: set[str]) -> int | None:
@@ -827,9 +843,81 @@ def _torch_forward(bn: nn.Module | None) -> bool:
     return isinstance(bn, _BatchNorm) and type(bn).forward is _BatchNorm.forward and "forward" not in vars(bn)
 
 
+def _class_forward(bn: nn.Module | None) -> bool:
+    """Whether `bn` is a torch BN module running its class's forward (none set on the instance)."""
+    return isinstance(bn, _BatchNorm) and "forward" not in vars(bn)
+
+
 def _normalized_by_batch(statistics: InputStatistics, name: str, bn: _BatchNorm, inputs: torch.Tensor) -> torch.Tensor:
     bn._check_input_dim(inputs)
     return statistics.normalize(name, inputs, bn.weight, bn.bias, bn.eps)
+
+
+class _OwnForwardByBatch:
+    """The fast method's forward for a BN subclass with a forward of its own (timm's BatchNormAct2d): the
+    class's forward runs, and its one eval-mode `F.batch_norm` call on the module's input and statistics
+    normalizes by the batch instead, reduced and normalized in one read (`InputStatistics.normalize`).
+
+    Written into the buffers before the forward, the batch's statistics would cost a second read of the
+    input: 4% of a MobileNet's recalibration. A forward that makes no such call (it calls
+    `torch.batch_norm`, say), or another call on the module's statistics, cannot be taken so: its batch is
+    rejected, and from then on the layer's input is observed and its statistics written into its buffers
+    before the forward runs (`fallback`)."""
+
+    def __init__(self, statistics: InputStatistics, layer: str, bn: _BatchNorm,
+                 fallback: Callable[[str, torch.Tensor], None]) -> None:
+        self.statistics, self.layer, self.bn, self.fallback = statistics, layer, bn, fallback
+        self.fused = True
+
+    def __call__(self, inputs: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        forward = type(self.bn).forward
+        if not self.fused:
+            self.fallback(self.layer, inputs)
+            return forward(self.bn, inputs, *args, **kwargs)
+        call = _TakenBatchNorm(self, inputs)
+        with _batch_norm_replaced(call):
+            output = forward(self.bn, inputs, *args, **kwargs)
+        if not call.taken or call.refused:
+            self.fused = False
+            self.statistics.reject_batch()
+        return output
+
+
+class _TakenBatchNorm:
+    """`F.batch_norm` during one `_OwnForwardByBatch` call: its module's call taken over (see there), any
+    other passed on."""
+
+    def __init__(self, owner: _OwnForwardByBatch, inputs: torch.Tensor) -> None:
+        self.owner, self.inputs = owner, inputs
+        self.original = F.batch_norm
+        self.taken = False
+        self.refused = False  # a call on the module's statistics that cannot be taken
+
+    def __call__(self, input: torch.Tensor, running_mean: torch.Tensor | None, running_var: torch.Tensor | None,
+                 weight: torch.Tensor | None = None, bias: torch.Tensor | None = None, training: bool = False,
+                 momentum: float = 0.1, eps: float = 1e-5) -> torch.Tensor:
+        bn = self.owner.bn
+        if running_mean is bn.running_mean or running_var is bn.running_var:
+            if (self.taken or training or input is not self.inputs or running_mean is not bn.running_mean
+                    or running_var is not bn.running_var):
+                self.refused = True
+            else:
+                self.taken = True
+                return self.owner.statistics.normalize(self.owner.layer, input, weight, bias, eps)
+        return self.original(input, running_mean, running_var, weight, bias, training, momentum, eps)
+
+
+@contextmanager
+def _batch_norm_replaced(replacement: Callable[..., torch.Tensor]) -> Iterator[None]:
+    """`torch.nn.functional.batch_norm` replaced for the duration: what torch's BN modules and their
+    subclasses call. A TorchFunctionMode would see the call too, but sends every tensor operation of the
+    forward through Python: 80 us more per call of a small layer, twice its work."""
+    original = F.batch_norm
+    F.batch_norm = replacement
+    try:
+        yield
+    finally:
+        F.batch_norm = original
 
 
 @contextmanager
