@@ -15,6 +15,10 @@ $(STAMP): pyproject.toml constraints.txt bnfold/_moments.c
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet torch==2.13.0
 	$(PY) -m pip install --quiet -e '.[dev]'
+	@# the moments kernel is an optional extension: pip says nothing when it fails to build
+	@$(PY) -c 'import bnfold._moments' 2>/dev/null || echo "warning: bnfold's moments kernel \
+	(bnfold/_moments.c) was not built, so recalibration runs on torch's slower passes; \
+	'$(PY) -m pip install -v --no-deps -e .' shows why" >&2
 	touch $(STAMP)
 
 install: $(STAMP)
