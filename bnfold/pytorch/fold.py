@@ -880,12 +880,16 @@ def _values(tensor: torch.Tensor | None) -> np.ndarray | None:
 
 
 def _rounded(values: np.ndarray, like: torch.Tensor) -> torch.Tensor:
-    """float64 results rounded once to `like`'s dtype, on its device."""
+    """float64 results rounded once to `like`'s dtype, on its device; laid out in memory as `like` is when
+    they replace it, so a channels_last model's folded conv weights stay channels_last."""
     if like.dtype is torch.bfloat16:
-        bits = foldmath.bfloat16_bits(values)
-        return torch.from_numpy(bits.view(np.int16)).view(torch.bfloat16).to(like.device)
-    dtype = str(like.dtype).removeprefix("torch.")
-    return torch.from_numpy(np.ascontiguousarray(foldmath.round_to(values, dtype))).to(like.device)
+        rounded = torch.from_numpy(foldmath.bfloat16_bits(values).view(np.int16)).view(torch.bfloat16)
+    else:
+        dtype = str(like.dtype).removeprefix("torch.")
+        rounded = torch.from_numpy(np.ascontiguousarray(foldmath.round_to(values, dtype)))
+    if rounded.shape == like.shape:
+        return torch.empty_like(like, requires_grad=False).copy_(rounded)
+    return rounded.to(like.device)
 
 
 def assign_rounded(root: nn.Module, target: str, values: np.ndarray, like: torch.Tensor) -> None:
