@@ -115,6 +115,12 @@ def _keep_requires_grad(original: nn.Module, copied: nn.Module) -> None:
             parameter.requires_grad_(originals[name].requires_grad)
 
 
+def holding(wrapper: nn.Module, model: nn.Module) -> nn.Module:
+    """A copy of `wrapper` (its settings and hooks, as deepcopy copies them) that holds `model`, not a
+    copy of it, in place of its child `module`."""
+    return _module_copy(wrapper, {id(wrapper.module): model})
+
+
 _ATOMIC = (bool, int, float, str, type(None))
 
 

@@ -17,11 +17,15 @@ Output formats (the folded model always loads with torch alone, never needing bn
 A model that no capture takes whole (it branches on tensor values) is folded module by module
 (`bnfold.pytorch.modulewise`): the output is a copy of the model itself, with folded parts replaced by
 GraphModules, so its pickle needs the model's own classes just like the input did.
+
+A model inside nn.DataParallel or DistributedDataParallel is captured, folded and run as the model the
+wrapper holds (`inner_model`), its layers named by their paths in the wrapper (`module.1`). The folded
+model comes back in a copy of a DataParallel wrapper, and bare from DistributedDataParallel (the notes say
+why: wrapping is a call every rank must make).
 """
 
 from __future__ import annotations
 
-import copy
 import functools
 import weakref
 from collections.abc import Callable, Sequence
@@ -40,7 +44,8 @@ from bnfold.pytorch.capture import (MODULEWISE, RENAMED, Capture, CaptureFailed,
                                     capture_script, private_copy, quiet)
 from bnfold.pytorch.fold import NO_STATS, GraphFolder
 from bnfold.pytorch.modulewise import fold_by_module
-from bnfold.pytorch.model import ExportedProgramModel, ModuleModel, TorchScriptModel, program_module
+from bnfold.pytorch.model import (ExportedProgramModel, ModuleModel, TorchScriptModel, inner_model, like_input,
+                                  program_module, wrapper_notes)
 from bnfold.pytorch.ops import may_write
 from bnfold.pytorch.quantization import disable_observers, holds_quantizers, observers_frozen
 from bnfold.pytorch.streamline import streamline
@@ -63,7 +68,7 @@ class TorchEngine:
         layers = model.bn_layers()
         try:
             capture = self._capture(model, options.example_batch)
-            folder = GraphFolder(capture.module)
+            folder = GraphFolder(capture.module, _held_at(model))
             found = folder.fold_all()
             build = folder.folded  # the folded weights are computed only when applied
         except CaptureFailed as failure:
@@ -74,7 +79,7 @@ class TorchEngine:
                                               reason=reason if layer.track_running_stats else NO_STATS)
                                  for layer in layers], failure=str(failure))
             capture, found = _fold_by_module(model, options.example_batch, failure)
-            build = functools.partial(copy.deepcopy, capture.module)
+            build = functools.partial(private_copy, capture.module)
         decisions = [found.pop(layer.name, None) or FoldDecision(layer.name, FoldStatus.KEPT, reason=NOT_FOUND)
                      for layer in layers]
         notes = [capture.note] if capture.note else []
@@ -95,9 +100,11 @@ class TorchEngine:
                 traced = torch.jit.trace(folded, capture.example, check_trace=False)
             return TorchScriptModel(model.path, traced)
         assert isinstance(model, ModuleModel)
+        folded, _ = inner_model(folded)  # module by module, a wrapper was folded with its model
         streamline(folded)  # eager outputs run the folded graph's Python code on every call
         if model.format is ModelFormat.PICKLE:
-            return ModuleModel(model.path, folded, ModelFormat.PICKLE)
+            plan.notes.extend(wrapper_notes(model.module))
+            return ModuleModel(model.path, like_input(model.module, folded), ModelFormat.PICKLE)
         return _state_dict_output(model, folded, capture, plan, into)
 
     def folded_format(self, model: Model, output: Path | None = None) -> ModelFormat:
@@ -140,14 +147,14 @@ class TorchEngine:
         if isinstance(model, TorchScriptModel):
             return capture_script(model.module, example)
         assert isinstance(model, ModuleModel)
-        return capture_module(model.module, example, model.owned)
+        return capture_module(inner_model(model.module)[0], example, model.owned)
 
     def _callable(self, model: Model) -> Callable:
         if isinstance(model, ExportedProgramModel):
             if model.program not in self._programs:
                 self._programs[model.program] = _runnable(model.program)
             return self._programs[model.program]
-        module = model.module  # type: ignore[attr-defined]
+        module, _ = inner_model(model.module)  # type: ignore[attr-defined]
         if any(getattr(m, "training", False) for m in module.modules()):  # frozen TorchScript has none
             return private_copy(module)  # training-mode BN would update the caller's statistics
         return module
@@ -166,6 +173,11 @@ def _runnable(program: torch.export.ExportedProgram) -> nn.Module:
         holder = module.get_submodule(owner) if owner else module
         holder._buffers[attribute] = holder._buffers[attribute].clone()
     return module
+
+
+def _held_at(model: Model) -> str:
+    """Where the captured model is in `model`: `module` in a (Distributed)DataParallel wrapper, else ''."""
+    return inner_model(model.module)[1] if isinstance(model, ModuleModel) else ""
 
 
 def _renaming_note(captured: nn.Module) -> list[str]:

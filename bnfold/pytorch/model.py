@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import logging
 import os
@@ -24,6 +25,7 @@ from bnfold.model import InputSpec, LoadOptions, Model, ModelFormat
 from bnfold.pickle_scan import (ArchiveScan, archive_pickle_imports, foreign_imports, scan_exported_program,
                                 scan_torchscript, storage_records)
 from bnfold.plugins import import_callable, search_working_directory
+from bnfold.pytorch.capture import holding
 from bnfold.pytorch.discover import constant_values, discover_exported, discover_module
 
 # Keys under which training checkpoints commonly nest the weights.
@@ -120,7 +122,10 @@ class ModuleModel(_ModuleBacked):
         self.key_prefix = key_prefix
 
     def bn_layers(self) -> list[BNLayer]:
-        return discover_module(self.module, self.owned)
+        inner, path = inner_model(self.module)
+        layers = discover_module(inner, self.owned)
+        return [dataclasses.replace(layer, name=_path_in(inner, path, layer.name)) for layer in layers] if path \
+            else layers
 
     def save(self, path: Path) -> None:
         if self.format is ModelFormat.PICKLE:
@@ -318,6 +323,44 @@ def _from_state_dict(path: Path, loaded: Any, options: LoadOptions, safetensors:
 
 # nn.DataParallel and DistributedDataParallel hold the model as `module`: its weights are saved under this.
 _WRAPPER_PREFIX = "module."
+_WRAPPERS = (nn.DataParallel, nn.parallel.DistributedDataParallel)
+DISTRIBUTED_UNWRAPPED = ("the model came wrapped in DistributedDataParallel; the result is the bare model it held "
+                         "(its `.module`), since wrapping it again is a call every process of its group must "
+                         "make: wrap it on each rank")
+
+
+def inner_model(module: nn.Module) -> tuple[nn.Module, str]:
+    """The model a (Distributed)DataParallel wrapper holds, and its path in the wrapper; any other module
+    itself, at ''. bnfold captures, folds and runs the held model in the wrapper's place: the wrapper's own
+    forward (scatter over devices, buffers synchronized across processes) computes nothing to fold, and
+    neither torch.fx nor torch.export captures it. Layer names stay paths in the wrapper (`module.1`),
+    which is what a pickled wrapper is named by and what its state_dict keys start with."""
+    if isinstance(module, _WRAPPERS):
+        return module.module, _WRAPPER_PREFIX.rstrip(".")
+    return module, ""
+
+
+def _path_in(model: nn.Module, path: str, name: str) -> str:
+    """A layer name in the held `model` as a name in its wrapper. Layers on the held model's own tensors
+    (itself a BN: '', a root F.batch_norm: `<root>` or its buffer's name) are the wrapper's child `module`,
+    as fold names them."""
+    own = name in ("", "<root>") or ("." not in name and name not in model._modules)
+    return path if own else f"{path}.{name}"
+
+
+def like_input(given: nn.Module, result: nn.Module) -> nn.Module:
+    """`result`, made from `inner_model(given)`, as the kind of object the user gave: inside a copy of a
+    DataParallel wrapper (its device ids and hooks), bare from DistributedDataParallel (`wrapper_notes`)."""
+    if isinstance(given, nn.DataParallel):
+        return holding(given, result)
+    return result
+
+
+def wrapper_notes(given: nn.Module) -> list[str]:
+    """What the report says of a result that `like_input` hands back bare: wrapping a model in
+    DistributedDataParallel is a collective call, and bnfold may run on one rank alone, where it would wait
+    forever."""
+    return [DISTRIBUTED_UNWRAPPED] if isinstance(given, nn.parallel.DistributedDataParallel) else []
 
 
 def _wrapper_prefix(state_dict: Mapping[str, torch.Tensor], module: nn.Module) -> str:
