@@ -106,6 +106,7 @@ def test_recalibrating_a_data_parallel_model_gives_the_bare_models_statistics(me
     for ours, theirs in zip(wrapped.layers, unwrapped.layers, strict=True):
         np.testing.assert_allclose(ours.new_mean, theirs.new_mean, rtol=1e-6, atol=1e-7)
         np.testing.assert_allclose(ours.new_var, theirs.new_var, rtol=1e-6, atol=1e-7)
+    assert wrapped.notes == unwrapped.notes
     result = wrapped.result.module
     assert type(result) is nn.DataParallel and result.module is not wrapper.module
     assert result.module.bn1.running_mean.tolist() != wrapper.module.bn1.running_mean.tolist()  # caller's untouched
@@ -133,6 +134,8 @@ def test_recalibrating_a_distributed_data_parallel_model_gives_the_bare_models_s
     unwrapped = bnfold.recalibrate(bare("resnet_basic"), data, batch_size=16, distributed=False)
     wrapped = bnfold.recalibrate(nn.parallel.DistributedDataParallel(bare("resnet_basic")), data, batch_size=16,
                                  distributed=False)
+    assert wrapped.notes == [*unwrapped.notes, DISTRIBUTED_UNWRAPPED]
+    assert not isinstance(wrapped.result.module, nn.parallel.DistributedDataParallel)
     assert [layer.name for layer in wrapped.layers] == [PREFIX + layer.name for layer in unwrapped.layers]
     for ours, theirs in zip(wrapped.layers, unwrapped.layers, strict=True):
         np.testing.assert_allclose(ours.new_mean, theirs.new_mean, rtol=1e-6, atol=1e-7)

@@ -56,7 +56,8 @@ from bnfold.pytorch.capture import private_copy
 from bnfold.pytorch.discover import (BN_ATEN_SIGNATURES, attribute_path, bn_kind, describe_module,
                                      constant_input, describe_tensors, discover_exported, discover_module,
                                      frozen_batch_norms, inlined_graph, missing_statistics, resolve_path)
-from bnfold.pytorch.model import ExportedProgramModel, ModuleModel, TorchScriptModel, program_module
+from bnfold.pytorch.model import (ExportedProgramModel, ModuleModel, TorchScriptModel, inner_model, like_input,
+                                  program_module, wrapper_notes)
 from bnfold.pytorch.quantization import observers_frozen
 from bnfold.recalibration import GraphStep, upstream_layers
 from bnfold.stats import ChannelStatistics, Moments, beyond_float32_means
@@ -89,7 +90,7 @@ def torch_inputs(model: Model) -> list[InputSpec | str]:
         return list(model.input_specs()) or ["input"]
     if isinstance(model, TorchScriptModel):
         return [argument.name for argument in model.module.forward.schema.arguments[1:]] or ["input"]
-    return list(_forward_names(model.module.forward))
+    return list(_forward_names(inner_model(model.module)[0].forward))
 
 
 def _device(name: str) -> torch.device:
@@ -637,7 +638,8 @@ class ModuleRunner(_TorchRunner):
     def __init__(self, model: ModuleModel, device: torch.device, copy_model: bool) -> None:
         super().__init__(device)
         self.model = model
-        self.module = self._working_copy(model.module, copy_model)
+        self.notes += wrapper_notes(model.module)
+        self.module = self._working_copy(_held(model.module), copy_model)
         self.bns: dict[str, _BatchNorm] = {}
         for name, child in self.module.named_modules():
             kind, missing = bn_kind(child), missing_statistics(child)
@@ -802,8 +804,35 @@ class ModuleRunner(_TorchRunner):
         return [(*self._statistics(layer), tracked)]
 
     def result(self) -> Model:
-        return ModuleModel(self.model.path, self.module.cpu(), self.model.format, safetensors=self.model.safetensors,
+        module = self.module.cpu()
+        if isinstance(module, _HeldModel):
+            module = like_input(self.model.module, module.module)
+        return ModuleModel(self.model.path, module, self.model.format, safetensors=self.model.safetensors,
                            key_prefix=self.model.key_prefix)
+
+
+class _HeldModel(nn.Module):
+    """Runs the model a (Distributed)DataParallel wrapper holds under the wrapper's name for it, `module`, so
+    layers keep the wrapper's names, without the wrapper's scatter over devices and buffer syncs across
+    processes (which torch.fx cannot trace either). See `_held`."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.module = model
+
+
+def _held(module: nn.Module) -> nn.Module:
+    """`module`, or for a wrapper a `_HeldModel` of the model it holds, whose forward takes that model's
+    inputs: `__wrapped__` gives torch.fx and `inspect.signature` the held model's signature."""
+    held, path = inner_model(module)
+    if not path:
+        return module
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.module(*args, **kwargs)
+
+    forward.__wrapped__ = type(held).forward  # type: ignore[attr-defined]
+    return type(_HeldModel.__name__, (_HeldModel,), {"forward": forward})(held)
 
 
 class _PassComplete(BaseException):
