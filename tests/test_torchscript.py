@@ -217,3 +217,30 @@ def test_momentum_reads_alike_in_eager_scripted_and_frozen_modules():
     # freezing folds bn into conv; a frozen call's 0.0 reads as a module's momentum=None (it cannot tell)
     frozen = bnfold.inspect(torch.jit.freeze(torch.jit.script(module)))
     assert [layer.momentum for layer in frozen.layers] == [None]
+
+
+class ShuffleByBatchSize(nn.Module):
+    """ShuffleNetV2's channel shuffle: a view whose sizes are read from the input at run time."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        batchsize, channels, height, width = x.size()
+        x = self.bn(self.conv(x)).view(batchsize, 2, -1, height, width)
+        return x.transpose(1, 2).reshape(x.size(0), -1)
+
+
+@pytest.mark.parametrize("compile", [torch.jit.script, lambda m: torch.jit.trace(m, torch.zeros(2, 3, 8, 8))],
+                         ids=["scripted", "traced"])
+def test_a_folded_torchscript_model_runs_at_any_batch_size(compile):
+    """The folded graph is traced back on the `--input-shape` example: through aten's size ops the tracer
+    wrote that example's batch size into every view, and the fold ran at batch 2 alone."""
+    model = randomized(ShuffleByBatchSize())
+    report = bnfold.fold(compile(model), input_shape="2,3,8,8")
+    assert report.verified and [d.layer for d in report.folded] == ["bn"]
+    for batch in (1, 5):
+        x = torch.randn(batch, 3, 8, 8)
+        with torch.no_grad():
+            torch.testing.assert_close(report.folded_model.module(x), model(x), rtol=1e-5, atol=1e-6)

@@ -640,9 +640,6 @@ def test_fold_pt2(entry: ZooModel, tmp_path: Path) -> None:
 
 
 SCRIPTABLE = ["inception", "repvgg", "shufflenet"]  # the others' Python does not script: traced
-# Models whose TorchScript fold is traced back at the example's batch size, a size they read at run time
-# (a view by `x.size()`, `repeat(batchsize, 1)`) written in as a constant (/tmp/helper41/torchscript-batch.patch).
-BATCH_SPECIALIZED = ["pointnet", "repvgg", "shufflenet", "yolov5"]
 
 
 @functools.cache
@@ -667,10 +664,7 @@ def test_fold_torchscript(entry: ZooModel) -> None:
     assert rel_error(forward(entry.factory(), x), forward(report.folded_model.module, x)) <= REL_TOLERANCE
 
 
-@pytest.mark.parametrize("entry", [
-    pytest.param(entry, id=entry.name, marks=[pytest.mark.xfail(
-        strict=True, raises=RuntimeError, reason="TorchScript fold specialized to its example's batch size")]
-        if entry.name in BATCH_SPECIALIZED else []) for entry in PATTERNS])
+@pytest.mark.parametrize("entry", patterns())
 def test_folded_torchscript_runs_at_another_batch_size(entry: ZooModel) -> None:
     report = torchscript_fold(entry.name)
     x = entry.example(batch=3, seed=7)

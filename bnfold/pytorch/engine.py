@@ -97,7 +97,7 @@ class TorchEngine:
             return ExportedProgramModel(model.path, _reexport(folded, model.program, capture.example))
         if isinstance(model, TorchScriptModel):
             with quiet(), torch.no_grad():
-                traced = torch.jit.trace(folded, capture.example, check_trace=False)
+                traced = torch.jit.trace(_sizes_traceable(folded), capture.example, check_trace=False)
             return TorchScriptModel(model.path, traced)
         assert isinstance(model, ModuleModel)
         folded, _ = inner_model(folded)  # module by module, a wrapper was folded with its model
@@ -219,6 +219,38 @@ def _inputs(model: Model, batch: Batch) -> tuple[torch.Tensor, ...]:
 def _numpy(tensor: torch.Tensor) -> np.ndarray:
     tensor = tensor.detach().cpu()
     return (tensor.float() if tensor.dtype is torch.bfloat16 else tensor).numpy()
+
+
+# The Python bindings of the size queries torch.export's TorchScript converter writes as aten ops.
+_SIZE_BINDINGS = {torch.ops.aten.sym_size.int: torch.Tensor.size, torch.ops.aten.sym_numel.default: torch.Tensor.numel}
+
+
+def _sizes_traceable(module: fx.GraphModule) -> fx.GraphModule:
+    """`module` (the fold's own copy) with its shape arithmetic written so that torch.jit.trace records it.
+
+    The tracer follows a size through the Python bindings alone (`x.size(0)`, `x.view(n, -1)`): through
+    `aten.sym_size.int` and an aten call such as `aten.view.default` it writes the example's numbers, and a
+    folded ShuffleNet (`x.view(batchsize, groups, ...)`), YOLO head or `x.view(x.size(0), -1)` then ran at
+    the batch size of `--input-shape` alone. Size queries, arithmetic on them and the aten ops that take
+    them are rewritten to their bindings; an op with no binding of its name stays as it is.
+    """
+    sizes: set[fx.Node] = set()
+    for node in module.graph.nodes:
+        if node.op != "call_function":
+            continue
+        if node.target in _SIZE_BINDINGS:
+            node.target = _SIZE_BINDINGS[node.target]
+            sizes.add(node)
+        elif sizes.intersection(node.all_input_nodes):
+            if not isinstance(node.target, torch._ops.OpOverload):
+                sizes.add(node)  # Python arithmetic on sizes: traced as such
+                continue
+            name = node.target.overloadpacket.__name__
+            binding = getattr(torch.Tensor, name, None) or getattr(torch, name, None)
+            if binding is not None:
+                node.target = binding
+    module.recompile()
+    return module
 
 
 def _export(module: nn.Module, example: tuple[torch.Tensor, ...], dynamic) -> torch.export.ExportedProgram:
