@@ -867,14 +867,14 @@ class _Countdown:
             self.expected = self.expected if self.verified else None
 
 
-def _torch_forward(bn: nn.Module | None) -> bool:
-    """Whether `bn` runs torch's own BN forward (a subclass may add to it: timm's BatchNormAct2d)."""
-    return isinstance(bn, _BatchNorm) and type(bn).forward is _BatchNorm.forward and "forward" not in vars(bn)
-
-
 def _class_forward(bn: nn.Module | None) -> bool:
     """Whether `bn` is a torch BN module running its class's forward (none set on the instance)."""
     return isinstance(bn, _BatchNorm) and "forward" not in vars(bn)
+
+
+def _torch_forward(bn: nn.Module | None) -> bool:
+    """Whether `bn` runs torch's own BN forward (a subclass may add to it: timm's BatchNormAct2d)."""
+    return _class_forward(bn) and type(bn).forward is _BatchNorm.forward
 
 
 def _normalized_by_batch(statistics: InputStatistics, name: str, bn: _BatchNorm, inputs: torch.Tensor) -> torch.Tensor:
@@ -903,8 +903,7 @@ class _OwnForwardByBatch:
         if not self.fused:
             self.fallback(self.layer, inputs)
             return forward(self.bn, inputs, *args, **kwargs)
-        call = _TakenBatchNorm(self, inputs)
-        with _batch_norm_replaced(call):
+        with _TakenBatchNorm(self, inputs) as call:
             output = forward(self.bn, inputs, *args, **kwargs)
         if not call.taken or call.refused:
             self.fused = False
@@ -913,14 +912,23 @@ class _OwnForwardByBatch:
 
 
 class _TakenBatchNorm:
-    """`F.batch_norm` during one `_OwnForwardByBatch` call: its module's call taken over (see there), any
-    other passed on."""
+    """`torch.nn.functional.batch_norm`, what torch's BN modules and their subclasses call, while one
+    `_OwnForwardByBatch` call runs (a context): its module's call taken over (see there), any other passed
+    on. A TorchFunctionMode would see the call too, but sends every tensor operation of the forward through
+    Python: 80 us more per call of a small layer, twice its work."""
 
     def __init__(self, owner: _OwnForwardByBatch, inputs: torch.Tensor) -> None:
         self.owner, self.inputs = owner, inputs
         self.original = F.batch_norm
         self.taken = False
         self.refused = False  # a call on the module's statistics that cannot be taken
+
+    def __enter__(self) -> _TakenBatchNorm:
+        F.batch_norm = self
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        F.batch_norm = self.original
 
     def __call__(self, input: torch.Tensor, running_mean: torch.Tensor | None, running_var: torch.Tensor | None,
                  weight: torch.Tensor | None = None, bias: torch.Tensor | None = None, training: bool = False,
@@ -934,19 +942,6 @@ class _TakenBatchNorm:
                 self.taken = True
                 return self.owner.statistics.normalize(self.owner.layer, input, weight, bias, eps)
         return self.original(input, running_mean, running_var, weight, bias, training, momentum, eps)
-
-
-@contextmanager
-def _batch_norm_replaced(replacement: Callable[..., torch.Tensor]) -> Iterator[None]:
-    """`torch.nn.functional.batch_norm` replaced for the duration: what torch's BN modules and their
-    subclasses call. A TorchFunctionMode would see the call too, but sends every tensor operation of the
-    forward through Python: 80 us more per call of a small layer, twice its work."""
-    original = F.batch_norm
-    F.batch_norm = replacement
-    try:
-        yield
-    finally:
-        F.batch_norm = original
 
 
 @contextmanager
