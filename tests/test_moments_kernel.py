@@ -149,3 +149,26 @@ def test_normalizing_buffers_of_the_wrong_size_are_refused(wrong):
     with pytest.raises(ValueError, match=wrong):
         _moments.batch_moments(values, 2, 3, 4, np.empty(18), np.empty(6, dtype=np.float32), 1, buffers["output"],
                                buffers["weight"], buffers["bias"], 1e-5)
+
+
+def test_normalize_follows_a_weight_whose_memory_was_replaced():
+    """The fast method converts a layer's weight and bias for the kernel once and keeps them: a new tensor,
+    or new memory under the same one (a `.data` assignment), is converted again."""
+    torch = pytest.importorskip("torch")
+    from bnfold.pytorch.recalibrate import InputStatistics
+
+    statistics = InputStatistics(["bn"])
+    inputs = torch.randn(4, 3, 5, 5) * 2 + 1
+    weight, bias = torch.nn.Parameter(torch.ones(3)), torch.nn.Parameter(torch.zeros(3))
+
+    def normalized_as_torch_does() -> None:
+        output = statistics.normalize("bn", inputs, weight, bias, 1e-5)
+        with torch.no_grad():
+            expected = torch.nn.functional.batch_norm(inputs, None, None, weight, bias, True, 0.0, 1e-5)
+        torch.testing.assert_close(output, expected)
+
+    normalized_as_torch_does()
+    weight.data = torch.tensor([2.0, -1.0, 0.5])
+    normalized_as_torch_does()
+    bias = torch.nn.Parameter(torch.tensor([1.0, 2.0, 3.0]))
+    normalized_as_torch_does()

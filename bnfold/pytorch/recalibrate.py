@@ -301,13 +301,15 @@ class InputStatistics:
         self._arena = _Arena()  # the moments kernel's outputs, see `_Arena`
         self._threads = torch.get_num_threads()  # the moments kernel's
         self._kept_batches = _Arena(2 * _PENDING_BYTES // 8)  # the pending batches' flat arrays (CPU, float64)
+        self._parameters: dict[str, _KernelParameters] = {}  # see `_kernel_parameters`
 
     def normalize(self, layer: str, inputs: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
                   eps: float) -> torch.Tensor:
         """`inputs` normalized by their own batch's statistics, as a BN in training mode does; recorded."""
-        if _read_once(inputs) and not self._singled_out(layer) and (parameters := _kernel_parameters(weight, bias)):
+        if _read_once(inputs) and not self._singled_out(layer) and (parameters := self._kernel_parameters(
+                layer, weight, bias)).arrays is not None:
             output = torch.empty_like(inputs)  # the moments kernel reads the values once and normalizes them
-            self._kernel_moments(layer, inputs.detach(), output.numpy(), *parameters, eps)
+            self._kernel_moments(layer, inputs.detach(), output.numpy(), *parameters.arrays, eps)
             return output
         if self._singled_out(layer) or not _plain(inputs) or _large(inputs):
             # float16/bfloat16 inputs are normalized with float32 statistics and parameters: a float16
@@ -341,6 +343,17 @@ class InputStatistics:
         mean, var = torch.batch_norm_update_stats(values, None, None, 0.0)
         self._record(layer, Observation.of(mean, var, _sample_sums(values), _positions(values)))
         return mean.to(dtype), var.to(dtype)
+
+    def _kernel_parameters(self, layer: str, weight: torch.Tensor | None,
+                           bias: torch.Tensor | None) -> _KernelParameters:
+        """The layer's weight and bias as the moments kernel takes them, converted once per layer (again if
+        the module's tensors or their memory changed): in a forward between convolutions, the checks and
+        conversions cost 17 us a call, a third of a small layer's kernel time."""
+        found = self._parameters.get(layer)
+        memory = _addresses(weight, bias)
+        if found is None or found.weight is not weight or found.bias is not bias or found.memory != memory:
+            found = self._parameters[layer] = _KernelParameters(weight, bias, memory, _kernel_arrays(weight, bias))
+        return found
 
     def _singled_out(self, layer: str) -> bool:
         """Whether a check singled the layer out for `batch_norm_update_stats` (see the class)."""
@@ -480,9 +493,20 @@ def _host(piece: torch.Tensor | np.ndarray) -> np.ndarray:
     return piece if isinstance(piece, np.ndarray) else piece.numpy()
 
 
-def _kernel_parameters(weight: torch.Tensor | None, bias: torch.Tensor | None) -> tuple[np.ndarray | None, ...] | None:
-    """The BN's weight and bias as the moments kernel takes them (float32 arrays, or None for 1 and 0);
-    None if it cannot (another dtype or device: torch's eval-mode BN converts them)."""
+class _KernelParameters(NamedTuple):
+    weight: torch.Tensor | None
+    bias: torch.Tensor | None
+    memory: tuple[int, int]  # `_addresses`: a `.data` assignment keeps the tensor, not its memory
+    arrays: tuple[np.ndarray | None, ...] | None  # `_kernel_arrays`
+
+
+def _addresses(weight: torch.Tensor | None, bias: torch.Tensor | None) -> tuple[int, int]:
+    return (0 if weight is None else weight.data_ptr(), 0 if bias is None else bias.data_ptr())
+
+
+def _kernel_arrays(weight: torch.Tensor | None, bias: torch.Tensor | None) -> tuple[np.ndarray | None, ...] | None:
+    """The BN's weight and bias as the moments kernel takes them (float32 arrays sharing their memory, or
+    None for 1 and 0); None if it cannot (another dtype or device: torch's eval-mode BN converts them)."""
     parameters = []
     for parameter in (weight, bias):
         if parameter is not None and (parameter.dtype != torch.float32 or parameter.device.type != "cpu"
@@ -499,8 +523,8 @@ def _plain(inputs: torch.Tensor) -> bool:
 
 def _read_once(inputs: torch.Tensor) -> bool:
     """Whether the moments kernel reduces this call: contiguous float32 on the CPU, (N, C, ...) with values."""
-    return (_moments is not None and inputs.dtype == torch.float32 and inputs.device.type == "cpu"
-            and inputs.dim() > 2 and inputs.numel() > 0 and inputs.is_contiguous())
+    return (_moments is not None and inputs.dtype is torch.float32 and inputs.is_cpu and inputs.dim() > 2
+            and inputs.numel() > 0 and inputs.is_contiguous())
 
 
 def _large(inputs: torch.Tensor) -> bool:
