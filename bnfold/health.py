@@ -150,6 +150,13 @@ def fold_refusal(scale: np.ndarray, shift: np.ndarray, var: np.ndarray | None = 
     return None
 
 
+def no_statistics(why: str | None = None) -> str:
+    """The one reason recalibrate skips and fold keeps a BN without running statistics, whatever the model's
+    format; `why` says what shows it where the format can tell ("track_running_stats=False")."""
+    return (f"no running statistics{f' ({why})' if why else ''}: it always normalizes by batch statistics, so "
+            "there are none to recalibrate and no fixed scale and shift to fold")
+
+
 def check_layers(layers: list[BNLayer]) -> list[Finding]:
     """Findings for all layers, in layer order."""
     return [finding for layer in layers for finding in check_layer(layer)]

@@ -91,6 +91,8 @@ class BNLayer:
             "kind": self.kind,
             "framework": self.framework,
             "channels": self.channels,
+            # ONNX spatial=0 on a feature map: `channels` counts activations, (C, *spatial), each with statistics
+            "per_activation": bool(self.extra.get("per_activation")),
             "eps": self.shown_eps(),
             "momentum": self.momentum,
             "affine": self.affine,

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm, _NormBase
 
+from bnfold.health import no_statistics
 from bnfold.layers import BNLayer
 
 BN_CLASS_NAMES = {"BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "SyncBatchNorm",
@@ -67,17 +68,29 @@ def bn_kind(module: nn.Module) -> str | None:
 
 
 def missing_statistics(module: nn.Module) -> str | None:
-    """Why a BN module, or a hand-written one (an `eps` and a `running_mean` that is None), has no statistics
-    to recalibrate; None for any other module. InstanceNorm keeps none by design: it is no BN."""
-    if isinstance(module, _BatchNorm):
-        if module.track_running_stats and module.running_mean is not None and module.running_var is not None:
+    """Why (`no_statistics`) a BN module, also scripted or traced, or a hand-written one (an `eps` and a
+    `running_mean` that is None) has no statistics to recalibrate or fold; None for any other module.
+    InstanceNorm keeps none by design: it is no BN."""
+    if isinstance(module, _BatchNorm) or (isinstance(module, torch.jit.ScriptModule) and bn_kind(module)):
+        tracking = getattr(module, "track_running_stats", None)  # a traced module keeps no such attribute
+        if tracking is not False and getattr(module, "running_mean", None) is not None \
+                and getattr(module, "running_var", None) is not None:
             return None
-        why = "track_running_stats=False" if not module.track_running_stats else "running_mean/running_var is None"
-    elif isinstance(module, _NormBase) or not hasattr(module, "eps") or getattr(module, "running_mean", 0) is not None:
+        return no_statistics("running_mean/running_var is None" if tracking else BN_CLASS_WITHOUT_STATISTICS)
+    if isinstance(module, _NormBase) or not hasattr(module, "eps") or getattr(module, "running_mean", 0) is not None:
         return None
-    else:
-        why = "running_mean is None"
-    return f"no running statistics ({why}): it always normalizes by batch statistics, so there are none to recalibrate"
+    return no_statistics("running_mean is None")
+
+
+# What keeps a torch BN class from holding statistics when nothing else says: it registers none only then
+# (a traced module keeps no track_running_stats, a graph only the class its BN op was called in).
+BN_CLASS_WITHOUT_STATISTICS = "track_running_stats=False"
+
+
+def op_missing_statistics(class_name: str | None) -> str:
+    """Why (`no_statistics`) a BN op in a graph that reads no running statistics has none, from the class of
+    the module that called it (None: unknown)."""
+    return no_statistics(BN_CLASS_WITHOUT_STATISTICS if class_name in BN_CLASS_NAMES else None)
 
 
 def describe_module(name: str, module: nn.Module, kind: str) -> BNLayer:

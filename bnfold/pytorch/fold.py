@@ -29,17 +29,17 @@ import torch
 from torch import fx, nn
 
 from bnfold import foldmath
-from bnfold.health import fold_refusal
+from bnfold.health import fold_refusal, no_statistics
 from bnfold.layers import BNLayer, FoldDecision, FoldDirection, FoldStatus
 from bnfold.pytorch.capture import model_path
-from bnfold.pytorch.discover import bn_kind, describe_tensors
+from bnfold.pytorch.discover import (BN_CLASS_WITHOUT_STATISTICS, bn_kind, describe_tensors, missing_statistics,
+                                     op_missing_statistics)
 from bnfold.pytorch.ops import (Constants, arg, conv_is_transposed, fetch_attr, is_identity, kind_of,
                                 module_stack, set_arg, shape_of, spec_of, target_name, value_users)
 
 TRAINING = ("in training mode: it normalizes each batch with that batch's statistics, so there is no fixed "
             "scale and shift to fold (call model.eval() first)")
-NO_STATS = ("no running statistics (track_running_stats=False): it normalizes each batch with its own "
-            "statistics, so there is no fixed scale and shift to fold")
+NO_STATS = no_statistics(BN_CLASS_WITHOUT_STATISTICS)  # what the engine says when no graph was analysed
 LAYER_KINDS = ("conv", "conv_transpose", "convolution", "linear")
 LAYOUT_KINDS = ("reshape", "flatten", "transpose", "permute")
 AFFINE_KINDS = ("mul", "add", "sub", "div")
@@ -231,7 +231,9 @@ class GraphFolder:
             return None  # normalizes a stored tensor (weight standardization), not activations
         output = self._bn_output(node)
         mean, var, weight, bias = (arg(node, n) for n in ("running_mean", "running_var", "weight", "bias"))
-        name = self._op_layer_name(node, mean, owners)
+        # without statistics and without the module stack a traced TorchScript model loses: named after its
+        # weight, as discovery names it
+        name = self._op_layer_name(node, mean if mean is not None or module_stack(node) else weight, owners)
         if isinstance(mean, fx.Node) and mean.op == "get_attr":
             claimed.add(str(mean.target).rpartition(".")[0])
         training = arg(node, "training") if "training" in spec_of(node).params else False
@@ -240,7 +242,7 @@ class GraphFolder:
                                 output or node, node)
         tensors = (mean, var, weight, bias)
         if mean is None or var is None:
-            occurrence.refusal = NO_STATS
+            occurrence.refusal = op_missing_statistics(stack[-1] if stack else None)
         elif training is not False:
             occurrence.refusal = TRAINING
         elif output is None:
@@ -283,7 +285,7 @@ class GraphFolder:
     def _bn_module(self, node: fx.Node) -> Occurrence:
         """A BN module kept as one call (tracing leaves BN in training mode opaque)."""
         module = self.module.get_submodule(str(node.target))
-        refusal = TRAINING if module.training else NO_STATS
+        refusal = TRAINING if module.training else missing_statistics(module) or no_statistics()
         return Occurrence(self._path(str(node.target)), str(bn_kind(module)), node.args[0], node, node,
                           refusal=refusal)
 
