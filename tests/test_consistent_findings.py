@@ -1,7 +1,8 @@
 """Findings and reasons that read the same whatever the model's format.
 
 A BN without running statistics is skipped by recalibrate and kept by fold with one reason in every format
-(eager pickle, torch.export, TorchScript); a BN whose statistics are per activation says so in inspect's JSON.
+(eager pickle, torch.export, TorchScript); a BN whose statistics are per activation says so in inspect's
+JSON and table.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from rich.console import Console
 from torch import nn
 
 import bnfold
@@ -50,7 +52,7 @@ def test_fold_keeps_a_bn_without_running_statistics_for_one_reason_in_every_form
     assert (decisions["bn1"].status, decisions["bn1"].reason) == (FoldStatus.KEPT, STATLESS)
 
 
-@pytest.mark.parametrize("how", ["pickle"])
+@pytest.mark.parametrize("how", ["pickle", "export", "script"])
 def test_recalibrate_skips_a_bn_without_running_statistics_for_the_reason_fold_gives(tmp_path, how):
     """The .pt2 skip said only "no running statistics", TorchScript's "(track_running_stats=False)" without
     why that matters."""
@@ -69,3 +71,10 @@ def test_inspect_json_says_which_bn_keeps_statistics_per_activation(opset):
     assert [(entry["channels"], entry["per_activation"]) for entry in per_feature] == [(8, False)]
     linear = bnfold.inspect(nn.Sequential(nn.Linear(6, 8), nn.BatchNorm1d(8)).eval()).to_dict()["layers"]
     assert [(entry["channels"], entry["per_activation"]) for entry in linear] == [(8, False)]
+
+
+def test_the_inspect_table_counts_activations_of_a_bn_with_statistics_per_activation():
+    """Its channel cell read 54, the activations of (6, 3, 3), as if they were channels."""
+    console = Console(width=120, record=True, color_system=None)
+    console.print(bnfold.inspect(_feature_maps_model(7)))
+    assert "│ bn    │ 54 activations │" in console.export_text()

@@ -236,7 +236,7 @@ WITHOUT_STATISTICS = {
     "registered None": (lambda: HandWrittenBatchNorm(4, register=True), "running_mean is None"),
     "track_running_stats=False": (lambda: nn.BatchNorm2d(4, track_running_stats=False), "track_running_stats=False"),
 }
-WHY = "it always normalizes by batch statistics, so there are none to recalibrate"
+WHY = "it always normalizes by batch statistics, so there are none to recalibrate and no fixed scale and shift to fold"
 
 
 @pytest.mark.parametrize("name", WITHOUT_STATISTICS)

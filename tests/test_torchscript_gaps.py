@@ -13,6 +13,7 @@ from torch.nn import functional as F
 import bnfold
 from bnfold.errors import NoBatchNormError
 from bnfold.layers import FoldStatus
+from bnfold.pytorch.discover import missing_statistics
 from tests.torch_builders import randomized
 
 
@@ -164,4 +165,4 @@ def test_a_scripted_bn_without_running_statistics_is_described_and_skipped_as_to
     assert ("no-running-stats", "bn1") in [(f.code, f.layer) for f in bnfold.inspect(scripted).findings]
     report = bnfold.recalibrate(scripted, data=_calibration())
     assert [result.name for result in report.layers] == ["bn2"]
-    assert [(s.name, s.reason) for s in report.skipped] == [("bn1", "no running statistics (track_running_stats=False)")]
+    assert [(s.name, s.reason) for s in report.skipped] == [("bn1", missing_statistics(first()))]

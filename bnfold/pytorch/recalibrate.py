@@ -55,7 +55,8 @@ from bnfold.model import InputSpec, Model
 from bnfold.pytorch.capture import private_copy
 from bnfold.pytorch.discover import (BN_ATEN_SIGNATURES, attribute_path, bn_kind, describe_module,
                                      constant_input, describe_tensors, discover_exported, discover_module,
-                                     frozen_batch_norms, inlined_graph, missing_statistics, resolve_path)
+                                     frozen_batch_norms, inlined_graph, missing_statistics, op_missing_statistics,
+                                     resolve_path)
 from bnfold.pytorch.model import (ExportedProgramModel, ModuleModel, TorchScriptModel, inner_model, like_input,
                                   program_module, wrapper_notes)
 from bnfold.pytorch.quantization import observers_frozen
@@ -1024,7 +1025,7 @@ class ExportedProgramRunner(_TorchRunner):
         self.float_dtype = _first_float_dtype(self.program.state_dict.values())
         self.layer_of: dict[fx.Node, str] = {}
         self.statistics_of: dict[str, tuple[str, str]] = {}  # layer -> its (mean, var) buffers, by any name
-        named = {layer.extra.get("node"): layer.name for layer in discover_exported(self.program)}
+        found = {layer.extra.get("node"): layer for layer in discover_exported(self.program)}
         for node in self.module.graph.nodes:
             if node.op != "call_function" or getattr(node.target, "_schema", None) is None:
                 continue
@@ -1034,7 +1035,8 @@ class ExportedProgramRunner(_TorchRunner):
             buffers = all(isinstance(arg, fx.Node) and arg.op == "get_attr" for arg in (mean, var))
             key = mean.target.rsplit(".", 1)[0] if buffers else None
             if key is None:
-                self._skipped[named.get(node.name, node.name)] = "no running statistics"
+                layer = found.get(node.name)  # its kind is the class that called the op
+                self._skipped[layer.name if layer else node.name] = op_missing_statistics(layer.kind if layer else None)
             elif node.target not in (_EVAL_BATCH_NORM, _EVAL_NATIVE_BATCH_NORM) or \
                     (node.target is _EVAL_BATCH_NORM and node.args[5]):
                 self._skipped[key] = "exported in training mode: it normalizes by batch statistics"
@@ -1132,7 +1134,8 @@ class ScriptRunner(_TorchRunner):
         for node, key in zip(_top_level_batch_norms(graph), self.keys):
             owner = _stats_owner(node, position=1) if key is None else None  # named after its weight instead
             if owner:
-                self._skipped.setdefault(owner, "no running statistics (track_running_stats=False)")
+                self._skipped.setdefault(owner, missing_statistics(resolve_path(self.module, owner))
+                                         or op_missing_statistics(None))
             unnamed |= key is None and not owner and constant_input(node, 3) is None
         if unnamed:
             self.notes.append("batch_norm calls without running statistics were left as they are")

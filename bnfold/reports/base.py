@@ -72,8 +72,11 @@ def fmt_number(value: float | None, digits: int = 3) -> str:
 
 
 def fmt_channels(layer: BNLayer) -> str:
-    """A layer's channel count; '?' when nothing in the model says (never 0, which reads as a count)."""
-    return "?" if layer.channels is None else str(layer.channels)
+    """A layer's channel count, or its activation count when it keeps statistics per activation (ONNX
+    spatial=0 on feature maps); '?' when nothing in the model says (never 0, which reads as a count)."""
+    if layer.channels is None:
+        return "?"
+    return f"{layer.channels} activations" if layer.extra.get("per_activation") else str(layer.channels)
 
 
 def fmt_eps(layer: BNLayer) -> str:
