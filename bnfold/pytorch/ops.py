@@ -60,6 +60,8 @@ def _specs() -> dict[Any, OpSpec]:
         aten._native_batch_norm_legit_functional.default: aten_bn_tuple,
         F.linear: linear, aten.linear.default: linear,
         aten.convolution.default: OpSpec("convolution", CONVOLUTION_PARAMS, CONV_DEFAULTS),
+        # a conv with string padding ("same"/"valid") as TorchScript records it, and its graph converted back
+        aten._convolution_mode.default: OpSpec("conv", CONV_PARAMS, CONV_DEFAULTS),
         F.pad: pad, torch._C._nn.pad: pad, aten.pad.default: pad,
         aten.constant_pad_nd.default: OpSpec("pad", ("input", "pad", "value"), {"value": 0, "mode": "constant"}),
         torch.cat: cat, aten.cat.default: cat, torch.concat: cat, torch.concatenate: cat,
