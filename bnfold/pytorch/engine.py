@@ -27,6 +27,7 @@ why: wrapping is a call every rank must make).
 from __future__ import annotations
 
 import functools
+import operator
 import weakref
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -97,7 +98,8 @@ class TorchEngine:
             return ExportedProgramModel(model.path, _reexport(folded, model.program, capture.example))
         if isinstance(model, TorchScriptModel):
             with quiet(), torch.no_grad():
-                traced = torch.jit.trace(_sizes_traceable(folded), capture.example, check_trace=False)
+                traced, notes = _traced_back(folded, capture.example)
+            plan.notes.extend(notes)
             return TorchScriptModel(model.path, traced)
         assert isinstance(model, ModuleModel)
         folded, _ = inner_model(folded)  # module by module, a wrapper was folded with its model
@@ -221,36 +223,180 @@ def _numpy(tensor: torch.Tensor) -> np.ndarray:
     return (tensor.float() if tensor.dtype is torch.bfloat16 else tensor).numpy()
 
 
+aten = torch.ops.aten
 # The Python bindings of the size queries torch.export's TorchScript converter writes as aten ops.
-_SIZE_BINDINGS = {torch.ops.aten.sym_size.int: torch.Tensor.size, torch.ops.aten.sym_numel.default: torch.Tensor.numel}
+_SIZE_BINDINGS = {aten.sym_size.int: torch.Tensor.size, aten.sym_numel.default: torch.Tensor.numel}
+# A traced TorchScript model computes on sizes as 0-dim tensors (`h - 2`, `c // 2`): the converter writes
+# that as scalar_tensor, aten arithmetic (on lifted 0-dim constants), _to_copy to an integer type and
+# _local_scalar_dense. The first, third and fourth only move a size between int and tensor; the arithmetic
+# is written back as the Python operators on the sizes themselves.
+_SIZE_ROUND_TRIP = {aten.scalar_tensor.default, aten._to_copy.default, aten._local_scalar_dense.default}
+_SIZE_ARITHMETIC = {aten.add.Tensor: operator.add, aten.add.Scalar: operator.add, aten.sub.Tensor: operator.sub,
+                    aten.sub.Scalar: operator.sub, aten.mul.Tensor: operator.mul, aten.mul.Scalar: operator.mul,
+                    aten.floor_divide.default: operator.floordiv, aten.remainder.Tensor: operator.mod,
+                    aten.remainder.Scalar: operator.mod}
+# The run-time checks export adds on the sizes the converter made up: a trace would run them once, on the
+# example, and record nothing.
+_SIZE_CHECKS = {aten._assert_scalar.default, aten.sym_constrain_range.default,
+                aten.sym_constrain_range_for_size.default}
 
 
-def _sizes_traceable(module: fx.GraphModule) -> fx.GraphModule:
-    """`module` (the fold's own copy) with its shape arithmetic written so that torch.jit.trace records it.
+def _slice(tensor: torch.Tensor, dim: int = 0, start: int | None = None, end: int | None = None,
+           step: int = 1) -> torch.Tensor:
+    """`aten.slice.Tensor` as Python indexing, which the tracer records with its bounds (no binding has the name)."""
+    return tensor[(slice(None),) * (dim % tensor.dim()) + (slice(start, end, step),)]
+
+
+_OWN_BINDINGS = {aten.slice.Tensor: _slice}
+
+
+def _traced_back(module: fx.GraphModule, example: tuple[torch.Tensor, ...]) -> tuple[torch.jit.ScriptModule, list[str]]:
+    """The folded graph as TorchScript again, traced on `example`, and a note where it runs at the example's
+    batch size alone. The shape arithmetic is made traceable first (`_sizes_traceable`); each op given a
+    Python binding keeps it only where the binding computes what the op did (one with other arguments
+    goes back to the op). The trace is then run at one more batch row against the graph itself: what still
+    records a size as a constant shows there, and is said rather than handed back unnoticed."""
+    rewritten = _sizes_traceable(module)
+    wider = tuple(torch.cat([t, t[:1]]) if t.dim() else t for t in example)
+    try:
+        expected = _checked_bindings(module, rewritten, wider)
+    except Exception:  # the graph does not take another batch size (the converter specialized it): no claim
+        expected = None
+        _checked_bindings(module, rewritten, example)
+    for holder in module.modules():  # a lifted TorchScript number is a 0-dim "wrapped number" tensor, which
+        for name, buffer in holder._buffers.items():  # a ScriptModule stores as a Python int: a plain copy
+            if buffer is not None and buffer.dim() == 0:
+                holder._buffers[name] = buffer.clone()
+    traced = torch.jit.trace(module, example, check_trace=False)
+    if expected is None:
+        return traced, []
+    try:
+        outputs = traced(*wider)
+        problem = None if _same(outputs, expected) else "other outputs than the folded graph"
+    except Exception as error:
+        problem = _script_failure(error)
+    if problem is None:
+        return traced, []
+    batch = next(t.shape[0] for t in example if t.dim())  # some input has a batch axis: the outputs differed
+    return traced, [f"the folded TorchScript model runs at the --input-shape batch size ({batch}) alone (at "
+                    f"{batch + 1}: {problem}): torch.jit.trace wrote the example's sizes into shape arithmetic "
+                    "bnfold cannot trace"]
+
+
+def _script_failure(error: Exception) -> str:
+    """The cause a TorchScript run names in its error's last line, after the trace of the failing call."""
+    last = str(error).strip().splitlines()[-1] if str(error).strip() else type(error).__name__
+    return last.split(": ", 1)[1] if last.startswith(f"{type(error).__name__}: ") else last
+
+
+def _sizes_traceable(module: fx.GraphModule) -> dict[fx.Node, torch._ops.OpOverload]:
+    """Rewrite `module` (the fold's own copy) so that torch.jit.trace records its shape arithmetic; returns
+    the nodes whose aten op was given a Python binding, each with its op.
 
     The tracer follows a size through the Python bindings alone (`x.size(0)`, `x.view(n, -1)`): through
     `aten.sym_size.int` and an aten call such as `aten.view.default` it writes the example's numbers, and a
     folded ShuffleNet (`x.view(batchsize, groups, ...)`), YOLO head or `x.view(x.size(0), -1)` then ran at
-    the batch size of `--input-shape` alone. Size queries, arithmetic on them and the aten ops that take
-    them are rewritten to their bindings; an op with no binding of its name stays as it is.
+    the batch size of `--input-shape` alone. Size queries and arithmetic on them are rewritten to Python,
+    and the aten ops that take sizes to their bindings; an op with no binding stays as it is.
     """
     sizes: set[fx.Node] = set()
-    for node in module.graph.nodes:
+    inlined: set[str] = set()
+    rewritten: dict[fx.Node, torch._ops.OpOverload] = {}
+    for node in list(module.graph.nodes):
         if node.op != "call_function":
             continue
-        if node.target in _SIZE_BINDINGS:
+        if node.target in _SIZE_CHECKS:
+            module.graph.erase_node(node)
+        elif node.target in _SIZE_BINDINGS:
             node.target = _SIZE_BINDINGS[node.target]
             sizes.add(node)
-        elif sizes.intersection(node.all_input_nodes):
-            if not isinstance(node.target, torch._ops.OpOverload):
-                sizes.add(node)  # Python arithmetic on sizes: traced as such
-                continue
-            name = node.target.overloadpacket.__name__
-            binding = getattr(torch.Tensor, name, None) or getattr(torch, name, None)
-            if binding is not None:
-                node.target = binding
+        elif not sizes.intersection(node.all_input_nodes):
+            continue
+        elif not isinstance(node.target, torch._ops.OpOverload):
+            sizes.add(node)  # Python arithmetic on sizes: traced as such
+        elif node.target in _SIZE_ROUND_TRIP and node.args[0] in sizes and _integral(node):
+            node.replace_all_uses_with(node.args[0])
+            module.graph.erase_node(node)
+        elif node.target in _SIZE_ARITHMETIC and not node.kwargs:
+            node.target = _SIZE_ARITHMETIC[node.target]
+            node.args = tuple(_number(module, arg, inlined) for arg in node.args)
+            sizes.add(node)
+        elif (binding := _binding(node.target)) is not None:
+            rewritten[node] = node.target
+            node.target = binding
+    module.graph.eliminate_dead_code()
+    read = {node.target for node in module.graph.nodes if node.op == "get_attr"}
+    for name in inlined - read:
+        delattr(module, name)
     module.recompile()
-    return module
+    return rewritten
+
+
+def _integral(node: fx.Node) -> bool:
+    """Whether a round-trip op keeps a size the integer it is: `_local_scalar_dense`, or a cast to an integer type."""
+    if node.target is aten._local_scalar_dense.default:
+        return True
+    dtype = node.kwargs.get("dtype")
+    return set(node.kwargs) == {"dtype"} and not (dtype.is_floating_point or dtype.is_complex or dtype is torch.bool)
+
+
+def _number(module: fx.GraphModule, arg: object, inlined: set[str]) -> object:
+    """`arg`, or the Python number a lifted 0-dim constant of the converter holds."""
+    if isinstance(arg, fx.Node) and arg.op == "get_attr" and "." not in str(arg.target):
+        value = getattr(module, str(arg.target))
+        if isinstance(value, torch.Tensor) and value.dim() == 0:
+            inlined.add(str(arg.target))
+            return value.item()
+    return arg
+
+
+def _binding(op: torch._ops.OpOverload) -> Callable | None:
+    """The Python function or method of an aten op's name, which the tracer records with its size arguments."""
+    name = op.overloadpacket.__name__
+    return _OWN_BINDINGS.get(op) or next((getattr(space, name) for space in (torch.Tensor, torch, torch._C._nn)
+                                          if hasattr(space, name)), None)
+
+
+class _BindingCheck(fx.Interpreter):
+    """Runs a graph with the ops `rewritten` maps, noting each node whose binding computes otherwise or fails."""
+
+    def __init__(self, module: fx.GraphModule, rewritten: dict[fx.Node, torch._ops.OpOverload]) -> None:
+        super().__init__(module)
+        self.rewritten = rewritten
+        self.failed: list[fx.Node] = []
+
+    def run_node(self, node: fx.Node) -> object:
+        if node not in self.rewritten:
+            return super().run_node(node)
+        args, kwargs = self.fetch_args_kwargs_from_env(node)
+        expected = self.rewritten[node](*args, **kwargs)
+        try:
+            agrees = _same(node.target(*args, **kwargs), expected)
+        except Exception:  # e.g. a binding that takes other arguments (TypeError)
+            agrees = False
+        if not agrees:
+            self.failed.append(node)
+        return expected
+
+
+def _checked_bindings(module: fx.GraphModule, rewritten: dict[fx.Node, torch._ops.OpOverload],
+                      inputs: tuple[torch.Tensor, ...]) -> object:
+    """Run `module` on `inputs`, give each binding that does not compute as its op the op back; the outputs."""
+    check = _BindingCheck(module, rewritten)
+    outputs = check.run(*inputs)
+    for node in check.failed:
+        node.target = rewritten[node]
+    module.recompile()
+    return outputs
+
+
+def _same(actual: object, expected: object) -> bool:
+    """Equal leaves, tensors of equal dtype, shape and values (NaN equal to NaN)."""
+    leaves, wanted = pytree.tree_leaves(actual), pytree.tree_leaves(expected)
+    return len(leaves) == len(wanted) and all(
+        torch.equal(a, b) or (a.dtype == b.dtype and a.shape == b.shape and torch.allclose(a, b, 0, 0, equal_nan=True))
+        if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) else type(a) is type(b) and a == b
+        for a, b in zip(leaves, wanted))
 
 
 def _export(module: nn.Module, example: tuple[torch.Tensor, ...], dynamic) -> torch.export.ExportedProgram:
