@@ -636,16 +636,8 @@ def test_fold_torchscript(entry: ZooModel) -> None:
 METHODS = ["exact", "fast"]
 
 
-# The eager runner skipped every look-alike as "not a torch BatchNorm class" before looking for F.batch_norm
-# calls on its buffers (the fx trace kept look-alikes as leaves), while `.pt2`, TorchScript and ONNX
-# recalibrate them: /tmp/helper45/recalibrate_look_alikes.patch traces through look-alikes.
-EAGER_LOOK_ALIKES = pytest.mark.xfail(strict=True, reason="eager recalibration skips F.batch_norm look-alikes "
-                                      "(recalibrate_look_alikes.patch)")
-
-
 @pytest.mark.parametrize("method", METHODS)
-@pytest.mark.parametrize("entry", [pytest.param(entry, id=entry.name, marks=[EAGER_LOOK_ALIKES] * (
-    entry.name == "look_alikes")) for entry in MORE])
+@pytest.mark.parametrize("entry", entries())
 def test_recalibrate_eager(entry: ZooModel, method: str) -> None:
     patterns.test_recalibrate_eager(entry, method)
 

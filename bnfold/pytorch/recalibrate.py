@@ -666,6 +666,7 @@ class ModuleRunner(_TorchRunner):
         self.notes += wrapper_notes(model.module)
         self.module = self._working_copy(_held(model.module), copy_model)
         self.bns: dict[str, _BatchNorm] = {}
+        self._look_alikes: set[str] = set()  # traced through: their F.batch_norm call, if any, is a layer
         for name, child in self.module.named_modules():
             kind, missing = bn_kind(child), missing_statistics(child)
             if missing is not None:
@@ -675,15 +676,17 @@ class ModuleRunner(_TorchRunner):
             elif not isinstance(child, _BatchNorm):
                 self._skipped[name] = (f"{kind}: not a torch BatchNorm class, so how it uses its statistics "
                                        "is unknown")
+                if not isinstance(child, torch.jit.ScriptModule):
+                    self._look_alikes.add(name)
             else:
                 self.bns[name] = child
         self.functional = self._functional_batch_norms()
 
     def _functional_batch_norms(self) -> dict[str, BNLayer]:
         """F.batch_norm calls on the running statistics of modules that are no BN module, by owner."""
-        if not any(bn_kind(module) is None and any(b.dim() == 1 and b.is_floating_point()
-                                                   for b in module.buffers(recurse=False))
-                   for module in self.module.modules()):
+        if not self._look_alikes and not any(bn_kind(module) is None and any(
+                b.dim() == 1 and b.is_floating_point() for b in module.buffers(recurse=False))
+                for module in self.module.modules()):
             return {}
         graph = self._graph
         found: dict[str, BNLayer] = {}
@@ -694,6 +697,9 @@ class ModuleRunner(_TorchRunner):
                 continue
             module_path = call["running_mean"].target.rpartition(".")[0]
             owner = module_path or call["running_mean"].target  # the root's statistics: named as inspect names them
+            if owner in self._look_alikes and owner in self._skipped:
+                # an mmcv/detectron2-style norm layer: no torch BN class, but F.batch_norm on its own statistics
+                del self._skipped[owner]
             if owner in self.bns or owner in self._skipped or owner in found:
                 continue
             if call["training"] is not False:
@@ -717,15 +723,26 @@ class ModuleRunner(_TorchRunner):
     @functools.cached_property
     def _graph(self) -> fx.Graph | None:
         """The fx graph with BN modules as leaves; None (and a note) when fx cannot trace the model."""
+        look_alikes = {id(self.module.get_submodule(name)) for name in self._look_alikes}
+
         class BatchNormLeaves(fx.Tracer):
+            """BN modules are leaves; look-alikes too unless `through` (then their F.batch_norm is seen)."""
+
+            def __init__(self, through: bool) -> None:
+                super().__init__()
+                self.through = through
+
             def is_leaf_module(self, module: nn.Module, qualified_name: str) -> bool:
+                if self.through and id(module) in look_alikes:
+                    return False
                 return bn_kind(module) is not None or super().is_leaf_module(module, qualified_name)
 
-        try:
-            return BatchNormLeaves().trace(self.module)
-        except Exception as error:  # fx cannot trace data-dependent control flow and more
-            self._untraceable = first_line(error, 160)
-            return None
+        for through in ((True, False) if look_alikes else (False,)):
+            try:  # a look-alike whose forward fx cannot trace (detectron2 branches on requires_grad): a leaf
+                return BatchNormLeaves(through).trace(self.module)
+            except Exception as error:  # fx cannot trace data-dependent control flow and more
+                self._untraceable = first_line(error, 160)
+        return None
 
     def layers(self) -> list[BNLayer]:
         modules = [describe_module(name, bn, bn_kind(bn)) for name, bn in self.bns.items()]
