@@ -28,15 +28,16 @@ def check_layer(layer: BNLayer) -> list[Finding]:
     add = findings.append
     name = layer.name
 
-    if layer.training:
-        if layer.framework == "onnx":
-            add(Finding("training-mode", Severity.ERROR, "BN runs in training mode in the exported graph: "
-                        "it normalizes with each batch's statistics, so outputs depend on the batch",
-                        name, "re-export the model in eval mode (model.eval()) or run bnfold fold"))
-        elif layer.track_running_stats and layer.has_running_stats:
-            # one without statistics normalizes by its batch in either mode, as no-running-stats says
-            add(Finding("training-mode", Severity.WARNING, "module was saved in training mode; "
-                        "bnfold evaluates it in eval mode", name, "call model.eval() before saving"))
+    if layer.training_fixed:  # its statistics are never used, so no check of them applies
+        add(Finding("training-mode", Severity.ERROR, "BN normalizes with each batch's statistics even in eval mode "
+                    "(training mode is fixed in its computation), so outputs depend on the batch", name,
+                    "save or export the model after model.eval(), from a BN whose forward passes "
+                    "training=self.training"))
+        return findings
+    if layer.training and layer.track_running_stats and layer.has_running_stats:
+        # one without statistics normalizes by its batch in either mode, as no-running-stats says
+        add(Finding("training-mode", Severity.WARNING, "module was saved in training mode; "
+                    "bnfold evaluates it in eval mode", name, "call model.eval() before saving"))
     if layer.extra.get("hidden_call"):
         add(Finding("hidden-call", Severity.WARNING, f"{layer.extra['hidden_call']}: its statistics are checked, "
                     "but it cannot be recalibrated or folded", name,
@@ -155,6 +156,14 @@ def no_statistics(why: str | None = None) -> str:
     format; `why` says what shows it where the format can tell ("track_running_stats=False")."""
     return (f"no running statistics{f' ({why})' if why else ''}: it always normalizes by batch statistics, so "
             "there are none to recalibrate and no fixed scale and shift to fold")
+
+
+def fixed_training() -> str:
+    """The one reason fold keeps and recalibrate skips a BN whose computation fixes training mode
+    (`BNLayer.training_fixed`), whatever the model's format: model.eval() would not change it."""
+    return ("in training mode whatever the model's mode (its computation fixes it): it normalizes each batch with "
+            "that batch's statistics and never by its running statistics, so there are none to recalibrate and "
+            "no fixed scale and shift to fold")
 
 
 def check_layers(layers: list[BNLayer]) -> list[Finding]:

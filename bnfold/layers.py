@@ -51,6 +51,9 @@ class BNLayer:
     num_batches_tracked: int | None = None
     dtype: str = "float32"
     training: bool = False
+    # `training` is fixed in the layer's computation (an exported graph's training-mode op, a forward passing
+    # training=True), so model.eval() does not change it: it normalizes by batch statistics at inference
+    training_fixed: bool = False
     # eps is stored as float32 (ONNX's epsilon attribute): `eps` is that exact value, which arithmetic uses
     eps_float32: bool = False
     # Framework-specific facts the health checks may use (e.g. "producer_has_bias").
@@ -98,6 +101,7 @@ class BNLayer:
             "affine": self.affine,
             "track_running_stats": self.track_running_stats,
             "training": self.training,
+            "training_fixed": self.training_fixed,
             "dtype": self.dtype,
             "num_batches_tracked": self.num_batches_tracked,
             "running_mean": summarize(self.running_mean),

@@ -72,6 +72,7 @@ def describe_bn(node: onnx.NodeProto, index: GraphIndex, opset: int, constants: 
     if runtime_params:
         extra["runtime_params"] = runtime_params
     stats_known = mean is not None and var is not None
+    training = is_training_mode(node, opset) or bool(used_optional_outputs(node, index))
     return BNLayer(
         name=node_label(node, index.path),
         kind=f"{BN_OP}-{operator_version(BN_OP, opset)}",
@@ -87,7 +88,8 @@ def describe_bn(node: onnx.NodeProto, index: GraphIndex, opset: int, constants: 
         weight=_as_float64(scale),
         bias=_as_float64(bias),
         dtype=dtype,
-        training=is_training_mode(node, opset) or bool(used_optional_outputs(node, index)),
+        training=training,
+        training_fixed=training,  # a graph has no mode to switch
         extra=extra,
     )
 

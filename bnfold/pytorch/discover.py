@@ -356,6 +356,8 @@ def _complete_from_graph(module: torch.jit.ScriptModule, graph: torch._C.Graph,
             layer.extra.pop("eps_unknown", None)
         if layer.momentum is None:  # a BN module's call
             layer.momentum = _module_momentum(settings["momentum"])
+        if settings["training_fixed"] and layer.has_running_stats:  # without statistics it has no other mode
+            layer.training = layer.training_fixed = True
     hidden = _hidden_interface_calls(graph)
     for layer in layers.values():
         callee = next((path for path in hidden if _is_within(layer.name, path)), None)
@@ -379,11 +381,13 @@ def _is_within(name: str, path: str) -> bool:
 
 
 def _call_settings(module: torch.jit.ScriptModule, node: torch._C.Node) -> dict[str, Any]:
-    """eps, momentum and training of a batch_norm call, where constants say (as a hand-written call passes
-    them) or the module attributes it reads (as a scripted hand-written BN passes `self.eps`)."""
+    """eps, momentum, training and training_fixed of a batch_norm call, where constants say (as a hand-written
+    call passes them) or the module attributes it reads (as a scripted hand-written BN passes `self.eps`)."""
     eps, momentum, training = (_input_value(module, node, position) for position in (7, 6, 5))
     return {"eps": eps if isinstance(eps, float) else None,
-            "momentum": momentum if isinstance(momentum, float) else None, "training": training is True}
+            "momentum": momentum if isinstance(momentum, float) else None, "training": training is True,
+            # a constant, not the module's mode: a hand-written training=True, or a trace in training mode
+            "training_fixed": constant_input(node, 5) is True}
 
 
 def _input_value(module: torch.jit.ScriptModule, node: torch._C.Node, position: int) -> Any:
@@ -410,9 +414,12 @@ def with_graph_layers(source: nn.Module | torch.export.ExportedProgram, known: l
             else trace_functional(source, share_tensors)
     except Exception:  # user code that does not trace without an example input: the walk is all there is
         return known
-    unique = list({layer.name: layer for layer in known}.values())  # a BN op called twice: one layer
-    names = {layer.name for layer in unique}
-    return unique + [layer for layer in GraphFolder(graph).layers() if layer.name not in names]
+    unique = {layer.name: layer for layer in known}  # a BN op called twice: one layer
+    found = {layer.name: layer for layer in GraphFolder(graph).layers()}
+    for name, layer in unique.items():  # a BN module in eval mode whose forward passes training=True
+        if name in found and found[name].training_fixed:
+            layer.training = layer.training_fixed = True
+    return list(unique.values()) + [layer for name, layer in found.items() if name not in unique]
 
 
 def _schema_name(target) -> str | None:
@@ -450,17 +457,19 @@ def discover_exported(program: torch.export.ExportedProgram) -> list[BNLayer]:
         tracked = values.get(f"{prefix}.num_batches_tracked")
         layers.append(describe_tensors(
             prefix, class_name, mean=mean, var=var, weight=weight, bias=bias, eps=float(args[positions[7]]),
-            momentum=args[positions[6]], training=training,
+            momentum=args[positions[6]], training_fixed=training,  # an exported graph has no mode to switch
             tracked=int(tracked.item()) if isinstance(tracked, torch.Tensor) else None,
             extra={"node": node.name}))
     return with_graph_layers(program, layers)
 
 
 def describe_tensors(name: str, kind: str, *, mean, var, weight=None, bias=None, eps: float | None = None,
-                     momentum=None, training: bool = False, tracked: int | None = None,
-                     extra: dict | None = None) -> BNLayer:
-    """A BN layer found as an op in a graph, from the tensors it reads."""
+                     momentum=None, training: bool = False, training_fixed: bool = False,
+                     tracked: int | None = None, extra: dict | None = None) -> BNLayer:
+    """A BN layer found as an op in a graph, from the tensors it reads (`BNLayer.training_fixed`: the op
+    runs in training mode whatever the mode of the module that calls it)."""
     reference = next((t for t in (mean, weight, var) if isinstance(t, torch.Tensor)), None)
+    training_fixed = training_fixed and mean is not None  # without statistics it has no other mode
     extra = dict(extra or {})
     if eps is None:
         extra["eps_unknown"] = True
@@ -479,6 +488,7 @@ def describe_tensors(name: str, kind: str, *, mean, var, weight=None, bias=None,
         bias=_array(bias),
         num_batches_tracked=tracked,
         dtype=_dtype(weight, mean),
-        training=training,
+        training=training or training_fixed,
+        training_fixed=training_fixed,
         extra=extra,
     )

@@ -29,7 +29,7 @@ import torch
 from torch import fx, nn
 
 from bnfold import foldmath
-from bnfold.health import fold_refusal, no_statistics
+from bnfold.health import fixed_training, fold_refusal, no_statistics
 from bnfold.layers import BNLayer, FoldDecision, FoldDirection, FoldStatus
 from bnfold.pytorch.capture import model_path
 from bnfold.pytorch.discover import (BN_CLASS_WITHOUT_STATISTICS, bn_kind, describe_tensors, missing_statistics,
@@ -237,6 +237,7 @@ class GraphFolder:
         if isinstance(mean, fx.Node) and mean.op == "get_attr":
             claimed.add(str(mean.target).rpartition(".")[0])
         training = arg(node, "training") if "training" in spec_of(node).params else False
+        training_fixed = training is not False and not self._called_in_training_mode(node)
         stack = [cls for path, cls in module_stack(node) if self._path(path) == name]
         occurrence = Occurrence(name, f"F.batch_norm ({stack[-1]})" if stack else "F.batch_norm", x,
                                 output or node, node)
@@ -244,7 +245,7 @@ class GraphFolder:
         if mean is None or var is None:
             occurrence.refusal = op_missing_statistics(stack[-1] if stack else None)
         elif training is not False:
-            occurrence.refusal = TRAINING
+            occurrence.refusal = fixed_training() if training_fixed else TRAINING
         elif output is None:
             occurrence.refusal = "its batch statistics outputs are read as well"
         elif not all(self.constants.is_constant(t) for t in tensors):
@@ -253,13 +254,24 @@ class GraphFolder:
             values = [self._tensor(t) for t in tensors]
             occurrence.stats = dict(mean=values[0], var=values[1], weight=values[2], bias=values[3],
                                     eps=float(arg(node, "eps")), momentum=arg(node, "momentum"),
-                                    training=training is not False)
+                                    training=training is not False, training_fixed=training_fixed)
             if occurrence.refusal is None:
                 occurrence.scale, occurrence.shift = foldmath.bn_affine(
                     *(self._float64(v) for v in (values[2], values[3], values[0], values[1])),
                     float(arg(node, "eps")))
                 occurrence.refusal = fold_refusal(occurrence.scale, occurrence.shift, self._float64(values[1]))
         return occurrence
+
+    def _called_in_training_mode(self, node: fx.Node) -> bool:
+        """Whether the module that called a BN op is in training mode, so that model.eval() would change the
+        op. An exported graph's modules are bare holders of its tensors (as are a symbolic trace's for the
+        modules it traced through), whose mode is no model's: their ops' training is fixed."""
+        stack = module_stack(node)
+        try:
+            caller = self.module.get_submodule(stack[-1][0]) if stack else None
+        except AttributeError:
+            return False
+        return caller is not None and type(caller) is not nn.Module and caller.training
 
     def _bn_output(self, node: fx.Node) -> fx.Node | None:
         """The node carrying the normalized tensor (item 0 of the tuple-returning aten variants)."""
