@@ -136,6 +136,19 @@ def test_recalibrate_skips_it_for_the_reason_fold_gives(tmp_path, norm, how):
     assert [(s.name, s.reason) for s in result.skipped] == [("bn1", FIXED)]
 
 
+@pytest.mark.parametrize("method", ["exact", "fast"])
+@pytest.mark.parametrize("norm", NORMS, ids=lambda norm: norm.__name__)
+def test_recalibrate_leaves_its_statistics_as_they_were(norm, method):
+    """Each forward of the passes moved them by its momentum, so the skipped layer came back changed."""
+    torch.manual_seed(0)
+    model = Net(norm).eval()
+    data = np.random.default_rng(0).standard_normal((16, 3, 8, 8)).astype(np.float32) * 2 + 1
+    recalibrated = bnfold.recalibrate(model, data, method=method).result.module
+    for name in ("running_mean", "running_var"):
+        assert torch.equal(getattr(recalibrated.bn1, name), getattr(model.bn1, name))
+        assert not torch.equal(getattr(recalibrated.bn2, name), getattr(model.bn2, name))
+
+
 @pytest.mark.parametrize("attrs", ONNX.values(), ids=ONNX.keys())
 def test_onnx_recalibrate_skips_it_for_the_same_reason(attrs):
     data = np.random.default_rng(0).standard_normal((16, 4, 5, 5)).astype(np.float32)

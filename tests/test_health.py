@@ -40,7 +40,7 @@ def test_healthy_layer_has_no_findings():
     (dict(num_batches_tracked=0), "stale-stats", Severity.WARNING),
     (dict(eps=0.5), "unusual-eps", Severity.WARNING),
     (dict(momentum=0.9), "unusual-momentum", Severity.INFO),
-    (dict(training=True, framework="onnx"), "training-mode", Severity.ERROR),
+    (dict(training=True, training_fixed=True), "training-mode", Severity.ERROR),
     (dict(training=True), "training-mode", Severity.WARNING),
     (dict(track_running_stats=False, running_mean=None, running_var=None), "no-running-stats", Severity.WARNING),
     (dict(extra={"producer_bias": "Conv conv1"}), "redundant-bias", Severity.INFO),

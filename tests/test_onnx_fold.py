@@ -483,7 +483,8 @@ def weight_as_graph_input(model):
 
 
 @pytest.mark.parametrize("edit, reason", [
-    (lambda m: m.graph.node[1].attribute.append(helper.make_attribute("training_mode", 1)), "training_mode=1"),
+    (lambda m: m.graph.node[1].attribute.append(helper.make_attribute("training_mode", 1)),
+     "in training mode whatever the model's mode"),
     (lambda m: m.graph.node[1].output.append("running_mean"), "optional output 'running_mean'"),
     (lambda m: m.graph.output.append(helper.make_tensor_value_info("c", onnx.TensorProto.FLOAT, None)),
      "Conv conv output 'c' is also a graph output"),

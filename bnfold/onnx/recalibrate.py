@@ -38,6 +38,7 @@ from onnx import TensorProto, helper, numpy_helper
 from bnfold.engine import Batch
 from bnfold.errors import InputError, UsageError, first_line
 from bnfold.foldmath import round_to
+from bnfold.health import fixed_training
 from bnfold.layers import BNLayer
 from bnfold.model import InputSpec
 from bnfold.onnx.discover import discover, is_training_mode, used_optional_outputs
@@ -98,7 +99,7 @@ class OnnxStatisticsRunner:
         if len(node.input) < 5 or any(self._constant_source(name) is None for name in node.input[3:5]):
             return "its running statistics are not constants in the file (computed or fed at run time)"
         if is_training_mode(node, self.opset) or used_optional_outputs(node, self.index):
-            return "runs in training mode: it normalizes by batch statistics and ignores the stored ones"
+            return fixed_training()
         if node_label(node) in self._per_activation:  # as discovery, inspect and fold judge it
             return "spatial=0: it keeps statistics per activation, and bnfold recalibrates per-channel statistics"
         return None

@@ -50,6 +50,7 @@ from torch.overrides import TorchFunctionMode
 from bnfold.engine import Batch
 from bnfold.errors import DataError, UsageError, first_line
 from bnfold.foldmath import round_to
+from bnfold.health import fixed_training
 from bnfold.layers import BNLayer
 from bnfold.model import InputSpec, Model
 from bnfold.pytorch.capture import private_copy
@@ -667,6 +668,7 @@ class ModuleRunner(_TorchRunner):
         self.module = self._working_copy(_held(model.module), copy_model)
         self.bns: dict[str, _BatchNorm] = {}
         self._look_alikes: set[str] = set()  # traced through: their F.batch_norm call, if any, is a layer
+        fixed = self._training_fixed()
         for name, child in self.module.named_modules():
             kind, missing = bn_kind(child), missing_statistics(child)
             if missing is not None:
@@ -678,9 +680,27 @@ class ModuleRunner(_TorchRunner):
                                        "is unknown")
                 if not isinstance(child, torch.jit.ScriptModule):
                     self._look_alikes.add(name)
+            elif name in fixed:  # its running statistics are never used: recalibrating them changes nothing
+                self._skipped[name] = fixed_training()
             else:
                 self.bns[name] = child
         self.functional = self._functional_batch_norms()
+
+    def _training_fixed(self) -> set[str]:
+        """The BN modules whose own forward fixes training mode (F.batch_norm(..., training=True) in eval
+        mode), as discovery finds them in a trace of the module. Judged on one module per class: the mode
+        a forward passes comes from its code (a whole-model trace cost 20 to 120 ms a call on a MobileNet
+        whose BN layers are all one such class, a sixth of its fast recalibration)."""
+        judged: dict[type, bool] = {}
+        fixed = set()
+        for name, module in self.module.named_modules():
+            if isinstance(module, _BatchNorm) and not _torch_forward(module):
+                if type(module) not in judged:
+                    judged[type(module)] = any(layer.training_fixed
+                                               for layer in discover_module(module, share_tensors=True))
+                if judged[type(module)]:
+                    fixed.add(name)
+        return fixed
 
     def _functional_batch_norms(self) -> dict[str, BNLayer]:
         """F.batch_norm calls on the running statistics of modules that are no BN module, by owner."""
@@ -703,7 +723,7 @@ class ModuleRunner(_TorchRunner):
             if owner in self.bns or owner in self._skipped or owner in found:
                 continue
             if call["training"] is not False:
-                self._skipped[owner] = "F.batch_norm in training mode: it normalizes by batch statistics"
+                self._skipped[owner] = fixed_training()  # the working copy is in eval mode
                 continue
             tensors = {key: resolve_path(self.module, call[key].target if isinstance(call[key], fx.Node) else None)
                        for key in ("running_mean", "running_var", "weight", "bias")}
@@ -713,6 +733,17 @@ class ModuleRunner(_TorchRunner):
                 bias=tensors["bias"], eps=call["eps"] if isinstance(call["eps"], float) else None,
                 momentum=call["momentum"], extra={"buffers": (call["running_mean"].target, call["running_var"].target)})
         return found
+
+    def _skipped_statistics(self) -> list[BufferPair]:
+        """The running statistics of the skipped layers that have them: a forward that fixes training mode
+        moves them by its momentum on every call, and a skipped layer leaves recalibration as it came."""
+        pairs = []
+        for name in self._skipped:
+            module = resolve_path(self.module, name)
+            mean, var = (getattr(module, key, None) for key in ("running_mean", "running_var"))
+            if isinstance(mean, torch.Tensor) and isinstance(var, torch.Tensor):
+                pairs.append((mean, var))
+        return pairs
 
     def _statistics(self, layer: str) -> BufferPair:
         if layer in self.bns:
@@ -828,6 +859,7 @@ class ModuleRunner(_TorchRunner):
             countdown.called()
 
         pairs = [self._statistics(name) for name in layers - replaced] if batch_statistics else []
+        pairs += self._skipped_statistics()
         forwards = {self.bns[name]: functools.partial(_normalized_by_batch, statistics, name, self.bns[name])
                     for name in replaced}
         forwards |= {self.bns[name]: _OwnForwardByBatch(statistics, name, self.bns[name], observe_input)
@@ -1056,7 +1088,7 @@ class ExportedProgramRunner(_TorchRunner):
                 self._skipped[layer.name if layer else node.name] = op_missing_statistics(layer.kind if layer else None)
             elif node.target not in (_EVAL_BATCH_NORM, _EVAL_NATIVE_BATCH_NORM) or \
                     (node.target is _EVAL_BATCH_NORM and node.args[5]):
-                self._skipped[key] = "exported in training mode: it normalizes by batch statistics"
+                self._skipped[key] = fixed_training()
             else:
                 self.layer_of[node] = key
                 self.statistics_of[key] = (mean.target, var.target)
