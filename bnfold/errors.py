@@ -17,6 +17,7 @@ Anything else escaping the library is a bug and keeps its traceback (exit 3).
 
 from __future__ import annotations
 
+import re
 from enum import IntEnum
 
 
@@ -91,6 +92,20 @@ class CheckFailed(BnfoldError):
 
 def first_line(error: BaseException, limit: int = 300) -> str:
     """The first line of an error's message (at most `limit` characters), or its type's name: what a
-    one-line report of a third-party failure quotes."""
+    one-line report of a third-party failure quotes. A TorchScript run's error opens with the same line
+    for every failure and the script's traceback; the cause comes after them (`_script_cause`)."""
     lines = str(error).strip().splitlines()
+    if lines and lines[0] == _SCRIPT_FAILURE:
+        lines = [_script_cause(error, lines)]
     return lines[0][:limit] if lines else type(error).__name__
+
+
+_SCRIPT_FAILURE = "The following operation failed in the TorchScript interpreter."
+_RAISED = re.compile(r"(?:\w+\.)*\w+(?:Error|Exception): ")  # `RuntimeError: `, `builtins.ValueError: `
+
+
+def _script_cause(error: BaseException, lines: list[str]) -> str:
+    """The line of a TorchScript error that names what was raised, after the traceback (else its last
+    line), without the error's own type (`RuntimeError: `)."""
+    cause = next((line for line in reversed(lines) if _RAISED.match(line)), lines[-1])
+    return cause.removeprefix(f"{type(error).__name__}: ")

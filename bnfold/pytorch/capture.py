@@ -356,10 +356,17 @@ def capture_script(module: torch.jit.ScriptModule, example: tuple[torch.Tensor, 
 
 
 def _convert(module: torch.jit.ScriptModule, example: tuple[torch.Tensor, ...]) -> torch.export.ExportedProgram:
+    """The converter's program, with each 0-dim constant it lifted cloned: a traced model's Python numbers
+    (the 2 of `h - 2`) come as "wrapped number" tensors, which a ScriptModule traced back from the graph
+    stores as a Python int (fold failed: "'int' object has no attribute 'detach'"); a clone is a plain tensor."""
     from torch._export.converter import TS2EPConverter
 
     with quiet():
-        return TS2EPConverter(_members_over_properties(module), example).convert()
+        program = TS2EPConverter(_members_over_properties(module), example).convert()
+    for name, constant in program.constants.items():
+        if isinstance(constant, torch.Tensor) and constant.dim() == 0:
+            program.constants[name] = constant.clone()
+    return program
 
 
 # A ScriptModule's own properties (`code`, `graph`, ...), which hide its members of the same names.

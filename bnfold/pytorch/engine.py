@@ -207,7 +207,7 @@ def _inputs(model: Model, batch: Batch) -> tuple[torch.Tensor, ...]:
         dtypes = [getattr(torch, spec.dtype, None) for spec in model.input_specs()]
     else:
         dtype = next((t.dtype for t in [*model.module.parameters(), *model.module.buffers()]  # type: ignore
-                      if t.is_floating_point()), None)
+                      if t.is_floating_point() and t.dim()), None)  # 0-dim: a traced Python number (float64)
         dtypes = [dtype] * len(batch)
     tensors = []
     for array, dtype in zip(batch.values(), dtypes + [None] * len(batch)):
@@ -263,10 +263,6 @@ def _traced_back(module: fx.GraphModule, example: tuple[torch.Tensor, ...]) -> t
     except Exception:  # the graph does not take another batch size (the converter specialized it): no claim
         expected = None
         _checked_bindings(module, rewritten, example)
-    for holder in module.modules():  # a lifted TorchScript number is a 0-dim "wrapped number" tensor, which
-        for name, buffer in holder._buffers.items():  # a ScriptModule stores as a Python int: a plain copy
-            if buffer is not None and buffer.dim() == 0:
-                holder._buffers[name] = buffer.clone()
     traced = torch.jit.trace(module, example, check_trace=False)
     if expected is None:
         return traced, []
@@ -274,19 +270,13 @@ def _traced_back(module: fx.GraphModule, example: tuple[torch.Tensor, ...]) -> t
         outputs = traced(*wider)
         problem = None if _same(outputs, expected) else "other outputs than the folded graph"
     except Exception as error:
-        problem = _script_failure(error)
+        problem = first_line(error)
     if problem is None:
         return traced, []
     batch = next(t.shape[0] for t in example if t.dim())  # some input has a batch axis: the outputs differed
     return traced, [f"the folded TorchScript model runs at the --input-shape batch size ({batch}) alone (at "
                     f"{batch + 1}: {problem}): torch.jit.trace wrote the example's sizes into shape arithmetic "
                     "bnfold cannot trace"]
-
-
-def _script_failure(error: Exception) -> str:
-    """The cause a TorchScript run names in its error's last line, after the trace of the failing call."""
-    last = str(error).strip().splitlines()[-1] if str(error).strip() else type(error).__name__
-    return last.split(": ", 1)[1] if last.startswith(f"{type(error).__name__}: ") else last
 
 
 def _sizes_traceable(module: fx.GraphModule) -> dict[fx.Node, torch._ops.OpOverload]:
