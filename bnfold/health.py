@@ -158,12 +158,13 @@ def no_statistics(why: str | None = None) -> str:
             "there are none to recalibrate and no fixed scale and shift to fold")
 
 
-def fixed_training() -> str:
+def fixed_training(why: str = "its computation fixes it") -> str:
     """The one reason fold keeps and recalibrate skips a BN whose computation fixes training mode
-    (`BNLayer.training_fixed`), whatever the model's format: model.eval() would not change it."""
-    return ("in training mode whatever the model's mode (its computation fixes it): it normalizes each batch with "
-            "that batch's statistics and never by its running statistics, so there are none to recalibrate and "
-            "no fixed scale and shift to fold")
+    (`BNLayer.training_fixed`), whatever the model's format: model.eval() would not change it. `why` names
+    what fixes it where the format can tell (ONNX: "training_mode=1")."""
+    return (f"in training mode whatever the model's mode ({why}): it normalizes each batch with that batch's "
+            "statistics and never by its running statistics, so there are none to recalibrate and no fixed "
+            "scale and shift to fold")
 
 
 def check_layers(layers: list[BNLayer]) -> list[Finding]:

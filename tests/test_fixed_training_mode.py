@@ -25,6 +25,7 @@ FINDING = ("training-mode", Severity.ERROR, "BN normalizes with each batch's sta
 FIXED = ("in training mode whatever the model's mode (its computation fixes it): it normalizes each batch with that "
          "batch's statistics and never by its running statistics, so there are none to recalibrate and no fixed "
          "scale and shift to fold")
+FIXED_ONNX = {name: FIXED.replace("its computation fixes it", name) for name in ("training_mode=1", "is_test=0")}
 SHAPE = "2,3,8,8"
 
 
@@ -123,7 +124,9 @@ def test_fold_keeps_it_without_asking_for_model_eval(tmp_path, norm, how):
 
 @pytest.mark.parametrize("attrs", ONNX.values(), ids=ONNX.keys())
 def test_onnx_fold_keeps_it_for_the_same_reason(attrs):
-    assert _reason(_onnx(**attrs), "bn") == (FoldStatus.KEPT, FIXED)
+    """The same words, naming the attribute that fixes it."""
+    (name,) = (f"{key}={value}" for key, value in attrs.items())
+    assert _reason(_onnx(**attrs), "bn") == (FoldStatus.KEPT, FIXED_ONNX[name])
 
 
 @pytest.mark.parametrize("how", ["pickle", "export"])
@@ -154,7 +157,8 @@ def test_onnx_recalibrate_skips_it_for_the_same_reason(attrs):
     data = np.random.default_rng(0).standard_normal((16, 4, 5, 5)).astype(np.float32)
     with pytest.raises(BnfoldError, match="no BN layer that can be recalibrated") as error:
         bnfold.recalibrate(_onnx(**attrs), data)
-    assert f"bn: {FIXED}" in str(error.value)
+    (name,) = (f"{key}={value}" for key, value in attrs.items())
+    assert f"bn: {FIXED_ONNX[name]}" in str(error.value)
 
 
 def test_a_bn_exported_in_training_mode_is_fixed_in_the_program_unlike_the_module(tmp_path):

@@ -482,14 +482,21 @@ def weight_as_graph_input(model):
     model.graph.initializer.remove(weight)
 
 
+def read_running_mean(model):
+    model.graph.node[1].output.append("running_mean")
+    model.graph.output.append(helper.make_tensor_value_info("running_mean", onnx.TensorProto.FLOAT, None))
+
+
 @pytest.mark.parametrize("edit, reason", [
     (lambda m: m.graph.node[1].attribute.append(helper.make_attribute("training_mode", 1)),
-     "in training mode whatever the model's mode"),
+     "in training mode whatever the model's mode (training_mode=1)"),
     (lambda m: m.graph.node[1].output.append("running_mean"), "optional output 'running_mean'"),
+    (lambda m: read_running_mean(m), "in training mode whatever the model's mode (its running-statistics outputs "
+     "are read)"),
     (lambda m: m.graph.output.append(helper.make_tensor_value_info("c", onnx.TensorProto.FLOAT, None)),
      "Conv conv output 'c' is also a graph output"),
     (lambda m: weight_as_graph_input(m), "Conv conv weight 'w' is a graph input, not a constant"),
-], ids=["training-mode", "optional-output", "producer-is-graph-output", "runtime-weight"])
+], ids=["training-mode", "optional-output", "optional-output-read", "producer-is-graph-output", "runtime-weight"])
 def test_refusals_name_their_reason(edit, reason):
     model = conv_bn(np.random.default_rng(24), bias=False)
     edit(model)

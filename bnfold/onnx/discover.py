@@ -34,6 +34,16 @@ def per_activation(node: onnx.NodeProto, opset: int, input_rank: int | None) -> 
     return spatial_zero(node, opset) and input_rank != 2
 
 
+def training_fixed_by(node: onnx.NodeProto, opset: int, index: GraphIndex) -> str | None:
+    """What makes a BN normalize by batch statistics in every run (`BNLayer.training_fixed`), as fold and
+    recalibrate name it; None for a BN in inference mode."""
+    if is_training_mode(node, opset):
+        return "is_test=0" if opset < 7 else "training_mode=1"
+    if used_optional_outputs(node, index):
+        return "its running-statistics outputs are read"
+    return None
+
+
 def used_optional_outputs(node: onnx.NodeProto, index: GraphIndex) -> list[str]:
     """Names of BN outputs beyond Y that something reads (running stats or saved mean/var)."""
     return [name for name in node.output[1:]
@@ -72,7 +82,7 @@ def describe_bn(node: onnx.NodeProto, index: GraphIndex, opset: int, constants: 
     if runtime_params:
         extra["runtime_params"] = runtime_params
     stats_known = mean is not None and var is not None
-    training = is_training_mode(node, opset) or bool(used_optional_outputs(node, index))
+    training = training_fixed_by(node, opset, index) is not None
     return BNLayer(
         name=node_label(node, index.path),
         kind=f"{BN_OP}-{operator_version(BN_OP, opset)}",

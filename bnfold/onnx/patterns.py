@@ -20,7 +20,7 @@ from bnfold import foldmath
 from bnfold.health import fixed_training, fold_refusal
 from bnfold.layers import FoldDecision, FoldDirection, FoldStatus
 from bnfold.onnx.constants import Constants
-from bnfold.onnx.discover import is_training_mode, per_activation, used_optional_outputs
+from bnfold.onnx.discover import per_activation, training_fixed_by
 from bnfold.onnx.graph import BN_OP, DEFAULT_DOMAINS, GraphIndex, attribute, node_label
 from bnfold.onnx.shapes import Shape, ValueFacts
 
@@ -269,8 +269,8 @@ def bn_affine(scope: Scope, bn: onnx.NodeProto) -> Affine:
     """The BN's eval-mode map, or Skip when the BN itself cannot fold anywhere."""
     if len(bn.input) < 5 or not all(bn.input[1:5]):
         raise Skip("BN lacks one of its scale, bias, mean and variance inputs")
-    if is_training_mode(bn, scope.opset) or used_optional_outputs(bn, scope.index):
-        raise Skip(fixed_training())  # as discovery marks it training_fixed
+    if fixed_by := training_fixed_by(bn, scope.opset, scope.index):
+        raise Skip(fixed_training(fixed_by))  # as discovery marks it training_fixed
     optional = [name for name in bn.output[1:] if name]
     if optional:
         raise Skip(f"BN has optional output {optional[0]!r} (running statistics), so it runs in training mode")

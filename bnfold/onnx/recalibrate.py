@@ -41,7 +41,7 @@ from bnfold.foldmath import round_to
 from bnfold.health import fixed_training
 from bnfold.layers import BNLayer
 from bnfold.model import InputSpec
-from bnfold.onnx.discover import discover, is_training_mode, used_optional_outputs
+from bnfold.onnx.discover import discover, training_fixed_by
 from bnfold.onnx.graph import (BN_OP, DEFAULT_DOMAINS, GraphIndex, delete_where, needed_nodes,
                                node_label, opset_version)
 from bnfold.onnx.model import OnnxModel
@@ -98,8 +98,8 @@ class OnnxStatisticsRunner:
     def _unusable(self, node: onnx.NodeProto) -> str | None:
         if len(node.input) < 5 or any(self._constant_source(name) is None for name in node.input[3:5]):
             return "its running statistics are not constants in the file (computed or fed at run time)"
-        if is_training_mode(node, self.opset) or used_optional_outputs(node, self.index):
-            return fixed_training()
+        if fixed_by := training_fixed_by(node, self.opset, self.index):
+            return fixed_training(fixed_by)
         if node_label(node) in self._per_activation:  # as discovery, inspect and fold judge it
             return "spatial=0: it keeps statistics per activation, and bnfold recalibrates per-channel statistics"
         return None
