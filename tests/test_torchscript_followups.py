@@ -7,6 +7,8 @@ TorchScript run's error opens with the same line for every failure, which report
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -106,3 +108,15 @@ def test_a_script_raising_a_python_exception_is_quoted_by_its_exception():
     with pytest.raises(torch.jit.Error) as raised:
         positive_only(-torch.ones(1))
     assert first_line(raised.value) == "builtins.ValueError: negative input"
+
+
+def test_a_traced_models_python_numbers_are_no_parameters_in_memory_or_saved(tmp_path, cli):
+    """Saved, a trace's `h - 2` and `* 0.5` are 0-dim tensor constants of its graph, which the parameter
+    count of a frozen model (whose weights are graph constants) counted: the CLI said 131, the API 129."""
+    model = randomized(ScaledShuffle())
+    expected = sum(t.numel() for t in model.state_dict().values())  # 129, num_batches_tracked included
+    assert bnfold.fold(traced(model), input_shape="2,3,8,8").params_before == expected
+    path = tmp_path / "model.pt"
+    torch.jit.save(traced(model), str(path))
+    result = cli("fold", path, "--input-shape", "2,3,8,8", "--json")
+    assert result.code == 0 and json.loads(result.stdout)["params_before"] == expected

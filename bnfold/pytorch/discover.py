@@ -297,9 +297,15 @@ def frozen_constant_targets(module: torch.jit.ScriptModule) -> dict[tuple, str]:
 
 def constant_values(module: torch.jit.ScriptModule) -> int:
     """How many values the tensor constants of a scripted module's graph hold: the weights of a frozen
-    module, which its state_dict no longer has."""
+    module, which its state_dict no longer has. A Python number a trace recorded (the 2 of `h - 2`, the
+    0.5 of `x * 0.5`) is a weight of no model: saved, it is a 0-dim int64 or float64 constant."""
     graph = _readable_graph(module)
-    return sum(tensor.numel() for _, tensor in _tensor_constants(graph)) if graph is not None else 0
+    return sum(tensor.numel() for _, tensor in _tensor_constants(graph)
+               if not _traced_number(tensor)) if graph is not None else 0
+
+
+def _traced_number(tensor: torch.Tensor) -> bool:
+    return tensor.dim() == 0 and tensor.dtype in (torch.int64, torch.float64, torch.bool, torch.complex128)
 
 
 def _readable_graph(module: torch.jit.ScriptModule) -> torch._C.Graph | None:
