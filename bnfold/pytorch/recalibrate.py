@@ -36,6 +36,7 @@ from abc import ABC, abstractmethod
 import inspect
 import math
 import warnings
+import weakref
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from typing import Any, NamedTuple
@@ -688,19 +689,9 @@ class ModuleRunner(_TorchRunner):
 
     def _training_fixed(self) -> set[str]:
         """The BN modules whose own forward fixes training mode (F.batch_norm(..., training=True) in eval
-        mode), as discovery finds them in a trace of the module. Judged on one module per class: the mode
-        a forward passes comes from its code (a whole-model trace cost 20 to 120 ms a call on a MobileNet
-        whose BN layers are all one such class, a sixth of its fast recalibration)."""
-        judged: dict[type, bool] = {}
-        fixed = set()
-        for name, module in self.module.named_modules():
-            if isinstance(module, _BatchNorm) and not _torch_forward(module):
-                if type(module) not in judged:
-                    judged[type(module)] = any(layer.training_fixed
-                                               for layer in discover_module(module, share_tensors=True))
-                if judged[type(module)]:
-                    fixed.add(name)
-        return fixed
+        mode): those of a class that `_fixes_training`."""
+        return {name for name, module in self.module.named_modules()
+                if isinstance(module, _BatchNorm) and not _torch_forward(module) and _fixes_training(module)}
 
     def _functional_batch_norms(self) -> dict[str, BNLayer]:
         """F.batch_norm calls on the running statistics of modules that are no BN module, by owner."""
@@ -939,6 +930,19 @@ class _Countdown:
         if self.expected is not None and not self.verified:
             self.verified = self.remaining == 0
             self.expected = self.expected if self.verified else None
+
+
+_FIXES_TRAINING: weakref.WeakKeyDictionary[type, bool] = weakref.WeakKeyDictionary()  # see `_fixes_training`
+
+
+def _fixes_training(bn: _BatchNorm) -> bool:
+    """Whether the forward of `bn`'s class fixes training mode, as discovery finds it in a trace of `bn`.
+    Judged once per class and process: the mode a forward passes comes from its code, and a trace costs
+    3.5 ms, half of preparing a MobileNet's recalibration (a whole-model discovery, 20 to 120 ms)."""
+    cls = type(bn)
+    if cls not in _FIXES_TRAINING:
+        _FIXES_TRAINING[cls] = any(layer.training_fixed for layer in discover_module(bn, share_tensors=True))
+    return _FIXES_TRAINING[cls]
 
 
 def _class_forward(bn: nn.Module | None) -> bool:
