@@ -29,7 +29,7 @@ from bnfold.layers import FoldStatus
 from tests.recalibration_oracle import assert_statistics_match
 from tests.test_zoo_acceptance import REL_TOLERANCE, check_torch_fold, forward, rel_error
 from tests.test_zoo_recalibration import BATCH, OUTPUT_TOLERANCE, assert_skipped, calibration_data, outputs, probe_input
-from tests.zoo import ZooModel, _build, bn_module_names
+from tests.zoo import SqueezeExcitation, ZooModel, _build, bn_module_names
 
 # ---------------------------------------------------------------------------------------------------------
 # 1. DeepLabV3 (torchvision): dilated backbone, ASPP with dilated branches and an image-pooling branch whose
@@ -277,27 +277,13 @@ def conv_norm_act(cin: int, cout: int, k: int, s: int = 1, groups: int = 1,
     return nn.Sequential(*layers, *([act(inplace=True)] if act is not None else []))
 
 
-class SqueezeExcitation(nn.Module):
-    def __init__(self, channels: int, squeeze: int) -> None:
-        super().__init__()
-        self.avgpool = nn.AdaptiveAvgPool2d(1)
-        self.fc1 = nn.Conv2d(channels, squeeze, 1)
-        self.fc2 = nn.Conv2d(squeeze, channels, 1)
-        self.activation = nn.ReLU()
-        self.scale_activation = nn.Hardsigmoid()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        scale = self.scale_activation(self.fc2(self.activation(self.fc1(self.avgpool(x)))))
-        return scale * x
-
-
 class InvertedResidualV3(nn.Module):
     def __init__(self, cin: int, expanded: int, cout: int, k: int, stride: int) -> None:
         super().__init__()
         self.use_res_connect = stride == 1 and cin == cout
         self.block = nn.Sequential(
             conv_norm_act(cin, expanded, 1), conv_norm_act(expanded, expanded, k, stride, groups=expanded),
-            SqueezeExcitation(expanded, 8), conv_norm_act(expanded, cout, 1, act=None))
+            SqueezeExcitation(expanded, 8, nn.ReLU, nn.Hardsigmoid), conv_norm_act(expanded, cout, 1, act=None))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         result = self.block(x)

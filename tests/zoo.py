@@ -335,13 +335,14 @@ class MobileNetV2Timm(nn.Module):
 
 
 class SqueezeExcitation(nn.Module):
-    def __init__(self, channels: int, squeeze: int) -> None:
+    def __init__(self, channels: int, squeeze: int, activation: type[nn.Module] = nn.SiLU,
+                 scale_activation: type[nn.Module] = nn.Sigmoid) -> None:
         super().__init__()
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.fc1 = nn.Conv2d(channels, squeeze, 1)
         self.fc2 = nn.Conv2d(squeeze, channels, 1)
-        self.activation = nn.SiLU()
-        self.scale_activation = nn.Sigmoid()
+        self.activation = activation()
+        self.scale_activation = scale_activation()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         scale = self.scale_activation(self.fc2(self.activation(self.fc1(self.avgpool(x)))))

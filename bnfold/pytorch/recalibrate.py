@@ -669,7 +669,6 @@ class ModuleRunner(_TorchRunner):
         self.module = self._working_copy(_held(model.module), copy_model)
         self.bns: dict[str, _BatchNorm] = {}
         self._look_alikes: set[str] = set()  # traced through: their F.batch_norm call, if any, is a layer
-        fixed = self._training_fixed()
         for name, child in self.module.named_modules():
             kind, missing = bn_kind(child), missing_statistics(child)
             if missing is not None:
@@ -681,17 +680,11 @@ class ModuleRunner(_TorchRunner):
                                        "is unknown")
                 if not isinstance(child, torch.jit.ScriptModule):
                     self._look_alikes.add(name)
-            elif name in fixed:  # its running statistics are never used: recalibrating them changes nothing
+            elif not _torch_forward(child) and _fixes_training(child):  # its statistics are never used
                 self._skipped[name] = fixed_training()
             else:
                 self.bns[name] = child
         self.functional = self._functional_batch_norms()
-
-    def _training_fixed(self) -> set[str]:
-        """The BN modules whose own forward fixes training mode (F.batch_norm(..., training=True) in eval
-        mode): those of a class that `_fixes_training`."""
-        return {name for name, module in self.module.named_modules()
-                if isinstance(module, _BatchNorm) and not _torch_forward(module) and _fixes_training(module)}
 
     def _functional_batch_norms(self) -> dict[str, BNLayer]:
         """F.batch_norm calls on the running statistics of modules that are no BN module, by owner."""
