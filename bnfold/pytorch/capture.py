@@ -31,6 +31,7 @@ from torch.nn.modules.conv import _ConvNd
 from bnfold.errors import first_line
 from bnfold.pytorch.discover import bn_kind, frozen_constant_targets, resolve_path, tensor_key
 from bnfold.pytorch.quantization import observers_frozen
+from bnfold.pytorch.state import buffers_kept
 
 SYMBOLIC = "symbolic tracing"
 EXPORT = "torch.export"
@@ -203,12 +204,23 @@ def trace_functional(module: nn.Module, share_tensors: bool = False) -> fx.Graph
         try:
             tracer = FunctionalTracer(proxy_buffers)
             graph = tracer.trace(private)
+            _no_assigned_proxies(private)
         except Exception as failure:  # user code raises anything while tracing
             error = error or failure
             continue
         return _graph_module(tracer.root, _portable(graph), type(module).__name__)
     assert error is not None
     raise error
+
+
+def _no_assigned_proxies(traced: nn.Module) -> None:
+    """Raise where the trace stored a value into a module (`self.calls += 1`): the graph does not record
+    the write, and the module holds a Proxy where its buffer was."""
+    for path, module in traced.named_modules():
+        for name, value in (*vars(module).items(), *module._buffers.items(), *module._parameters.items()):
+            if isinstance(value, fx.Proxy):
+                raise TypeError(f"the forward assigns {f'{path}.{name}'.lstrip('.')}, which symbolic tracing "
+                                "cannot record")
 
 
 RENAMED = "bnfold_renamed"  # GraphModule.meta key: {name in the graph: the model's name} (see `_graph_module`)
@@ -287,9 +299,9 @@ def capture_module(module: nn.Module, example: tuple[torch.Tensor, ...] | None,
                        note=f"symbolic tracing failed ({first_line(error, 200)}); captured with torch.export instead")
     if example is not None:
         try:
-            # shapes do not depend on the mode; BN statistics and a QAT model's quantization must not move
-            # (with tensors shared, the fold's output holds them)
-            with _eval_mode(traced), observers_frozen(traced):
+            # shapes do not depend on the mode; BN statistics (also of a BN fixed in training mode) and a QAT
+            # model's quantization must not move (with tensors shared, the fold's output holds them)
+            with _eval_mode(traced), observers_frozen(traced), buffers_kept(traced):
                 ShapeProp(traced).propagate(*example)
         except Exception as error:  # the trace specialised on something: trust export instead
             program = _export(module, example, share_tensors)

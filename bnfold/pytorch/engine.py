@@ -49,6 +49,7 @@ from bnfold.pytorch.model import (ExportedProgramModel, ModuleModel, TorchScript
                                   program_module, wrapper_notes)
 from bnfold.pytorch.ops import may_write
 from bnfold.pytorch.quantization import disable_observers, holds_quantizers, observers_frozen
+from bnfold.pytorch.state import buffers_kept
 from bnfold.pytorch.streamline import streamline
 from bnfold.verify import random_batches
 
@@ -97,7 +98,7 @@ class TorchEngine:
         if isinstance(model, ExportedProgramModel):
             return ExportedProgramModel(model.path, _reexport(folded, model.program, capture.example))
         if isinstance(model, TorchScriptModel):
-            with quiet(), torch.no_grad():
+            with quiet(), torch.no_grad(), buffers_kept(folded):  # the trace shares them: its runs move them too
                 traced, notes = _traced_back(folded, capture.example)
             plan.notes.extend(notes)
             return TorchScriptModel(model.path, traced)
@@ -119,7 +120,8 @@ class TorchEngine:
 
     def run(self, model: Model, batch: Batch) -> list[np.ndarray]:
         inputs, function = _inputs(model, batch), self._callable(model)
-        with torch.no_grad(), observers_frozen(function):  # a QAT model's observers would learn from the batch
+        # a QAT model's observers would learn from the batch, a BN fixed in training mode move its statistics
+        with torch.no_grad(), observers_frozen(function), buffers_kept(function):
             outputs = function(*inputs)
         return [_numpy(t) for t in pytree.tree_leaves(outputs) if isinstance(t, torch.Tensor)]
 
@@ -128,9 +130,12 @@ class TorchEngine:
 
     def prepare(self, model: Model, batch: Batch, mode: str = modes[0]) -> Callable[[], object]:
         inputs, function = _inputs(model, batch), self._callable(model)
-        if holds_quantizers(function):  # timed thousands of times: too often to freeze and restore each call
+        # timed thousands of times: too often to freeze quantizers and restore buffers around each call
+        quantized = holds_quantizers(function)
+        if quantized or _writes_buffers(function, inputs):
             with quiet():  # deepcopy of a program's module warns of torch's own pytree deprecation
                 function = private_copy(function)
+        if quantized:
             disable_observers(function)
 
         def forward() -> object:
@@ -156,10 +161,14 @@ class TorchEngine:
             if model.program not in self._programs:
                 self._programs[model.program] = _runnable(model.program)
             return self._programs[model.program]
-        module, _ = inner_model(model.module)  # type: ignore[attr-defined]
-        if any(getattr(m, "training", False) for m in module.modules()):  # frozen TorchScript has none
-            return private_copy(module)  # training-mode BN would update the caller's statistics
-        return module
+        return inner_model(model.module)[0]  # type: ignore[attr-defined]
+
+
+def _writes_buffers(function: Callable, inputs: tuple[torch.Tensor, ...]) -> bool:
+    """Whether one forward of `function` writes into its buffers (which are then put back)."""
+    with torch.inference_mode(), observers_frozen(function), buffers_kept(function) as changed:
+        function(*inputs)
+    return bool(changed)
 
 
 def _runnable(program: torch.export.ExportedProgram) -> nn.Module:
