@@ -20,7 +20,7 @@ from bnfold.formats import as_model
 from bnfold.model import InputSpec, LoadOptions, Model
 from bnfold.reports.bench import BenchReport, BenchRow, Timing
 from bnfold.reports.inspect import ModelInfo
-from bnfold.verify import default_tolerance, parse_input_shapes, random_batches
+from bnfold.verify import InputShapes, default_tolerance, parse_input_shapes, random_batches
 
 SAMPLE_SECONDS = 0.02  # one timing sample lasts at least this long (calls are repeated to fill it)
 
@@ -54,7 +54,7 @@ def time_interleaved(calls: Mapping[str, Callable[[], object]], runs: int, warmu
 
 
 def bench(source: object, folded: object | None = None, *, batch_size: int | None = None, runs: int = 20,
-          warmup: int = 3, input_shape: str | None = None, seed: int = 0, allow_pickle: bool = False,
+          warmup: int = 3, input_shape: InputShapes | None = None, seed: int = 0, allow_pickle: bool = False,
           model_factory: str | None = None) -> BenchReport:
     """Time `source` and its folded version (`folded`, or folded in memory) on one random batch.
 

@@ -19,11 +19,11 @@ from bnfold.output import atomic_write, check_output_name, check_output_path
 from bnfold.plan import FoldOptions
 from bnfold.reports.fold import FoldReport
 from bnfold.reports.inspect import ModelInfo
-from bnfold.verify import OutputDifference, default_tolerance, parse_input_shapes, random_batches
+from bnfold.verify import InputShapes, OutputDifference, default_tolerance, parse_input_shapes, random_batches
 
 
 def fold(source: object, output: str | Path | None = None, *, tolerance: float | None = None,
-         input_shape: str | None = None, data: object | None = None, data_options: DataOptions | None = None,
+         input_shape: InputShapes | None = None, data: object | None = None, data_options: DataOptions | None = None,
          batches: Sequence[Batch] | None = None, verify: bool = True, strict_inputs: bool = False,
          force: bool = False, in_place: bool = False, allow_pickle: bool = False, model_factory: str | None = None,
          seed: int = 0) -> FoldReport:

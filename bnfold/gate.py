@@ -24,11 +24,12 @@ from bnfold.output import atomic_write, check_output_path
 from bnfold.policy import Policy, load_policy
 from bnfold.reports.check import CheckReport, Failure, Outcome, PolicyResult
 from bnfold.reports.inspect import InspectReport
+from bnfold.verify import InputShapes
 
 
 def check(source: object, data: object | None = None, *, policy: Policy | None = None,
           config: str | Path | None = None, data_options: DataOptions | None = None,
-          allow_pickle: bool = False, model_factory: str | None = None, input_shape: str | None = None,
+          allow_pickle: bool = False, model_factory: str | None = None, input_shape: InputShapes | None = None,
           strict_inputs: bool = False) -> CheckReport:
     """Gate a model: static findings, fold state and (with `data`) statistics drift against a policy.
 

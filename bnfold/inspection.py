@@ -22,12 +22,12 @@ from bnfold.layers import Severity
 from bnfold.model import LoadOptions, Model
 from bnfold.plan import FoldOptions
 from bnfold.reports.inspect import InspectReport, ModelInfo
-from bnfold.verify import example_batch, parse_input_shapes
+from bnfold.verify import InputShapes, example_batch, parse_input_shapes
 
 
 def inspect(source: object, data: object | None = None, *, fail_on: str | Severity | None = Severity.ERROR,
             allow_pickle: bool = False, model_factory: str | None = None, limits: DriftLimits = DriftLimits(),
-            data_options: DataOptions | None = None, input_shape: str | None = None,
+            data_options: DataOptions | None = None, input_shape: InputShapes | None = None,
             strict_inputs: bool = False) -> InspectReport:
     """Audit a model's BN layers, and with `data` measure how far their statistics have drifted.
 
@@ -35,8 +35,8 @@ def inspect(source: object, data: object | None = None, *, fail_on: str | Severi
     anything `bnfold.data.open_data` takes. Returns an `InspectReport`: `layers`, `findings`, `folds` (the
     decision `fold` would make per layer) and, with data, `discrepancy` per layer and `model_discrepancy`
     judged against `limits`; it is falsy when a finding reaches `fail_on` ("error", "warning", or None).
-    `input_shape` (e.g. "1,3,224,224") lets the fold analysis of formats that record no input shape
-    (eager modules, TorchScript) prove what depends on shapes, as `fold --input-shape` does, and
+    `input_shape` (e.g. "1,3,224,224" or (1, 3, 224, 224)) lets the fold analysis of formats that record
+    no input shape (eager modules, TorchScript) prove what depends on shapes, as `fold --input-shape` does, and
     `strict_inputs` keeps ONNX BN whose parameters are also graph inputs, as `fold --strict-inputs` does.
     """
     model = as_model(source, LoadOptions(allow_pickle=allow_pickle, model_factory=model_factory))

@@ -24,14 +24,29 @@ def default_tolerance(dtypes: Iterable[str]) -> float:
                default=DEFAULT_TOLERANCE_FLOAT32)
 
 
-def parse_input_shapes(text: str | None) -> list[tuple[int, ...]] | None:
-    """'1,3,224,224' or '1,3,32,32;1,10' (one shape per model input)."""
-    if not text:
+# What `input_shape` takes in the library: the CLI's text, one shape, or one shape per model input.
+InputShapes = str | Sequence[int] | Sequence[Sequence[int]]
+
+
+def parse_input_shapes(given: InputShapes | None) -> list[tuple[int, ...]] | None:
+    """'1,3,224,224' or '1,3,32,32;1,10' (one shape per model input); from Python also (1, 3, 224, 224) or
+    [(1, 3, 32, 32), (1, 10)]."""
+    if given is None or len(given) == 0:
         return None
+    if isinstance(given, str):
+        parts = [part.split(",") for part in given.split(";") if part.strip()]
+    else:
+        parts = [given] if all(isinstance(d, (int, np.integer)) for d in given) else list(given)
     try:
-        return [tuple(int(d) for d in part.split(",")) for part in text.split(";") if part.strip()]
-    except ValueError:
-        raise UsageError(f"--input-shape must look like 1,3,224,224 (';' between inputs), got {text!r}") from None
+        return [tuple(_dimension(d) for d in part) for part in parts]
+    except (TypeError, ValueError):
+        raise UsageError(f"--input-shape must look like 1,3,224,224 (';' between inputs), got {given!r}") from None
+
+
+def _dimension(value: object) -> int:
+    if isinstance(value, (bool, float)):  # int(True) and int(2.5) would pass for sizes
+        raise TypeError(value)
+    return int(value)  # type: ignore[call-overload]
 
 
 def random_batches(specs: Sequence[InputSpec], shapes: list[tuple[int, ...]] | None, count: int = 2,

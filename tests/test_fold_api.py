@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 from torch import nn
 
 from bnfold import fold, inspect
+from bnfold.errors import UsageError
 from bnfold.layers import FoldStatus
 from tests.conftest import SAMPLES
 
@@ -72,6 +74,16 @@ def test_inspect_input_shape_proves_what_shapes_decide():
     with_shape = inspect(model, input_shape="2,5,8").folds["bn"]
     assert with_shape.status is FoldStatus.FOLDABLE and with_shape.targets == ["fc"]
     assert fold(model, input_shape="2,5,8").folded[0].layer == "bn"
+
+
+def test_input_shape_is_also_a_tuple_or_one_per_input():
+    """From Python a shape is a tuple; the API took the CLI's text alone and raised AttributeError ('tuple'
+    object has no attribute 'split') from deep inside. A bad one is a UsageError naming it."""
+    model = randomized(TokenNorm())
+    assert inspect(model, input_shape=(2, 5, 8)).folds["bn"].status is FoldStatus.FOLDABLE
+    assert fold(model, input_shape=[(2, 5, 8)]).folded[0].layer == "bn"
+    with pytest.raises(UsageError, match=r"got \(2, 5.5, 8\)"):
+        fold(model, input_shape=(2, 5.5, 8))
 
 
 def test_batch_one_example_keeps_the_pt2_batch_dynamic(tmp_path):
