@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 from torch import nn
+from torch.ao.quantization import MinMaxObserver
 
 import bnfold
 from bnfold.pytorch.state import buffers_kept
@@ -102,6 +103,27 @@ def test_fold_writes_the_kept_layer_statistics_the_input_held(tmp_path, norm, ho
     assert len(kept) == 2
     for key in kept:
         torch.testing.assert_close(folded[key], given[key], rtol=0, atol=0)
+
+
+class Observed(nn.Module):
+    """A plain observer after the BN (post-training quantization calibration left in the model)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn, self.observer = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), MinMaxObserver()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.observer(self.bn(self.conv(x)))
+
+
+def test_a_pt2_with_a_plain_observer_keeps_what_it_observed(tmp_path):
+    """The exported observer writes its min/max on every run; the folded program holds the input's."""
+    path = _saved(tmp_path, Observed().eval(), "export")
+    report = bnfold.fold(path, tmp_path / "folded.pt2", data=DATA)
+    assert report.passed and [d.layer for d in report.folded] == ["bn"]
+    given, folded = _loaded_state(path, "export"), _loaded_state(tmp_path / "folded.pt2", "export")
+    for key in ("observer.min_val", "observer.max_val"):
+        assert torch.equal(folded[key], given[key]) and given[key].isinf()
 
 
 def test_a_module_counting_its_calls_counts_none_of_bnfolds():
