@@ -16,6 +16,10 @@ import torch
 from torch import nn
 
 
+# a buffer as found: its module's path, the module, its name there, the tensor and the tensor's shape
+_Held = tuple[str, nn.Module, str, torch.Tensor, torch.Size]
+
+
 @contextmanager
 def buffers_kept(module: nn.Module) -> Iterator[list[str]]:
     """For the duration the module's buffers may change; afterwards each holds what it held before, and
@@ -23,26 +27,25 @@ def buffers_kept(module: nn.Module) -> Iterator[list[str]]:
 
     Changes are found by value: torch's BN kernels write running statistics without bumping the tensor's
     version. The buffers (a small part of a model: BN statistics) are copied into one flat tensor per dtype
-    on entry and compared in one step on exit: a few ops per call, not a few per buffer."""
-    groups: dict[torch.dtype, list[tuple[str, nn.Module, str, torch.Tensor, torch.Size]]] = {}
+    and device on entry and compared in one step on exit: a few ops per call, not a few per buffer."""
+    groups: dict[tuple[torch.dtype, torch.device], list[_Held]] = {}
     for path, owner in module.named_modules(remove_duplicate=False):
         for name, tensor in owner.named_buffers(recurse=False):
             if tensor.layout == torch.strided and not tensor.is_quantized and tensor.device.type != "meta":
-                groups.setdefault(tensor.dtype, []).append((path, owner, name, tensor, tensor.shape))
+                groups.setdefault((tensor.dtype, tensor.device), []).append((path, owner, name, tensor, tensor.shape))
     with torch.no_grad():
-        saved = {dtype: _flat([held[3] for held in group]) for dtype, group in groups.items()}
+        saved = [(group, _flat([held[3] for held in group])) for group in groups.values()]
     changed: list[str] = []
     try:
         yield changed
     finally:
         with torch.no_grad():
-            for dtype, group in groups.items():
-                _restore(group, saved[dtype], changed)
+            for group, flat in saved:
+                _restore(group, flat, changed)
 
 
-def _restore(group: list[tuple[str, nn.Module, str, torch.Tensor, torch.Size]], saved: torch.Tensor,
-             changed: list[str]) -> None:
-    """Put one dtype's buffers back from their flat copy `saved`, naming in `changed` those that differed."""
+def _restore(group: list[_Held], saved: torch.Tensor, changed: list[str]) -> None:
+    """Put one group's buffers back from their flat copy `saved`, naming in `changed` those that differed."""
     replaced = {id(tensor) for _, owner, name, tensor, _ in group if getattr(owner, name, None) is not tensor}
     if not replaced and all(held[3].shape == held[4] for held in group) and \
             _same(_flat([held[3] for held in group]), saved):
