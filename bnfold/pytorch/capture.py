@@ -15,6 +15,7 @@ import copyreg
 import functools
 import io
 import logging
+import operator
 import warnings
 from collections import Counter, OrderedDict
 from collections.abc import Iterator
@@ -370,15 +371,67 @@ def capture_script(module: torch.jit.ScriptModule, example: tuple[torch.Tensor, 
 def _convert(module: torch.jit.ScriptModule, example: tuple[torch.Tensor, ...]) -> torch.export.ExportedProgram:
     """The converter's program, with each 0-dim constant it lifted cloned: a traced model's Python numbers
     (the 2 of `h - 2`) come as "wrapped number" tensors, which a ScriptModule traced back from the graph
-    stores as a Python int (fold failed: "'int' object has no attribute 'detach'"); a clone is a plain tensor."""
+    stores as a Python int (fold failed: "'int' object has no attribute 'detach'"); a clone is a plain tensor.
+    The converter's graph is made to keep sizes symbolic before torch.export retraces it
+    (`_symbolic_size_arithmetic`)."""
     from torch._export.converter import TS2EPConverter
 
+    converter = TS2EPConverter(_members_over_properties(module), example)
+    retrace = converter.retrace_as_exported_program
+    converter.retrace_as_exported_program = lambda graph_module, constants: retrace(
+        _symbolic_size_arithmetic(graph_module), constants)
     with quiet():
-        program = TS2EPConverter(_members_over_properties(module), example).convert()
+        program = converter.convert()
     for name, constant in program.constants.items():
         if isinstance(constant, torch.Tensor) and constant.dim() == 0:
             program.constants[name] = constant.clone()
     return program
+
+
+# A scripted model's integer arithmetic on sizes (`h * w`, `c // 2`): the converter writes it as these aten
+# ops on ints, which torch.export runs on the example's sizes; Python's operators keep the sizes symbolic.
+# Ops with a float or bool (`int(h * 0.5)`, `if h % 2`) are left to specialize: the converter cannot keep
+# a symbolic float's int() or a branch on a size.
+_SIZE_OPERATORS = {"add": operator.add, "sub": operator.sub, "mul": operator.mul, "floordiv": operator.floordiv,
+                   "remainder": operator.mod, "neg": operator.neg}
+
+
+def _symbolic_size_arithmetic(graph_module: fx.GraphModule) -> fx.GraphModule:
+    """The converter's graph (and its branches' graphs) with its integer arithmetic, its slices of size
+    lists and its `aten.__interpolate` as the Python operators and function, which take symbolic sizes.
+
+    torch.export retraces the converter's graph with every input axis dynamic; an aten op on ints
+    (`aten.mul.int`) specializes the sizes it is given, so a scripted `x.view(b, c, h * w)` folded at 8x8
+    reshaped to 64 at every size (and failed, or computed otherwise, at another height or width)."""
+    for module in graph_module.modules():
+        if not isinstance(module, fx.GraphModule):
+            continue
+        for node in module.graph.nodes:
+            if node.op != "call_function" or node.kwargs:
+                continue
+            if node.target is torch.ops.aten.slice.t:  # `x.shape[-2:]`: the op refuses export's list of sizes
+                node.target, node.args = operator.getitem, (node.args[0], slice(*_slice_bounds(*node.args[1:])))
+            elif getattr(node.target, "overloadpacket", None) is torch.ops.aten.__interpolate:
+                node.target = nn.functional.interpolate  # the op takes the sizes as ints, the function as SymInts
+            elif (operator_ := _size_operator(node.target)) is not None:
+                node.target = operator_
+        module.recompile()
+    return graph_module
+
+
+def _slice_bounds(start: object = None, end: object = None, step: object = 1) -> tuple[object, object, object]:
+    """`aten.slice.t`'s bounds, defaults included, as `slice` takes them."""
+    return start, end, step
+
+
+def _size_operator(target: object) -> Any:
+    """The Python operator of an aten op that computes on ints alone (`aten.mul.int`), else None."""
+    if not isinstance(target, torch._ops.OpOverload) or target.namespace != "aten":
+        return None
+    schema = target._schema
+    if not all(argument.type.kind() == "IntType" for argument in (*schema.arguments, *schema.returns)):
+        return None
+    return _SIZE_OPERATORS.get(target.overloadpacket.__name__)
 
 
 # A ScriptModule's own properties (`code`, `graph`, ...), which hide its members of the same names.

@@ -8,7 +8,9 @@ Output formats (the folded model always loads with torch alone, never needing bn
   (e.g. a BN kept in training mode) keep their own classes.
 - TorchScript in, TorchScript out: the archive is converted with torch.export's TorchScript converter,
   folded at aten level and traced back with `torch.jit.trace` on the example input, so the output
-  follows the control-flow path of that input (the converter specializes Python constants anyway).
+  follows the control-flow path of that input (the converter specializes Python constants anyway). The
+  trace is run at other batch sizes and spatial sizes, and a note names each input size it is fixed to
+  where the TorchScript model runs at others.
 - state_dict + factory in: the factory's architecture still holds its BN modules, so no state_dict can
   say "this BN is gone". The folded model is written as a torch.export program (also when nothing
   folds, so the output is always one format; `bnfold.folding` refuses an output not named `.pt2`) or,
@@ -99,7 +101,7 @@ class TorchEngine:
             return ExportedProgramModel(model.path, _reexport(folded, model.program, capture.example))
         if isinstance(model, TorchScriptModel):
             with quiet(), torch.no_grad(), buffers_kept(folded):  # the trace shares them: its runs move them too
-                traced, notes = _traced_back(folded, capture.example)
+                traced, notes = _traced_back(folded, capture.example, model.module)
             plan.notes.extend(notes)
             return TorchScriptModel(model.path, traced)
         assert isinstance(model, ModuleModel)
@@ -259,33 +261,159 @@ def _slice(tensor: torch.Tensor, dim: int = 0, start: int | None = None, end: in
 _OWN_BINDINGS = {aten.slice.Tensor: _slice}
 
 
-def _traced_back(module: fx.GraphModule, example: tuple[torch.Tensor, ...]) -> tuple[torch.jit.ScriptModule, list[str]]:
-    """The folded graph as TorchScript again, traced on `example`, and a note where it runs at the example's
-    batch size alone. The shape arithmetic is made traceable first (`_sizes_traceable`); each op given a
-    Python binding keeps it only where the binding computes what the op did (one with other arguments
-    goes back to the op). The trace is then run at one more batch row against the graph itself: what still
-    records a size as a constant shows there, and is said rather than handed back unnoticed."""
+def _traced_back(module: fx.GraphModule, example: tuple[torch.Tensor, ...],
+                 original: torch.jit.ScriptModule) -> tuple[torch.jit.ScriptModule, list[str]]:
+    """The folded graph as TorchScript again, traced on `example`, and notes naming each input size it runs
+    at alone where the `original` runs at others. The shape arithmetic is made traceable first
+    (`_sizes_traceable`); each op given a Python binding keeps it only where the binding computes what the
+    op did (one with other arguments goes back to the op). The trace is then run at other sizes against
+    the graph (one more batch row, twice every other size): what still records a size as a constant, or a
+    size the converter made constant, shows there and is said rather than handed back unnoticed."""
+    groups = _size_groups(module, example)
     rewritten = _sizes_traceable(module)
-    wider = tuple(torch.cat([t, t[:1]]) if t.dim() else t for t in example)
+    symbolic = [axis for axes, dynamic in groups if dynamic for axis in axes]
+    everywhere = _resized(example, symbolic)
     try:
-        expected = _checked_bindings(module, rewritten, wider)
-    except Exception:  # the graph does not take another batch size (the converter specialized it): no claim
-        expected = None
+        _checked_bindings(module, rewritten, everywhere)
+    except Exception:  # the graph does not take other sizes: check the bindings where it runs
         _checked_bindings(module, rewritten, example)
+    _numbers_unregistered(module, original)
     traced = torch.jit.trace(module, example, check_trace=False)
-    if expected is None:
-        return traced, []
+    if symbolic and _generalizes(traced, module, everywhere):  # every size the graph holds as a symbol generalizes
+        groups = [(axes, dynamic) for axes, dynamic in groups if not dynamic]
+    fixed: dict[str, list[tuple[list[Axis], str]]] = {"trace": [], "converter": []}
+    for axes, dynamic in groups:
+        found = _unlike(traced, module, _resized(example, axes), original, dynamic)
+        if found is not None:
+            cause, problem = found
+            fixed[cause].append((axes, problem))
+    notes = [f"the folded TorchScript model runs at the --input-shape {_fixed_sizes(example, fixed['trace'])}: "
+             "torch.jit.trace wrote the example's sizes into shape arithmetic bnfold cannot trace"] \
+        if fixed["trace"] else []
+    if fixed["converter"]:
+        notes.append(f"the folded TorchScript model is made for the --input-shape "
+                     f"{_fixed_sizes(example, fixed['converter'])}, where the TorchScript model also runs at "
+                     "others: torch.export's TorchScript converter fixed those sizes in the graph bnfold folds; "
+                     "fold at the sizes the model is to run at")
+    return traced, notes
+
+
+def _numbers_unregistered(module: fx.GraphModule, original: torch.jit.ScriptModule) -> None:
+    """Hold the 0-dim buffers of `module`'s top level that the `original` does not hold as plain attributes:
+    they are the converter's lifted Python numbers (the 0.5 a traced `x * 0.5` recorded), which torch.fx
+    registers as buffers. torch.jit.trace records a plain attribute as a constant of the graph; a buffer
+    stayed one, and the folded model's state_dict and parameter count held the number."""
+    held = set(original.state_dict())
+    for name, tensor in list(module._buffers.items()):
+        if tensor is not None and tensor.dim() == 0 and name not in held:
+            del module._buffers[name]
+            setattr(module, name, tensor)
+
+
+Axis = tuple[int, int]  # (input, axis)
+
+
+def _size_groups(module: fx.GraphModule, example: tuple[torch.Tensor, ...]) -> list[tuple[list[Axis], bool]]:
+    """The input axes that share one size in the graph (the batch of every input), each group with whether
+    the graph holds that size as a symbol (torch.export's placeholder metadata) rather than a constant."""
+    groups: dict[object, list[Axis]] = {}
+    placeholders = [node for node in module.graph.nodes if node.op == "placeholder"]
+    for index, (tensor, node) in enumerate(zip(example, placeholders)):
+        shape = getattr(node.meta.get("val"), "shape", None)
+        for axis in range(tensor.dim()):
+            size = shape[axis] if shape is not None and len(shape) == tensor.dim() else None
+            symbol = size.node.expr if isinstance(size, torch.SymInt) and not size.node.expr.is_number else None
+            groups.setdefault(symbol if symbol is not None else (index, axis), []).append((index, axis))
+    return [(axes, not isinstance(key, tuple)) for key, axes in groups.items()]
+
+
+def _resized(example: tuple[torch.Tensor, ...], axes: list[Axis]) -> tuple[torch.Tensor, ...]:
+    """`example` one batch row longer on axis 0 and twice as long on each other axis of `axes` (a stride or
+    a pooling window divides twice a size it divides)."""
+    resized = list(example)
+    for index, axis in axes:
+        tensor = resized[index]
+        resized[index] = torch.cat([tensor, tensor[:1]] if axis == 0 else [tensor, tensor], dim=axis)
+    return tuple(resized)
+
+
+def _generalizes(traced: torch.jit.ScriptModule, module: fx.GraphModule, inputs: tuple[torch.Tensor, ...]) -> bool:
+    """Whether the graph runs at `inputs` and the trace computes there what it does."""
     try:
-        outputs = traced(*wider)
-        problem = None if _same(outputs, expected) else "other outputs than the folded graph"
+        expected = module(*inputs)
+    except Exception:  # e.g. a linear layer after a flatten takes one height and width
+        return False
+    return _differs(traced, inputs, expected, _same, "the folded graph") is None
+
+
+def _unlike(traced: torch.jit.ScriptModule, module: fx.GraphModule, inputs: tuple[torch.Tensor, ...],
+            original: torch.jit.ScriptModule, symbolic: bool) -> tuple[str, str] | None:
+    """Why the folded model may not compute at `inputs` what the model does, where the sizes changed are
+    `symbolic` in the graph or constants of it: the trace's fault ("trace", and what goes wrong: it computes
+    otherwise than the graph), or the converter's ("converter": the graph fails, or holds the size as a
+    constant, and what goes wrong if anything: the trace computes otherwise than the `original`, within
+    folding's rounding); None where it computes alike, or where the original does not run either (a
+    channel count)."""
+    if symbolic:
+        try:
+            expected = module(*inputs)
+        except Exception as error:
+            return ("converter", first_line(error)) if _outputs(original, inputs) is not None else None
+        problem = _differs(traced, inputs, expected, _same, "the folded graph")
+        return None if problem is None else ("trace", problem)
+    expected = _outputs(original, inputs)
+    if expected is None:
+        return None
+    return "converter", _differs(traced, inputs, expected[0], _close, "the TorchScript model") or ""
+
+
+def _outputs(original: torch.jit.ScriptModule, inputs: tuple[torch.Tensor, ...]) -> tuple[object] | None:
+    """The original's outputs at `inputs` (its buffers left as they were), or None where it fails."""
+    try:
+        with buffers_kept(original):
+            return (original(*inputs),)
+    except Exception:  # the model itself takes only the example's size here
+        return None
+
+
+def _differs(traced: torch.jit.ScriptModule, inputs: tuple[torch.Tensor, ...], expected: object,
+             alike: Callable[[object, object], bool], source: str) -> str | None:
+    """What goes wrong running `traced` at `inputs` (its error, or other outputs than `expected`, which
+    `source` computed), else None."""
+    try:
+        outputs = traced(*inputs)
     except Exception as error:
-        problem = first_line(error)
-    if problem is None:
-        return traced, []
-    batch = next(t.shape[0] for t in example if t.dim())  # some input has a batch axis: the outputs differed
-    return traced, [f"the folded TorchScript model runs at the --input-shape batch size ({batch}) alone (at "
-                    f"{batch + 1}: {problem}): torch.jit.trace wrote the example's sizes into shape arithmetic "
-                    "bnfold cannot trace"]
+        return first_line(error)
+    return None if alike(outputs, expected) else f"other outputs than {source}"
+
+
+def _close(actual: object, expected: object) -> bool:
+    """Equal leaves, tensors of equal dtype and shape whose values differ by no more than folding rounds."""
+    leaves, wanted = pytree.tree_leaves(actual), pytree.tree_leaves(expected)
+    return len(leaves) == len(wanted) and all(
+        a.dtype == b.dtype and a.shape == b.shape and _near(a.double(), b.double())
+        if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) else type(a) is type(b) and a == b
+        for a, b in zip(leaves, wanted))
+
+
+def _near(a: torch.Tensor, b: torch.Tensor) -> bool:
+    scale = float(b.abs().max()) if b.numel() else 0.0
+    return torch.allclose(a, b, rtol=1e-3, atol=1e-3 * scale, equal_nan=True)
+
+
+def _fixed_sizes(example: tuple[torch.Tensor, ...], fixed: list[tuple[list[Axis], str]]) -> str:
+    """'batch size (2) alone (at 3: why)': each group's size in `example`, and what goes wrong at others."""
+    several = sum(tensor.dim() > 0 for tensor in example) > 1
+    sizes, failures = [], []
+    for axes, problem in fixed:
+        index, axis = axes[0]
+        size = example[index].shape[axis]
+        where = f" of input {index + 1}" if several and axis else ""
+        sizes.append(f"batch size ({size})" if axis == 0 else f"size of axis {axis}{where} ({size})")
+        failure = f"at {size + 1 if axis == 0 else 2 * size}: {problem}"
+        if problem and failure not in failures:  # the sizes of one view fail alike
+            failures.append(failure)
+    return f"{' and '.join(sizes)} alone" + (f" ({'; '.join(failures)})" if failures else "")
 
 
 def _sizes_traceable(module: fx.GraphModule) -> dict[fx.Node, torch._ops.OpOverload]:
