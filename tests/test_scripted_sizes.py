@@ -176,3 +176,31 @@ def test_a_traced_python_number_is_a_constant_of_the_folded_model_not_a_paramete
     result = fold_saved(traced, tmp_path, cli, "--json")
     assert result.code == 0
     assert json.loads(result.stdout)["params_after"] == 4 * 3 * 3 * 3 + 4
+
+
+class OddPad(nn.Module):
+    """Pads an odd width to an even one (as space-to-depth stems and U-Nets do): a branch on the parity."""
+
+    def __init__(self):
+        super().__init__()
+        self.m = conv_bn(3, 4)
+
+    def forward(self, x):
+        y = self.m(x)
+        if y.shape[-1] % 2 == 1:
+            y = F.pad(y, (0, 1))
+        return y
+
+
+def test_a_branch_on_a_sizes_parity_is_said():
+    """torch.export records the even width as a guard, which the trace drops, and the checks at twice every
+    size are even: the folded model gave a 9-wide map where the model pads to 10, and no note."""
+    model = randomized(OddPad())
+    report = bnfold.fold(torch.jit.script(model), input_shape="2,3,8,8")
+    assert report.verified and {d.layer for d in report.folded} == {"m.1"}
+    assert report.notes == ["the folded TorchScript model takes the model's branch for the --input-shape size of "
+                            "axis 3 (8) (at 17: other outputs than the TorchScript model): the model branches on "
+                            "that size (on its parity, say), and a trace keeps the example's branch; fold at the "
+                            "sizes the model is to run at"]
+    assert_computes_alike(report.folded_model.module, model, (5, 3, 12, 8))
+

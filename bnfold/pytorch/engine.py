@@ -279,6 +279,7 @@ def _traced_back(module: fx.GraphModule, example: tuple[torch.Tensor, ...],
         _checked_bindings(module, rewritten, example)
     _numbers_unregistered(module, original)
     traced = torch.jit.trace(module, example, check_trace=False)
+    groups_of_symbols = groups
     if symbolic and _generalizes(traced, module, everywhere):  # every size the graph holds as a symbol generalizes
         groups = [(axes, dynamic) for axes, dynamic in groups if not dynamic]
     fixed: dict[str, list[tuple[list[Axis], str]]] = {"trace": [], "converter": []}
@@ -295,7 +296,30 @@ def _traced_back(module: fx.GraphModule, example: tuple[torch.Tensor, ...],
                      f"{_fixed_sizes(example, fixed['converter'])}, where the TorchScript model also runs at "
                      "others: torch.export's TorchScript converter fixed those sizes in the graph bnfold folds; "
                      "fold at the sizes the model is to run at")
+    if branched := _odd_size_branches(traced, example, groups_of_symbols, original):
+        notes.append(f"the folded TorchScript model takes the model's branch for the --input-shape "
+                     f"{_fixed_sizes(example, branched, odd=True)}: the model branches on that size (on its parity, "
+                     "say), and a trace keeps the example's branch; fold at the sizes the model is to run at")
     return traced, notes
+
+
+def _odd_size_branches(traced: torch.jit.ScriptModule, example: tuple[torch.Tensor, ...],
+                       groups: list[tuple[list[Axis], bool]],
+                       original: torch.jit.ScriptModule) -> list[tuple[list[Axis], str]]:
+    """The sizes (other than the batch) the graph holds as symbols at whose odd values (twice plus one) the
+    trace computes otherwise than the `original`, with what goes wrong. A branch on a size's parity
+    (`if w % 2 == 1: pad`) is a guard torch.export records and the trace drops; twice a size is even, so
+    the checks at twice every size never take the other branch."""
+    spatial = [axes for axes, dynamic in groups if dynamic and all(axis for _, axis in axes)]
+
+    def problem(groups_: list[list[Axis]]) -> str | None:
+        inputs = _resized(example, [axis for axes in groups_ for axis in axes], odd=True)
+        expected = _outputs(original, inputs)
+        return None if expected is None else _differs(traced, inputs, expected[0], _close, "the TorchScript model")
+
+    if not spatial or problem(spatial) is None:
+        return []
+    return [(axes, found) for axes in spatial if (found := problem([axes])) is not None]
 
 
 def _numbers_unregistered(module: fx.GraphModule, original: torch.jit.ScriptModule) -> None:
@@ -327,13 +351,14 @@ def _size_groups(module: fx.GraphModule, example: tuple[torch.Tensor, ...]) -> l
     return [(axes, not isinstance(key, tuple)) for key, axes in groups.items()]
 
 
-def _resized(example: tuple[torch.Tensor, ...], axes: list[Axis]) -> tuple[torch.Tensor, ...]:
+def _resized(example: tuple[torch.Tensor, ...], axes: list[Axis], odd: bool = False) -> tuple[torch.Tensor, ...]:
     """`example` one batch row longer on axis 0 and twice as long on each other axis of `axes` (a stride or
-    a pooling window divides twice a size it divides)."""
+    a pooling window divides twice a size it divides), or, `odd`, twice plus one."""
     resized = list(example)
     for index, axis in axes:
         tensor = resized[index]
-        resized[index] = torch.cat([tensor, tensor[:1]] if axis == 0 else [tensor, tensor], dim=axis)
+        parts = [tensor, tensor[:1]] if axis == 0 else [tensor, tensor] + ([tensor.narrow(axis, 0, 1)] if odd else [])
+        resized[index] = torch.cat(parts, dim=axis)
     return tuple(resized)
 
 
@@ -401,8 +426,9 @@ def _near(a: torch.Tensor, b: torch.Tensor) -> bool:
     return torch.allclose(a, b, rtol=1e-3, atol=1e-3 * scale, equal_nan=True)
 
 
-def _fixed_sizes(example: tuple[torch.Tensor, ...], fixed: list[tuple[list[Axis], str]]) -> str:
-    """'batch size (2) alone (at 3: why)': each group's size in `example`, and what goes wrong at others."""
+def _fixed_sizes(example: tuple[torch.Tensor, ...], fixed: list[tuple[list[Axis], str]], odd: bool = False) -> str:
+    """'batch size (2) alone (at 3: why)': each group's size in `example`, and what goes wrong at others
+    (`odd`: at twice plus one, and the sizes not said to be the only ones)."""
     several = sum(tensor.dim() > 0 for tensor in example) > 1
     sizes, failures = [], []
     for axes, problem in fixed:
@@ -410,10 +436,10 @@ def _fixed_sizes(example: tuple[torch.Tensor, ...], fixed: list[tuple[list[Axis]
         size = example[index].shape[axis]
         where = f" of input {index + 1}" if several and axis else ""
         sizes.append(f"batch size ({size})" if axis == 0 else f"size of axis {axis}{where} ({size})")
-        failure = f"at {size + 1 if axis == 0 else 2 * size}: {problem}"
+        failure = f"at {size + 1 if axis == 0 else 2 * size + odd}: {problem}"
         if problem and failure not in failures:  # the sizes of one view fail alike
             failures.append(failure)
-    return f"{' and '.join(sizes)} alone" + (f" ({'; '.join(failures)})" if failures else "")
+    return " and ".join(sizes) + ("" if odd else " alone") + (f" ({'; '.join(failures)})" if failures else "")
 
 
 def _sizes_traceable(module: fx.GraphModule) -> dict[fx.Node, torch._ops.OpOverload]:
