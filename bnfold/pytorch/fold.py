@@ -631,9 +631,12 @@ class GraphFolder:
             return None
         weight, bias = arg(node, "weight"), arg(node, "bias")
         stack = module_stack(node)
-        name = self._path(stack[-1][0] if stack else _owner(weight) or node.name)
         if not _stored(weight) or (bias is not None and not _stored(bias)):
-            return f"{name} computes its weight at run time, so there is no stored weight to fold into"
+            what, computed = ("weight", weight) if not _stored(weight) else ("bias", bias)
+            name = self._path(stack[-1][0]) if stack else f"`{target_name(node)}`"  # no module: the op, not its node
+            return (f"{name} computes its {what} at run time (from {self._label(computed)}), so there is no "
+                    "stored weight to fold into")
+        name = self._path(stack[-1][0] if stack else _owner(weight) or node.name)
         if kind == "convolution":
             kind = "conv_transpose" if conv_is_transposed(node) else "conv"
         groups = int(arg(node, "groups")) if kind != "linear" else 1
