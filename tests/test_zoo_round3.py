@@ -5,7 +5,8 @@ timm's ResNeSt, HRNet, facebookresearch's SlowFast, TResNet with an inplace-abn 
 Yet-Another-EfficientDet's BiFPN and heads, a SiamFC tracker), with the hand-derived set of BN layers
 that fold exactly and the reason each other one is kept. They are checked as test_zoo_more.py checks its
 models (fold eager/ONNX/.pt2/TorchScript at another batch size, recalibrate exact and fast against the
-oracle, inspect); two more tests run models converted to channels_last and to float64.
+oracle, inspect), and so are ResNeSt converted to channels_last and TResNet converted to float64 (in
+eager, .pt2 and TorchScript form: the ONNX helpers export and calibrate in float32).
 """
 
 from __future__ import annotations
