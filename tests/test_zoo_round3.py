@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import bnfold
+from bnfold.pytorch import engine
 import tests.test_zoo_acceptance as acceptance
 import tests.test_zoo_more as more
 import tests.test_zoo_patterns as patterns
@@ -1103,12 +1104,9 @@ class StaticSamePaddingHead(nn.Module):
         return self.head(F.relu(self.bn(self.conv(x))))
 
 
-@pytest.mark.xfail(strict=True, raises=RuntimeError,
-                   reason="engine.py (another helper's file) writes a traced `k - w` on a size (aten.rsub) back "
-                          "as torch.rsub, which takes no int, and the binding check calls the op outside its "
-                          "try: fold crashes with 'aten::rsub() Expected a value of type Tensor'; patch "
-                          "/tmp/helper49/engine_rsub.patch")
 def test_traced_static_same_padding_folds() -> None:
+    """A traced `k - w` on a size (aten.rsub) had no Python arithmetic and went back as torch.rsub, which
+    takes no int: fold crashed with 'aten::rsub() Expected a value of type Tensor'."""
     model = _build(StaticSamePaddingHead, 78)
     x = torch.randn(2, 3, 16, 16)
     with warnings.catch_warnings():
@@ -1155,3 +1153,22 @@ def test_recalibrate_float64_model(method: str) -> None:
     assert_recalibrated(report, module_statistics(result, found), found)
     x = probe_input(entry).double()
     assert rel_error(outputs(found.reference_model(), x), outputs(result, x)) <= OUTPUT_TOLERANCE
+
+
+def test_a_size_op_with_no_python_arithmetic_fixes_the_size_with_a_note(monkeypatch) -> None:
+    """Without a Python form of a traced size op (aten.rsub had none), the binding check ran the op on the
+    Python numbers the bindings before it gave, and fold crashed; it now traces the converter's ops as they
+    are, which fix the sizes, and the report says at which size the folded model runs."""
+    monkeypatch.delitem(engine._SIZE_ARITHMETIC, torch.ops.aten.rsub.Scalar)
+    monkeypatch.delitem(engine._SIZE_ARITHMETIC, torch.ops.aten.rsub.Tensor)
+    model = _build(StaticSamePaddingHead, 78)
+    x = torch.randn(2, 3, 16, 16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        traced = torch.jit.trace(model, x)
+    report = bnfold.fold(traced, input_shape="2,3,16,16")
+    assert [d.layer for d in report.folded] == ["bn"]
+    assert rel_error(forward(model, x), forward(report.folded_model.module, x)) <= REL_TOLERANCE
+    assert report.notes == ["the folded TorchScript model runs at the --input-shape size of axis 2 (16) and size of "
+                            "axis 3 (16) alone (at 32: other outputs than the folded graph): torch.jit.trace wrote "
+                            "the example's sizes into shape arithmetic bnfold cannot trace"]

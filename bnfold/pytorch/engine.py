@@ -28,6 +28,7 @@ why: wrapping is a call every rank must make).
 
 from __future__ import annotations
 
+import copy
 import functools
 import operator
 import weakref
@@ -234,6 +235,11 @@ def _numpy(tensor: torch.Tensor) -> np.ndarray:
     return (tensor.float() if tensor.dtype is torch.bfloat16 else tensor).numpy()
 
 
+def _rsub(size: object, other: object) -> object:
+    """`aten.rsub` as Python arithmetic: a trace of `k - w` on a size (EfficientDet's static 'same' padding)."""
+    return other - size
+
+
 aten = torch.ops.aten
 # The Python bindings of the size queries torch.export's TorchScript converter writes as aten ops.
 _SIZE_BINDINGS = {aten.sym_size.int: torch.Tensor.size, aten.sym_numel.default: torch.Tensor.numel}
@@ -245,7 +251,7 @@ _SIZE_ROUND_TRIP = {aten.scalar_tensor.default, aten._to_copy.default, aten._loc
 _SIZE_ARITHMETIC = {aten.add.Tensor: operator.add, aten.add.Scalar: operator.add, aten.sub.Tensor: operator.sub,
                     aten.sub.Scalar: operator.sub, aten.mul.Tensor: operator.mul, aten.mul.Scalar: operator.mul,
                     aten.floor_divide.default: operator.floordiv, aten.remainder.Tensor: operator.mod,
-                    aten.remainder.Scalar: operator.mod}
+                    aten.remainder.Scalar: operator.mod, aten.rsub.Scalar: _rsub, aten.rsub.Tensor: _rsub}
 # The run-time checks export adds on the sizes the converter made up: a trace would run them once, on the
 # example, and record nothing.
 _SIZE_CHECKS = {aten._assert_scalar.default, aten.sym_constrain_range.default,
@@ -270,15 +276,19 @@ def _traced_back(module: fx.GraphModule, example: tuple[torch.Tensor, ...],
     the graph (one more batch row, twice every other size): what still records a size as a constant, or a
     size the converter made constant, shows there and is said rather than handed back unnoticed."""
     groups = _size_groups(module, example)
-    rewritten = _sizes_traceable(module)
+    traceable = fx.GraphModule(module, copy.deepcopy(module.graph))  # the rewrite's own graph, the same tensors
+    rewritten = _sizes_traceable(traceable)
     symbolic = [axis for axes, dynamic in groups if dynamic for axis in axes]
     everywhere = _resized(example, symbolic)
     try:
-        _checked_bindings(module, rewritten, everywhere)
+        _checked_bindings(traceable, rewritten, everywhere)
     except Exception:  # the graph does not take other sizes: check the bindings where it runs
-        _checked_bindings(module, rewritten, example)
-    _numbers_unregistered(module, original)
-    traced = torch.jit.trace(module, example, check_trace=False)
+        try:
+            _checked_bindings(traceable, rewritten, example)
+        except Exception:  # an op without a binding takes no Python number: the graph as the converter wrote
+            traceable = module  # it is traced, which fixes sizes, and the checks below say which
+    _numbers_unregistered(traceable, original)
+    traced = torch.jit.trace(traceable, example, check_trace=False)
     groups_of_symbols = groups
     if symbolic and _generalizes(traced, module, everywhere):  # every size the graph holds as a symbol generalizes
         groups = [(axes, dynamic) for axes, dynamic in groups if not dynamic]
@@ -296,7 +306,9 @@ def _traced_back(module: fx.GraphModule, example: tuple[torch.Tensor, ...],
                      f"{_fixed_sizes(example, fixed['converter'])}, where the TorchScript model also runs at "
                      "others: torch.export's TorchScript converter fixed those sizes in the graph bnfold folds; "
                      "fold at the sizes the model is to run at")
-    if branched := _odd_size_branches(traced, example, groups_of_symbols, original):
+    said = [axes for found in fixed.values() for axes, _ in found]  # sizes a note names already
+    unsaid = [(axes, dynamic) for axes, dynamic in groups_of_symbols if axes not in said]
+    if branched := _odd_size_branches(traced, example, unsaid, original):
         notes.append(f"the folded TorchScript model takes the model's branch for the --input-shape "
                      f"{_fixed_sizes(example, branched, odd=True)}: the model branches on that size (on its parity, "
                      "say), and a trace keeps the example's branch; fold at the sizes the model is to run at")
