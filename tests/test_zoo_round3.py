@@ -1104,9 +1104,8 @@ class StaticSamePaddingHead(nn.Module):
         return self.head(F.relu(self.bn(self.conv(x))))
 
 
-def test_traced_static_same_padding_folds() -> None:
-    """A traced `k - w` on a size (aten.rsub) had no Python arithmetic and went back as torch.rsub, which
-    takes no int: fold crashed with 'aten::rsub() Expected a value of type Tensor'."""
+def fold_traced_static_same_padding():
+    """The fold of a traced StaticSamePaddingHead at 2x3x16x16, checked to fold `bn` and compute alike."""
     model = _build(StaticSamePaddingHead, 78)
     x = torch.randn(2, 3, 16, 16)
     with warnings.catch_warnings():
@@ -1115,6 +1114,13 @@ def test_traced_static_same_padding_folds() -> None:
     report = bnfold.fold(traced, input_shape="2,3,16,16")
     assert [d.layer for d in report.folded] == ["bn"]
     assert rel_error(forward(model, x), forward(report.folded_model.module, x)) <= REL_TOLERANCE
+    return report
+
+
+def test_traced_static_same_padding_folds() -> None:
+    """A traced `k - w` on a size (aten.rsub) had no Python arithmetic and went back as torch.rsub, which
+    takes no int: fold crashed with 'aten::rsub() Expected a value of type Tensor'."""
+    assert fold_traced_static_same_padding().notes == []
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -1161,14 +1167,7 @@ def test_a_size_op_with_no_python_arithmetic_fixes_the_size_with_a_note(monkeypa
     are, which fix the sizes, and the report says at which size the folded model runs."""
     monkeypatch.delitem(engine._SIZE_ARITHMETIC, torch.ops.aten.rsub.Scalar)
     monkeypatch.delitem(engine._SIZE_ARITHMETIC, torch.ops.aten.rsub.Tensor)
-    model = _build(StaticSamePaddingHead, 78)
-    x = torch.randn(2, 3, 16, 16)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        traced = torch.jit.trace(model, x)
-    report = bnfold.fold(traced, input_shape="2,3,16,16")
-    assert [d.layer for d in report.folded] == ["bn"]
-    assert rel_error(forward(model, x), forward(report.folded_model.module, x)) <= REL_TOLERANCE
+    report = fold_traced_static_same_padding()
     assert report.notes == ["the folded TorchScript model runs at the --input-shape size of axis 2 (16) and size of "
                             "axis 3 (16) alone (at 32: other outputs than the folded graph): torch.jit.trace wrote "
                             "the example's sizes into shape arithmetic bnfold cannot trace"]
