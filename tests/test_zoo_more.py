@@ -29,7 +29,7 @@ from bnfold.layers import FoldStatus
 from tests.recalibration_oracle import assert_statistics_match
 from tests.test_zoo_acceptance import REL_TOLERANCE, check_torch_fold, forward, rel_error
 from tests.test_zoo_recalibration import BATCH, OUTPUT_TOLERANCE, assert_skipped, calibration_data, outputs, probe_input
-from tests.zoo import SqueezeExcitation, ZooModel, _build, bn_module_names
+from tests.zoo import FrozenBatchNorm2d, SqueezeExcitation, ZooModel, _build, bn_module_names
 
 # ---------------------------------------------------------------------------------------------------------
 # 1. DeepLabV3 (torchvision): dilated backbone, ASPP with dilated branches and an image-pooling branch whose
@@ -455,15 +455,8 @@ class LookAlikeBN(nn.Module):
                             self.momentum, self.eps)
 
 
-class D2FrozenBatchNorm2d(nn.Module):
-    def __init__(self, num_features: int, eps: float = 1e-5) -> None:
-        super().__init__()
-        self.num_features = num_features
-        self.eps = eps
-        self.register_buffer("weight", torch.ones(num_features))
-        self.register_buffer("bias", torch.zeros(num_features))
-        self.register_buffer("running_mean", torch.zeros(num_features))
-        self.register_buffer("running_var", torch.ones(num_features) - eps)
+class D2FrozenBatchNorm2d(FrozenBatchNorm2d):
+    """detectron2's form of the same layer: its buffers normalized by F.batch_norm, not by hand."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, training=False,
