@@ -273,27 +273,30 @@ def _traced_back(module: fx.GraphModule, example: tuple[torch.Tensor, ...],
     at alone where the `original` runs at others. The shape arithmetic is made traceable first
     (`_sizes_traceable`); each op given a Python binding keeps it only where the binding computes what the
     op did (one with other arguments goes back to the op). The trace is then run at other sizes against
-    the graph (one more batch row, twice every other size): what still records a size as a constant, or a
-    size the converter made constant, shows there and is said rather than handed back unnoticed."""
+    the graph (one more batch row, twice every other size) and against the `original` (twice plus one):
+    what still records a size as a constant, a size the converter made constant, or a branch on a size
+    shows there and is said rather than handed back unnoticed."""
     groups = _size_groups(module, example)
     traceable = fx.GraphModule(module, copy.deepcopy(module.graph))  # the rewrite's own graph, the same tensors
     rewritten = _sizes_traceable(traceable)
     symbolic = [axis for axes, dynamic in groups if dynamic for axis in axes]
     everywhere = _resized(example, symbolic)
     try:
-        _checked_bindings(traceable, rewritten, everywhere)
+        expected = _checked_bindings(traceable, rewritten, everywhere)  # the graph's outputs there
     except Exception:  # the graph does not take other sizes: check the bindings where it runs
+        expected = None
         try:
             _checked_bindings(traceable, rewritten, example)
         except Exception:  # an op without a binding takes no Python number: the graph as the converter wrote
             traceable = module  # it is traced, which fixes sizes, and the checks below say which
     _numbers_unregistered(traceable, original)
     traced = torch.jit.trace(traceable, example, check_trace=False)
-    groups_of_symbols = groups
-    if symbolic and _generalizes(traced, module, everywhere):  # every size the graph holds as a symbol generalizes
-        groups = [(axes, dynamic) for axes, dynamic in groups if not dynamic]
+    generalizes = symbolic and expected is not None and _differs(
+        traced, everywhere, expected, _same, "the folded graph") is None  # at every size the graph holds as a symbol
     fixed: dict[str, list[tuple[list[Axis], str]]] = {"trace": [], "converter": []}
     for axes, dynamic in groups:
+        if dynamic and generalizes:
+            continue
         found = _unlike(traced, module, _resized(example, axes), original, dynamic)
         if found is not None:
             cause, problem = found
@@ -307,7 +310,7 @@ def _traced_back(module: fx.GraphModule, example: tuple[torch.Tensor, ...],
                      "others: torch.export's TorchScript converter fixed those sizes in the graph bnfold folds; "
                      "fold at the sizes the model is to run at")
     said = [axes for found in fixed.values() for axes, _ in found]  # sizes a note names already
-    unsaid = [(axes, dynamic) for axes, dynamic in groups_of_symbols if axes not in said]
+    unsaid = [(axes, dynamic) for axes, dynamic in groups if axes not in said]
     if branched := _odd_size_branches(traced, example, unsaid, original):
         notes.append(f"the folded TorchScript model takes the model's branch for the --input-shape "
                      f"{_fixed_sizes(example, branched, odd=True)}: the model branches on that size (on its parity, "
@@ -372,15 +375,6 @@ def _resized(example: tuple[torch.Tensor, ...], axes: list[Axis], odd: bool = Fa
         parts = [tensor, tensor[:1]] if axis == 0 else [tensor, tensor] + ([tensor.narrow(axis, 0, 1)] if odd else [])
         resized[index] = torch.cat(parts, dim=axis)
     return tuple(resized)
-
-
-def _generalizes(traced: torch.jit.ScriptModule, module: fx.GraphModule, inputs: tuple[torch.Tensor, ...]) -> bool:
-    """Whether the graph runs at `inputs` and the trace computes there what it does."""
-    try:
-        expected = module(*inputs)
-    except Exception:  # e.g. a linear layer after a flatten takes one height and width
-        return False
-    return _differs(traced, inputs, expected, _same, "the folded graph") is None
 
 
 def _unlike(traced: torch.jit.ScriptModule, module: fx.GraphModule, inputs: tuple[torch.Tensor, ...],
