@@ -482,6 +482,14 @@ def weight_as_graph_input(model):
     model.graph.initializer.remove(weight)
 
 
+def weight_computed_from_input(model):
+    """The conv's weight is a function of a graph input (a tracker's template features used as a kernel)."""
+    weight = next(init for init in model.graph.initializer if init.name == "w")
+    model.graph.input.append(helper.make_tensor_value_info("template", weight.data_type, weight.dims))
+    model.graph.initializer.remove(weight)
+    model.graph.node.insert(0, helper.make_node("Relu", ["template"], ["w"], name="/embed/Relu"))
+
+
 def read_running_mean(model):
     model.graph.node[1].output.append("running_mean")
     model.graph.output.append(helper.make_tensor_value_info("running_mean", onnx.TensorProto.FLOAT, None))
@@ -496,7 +504,9 @@ def read_running_mean(model):
     (lambda m: m.graph.output.append(helper.make_tensor_value_info("c", onnx.TensorProto.FLOAT, None)),
      "Conv conv output 'c' is also a graph output"),
     (lambda m: weight_as_graph_input(m), "Conv conv weight 'w' is a graph input, not a constant"),
-], ids=["training-mode", "optional-output", "optional-output-read", "producer-is-graph-output", "runtime-weight"])
+    (lambda m: weight_computed_from_input(m), "Conv conv weight is computed at run time by Relu /embed/Relu"),
+], ids=["training-mode", "optional-output", "optional-output-read", "producer-is-graph-output", "input-weight",
+        "computed-weight"])
 def test_refusals_name_their_reason(edit, reason):
     model = conv_bn(np.random.default_rng(24), bias=False)
     edit(model)

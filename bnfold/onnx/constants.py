@@ -68,15 +68,17 @@ class Constants:
         return owner is not None and name in owner._computable
 
     def why_not(self, name: str) -> str:
-        """Why `name` is not a constant, in words for a report."""
+        """Why `name` is not a constant, in words for a report that goes on from the value's role ("weight
+        ..."). A value computed at run time is named by the node that computes it: its tensor name (an
+        exporter's "/layer/Conv_output_0") says nothing more."""
         owner = self._owner(name)
         if owner is None:
-            return "is not defined in the graph"
+            return f"{name!r} is not defined in the graph"
         if name in owner.index.initializers:
-            return ("is an initializer that is also a graph input, so a caller may feed it "
+            return (f"{name!r} is an initializer that is also a graph input, so a caller may feed it "
                     "(--strict-inputs keeps such layers)")
         if name in owner.index.input_names:
-            return "is a graph input, not a constant"
+            return f"{name!r} is a graph input, not a constant"
         node = owner.index.producers[name]
         return f"is computed at run time by {node.op_type} {node_label(node)}"
 

@@ -199,13 +199,13 @@ def read_layer(scope: Scope, node: onnx.NodeProto, bias_add: onnx.NodeProto | No
                        "replace its quantized values with float ones (fold before quantizing)")
     weight = constants.value(node.input[1])
     if weight is None:
-        raise Skip(f"{describe(node)} weight {node.input[1]!r} {constants.why_not(node.input[1])}")
+        raise Skip(f"{describe(node)} weight {constants.why_not(node.input[1])}")
     layer = Layer(node, weight, None, bias_add)
     bias_name = layer.bias_name
     if bias_name:
         layer.bias = constants.value(bias_name)
         if layer.bias is None:
-            raise Skip(f"{describe(node)} bias {bias_name!r} {constants.why_not(bias_name)}")
+            raise Skip(f"{describe(node)} bias {constants.why_not(bias_name)}")
     _check_layer(scope, layer)
     return layer
 
@@ -278,7 +278,7 @@ def bn_affine(scope: Scope, bn: onnx.NodeProto) -> Affine:
     for role, name in zip(("scale", "bias", "mean", "variance"), bn.input[1:5]):
         value = scope.constants.value(name)
         if value is None:
-            raise Skip(f"BN {role} {name!r} {scope.constants.why_not(name)}")
+            raise Skip(f"BN {role} {scope.constants.why_not(name)}")
         params.append(value)
     sizes = {value.size for value in params}
     if len(sizes) != 1 or any(value.ndim != 1 for value in params):
