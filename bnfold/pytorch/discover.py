@@ -67,6 +67,11 @@ def bn_kind(module: nn.Module) -> str | None:
     return None
 
 
+# What keeps a torch BN class from holding statistics when nothing else says: it registers none only then
+# (a traced module keeps no track_running_stats, a graph only the class its BN op was called in).
+BN_CLASS_WITHOUT_STATISTICS = "track_running_stats=False"
+
+
 def missing_statistics(module: nn.Module) -> str | None:
     """Why (`no_statistics`) a BN module, also scripted or traced, or a hand-written one (an `eps` and a
     `running_mean` that is None) has no statistics to recalibrate or fold; None for any other module.
@@ -80,11 +85,6 @@ def missing_statistics(module: nn.Module) -> str | None:
     if isinstance(module, _NormBase) or not hasattr(module, "eps") or getattr(module, "running_mean", 0) is not None:
         return None
     return no_statistics("running_mean is None")
-
-
-# What keeps a torch BN class from holding statistics when nothing else says: it registers none only then
-# (a traced module keeps no track_running_stats, a graph only the class its BN op was called in).
-BN_CLASS_WITHOUT_STATISTICS = "track_running_stats=False"
 
 
 def op_missing_statistics(class_name: str | None) -> str:
