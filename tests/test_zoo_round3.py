@@ -1023,28 +1023,16 @@ BY_NAME = {entry.name: entry for entry in [*ROUND3, CHANNELS_LAST, FLOAT64]}
 # The trace records SiamFC's groups=batch as a constant, so the traced original runs at its trace's batch alone;
 # so does the ONNX export, whose Conv group is an attribute (recalibration runs batches of 16).
 BATCH_COUPLED = "the cross-correlation's groups=batch is a constant once traced or exported"
-# torch.export's TorchScript converter turns the traced size arithmetic into unbacked symbols, and the graph
-# then guards on them (capture.py, another helper's file): every BN is 'not analysed'.
-CONVERTER_GUARDS = {
-    "tresnet": "torch.export cannot convert the trace: SpaceToDepth's H // 4 becomes an unbacked symbol, and "
-               "adding the anti-aliased stride-2 path to the ceil_mode avg-pool shortcut guards on it",
-    "efficientdet": "torch.export cannot convert the trace: Conv2dStaticSamePadding's F.pad amounts become "
-                    "unbacked symbols, and the next conv's output size guards on them",
-}
-CONVERTER_GUARDS["tresnet_float64"] = CONVERTER_GUARDS["tresnet"]
 
 
 FLOAT32 = [entry.name for entry in [*ROUND3, CHANNELS_LAST]]  # export_onnx and calibration data are float32
 
 
-def entries(names: list[str] | None = None, skip: dict[str, str] | None = None,
-            xfail: dict[str, str] | None = None) -> list:
-    """The entries named (default: all), skipped where `skip` says why, strict xfail where `xfail` does."""
+def entries(names: list[str] | None = None, skip: dict[str, str] | None = None) -> list:
+    """The entries named (default: all), skipped where `skip` says why."""
     params = []
     for name in names or BY_NAME:
         marks = [pytest.mark.skip(reason=skip[name])] if name in (skip or {}) else []
-        if name in (xfail or {}):
-            marks.append(pytest.mark.xfail(strict=True, reason=xfail[name]))
         params.append(pytest.param(BY_NAME[name], id=name, marks=marks))
     return params
 
@@ -1075,7 +1063,7 @@ def test_fold_pt2(entry: ZooModel, tmp_path: Path) -> None:
     acceptance.test_fold_pt2_dynamic_batch(entry, tmp_path)
 
 
-@pytest.mark.parametrize("entry", entries(xfail=CONVERTER_GUARDS))
+@pytest.mark.parametrize("entry", entries())
 def test_fold_torchscript(entry: ZooModel) -> None:
     """The model traced at batch 2 folds as the eager one does and runs at batches 2 and 3 (where the traced
     original does)."""
@@ -1165,8 +1153,8 @@ def test_a_size_op_with_no_python_arithmetic_fixes_the_size_with_a_note(monkeypa
     """Without a Python form of a traced size op (aten.rsub had none), the binding check ran the op on the
     Python numbers the bindings before it gave, and fold crashed; it now traces the converter's ops as they
     are, which fix the sizes, and the report says at which size the folded model runs."""
-    monkeypatch.delitem(engine._SIZE_ARITHMETIC, torch.ops.aten.rsub.Scalar)
-    monkeypatch.delitem(engine._SIZE_ARITHMETIC, torch.ops.aten.rsub.Tensor)
+    monkeypatch.delitem(engine.SIZE_ARITHMETIC, torch.ops.aten.rsub.Scalar)
+    monkeypatch.delitem(engine.SIZE_ARITHMETIC, torch.ops.aten.rsub.Tensor)
     report = fold_traced_static_same_padding()
     assert report.notes == ["the folded TorchScript model runs at the --input-shape size of axis 2 (16) and size of "
                             "axis 3 (16) alone (at 32: other outputs than the folded graph): torch.jit.trace wrote "

@@ -398,7 +398,8 @@ _SIZE_OPERATORS = {"add": operator.add, "sub": operator.sub, "mul": operator.mul
 
 def _symbolic_size_arithmetic(graph_module: fx.GraphModule) -> fx.GraphModule:
     """The converter's graph (and its branches' graphs) with its integer arithmetic, its slices of size
-    lists and its `aten.__interpolate` as the Python operators and function, which take symbolic sizes.
+    lists and its `aten.__interpolate` as the Python operators and function, which take symbolic sizes,
+    and a traced model's sizes computed as ints (`_size_tensors_as_ints`).
 
     torch.export retraces the converter's graph with every input axis dynamic; an aten op on ints
     (`aten.mul.int`) specializes the sizes it is given, so a scripted `x.view(b, c, h * w)` folded at 8x8
@@ -406,6 +407,7 @@ def _symbolic_size_arithmetic(graph_module: fx.GraphModule) -> fx.GraphModule:
     for module in graph_module.modules():
         if not isinstance(module, fx.GraphModule):
             continue
+        _size_tensors_as_ints(module)
         for node in module.graph.nodes:
             if node.op != "call_function" or node.kwargs:
                 continue
@@ -417,6 +419,77 @@ def _symbolic_size_arithmetic(graph_module: fx.GraphModule) -> fx.GraphModule:
                 node.target = operator_
         module.recompile()
     return graph_module
+
+
+def _rsub(size: object, other: object) -> object:
+    """`aten.rsub` as Python arithmetic: a trace of `k - w` on a size (EfficientDet's static 'same' padding)."""
+    return other - size
+
+
+aten = torch.ops.aten
+# A traced model computes on sizes as 0-dim tensors (`h - 2`, `c // 2`): the converter writes that arithmetic
+# as these aten ops (on lifted 0-dim constants), whose Python operators compute it on the sizes themselves.
+SIZE_ARITHMETIC = {aten.add.Tensor: operator.add, aten.add.Scalar: operator.add, aten.sub.Tensor: operator.sub,
+                   aten.sub.Scalar: operator.sub, aten.mul.Tensor: operator.mul, aten.mul.Scalar: operator.mul,
+                   aten.floor_divide.default: operator.floordiv, aten.remainder.Tensor: operator.mod,
+                   aten.remainder.Scalar: operator.mod, aten.rsub.Scalar: _rsub, aten.rsub.Tensor: _rsub}
+
+
+def _size_tensors_as_ints(module: fx.GraphModule) -> None:
+    """Compute a traced model's sizes as ints where it reads them back as ints. A trace keeps a size it
+    computes on as a 0-dim tensor (`prim::NumToTensor`) and reads it back with `aten::Int`; the converter
+    writes that as scalar_tensor, aten arithmetic, a cast and `_local_scalar_dense`, whose value torch.export
+    cannot relate to the input's sizes: it makes up a new symbol, and a graph that compares it (a ceil_mode
+    pooling after TResNet's `H // 4`, a conv after EfficientDet's F.pad of sizes) failed with "Could not
+    guard on data-dependent expression". Each such chain is written as the Python operators on the sizes,
+    which export keeps as expressions of the input's sizes; a size tensor that a tensor op reads stays."""
+    graph = module.graph
+    ints: dict[fx.Node, object] = {}  # a size tensor: the node (or number) computing it as an int
+    for node in list(graph.nodes):
+        if node.op != "call_function" or not node.args:
+            continue
+        source = node.args[0]
+        if node.target is aten.scalar_tensor and len(node.args) == 1 and isinstance(source, fx.Node) \
+                and integral(node):
+            ints[node] = source
+        elif node.target is aten._to_copy.default and source in ints and integral(node):
+            ints[node] = ints[source]
+        elif node.target is aten._local_scalar_dense.default and source in ints:
+            node.replace_all_uses_with(ints[source])  # type: ignore[arg-type]
+            graph.erase_node(node)
+        elif node.target in SIZE_ARITHMETIC and any(arg in ints for arg in node.args) and _unit_alpha(node):
+            numbers = [ints[arg] if arg in ints else _integer(module, arg) for arg in node.args[:2]]
+            if None not in numbers:
+                with graph.inserting_before(node):
+                    ints[node] = graph.call_function(SIZE_ARITHMETIC[node.target], tuple(numbers))
+    for node in reversed(list(ints)):  # the size tensors that no tensor op reads
+        if not node.users:
+            graph.erase_node(node)
+
+
+def integral(node: fx.Node) -> bool:
+    """Whether a node that moves a size between int and tensor keeps it the integer it is:
+    `_local_scalar_dense`, or a cast to (or a scalar_tensor of) an integer type."""
+    if node.target is aten._local_scalar_dense.default:
+        return True
+    dtype = node.kwargs.get("dtype")
+    return set(node.kwargs) == {"dtype"} and not (dtype.is_floating_point or dtype.is_complex or dtype is torch.bool)
+
+
+def _unit_alpha(node: fx.Node) -> bool:
+    """Whether an aten add, sub or rsub node scales its other operand by 1 (its `alpha`), as Python's operators do."""
+    alpha = node.args[2] if len(node.args) > 2 else node.kwargs.get("alpha", 1)
+    return alpha == 1 and set(node.kwargs) <= {"alpha"}
+
+
+def _integer(module: fx.GraphModule, arg: object) -> int | None:
+    """`arg` as a Python int: an int, or the value of a lifted 0-dim integer constant; else None."""
+    if isinstance(arg, fx.Node) and arg.op == "get_attr" and "." not in str(arg.target):
+        arg = getattr(module, str(arg.target), None)
+        if not isinstance(arg, torch.Tensor) or arg.dim() or arg.is_floating_point() or arg.is_complex():
+            return None
+        arg = arg.item()
+    return arg if type(arg) is int else None
 
 
 def _slice_bounds(start: object = None, end: object = None, step: object = 1) -> tuple[object, object, object]:

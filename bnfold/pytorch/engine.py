@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import copy
 import functools
-import operator
 import weakref
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -44,8 +43,8 @@ from bnfold.errors import UsageError, first_line
 from bnfold.layers import FoldDecision, FoldStatus
 from bnfold.model import Model, ModelFormat
 from bnfold.plan import FoldOptions, FoldPlan
-from bnfold.pytorch.capture import (MODULEWISE, RENAMED, Capture, CaptureFailed, capture_module, capture_program,
-                                    capture_script, private_copy, quiet)
+from bnfold.pytorch.capture import (MODULEWISE, RENAMED, SIZE_ARITHMETIC, Capture, CaptureFailed, capture_module,
+                                    capture_program, capture_script, integral, private_copy, quiet)
 from bnfold.pytorch.fold import NO_STATS, GraphFolder
 from bnfold.pytorch.modulewise import fold_by_module
 from bnfold.pytorch.model import (ExportedProgramModel, ModuleModel, TorchScriptModel, inner_model, like_input,
@@ -235,23 +234,15 @@ def _numpy(tensor: torch.Tensor) -> np.ndarray:
     return (tensor.float() if tensor.dtype is torch.bfloat16 else tensor).numpy()
 
 
-def _rsub(size: object, other: object) -> object:
-    """`aten.rsub` as Python arithmetic: a trace of `k - w` on a size (EfficientDet's static 'same' padding)."""
-    return other - size
-
-
 aten = torch.ops.aten
 # The Python bindings of the size queries torch.export's TorchScript converter writes as aten ops.
 _SIZE_BINDINGS = {aten.sym_size.int: torch.Tensor.size, aten.sym_numel.default: torch.Tensor.numel}
 # A traced TorchScript model computes on sizes as 0-dim tensors (`h - 2`, `c // 2`): the converter writes
 # that as scalar_tensor, aten arithmetic (on lifted 0-dim constants), _to_copy to an integer type and
-# _local_scalar_dense. The first, third and fourth only move a size between int and tensor; the arithmetic
-# is written back as the Python operators on the sizes themselves.
+# _local_scalar_dense. Capture computes most such chains as ints before export (`capture._size_tensors_as_ints`);
+# in what export still holds of one, the first, third and fourth only move a size between int and tensor,
+# and the arithmetic is written back as the Python operators on the sizes themselves.
 _SIZE_ROUND_TRIP = {aten.scalar_tensor.default, aten._to_copy.default, aten._local_scalar_dense.default}
-_SIZE_ARITHMETIC = {aten.add.Tensor: operator.add, aten.add.Scalar: operator.add, aten.sub.Tensor: operator.sub,
-                    aten.sub.Scalar: operator.sub, aten.mul.Tensor: operator.mul, aten.mul.Scalar: operator.mul,
-                    aten.floor_divide.default: operator.floordiv, aten.remainder.Tensor: operator.mod,
-                    aten.remainder.Scalar: operator.mod, aten.rsub.Scalar: _rsub, aten.rsub.Tensor: _rsub}
 # The run-time checks export adds on the sizes the converter made up: a trace would run them once, on the
 # example, and record nothing.
 _SIZE_CHECKS = {aten._assert_scalar.default, aten.sym_constrain_range.default,
@@ -473,11 +464,11 @@ def _sizes_traceable(module: fx.GraphModule) -> dict[fx.Node, torch._ops.OpOverl
             continue
         elif not isinstance(node.target, torch._ops.OpOverload):
             sizes.add(node)  # Python arithmetic on sizes: traced as such
-        elif node.target in _SIZE_ROUND_TRIP and node.args[0] in sizes and _integral(node):
+        elif node.target in _SIZE_ROUND_TRIP and node.args[0] in sizes and integral(node):
             node.replace_all_uses_with(node.args[0])
             module.graph.erase_node(node)
-        elif node.target in _SIZE_ARITHMETIC and not node.kwargs:
-            node.target = _SIZE_ARITHMETIC[node.target]
+        elif node.target in SIZE_ARITHMETIC and not node.kwargs:
+            node.target = SIZE_ARITHMETIC[node.target]
             node.args = tuple(_number(module, arg, inlined) for arg in node.args)
             sizes.add(node)
         elif (binding := _binding(node.target)) is not None:
@@ -489,14 +480,6 @@ def _sizes_traceable(module: fx.GraphModule) -> dict[fx.Node, torch._ops.OpOverl
         delattr(module, name)
     module.recompile()
     return rewritten
-
-
-def _integral(node: fx.Node) -> bool:
-    """Whether a round-trip op keeps a size the integer it is: `_local_scalar_dense`, or a cast to an integer type."""
-    if node.target is aten._local_scalar_dense.default:
-        return True
-    dtype = node.kwargs.get("dtype")
-    return set(node.kwargs) == {"dtype"} and not (dtype.is_floating_point or dtype.is_complex or dtype is torch.bool)
 
 
 def _number(module: fx.GraphModule, arg: object, inlined: set[str]) -> object:
