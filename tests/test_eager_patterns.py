@@ -350,3 +350,36 @@ def test_half_precision_model_recalibrates_in_its_dtype(dtype: torch.dtype) -> N
         assert layer.running_mean.dtype == dtype
         torch.testing.assert_close(layer.running_mean, mean.to(dtype), rtol=0, atol=0)
         torch.testing.assert_close(layer.running_var, var.to(dtype), rtol=0, atol=0)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Ghost batch norm (TabNet's GBN): the BN runs on virtual batches, chunks of the batch
+# --------------------------------------------------------------------------------------------------------
+
+
+class GhostBatchNorm(nn.Module):
+    """pytorch-tabnet's GBN: the batch in chunks of `virtual_batch` samples, each normalized, then joined."""
+
+    def __init__(self, features: int, virtual_batch: int) -> None:
+        super().__init__()
+        self.virtual_batch = virtual_batch
+        self.bn = nn.BatchNorm1d(features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        chunks = x.chunk(int(np.ceil(x.shape[0] / self.virtual_batch)), 0)
+        return torch.cat([self.bn(chunk) for chunk in chunks], dim=0)
+
+
+@pytest.mark.parametrize("pieces", [1, 2])
+def test_ghost_batch_norm_of_one_chunk_folds_into_its_linear(pieces: int) -> None:
+    """At a batch that fits one virtual batch the chunk is the whole Linear output, so the BN folds into the
+    Linear (and stays exact at any batch: in eval mode the chunks change nothing). Split in two pieces,
+    the BN is called twice, and is kept."""
+    module = randomized(nn.Sequential(nn.Linear(6, 5, bias=False), GhostBatchNorm(5, virtual_batch=4)))
+    report = bnfold.fold(module, input_shape=f"{4 * pieces},6")
+    assert report.passed
+    status, reason = decisions(report)["1.bn"]
+    assert status is (FoldStatus.FOLDED if pieces == 1 else FoldStatus.KEPT), reason
+    x = torch.randn(9, 6)  # three virtual batches, the last one short
+    with torch.no_grad():
+        torch.testing.assert_close(report.folded_model.module(x), module(x), rtol=1e-5, atol=1e-6)

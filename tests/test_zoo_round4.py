@@ -1056,9 +1056,6 @@ def test_ground_truth_covers_every_bn() -> None:
 
 
 # GBN's `x.chunk(ceil(batch / 128), 0)` is one chunk at these batches: chunk -> getitem 0 -> BN -> cat of one.
-GHOST_BN = {"tabnet": "a chunk into one piece (GBN's virtual batch, the whole batch) between a Linear and its BN "
-                      "is not seen through: every GBN BN is kept as 'it follows `getitem`', and the shared "
-                      "Linears' BNs get that reason instead of the sharing (helper-51's fold.py patch fixes both)"}
 GHOST_BN_ONNX = {"tabnet": "the one-piece chunk exports as a Slice on axis 0 whose end is computed from Shape "
                            "(the batch size): bnfold does not prove that it slices the whole batch"}
 CONVERTER_GUARDS = {"cbam": "torch.export cannot convert the trace: ChannelGate's pool kernel (x.size(2), "
@@ -1066,7 +1063,7 @@ CONVERTER_GUARDS = {"cbam": "torch.export cannot convert the trace: ChannelGate'
 PT2_SKIP = {entry.name: entry.pt2_skip for entry in ROUND4 if entry.pt2_skip}
 
 
-@pytest.mark.parametrize("entry", entries(xfail=GHOST_BN))
+@pytest.mark.parametrize("entry", entries())
 def test_fold_eager(entry: ZooModel) -> None:
     more.test_fold_eager(entry)
 
@@ -1083,7 +1080,7 @@ def test_fold_pt2(entry: ZooModel, tmp_path: Path) -> None:
     acceptance.test_fold_pt2_dynamic_batch(entry, tmp_path)
 
 
-@pytest.mark.parametrize("entry", entries(xfail={**GHOST_BN, **CONVERTER_GUARDS}))
+@pytest.mark.parametrize("entry", entries(xfail=CONVERTER_GUARDS))
 def test_fold_torchscript(entry: ZooModel) -> None:
     """The model traced at batch 2 folds as the eager one does and runs at batches 2 and 3."""
     with warnings.catch_warnings():
@@ -1133,6 +1130,6 @@ def test_recalibrate_onnx(entry: ZooModel, method: str, tmp_path: Path) -> None:
     assert rel_error(found.outputs(x), actual) <= OUTPUT_TOLERANCE
 
 
-@pytest.mark.parametrize("entry", entries(xfail=GHOST_BN))
+@pytest.mark.parametrize("entry", entries())
 def test_inspect_lists_every_bn_with_its_channels(entry: ZooModel) -> None:
     more.test_inspect_lists_every_bn_with_its_channels(entry)

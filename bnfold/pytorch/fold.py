@@ -43,6 +43,7 @@ NO_STATS = no_statistics(BN_CLASS_WITHOUT_STATISTICS)  # what the engine says wh
 LAYER_KINDS = ("conv", "conv_transpose", "convolution", "linear")
 LAYOUT_KINDS = ("reshape", "flatten", "transpose", "permute")
 AFFINE_KINDS = ("mul", "add", "sub", "div")
+_SPLITS = ("chunk", "split", "split_with_sizes", "unsafe_split", "unsafe_chunk")
 
 
 @dataclass
@@ -401,7 +402,7 @@ class GraphFolder:
                 break
             path.append(node)
             node = step[0] if isinstance(step, tuple) else node.all_input_nodes[0]
-        if all(is_identity(p, self.module) for p in path):
+        if all(is_identity(p, self.module) or self._whole(p) for p in path):
             if kind_of(node, self.module) == "cat":
                 return self._split(occurrence, node, path)
             if self._is_sum(node):
@@ -673,7 +674,29 @@ class GraphFolder:
         return f"{classes[-1] if classes else target_name(call.node)} {call.name}"
 
     def _is_layout(self, node: fx.Node) -> bool:
-        return kind_of(node, self.module) in LAYOUT_KINDS or is_identity(node, self.module)
+        return kind_of(node, self.module) in LAYOUT_KINDS or is_identity(node, self.module) or self._whole(node)
+
+    def _whole(self, node: fx.Node) -> bool:
+        """A chunk or split into one piece, that piece, or a cat of one tensor: the value passes through
+        unchanged (ghost batch norm's virtual batches, when the batch fits in one)."""
+        if node.op != "call_function":
+            return False
+        if node.target is operator.getitem:
+            source = node.args[0]
+            return (node.args[1] == 0 and isinstance(source, fx.Node) and target_name(source) in _SPLITS
+                    and self._whole(source))
+        if target_name(node) in _SPLITS:
+            pieces = list(node.users)
+            if len(pieces) != 1 or pieces[0].target is not operator.getitem or pieces[0].args[1] != 0:
+                return False
+            before, after = shape_of(node.args[0]), shape_of(pieces[0])
+            if before is not None and after is not None:
+                return before == after
+            return target_name(node) == "chunk" and (node.args[1] if len(node.args) > 1 else None) == 1
+        if kind_of(node, self.module) == "cat":
+            tensors = arg(node, "tensors")
+            return isinstance(tensors, (list, tuple)) and len(tensors) == 1
+        return False
 
     def _rank(self, node: Any) -> int | None:
         """The rank of a node's tensor: from its shape, or provable from the ops that made it."""
@@ -710,7 +733,7 @@ class GraphFolder:
 
     def _map_axis(self, node: fx.Node, axis: int | None) -> int | None:
         """Where channel `axis` of a layout op's input lies in its output (None: not provable)."""
-        if axis is None or is_identity(node, self.module):
+        if axis is None or is_identity(node, self.module) or self._whole(node):
             return axis
         kind, source = kind_of(node, self.module), node.all_input_nodes[0]
         rank = self._rank(source)
