@@ -204,3 +204,41 @@ def test_a_branch_on_a_sizes_parity_is_said():
                             "sizes the model is to run at"]
     assert_computes_alike(report.folded_model.module, model, (5, 3, 12, 8))
 
+
+
+@pytest.mark.parametrize("compile_", ["script", "trace"])
+def test_a_model_folded_at_batch_one_runs_at_every_batch_without_a_note(compile_):
+    """torch.export makes a size-1 axis a constant: converted at `--input-shape 1,...`, the folded model was
+    made for batch 1 alone (and said so) although the model runs at any batch. The batch is doubled for the
+    conversion where the model runs at two."""
+    model = randomized(NonLocal())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        compiled = torch.jit.script(model) if compile_ == "script" else torch.jit.trace(model, torch.randn(1, 3, 8, 8))
+    report = bnfold.fold(compiled, input_shape="1,3,8,8")
+    assert report.verified and {d.layer for d in report.folded} == MODELS[NonLocal]
+    assert report.notes == []
+    for shape in ((3, 3, 8, 8), (1, 3, 8, 8)) if compile_ == "trace" else ((3, 3, 8, 8), *OTHER_SIZES):
+        assert_computes_alike(report.folded_model.module, model, shape)
+
+
+class FirstRow(nn.Module):
+    """A model that takes a batch of one only: its trace writes the batch into a view."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = conv_bn(3, 4)
+
+    def forward(self, x):
+        return self.stem(x).view(1, -1)
+
+
+def test_a_trace_made_for_batch_one_is_folded_at_batch_one():
+    """Its trace fails at two rows: it is converted at the example's one."""
+    model = randomized(FirstRow())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        traced = torch.jit.trace(model, torch.randn(1, 3, 8, 8))
+    report = bnfold.fold(traced, input_shape="1,3,8,8")
+    assert report.verified and {d.layer for d in report.folded} == {"stem.1"}
+    assert_computes_alike(report.folded_model.module, model, (1, 3, 8, 8))

@@ -361,11 +361,27 @@ def capture_script(module: torch.jit.ScriptModule, example: tuple[torch.Tensor, 
     if example is None:
         raise CaptureFailed("analysing TorchScript converts it with torch.export, which needs an example "
                             "input (--input-shape)")
+    example = _batch_widened(module, example)
     try:
         program = _convert(module, example)
     except Exception as error:
         raise CaptureFailed(_conversion_failure(module, example, error)) from None
     return Capture(_frozen_names(unlift(program), module), TORCHSCRIPT, example)
+
+
+def _batch_widened(module: torch.jit.ScriptModule, example: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+    """`example` with a batch of one doubled, where the model runs on that: torch.export makes a size-1
+    axis a constant, so a model converted at `--input-shape 1,...` came back made for batch 1 alone (with a
+    note saying so) although it runs at any batch. A model that runs at batch 1 only keeps its example."""
+    if not example or any(tensor.dim() == 0 or tensor.shape[0] != 1 for tensor in example):
+        return example
+    widened = tuple(torch.cat([tensor, tensor]) for tensor in example)
+    try:
+        with torch.no_grad(), quiet(), buffers_kept(module):
+            module(*widened)
+    except Exception:  # a trace at batch 1 may hold the batch as a constant (`view(1, -1)`)
+        return example
+    return widened
 
 
 def _convert(module: torch.jit.ScriptModule, example: tuple[torch.Tensor, ...]) -> torch.export.ExportedProgram:
