@@ -473,11 +473,11 @@ def _size_tensors_as_ints(module: fx.GraphModule) -> None:
         elif node.target is aten._local_scalar_dense.default and source in ints:
             node.replace_all_uses_with(ints[source])  # type: ignore[arg-type]
             graph.erase_node(node)
-        elif node.target in SIZE_ARITHMETIC and any(arg in ints for arg in node.args) and _unit_alpha(node):
+        elif (operator_ := _int_operator(node)) is not None and any(arg in ints for arg in node.args):
             numbers = [ints[arg] if arg in ints else _integer(module, arg) for arg in node.args[:2]]
             if None not in numbers:
                 with graph.inserting_before(node):
-                    ints[node] = graph.call_function(SIZE_ARITHMETIC[node.target], tuple(numbers))
+                    ints[node] = graph.call_function(operator_, tuple(numbers))
     for node in reversed(list(ints)):  # the size tensors that no tensor op reads
         if not node.users:
             graph.erase_node(node)
@@ -490,6 +490,15 @@ def integral(node: fx.Node) -> bool:
         return True
     dtype = node.kwargs.get("dtype")
     return set(node.kwargs) == {"dtype"} and not (dtype.is_floating_point or dtype.is_complex or dtype is torch.bool)
+
+
+def _int_operator(node: fx.Node) -> Any:
+    """The Python operator an aten node computes on two ints, else None: `SIZE_ARITHMETIC` (adds and
+    subtractions that scale by 1 only), and `torch.div(..., rounding_mode="floor")`, which traced code
+    writes for `//` (older torch warned that `//` on tensors was deprecated)."""
+    if node.target is aten.div.Tensor_mode or node.target is aten.div.Scalar_mode:
+        return operator.floordiv if node.kwargs == {"rounding_mode": "floor"} and len(node.args) == 2 else None
+    return SIZE_ARITHMETIC[node.target] if node.target in SIZE_ARITHMETIC and _unit_alpha(node) else None
 
 
 def _unit_alpha(node: fx.Node) -> bool:
