@@ -80,6 +80,65 @@ def fold_into_consumer(weight: np.ndarray, bias: np.ndarray | None, scale: np.nd
     return new_weight, _bias(bias, c_out) + extra_bias
 
 
+def fold_into_sibling(weight: np.ndarray, bias: np.ndarray | None, scale: np.ndarray, shift: np.ndarray,
+                      groups: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """BN(x) summed with layer(x): the layer alone computes layer(x) + scale * x + shift afterwards.
+
+    RepVGG's reparameterization of its identity branch: channel o of x reaches output o through the
+    layer's centre tap, so scale[o] adds to weight[o, o's row in its group, centre] and the shift to the
+    bias. Conv (C, C/g, *k) or Linear (C, C, the diagonal). Exact only when that tap reads x at the
+    output's own position (stride 1, odd kernel, padding dilation * (k // 2)): the caller checks.
+    """
+    new_weight = np.array(weight, np.float64)  # the one float64 copy, changed in place
+    channels, per_group = new_weight.shape[0], new_weight.shape[1]
+    if channels % groups or per_group * groups != channels or scale.size != channels:
+        raise ValueError(f"weight {new_weight.shape} with groups={groups} does not map {scale.size} channels "
+                         "to as many")
+    rows = np.arange(channels)
+    centre = tuple(size // 2 for size in new_weight.shape[2:])
+    new_weight[(rows, rows % per_group, *centre)] += scale
+    return new_weight, _bias(bias, channels) + shift
+
+
+def centre_tap_misfit(kernel: tuple[int, ...], stride: list[int], dilation: list[int],
+                      padding: list[tuple[int, int]] | None) -> str | None:
+    """Why a conv's centre tap does not read its input at the position it writes (so `fold_into_sibling`
+    would not be exact), in words that follow the conv's name; None when it does. `padding` is (before,
+    after) per spatial axis, all the padding its window sees; None when unknown."""
+    if any(s != 1 for s in stride):
+        return f"has stride {_sizes(stride)}"
+    if any(k % 2 == 0 for k in kernel):
+        return f"has an even kernel size {_sizes(kernel)}, so no centre tap"
+    wanted = [(d * (k // 2),) * 2 for d, k in zip(dilation, kernel)]
+    if padding != wanted:
+        shown = "padding bnfold cannot read" if padding is None else f"padding {_pairs(padding)}"
+        return f"has {shown} where its centre tap needs {_pairs(wanted)}, so it reads another position"
+    return None
+
+
+def _sizes(values: list[int] | tuple[int, ...]) -> str:
+    return "x".join(str(v) for v in values)
+
+
+def _pairs(padding: list[tuple[int, int]]) -> str:
+    return ", ".join(f"{before}+{after}" for before, after in padding)
+
+
+def compose_step(kind: str, x_first: bool, scale: np.ndarray, shift: np.ndarray,
+                 constant: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(scale, shift) of y = scale * x + shift followed by `y <kind> constant` (`constant <kind> y` when
+    not `x_first`); kind is mul, div, add or sub (constant / y is no affine map: the caller refuses it)."""
+    if kind == "mul":
+        return scale * constant, shift * constant
+    if kind == "div":
+        return scale / constant, shift / constant
+    if kind == "add":
+        return scale * np.ones_like(constant), shift + constant
+    if x_first:  # y - c
+        return scale * np.ones_like(constant), shift - constant
+    return -scale * np.ones_like(constant), constant - shift  # c - y
+
+
 def fold_into_matrix_consumer(weight: np.ndarray, bias: np.ndarray | None, scale: np.ndarray,
                               shift: np.ndarray, in_axis: int) -> tuple[np.ndarray, np.ndarray]:
     """BN before a MatMul/Gemm with a 2-D weight whose input features lie on `in_axis`."""

@@ -163,6 +163,8 @@ class FoldDirection(str, Enum):
     INTO_CONSUMER = "into-consumer"  # BN -> Conv/Linear: fold forward into the next layer
     SPLIT = "split"  # Concat of producers -> BN: one slice of the BN per producer
     SUM = "sum"  # Add of producers -> BN: the whole scale into every producer, the shift into one
+    # x -> BN summed with conv(x) or linear(x): into that layer's centre tap (RepVGG's identity branch)
+    INTO_SIBLING = "into-sibling"
 
 
 @dataclass
@@ -193,6 +195,7 @@ class FoldDecision:
 
     def destination(self) -> str:
         """Where the BN went, as every report shows it: '→ conv', '← next conv' (folded forward),
-        '→ a, b' (split across a concat), '→ a + b' (every summed layer took it)."""
+        '→ a, b' (split across a concat), '→ a + b' (every summed layer took it), '→ conv' also for a BN
+        beside the conv it went into (into-sibling: the conv reads the BN's input)."""
         arrow = "←" if self.direction is FoldDirection.INTO_CONSUMER else "→"
         return f"{arrow} {(' + ' if self.direction is FoldDirection.SUM else ', ').join(self.targets)}"

@@ -322,8 +322,6 @@ class RepVGG(nn.Module):
         return self.linear(F.adaptive_avg_pool2d(out, 1).view(out.size(0), -1))
 
 
-_IDENTITY_BN = "BN of the block's input (a ReLU output) feeding a sum: no conv/linear to fold into"
-
 
 # ---------------------------------------------------------------------------------------------------------
 # 5. PointNet: Conv1d(k=1)+BN1d on (N, C, L) points, a T-Net whose matrix is applied by bmm, max over
@@ -588,9 +586,10 @@ PATTERNS = [
                              "4.cv2", "5", "8.cv1", "8.cv2", "8.cv3", "8.m.0.cv1", "8.m.0.cv2"))),
     ZooModel(
         "repvgg", repvgg, (1, 3, 16, 16), "3x3 conv+BN + 1x1 conv+BN + identity BN, summed",
-        frozenset(f"{prefix}.{branch}.bn" for prefix in ("stage0", "stage1.0", "stage1.1")
-                  for branch in ("rbr_dense", "rbr_1x1")),
-        {"stage1.0.rbr_identity": _IDENTITY_BN, "stage1.1.rbr_identity": _IDENTITY_BN}),
+        # the identity BN (of the block's input, a ReLU output) folds into the centre tap of the 3x3 conv
+        # beside it, as RepVGG's own reparameterization does, once that conv's BN has folded
+        frozenset([*(f"{prefix}.{branch}.bn" for prefix in ("stage0", "stage1.0", "stage1.1")
+                     for branch in ("rbr_dense", "rbr_1x1")), "stage1.0.rbr_identity", "stage1.1.rbr_identity"])),
     ZooModel(
         "pointnet", pointnet, (1, 3, 32), "Conv1d+BN1d on points, T-Net bmm, max over points, Linear+BN1d",
         frozenset(["feat.stn.bn1", "feat.stn.bn2", "feat.stn.bn3", "feat.bn1", "feat.bn2", "bn1", "bn2"])),

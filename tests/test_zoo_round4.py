@@ -956,13 +956,13 @@ def _mobileone_block(prefix: str, branches: int, scale: bool) -> list[str]:
 
 
 # Every conv branch's BN and the scale branch's BN follow a conv read by it alone (the sum comes after the
-# BN); the skip branch's BN normalizes the block's input (a ReLU output) and feeds the sum: no conv or linear
-# to fold into, kept.
+# BN); the skip branch's BN normalizes the block's input (a ReLU output) and feeds the sum beside convs that
+# read that input with stride 1 and centred padding: it folds into the centre tap of the first of them
+# (stage1.2's depthwise 1x1 scale conv, stage1.3's 1x1 conv, through its `0 + identity_out`).
 MOBILEONE_BN = frozenset([*_mobileone_block("stage0", 1, True), *_mobileone_block("stage1.0", 2, True),
                           *_mobileone_block("stage1.1", 2, False), *_mobileone_block("stage1.2", 2, True),
                           *_mobileone_block("stage1.3", 2, False), *_mobileone_block("stage2.0", 2, True),
-                          *_mobileone_block("stage2.1", 2, False)])
-MOBILEONE_KEPT = {"stage1.2.rbr_skip": "not a conv or linear layer", "stage1.3.rbr_skip": "not a conv or linear layer"}
+                          *_mobileone_block("stage2.1", 2, False), "stage1.2.rbr_skip", "stage1.3.rbr_skip"])
 
 # ---------------------------------------------------------------------------------------------------------
 # The entries
@@ -1030,7 +1030,7 @@ ROUND4 = [
                       "specializes it"),
     ZooModel("mobileone", mobileone, (1, 3, 16, 16),
              "train-time reparameterizable blocks: k conv+BN branches, 1x1 conv+BN scale branch, BN-only skip "
-             "branch, summed in place; depthwise then pointwise; SE", MOBILEONE_BN, MOBILEONE_KEPT,
+             "branch, summed in place; depthwise then pointwise; SE", MOBILEONE_BN,
              onnx_dynamic_batch=False),
 ]
 BY_NAME = {entry.name: entry for entry in ROUND4}

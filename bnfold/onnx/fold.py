@@ -31,7 +31,7 @@ from bnfold.layers import FoldDecision, FoldDirection, FoldStatus
 from bnfold.onnx.constants import Constants, is_pure
 from bnfold.onnx.graph import BN_OP, GraphIndex, attribute, delete_where, node_label, opset_version, walk_graphs
 from bnfold.onnx.patterns import (ELEMENTWISE_OPS, Affine, FoldAction, Layer, Link, Scope, Skip, analyze,
-                                  bn_affine, elementwise_affine, is_op, read_layer)
+                                  bn_affine, elementwise_affine, is_op, read_layer, summed_steps, then_steps)
 from bnfold.onnx.shapes import ValueFacts, infer_facts
 from bnfold.onnx.weightless import Weightless
 from bnfold.plan import FoldOptions, FoldPlan
@@ -134,6 +134,8 @@ class _FoldState:
         scope = self.scopes[action.graph]
         if action.direction is FoldDirection.INTO_CONSUMER:
             self._fold_forward(scope, action.links[0])
+        elif action.direction is FoldDirection.INTO_SIBLING:
+            self._fold_sibling(scope, action.links[0])
         else:
             self._fold_back(scope, action)
         self.refresh()
@@ -177,6 +179,36 @@ class _FoldState:
                     node.input[position] = bn.input[0]
         self._gone.add(bn.output[0])
         self._remove(graph, bn, keep=bn.input[0])
+
+    def _fold_sibling(self, scope: Scope, link: Link) -> None:
+        """Beside the layer: the BN into its centre tap and bias, and the BN's term out of the sum."""
+        bn = scope.producer(link.affine)
+        layer = self._layer(scope, link)
+        term, steps = summed_steps(scope, bn.output[0])
+        weight, bias = _sibling_fold(layer, then_steps(scope, bn_affine(scope, bn), bn.output[0], steps))
+        (add,) = scope.value_readers(term)
+        graph = scope.index.graph
+        self._drop_term(scope, add, term)
+        for node in [bn, *steps]:
+            self._gone.add(node.output[0])
+            self._remove(graph, node)
+        self._write_layer(scope, layer, weight, bias, link.gemm)
+
+    def _drop_term(self, scope: Scope, add: onnx.NodeProto, term: str) -> None:
+        """Remove input `term` from a sum: from a Sum of more, else the sum is its other input, under the
+        sum's name (or an Identity of it, when that input is no node's own output the sum alone reads)."""
+        graph = scope.index.graph
+        if len(add.input) > 2:
+            del add.input[list(add.input).index(term)]
+            return
+        other = next(name for name in add.input if name != term)
+        self._orphans.append(term)
+        if scope.producer(other) is None or scope.readers(other) != [add] or other in scope.index.output_names:
+            add.op_type, add.domain = "Identity", ""
+            add.input[:] = [other]
+            return
+        self._remove(graph, add, keep=other)
+        self._rename(graph, other, add.output[0])
 
     def _write_layer(self, scope: Scope, layer: Layer, weight: np.ndarray | None, bias: np.ndarray | None,
                      gemm: bool) -> tuple[str, str | None]:
@@ -320,6 +352,21 @@ def _producer_fold(layer: Layer, affine: Affine) -> tuple[np.ndarray | None, np.
     keep_bias = affine.shift is not None or layer.bias is not None
     return (_rounded(weight, layer) if affine.scale is not None else None,
             _rounded(bias, layer) if keep_bias else None)
+
+
+def _sibling_fold(layer: Layer, affine: Affine) -> tuple[np.ndarray, np.ndarray]:
+    """Folded (weight, bias) for a BN of the layer's input summed with its output, in its dtype. Gemm's
+    alpha scales the product (so the diagonal takes scale / alpha); its new C is meant for beta = 1."""
+    bias, scale = layer.bias, affine.scale
+    if layer.op == "Gemm":
+        alpha, beta = _alpha_beta(layer.node)
+        bias = None if bias is None else np.broadcast_to(np.float64(beta) * bias, (layer.out_channels,))
+        scale = scale / alpha
+    elif bias is not None:  # a MatMul's bias Add may hold it as (1, N) or one number
+        bias = np.broadcast_to(np.asarray(bias, np.float64).reshape(-1), (layer.out_channels,))
+    groups = layer.group if layer.op == "Conv" else 1
+    weight, bias = foldmath.fold_into_sibling(layer.weight, bias, scale, affine.shift, groups)
+    return _rounded(weight, layer), _rounded(bias, layer)
 
 
 def _consumer_fold(layer: Layer, affine: Affine) -> tuple[np.ndarray, np.ndarray]:

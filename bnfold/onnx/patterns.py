@@ -3,7 +3,8 @@
 An eval-mode BN is y = scale * x + shift per channel (axis 1). It folds exactly into a weighted layer
 whose output features are those channels (into the producer), into each branch of a channel Concat
 (split), into every layer of an Add or Sum of layer outputs (sum: each takes the scale, one the shift),
-or into the layer that reads its output (into the consumer). Every check here is a
+into the layer that reads its output (into the consumer), or, summed with a Conv/Gemm/MatMul that reads
+the same input, into that layer's centre tap (into a sibling: RepVGG's identity branch). Every check here is a
 precondition of one of those rewrites; a failed check raises `Skip` with a reason for the user. The
 graph surgery lives in `bnfold.onnx.fold`.
 """
@@ -369,15 +370,18 @@ def _analyze_bn(scope: Scope, bn: onnx.NodeProto) -> tuple[FoldAction, list[Fold
         try:
             return _into_consumer(scope, bn, affine)
         except Skip as forward:
-            specific = [skip.reason for skip in (backward, forward) if skip.specific]
-            reason = "; ".join(specific) or f"nothing to fold into: {backward.reason} and {forward.reason}"
-            raise Skip(reason) from None
+            try:
+                return _into_sibling(scope, bn, affine)
+            except Skip as sibling:
+                specific = [skip.reason for skip in (backward, forward, sibling) if skip.specific]
+                reason = "; ".join(specific) or f"nothing to fold into: {backward.reason} and {forward.reason}"
+                raise Skip(reason) from None
 
 
 def _decision(scope: Scope, bn: onnx.NodeProto, layers: list[Layer], direction: FoldDirection) -> FoldDecision:
     biased = next((layer for layer in layers if layer.bias is not None), None)
-    producer_bias = (f"{biased.op} {node_label(biased.node)}"
-                     if biased is not None and direction is not FoldDirection.INTO_CONSUMER else None)
+    producer_bias = (f"{biased.op} {node_label(biased.node)}" if biased is not None and direction not in (
+        FoldDirection.INTO_CONSUMER, FoldDirection.INTO_SIBLING) else None)
     return FoldDecision(scope.label(bn), FoldStatus.FOLDABLE, [scope.label(layer.node) for layer in layers],
                         direction, producer_bias=producer_bias)
 
@@ -684,6 +688,170 @@ def _into_consumer(scope: Scope, bn: onnx.NodeProto, affine: Affine):
                 gemm=layer.op == "MatMul" and rank == 2)
     return (FoldAction(scope.index.path, FoldDirection.INTO_CONSUMER, (link,)),
             [_decision(scope, bn, [layer], FoldDirection.INTO_CONSUMER)])
+
+
+def _into_sibling(scope: Scope, bn: onnx.NodeProto, affine: Affine):
+    """BN(x) summed with a Conv, Gemm or MatMul that reads x: into that layer's centre tap (its diagonal)."""
+    term, _ = summed_steps(scope, bn.output[0])
+    readers = scope.value_readers(term)
+    add = next((node for node in readers if _is_sum(scope, node)), None)
+    if add is None or list(add.input).count(term) > 1:
+        raise Skip("its output feeds no sum", specific=False)
+    siblings = [(layer, name, reader) for name, reader in _sum_terms(scope, _whole_sum(scope, add)) if name != term
+                for layer in [_reader_of(scope, name, bn.input[0])] if layer is not None]
+    if not siblings:
+        raise Skip("no layer summed with it reads its input", specific=False)
+    others = [node for node in readers if node is not add]
+    if others or term in scope.index.output_names:
+        also = describe(others[0]) if others else "a graph output"
+        raise Skip(f"it feeds a sum beside {describe(siblings[0][0])} but is also {also}")
+    reasons = []
+    for node, name, reader in siblings:
+        try:
+            layer = _sibling_layer(scope, node, name, reader, bn, affine)
+        except Skip as skip:
+            reasons.append(skip.reason)
+            continue
+        link = _link(scope, bn, layer)
+        return (FoldAction(scope.index.path, FoldDirection.INTO_SIBLING, (link,)),
+                [_decision(scope, bn, [layer], FoldDirection.INTO_SIBLING)])
+    raise Skip(f"the summed {'layer' if len(reasons) == 1 else 'layers'} reading its input cannot take it "
+               f"({', '.join(reasons)})")
+
+
+def summed_steps(scope: Scope, value: str) -> tuple[str, list[onnx.NodeProto]]:
+    """The value that a BN output `value` reaches through scalar constant Add/Sub/Mul/Div steps, each read
+    by the next alone (MobileOne's `0 + identity_out`), and those steps."""
+    steps: list[onnx.NodeProto] = []
+    while (node := scope.sole_reader(value)) is not None and _scalar_step(scope, node, value) is not None:
+        steps.append(node)
+        value = node.output[0]
+    return value, steps
+
+
+def then_steps(scope: Scope, affine: Affine, value: str, steps: list[onnx.NodeProto]) -> Affine:
+    """The BN's map followed by `steps`, the scalar steps `summed_steps` found after its output `value`."""
+    scale, shift = affine.scale, affine.shift
+    for node in steps:
+        kind, x_first, constant = _scalar_step(scope, node, value)
+        scale, shift = foldmath.compose_step(kind, x_first, scale, shift, constant)
+        value = node.output[0]
+    return Affine(scale, shift, affine.dtype)
+
+
+def _scalar_step(scope: Scope, node: onnx.NodeProto, value: str) -> tuple[str, bool, np.ndarray] | None:
+    """(kind, value first, constant) of `value <op> c` or `c <op> value` with one constant number c."""
+    if not is_op(node, *ELEMENTWISE_OPS) or len(node.input) != 2 or list(node.input).count(value) != 1:
+        return None
+    x_first = node.input[0] == value
+    constant = scope.constants.value(node.input[1 if x_first else 0])
+    if constant is None or constant.size != 1 or (node.op_type == "Div" and not x_first):
+        return None
+    return node.op_type.lower(), x_first, np.asarray(constant, np.float64).reshape(1)
+
+
+def _whole_sum(scope: Scope, add: onnx.NodeProto) -> onnx.NodeProto:
+    """The last node of the chain of sums `add` is part of (each partial sum read by the next alone)."""
+    while _is_sum(scope, reader := scope.sole_reader(add.output[0])):
+        add = reader
+    return add
+
+
+def _sum_terms(scope: Scope, add: onnx.NodeProto) -> list[tuple[str, onnx.NodeProto]]:
+    """(term, the sum that reads it) of a chain of sums whose partial sums only the next one reads."""
+    terms = []
+    for name in add.input:
+        inner = scope.producer(name)
+        if inner is not None and _is_sum(scope, inner) and scope.sole_reader(name) is add:
+            terms += _sum_terms(scope, inner)
+        else:
+            terms.append((name, add))
+    return terms
+
+
+def _reader_of(scope: Scope, name: str, x: str) -> onnx.NodeProto | None:
+    """The Conv, Gemm or MatMul (or MatMul's bias Add) that makes `name` from `x` (directly, through a Pad, or
+    followed by a BN), or None."""
+    node = scope.producer(name)
+    if is_op(node, BN_OP):
+        node = scope.producer(node.input[0])
+    if is_op(node, "Add"):
+        matmul = next((scope.producer(i) for i in node.input if is_op(scope.producer(i), "MatMul")), None)
+        return node if matmul is not None and matmul.input[0] == x else None
+    if not is_op(node, "Conv", "Gemm", "MatMul"):
+        return None
+    pad = scope.producer(node.input[0])
+    return node if node.input[0] == x or (is_op(node, "Conv") and is_op(pad, "Pad") and pad.input[0] == x) else None
+
+
+def _sibling_layer(scope: Scope, node: onnx.NodeProto, name: str, reader: onnx.NodeProto, bn: onnx.NodeProto,
+                   affine: Affine) -> Layer:
+    """The layer behind summed term `name` when it can absorb the BN of its own input, else Skip."""
+    if node.output[0] != name:
+        raise Skip(f"{describe(node)}'s output reaches the sum through {describe(scope.producer(name))}")
+    layer = _matmul_with_bias(scope, node) if is_op(node, "Add") else read_layer(scope, node)
+    if layer is None:
+        raise Skip(f"{describe(node)} adds more than a bias")
+    if name in scope.index.output_names:
+        raise Skip(f"{describe(layer.node)}'s output is also a graph output")
+    others = [node for node in scope.value_readers(name) if node is not reader]
+    if others or list(reader.input).count(name) > 1:
+        raise Skip(f"{describe(layer.node)}'s output also feeds {describe(others[0]) if others else 'the sum twice'}")
+    channels = affine.scale.size
+    if not layer.in_channels == layer.out_channels == channels:
+        raise Skip(f"{describe(layer.node)} maps {layer.in_channels} channels to {layer.out_channels} "
+                   f"(the BN has {channels})")
+    if layer.weight.dtype != affine.dtype:
+        raise Skip(f"mixed dtypes: {describe(layer.node)} is {layer.weight.dtype.name}, BN is {affine.dtype.name}")
+    if is_op(layer.node, "Conv"):
+        misfit = foldmath.centre_tap_misfit(*_conv_geometry(scope, layer))
+        if misfit:
+            raise Skip(f"{describe(layer.node)} {misfit}")
+    elif attribute(layer.node, "transA", 0) or scope.facts.rank(bn.input[0]) != 2:
+        raise Skip(f"{describe(layer.node)} may not contract the BN's channel axis (its input is not (N, C))")
+    return layer
+
+
+def _conv_geometry(scope: Scope, layer: Layer) -> tuple[tuple[int, ...], list[int], list[int],
+                                                        list[tuple[int, int]] | None]:
+    """(kernel, strides, dilations, (begin, end) padding per spatial axis, the Conv's own and a Pad's)."""
+    node, kernel = layer.node, tuple(layer.weight.shape[2:])
+    spatial = len(kernel)
+    strides, dilations = (list(attribute(node, name, [1] * spatial)) for name in ("strides", "dilations"))
+    auto_pad = _text(attribute(node, "auto_pad", "NOTSET"))
+    if auto_pad in ("SAME_UPPER", "SAME_LOWER"):  # odd kernels at stride 1 (checked first) pad evenly
+        padding = [(d * (k - 1) // 2,) * 2 for d, k in zip(dilations, kernel)]
+    else:
+        pads = [0] * 2 * spatial if auto_pad == "VALID" else list(attribute(node, "pads", [0] * 2 * spatial))
+        padding = list(zip(pads[:spatial], pads[spatial:]))
+    pad = scope.producer(node.input[0])
+    if not is_op(pad, "Pad"):
+        return kernel, strides, dilations, padding
+    rank = spatial + 2
+    extra = _pad_amounts(scope, pad, rank)
+    if extra is None or any(extra[axis] or extra[rank + axis] for axis in (0, 1)):  # pads batch or channels
+        return kernel, strides, dilations, None
+    return kernel, strides, dilations, [(before + extra[2 + axis], after + extra[rank + 2 + axis])
+                                         for axis, (before, after) in enumerate(padding)]
+
+
+def _pad_amounts(scope: Scope, pad: onnx.NodeProto, rank: int) -> list[int] | None:
+    """A Pad's (begins..., ends...) over all `rank` axes, when they are constant and not negative."""
+    if scope.opset < 11:
+        pads, axes = attribute(pad, "pads"), None
+    else:
+        pads = scope.constants.value(pad.input[1]) if len(pad.input) > 1 else None
+        axes = scope.constants.value(pad.input[3]) if len(pad.input) > 3 and pad.input[3] else None
+    if pads is None:
+        return None
+    pads = [int(p) for p in np.asarray(pads).reshape(-1)]
+    axes = list(range(rank)) if axes is None else [int(a) % rank for a in np.asarray(axes).reshape(-1)]
+    if len(pads) != 2 * len(axes) or any(p < 0 for p in pads):
+        return None
+    full = [0] * 2 * rank
+    for position, axis in enumerate(axes):
+        full[axis], full[rank + axis] = pads[position], pads[len(axes) + position]
+    return full
 
 
 def _zero_pads(node: onnx.NodeProto, weight: np.ndarray) -> bool:

@@ -7,7 +7,9 @@ hand-written `x * scale + shift`. Each is y = scale * x + shift along one channe
   ops (reshape, flatten, transpose, permute) that provably keep the channel axis;
 - split across the producers of a channel concatenation;
 - into every conv or linear layer of a sum of their outputs (the shift into one of them);
-- forward into the one conv or linear layer that reads it, when no zero padding meets the shift.
+- forward into the one conv or linear layer that reads it, when no zero padding meets the shift;
+- beside a conv or linear layer that reads the same input, into its centre tap, when their outputs are
+  summed (RepVGG's identity branch: BN(x) + conv(x)) and that tap reads x where the output lies.
 
 Anything else is kept, with the reason in words. Passes run until nothing changes; the arithmetic is
 `bnfold.foldmath` in float64, rounded once to the layer's dtype.
@@ -34,7 +36,7 @@ from bnfold.layers import BNLayer, FoldDecision, FoldDirection, FoldStatus
 from bnfold.pytorch.capture import model_path
 from bnfold.pytorch.discover import (BN_CLASS_WITHOUT_STATISTICS, bn_kind, describe_tensors, missing_statistics,
                                      op_missing_statistics)
-from bnfold.pytorch.ops import (Constants, arg, conv_is_transposed, fetch_attr, is_identity, kind_of,
+from bnfold.pytorch.ops import (Constants, OpSpec, arg, conv_is_transposed, fetch_attr, is_identity, kind_of,
                                 module_stack, set_arg, shape_of, spec_of, target_name, value_users)
 
 TRAINING = ("in training mode: it normalizes each batch with that batch's statistics, so there is no fixed "
@@ -44,6 +46,7 @@ LAYER_KINDS = ("conv", "conv_transpose", "convolution", "linear")
 LAYOUT_KINDS = ("reshape", "flatten", "transpose", "permute")
 AFFINE_KINDS = ("mul", "add", "sub", "div")
 _SPLITS = ("chunk", "split", "split_with_sizes", "unsafe_split", "unsafe_chunk")
+_INPLACE_ADD = OpSpec("add", ("input", "other"), {"alpha": 1})  # aten.add_.Tensor, which `spec_of` leaves out
 
 
 @dataclass
@@ -119,6 +122,7 @@ class GraphFolder:
         self.prefix = f"{prefix}." if prefix else ""
         self.constants = Constants(module)
         self._at_input: dict[fx.Node, Occurrence] = {}
+        self._at_output: dict[fx.Node, Occurrence] = {}
         self._claimed: set[fx.Node] = set()  # ops that belong to an occurrence (a look-alike's arithmetic)
         self._deferred: list[Deferred] = []
 
@@ -224,6 +228,7 @@ class GraphFolder:
             if occurrence is not None:
                 found.setdefault(occurrence.layer, []).append(occurrence)
         self._at_input = {o.input: o for group in found.values() for o in group}
+        self._at_output = {o.output: o for group in found.values() for o in group}
         return found
 
     def _bn_op(self, node: fx.Node, owners: dict[str, str], claimed: set[str]) -> Occurrence | None:
@@ -332,7 +337,7 @@ class GraphFolder:
                 occurrence.refusal = "its scale and shift broadcast along different axes"
                 return occurrence
             occurrence.axis = axis if axis is not None else occurrence.axis
-            scale, shift = _compose(kind, source is arg(node, "input"), scale, shift, constant)
+            scale, shift = foldmath.compose_step(kind, source is arg(node, "input"), scale, shift, constant)
             previous = node
         occurrence.scale, occurrence.shift = scale, shift
         occurrence.refusal = fold_refusal(scale, shift)
@@ -389,7 +394,10 @@ class GraphFolder:
         forward = self._forward(occurrence)
         if isinstance(forward, Fold):
             return forward
-        return backward if forward is None else f"{backward}; {forward}"
+        sibling = self._sibling(occurrence)
+        if isinstance(sibling, Fold):
+            return sibling
+        return "; ".join(reason for reason in (backward, forward, sibling) if reason is not None)
 
     def _backward(self, occurrence: Occurrence) -> Fold | str:
         """Into the producer, through layout ops and through constant affine ops (x * c + d, CASES E3)."""
@@ -423,7 +431,7 @@ class GraphFolder:
                 if constant.size not in (1, channels) or (constant_axis is not None and (
                         axis is None or self._normalized(constant_axis, step) != axis)):
                     return f"`{target_name(step)}` between {call.name} and it does not act per channel"
-                scale, shift = _compose(kind, source is arg(step, "input"), scale, shift, constant)
+                scale, shift = foldmath.compose_step(kind, source is arg(step, "input"), scale, shift, constant)
             else:
                 axis = self._map_axis(step, axis)
         aligned = self._aligned(occurrence, axis, call)
@@ -489,16 +497,25 @@ class GraphFolder:
 
     def _is_sum(self, node: Any) -> bool:
         """An add of two run-time tensors (x + constant is an affine step, not a sum)."""
+        operands = self._summands(node)
+        return operands is not None and all(isinstance(v, fx.Node) and not self.constants.is_constant(v)
+                                            for v in operands)
+
+    def _summands(self, node: Any) -> tuple[Any, Any] | None:
+        """The two operands of an add with alpha 1, or None for any other node. An exported program's
+        in-place `out += x` (aten.add_) counts: the sum is the same, and the checks that only the sum reads
+        its operands make the mutation harmless."""
         spec = spec_of(node, self.module) if isinstance(node, fx.Node) else None
+        if spec is None and isinstance(node, fx.Node) and node.target is torch.ops.aten.add_.Tensor:
+            spec = _INPLACE_ADD
         if spec is None or spec.kind != "add" or arg(node, "alpha", spec) != 1:
-            return False
-        operands = (arg(node, "input", spec), arg(node, "other", spec))
-        return all(isinstance(v, fx.Node) and not self.constants.is_constant(v) for v in operands)
+            return None
+        return arg(node, "input", spec), arg(node, "other", spec)
 
     def _terms(self, add: fx.Node) -> list[tuple[Any, fx.Node]]:
         """(term, the add that reads it) of a chain of adds whose partial sums only the next add reads."""
         terms = []
-        for operand in (arg(add, "input"), arg(add, "other")):
+        for operand in self._summands(add):
             if self._is_sum(operand) and value_users(operand) == [add]:
                 terms += self._terms(operand)
             else:
@@ -524,13 +541,128 @@ class GraphFolder:
                 return f"one {verb} input is {self._label(tensor)}, not a conv or linear layer"
             if tensors.count(tensor) > 1:
                 return f"{call.name} is {verb} more than once"
-            others = [u for u in value_users(tensor) if u is not reader]
-            if others:
-                return f"{call.name}'s output also feeds {self._labels(others)}"
-            if self._readers(call.weight) != [call.node]:
-                return f"{call.name} shares its weight with another layer"
+            shared = self._shared(call, tensor, reader)
+            if shared is not None:
+                return shared
             calls.append(call)
         return calls
+
+    def _shared(self, call: LayerCall, tensor: fx.Node, reader: fx.Node) -> str | None:
+        """Why changing the call's weights would change more than what `reader` reads of its output `tensor`
+        (another op reads that output, or another call the weight), or None."""
+        others = [u for u in value_users(tensor) if u is not reader]
+        if others:
+            return f"{call.name}'s output also feeds {self._labels(others)}"
+        if self._readers(call.weight) != [call.node]:
+            return f"{call.name} shares its weight with another layer"
+        return None
+
+    def _sibling(self, occurrence: Occurrence) -> Fold | str | None:
+        """BN(x) + layer(x) = layer'(x), layer' with the BN in its centre tap; None when the BN's output
+        reaches no sum in which a conv or linear layer reads x."""
+        reached = self._summed(occurrence)
+        if reached is None:
+            return None
+        term, add, scale, shift = reached
+        siblings = [(call, tensor, reader) for tensor, reader in self._terms(self._whole_sum(add))
+                    if tensor is not term for call in [self._reader_of(tensor, occurrence.input)] if call is not None]
+        if not siblings or self._summands(add).count(term) > 1:  # x -> BN -> y + y: no other operand to keep
+            return None
+        others = [u for u in value_users(term) if u is not add]
+        if others:
+            return f"it feeds a sum beside {siblings[0][0].name} but also {self._labels(others)}"
+        reasons = []
+        for call, tensor, reader in siblings:
+            reason = self._cannot_take(occurrence, call, tensor, reader)
+            if reason is None:
+                channels = self._tensor(call.weight).shape[0]
+                scale, shift = np.broadcast_to(scale, channels).copy(), np.broadcast_to(shift, channels).copy()
+                arithmetic = functools.partial(foldmath.fold_into_sibling, scale=scale, shift=shift,
+                                               groups=call.groups)
+                other = next(v for v in self._summands(add) if v is not term)
+                return Fold(FoldDirection.INTO_SIBLING, [call.name], [Update([call], arithmetic)], [occurrence],
+                            bypass=[(add, other)])
+            reasons.append(reason)
+        return f"the summed {'layer' if len(reasons) == 1 else 'layers'} reading its input cannot take it " \
+               f"({', '.join(reasons)})"
+
+    def _summed(self, occurrence: Occurrence) -> tuple[fx.Node, fx.Node, np.ndarray, np.ndarray] | None:
+        """(term, the sum that reads it, scale, shift) when the BN's output reaches a sum through constant
+        scalar steps only (MobileOne's `0 + identity_out`), with the BN and those steps composed."""
+        node, scale, shift = occurrence.output, occurrence.scale, occurrence.shift
+        while True:
+            users = value_users(node)
+            add = next((u for u in users if self._is_sum(u)), None)
+            if add is not None:
+                return node, add, scale, shift
+            step = self._affine_step(users[0], node) if len(users) == 1 else None
+            if not isinstance(step, tuple) or step[2].size != 1:
+                return None
+            scale, shift = foldmath.compose_step(step[1], node is arg(users[0], "input"), scale, shift, step[2])
+            node = users[0]
+
+    def _whole_sum(self, add: fx.Node) -> fx.Node:
+        """The last add of the chain of adds that `add` is part of (its partial sums read by the next add only)."""
+        while len(users := value_users(add)) == 1 and self._is_sum(users[0]):
+            add = users[0]
+        return add
+
+    def _reader_of(self, tensor: Any, x: fx.Node) -> LayerCall | None:
+        """The conv or linear call that makes `tensor` from `x` (directly, through a pad, or followed by a BN
+        not folded yet), or None."""
+        occurrence = self._at_output.get(tensor) if isinstance(tensor, fx.Node) else None
+        call = self._layer_call(occurrence.input if occurrence is not None else tensor)
+        if not isinstance(call, LayerCall):
+            return None
+        source = arg(call.node, "input")
+        if isinstance(source, fx.Node) and kind_of(source, self.module) == "pad":
+            source = arg(source, "input")
+        return call if source is x else None
+
+    def _cannot_take(self, occurrence: Occurrence, call: LayerCall, tensor: fx.Node, reader: fx.Node) -> str | None:
+        """Why a summed layer reading the BN's input x cannot absorb BN(x), or None when it can."""
+        if tensor is not call.node:
+            return f"{call.name}'s output reaches the sum through {self._at_output[tensor].layer}"
+        shared = self._shared(call, tensor, reader)
+        if shared is not None:
+            return shared
+        if call.kind == "conv_transpose":
+            return f"{call.name} is a transposed convolution"
+        weight = self._tensor(call.weight)
+        inputs, outputs = weight.shape[1] * call.groups, weight.shape[0]
+        channels = occurrence.scale.size
+        if inputs != outputs or channels not in (1, outputs):
+            return f"{call.name} maps {inputs} channels to {outputs} (the BN has {channels})"
+        aligned = self._aligned(occurrence, self._channel_axis(call, occurrence.input), call)
+        if aligned is not None:
+            return aligned
+        return None if call.kind == "linear" else self._centre_tap(call)
+
+    def _centre_tap(self, call: LayerCall) -> str | None:
+        """Why the conv's centre tap does not read its input at the output's own position, or None."""
+        kernel = tuple(self._tensor(call.weight).shape[2:])
+        stride, dilation = (_per_axis(arg(call.node, name), len(kernel)) for name in ("stride", "dilation"))
+        misfit = foldmath.centre_tap_misfit(kernel, stride, dilation, self._pads(call, kernel, dilation))
+        return f"{call.name} {misfit}" if misfit else None
+
+    def _pads(self, call: LayerCall, kernel: tuple[int, ...], dilation: list[int]) -> list[tuple[int, int]] | None:
+        """(before, after) padding per spatial axis that the conv's window sees: its own and a pad op's."""
+        padding = arg(call.node, "padding")
+        if padding == "same":
+            padding = [d * (k - 1) // 2 for d, k in zip(dilation, kernel)]  # symmetric: odd kernels only here
+        elif padding == "valid":
+            padding = 0
+        total = [(p, p) for p in _per_axis(padding, len(kernel))]
+        source = arg(call.node, "input")
+        if kind_of(source, self.module) != "pad":
+            return total
+        amounts = arg(source, "pad")
+        if not all(isinstance(a, int) and a >= 0 for a in amounts) or len(amounts) > 2 * len(kernel):
+            return None
+        for axis in range(len(amounts) // 2):  # (before, after) of the last axis first
+            before, after = total[-1 - axis]
+            total[-1 - axis] = (before + amounts[2 * axis], after + amounts[2 * axis + 1])
+        return total
 
     def _forward(self, occurrence: Occurrence) -> Fold | str | None:
         """Fold into the next conv/linear; None when no single such consumer reads the BN output."""
@@ -856,18 +988,10 @@ class GraphFolder:
             work += inputs
 
 
-def _compose(kind: str, chain_first: bool, scale: np.ndarray, shift: np.ndarray,
-             constant: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(scale, shift) after one more `x <op> constant` (or `constant <op> x`) step."""
-    if kind == "mul":
-        return scale * constant, shift * constant
-    if kind == "div":
-        return scale / constant, shift / constant
-    if kind == "add":
-        return scale * np.ones_like(constant), shift + constant
-    if chain_first:  # x - c
-        return scale * np.ones_like(constant), shift - constant
-    return -scale * np.ones_like(constant), constant - shift  # c - x
+def _per_axis(value: Any, axes: int) -> list[int]:
+    """A conv's stride, padding or dilation as one value per spatial axis."""
+    values = list(value) if isinstance(value, (list, tuple)) else [value]
+    return values * axes if len(values) == 1 else values
 
 
 def _reshaped_axis(before: tuple, after: tuple, axis: int) -> int | None:
