@@ -745,7 +745,7 @@ def _scalar_step(scope: Scope, node: onnx.NodeProto, value: str) -> tuple[str, b
         return None
     x_first = node.input[0] == value
     constant = scope.constants.value(node.input[1 if x_first else 0])
-    if constant is None or constant.size != 1 or (node.op_type == "Div" and not x_first):
+    if constant is None or constant.size != 1 or constant.ndim > 1 or (node.op_type == "Div" and not x_first):
         return None
     return node.op_type.lower(), x_first, np.asarray(constant, np.float64).reshape(1)
 
