@@ -59,6 +59,15 @@ def zoo_params(entries: list[ZooModel] | None = None, *, skip_pt2: bool = False,
     return params
 
 
+def marked_params(by_name: dict[str, ZooModel], names: list[str] | None = None, **marked: dict[str, str]) -> list:
+    """The entries of `by_name` named (default: all); `skip={name: why}` skips one, `xfail={name: why}`
+    marks it strict xfail."""
+    make = {"skip": pytest.mark.skip, "xfail": lambda reason: pytest.mark.xfail(strict=True, reason=reason)}
+    return [pytest.param(by_name[name], id=name, marks=[make[kind](reason=why[name]) for kind, why in marked.items()
+                                                        if name in why])
+            for name in names or by_name]
+
+
 @pytest.fixture(scope="module")
 def zoo_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("zoo")

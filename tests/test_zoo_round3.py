@@ -1028,13 +1028,8 @@ BATCH_COUPLED = "the cross-correlation's groups=batch is a constant once traced 
 FLOAT32 = [entry.name for entry in [*ROUND3, CHANNELS_LAST]]  # export_onnx and calibration data are float32
 
 
-def entries(names: list[str] | None = None, skip: dict[str, str] | None = None) -> list:
-    """The entries named (default: all), skipped where `skip` says why."""
-    params = []
-    for name in names or BY_NAME:
-        marks = [pytest.mark.skip(reason=skip[name])] if name in (skip or {}) else []
-        params.append(pytest.param(BY_NAME[name], id=name, marks=marks))
-    return params
+def entries(names: list[str] | None = None, **marked: dict[str, str]) -> list:
+    return acceptance.marked_params(BY_NAME, names, **marked)
 
 
 # ---------------------------------------------------------------------------------------------------------

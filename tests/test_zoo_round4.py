@@ -1037,11 +1037,7 @@ BY_NAME = {entry.name: entry for entry in ROUND4}
 
 
 def entries(names: list[str] | None = None, **marked: dict[str, str]) -> list:
-    """The entries named (default: all); `skip={name: why}` skips one, `xfail={name: why}` marks it strict xfail."""
-    make = {"skip": pytest.mark.skip, "xfail": lambda reason: pytest.mark.xfail(strict=True, reason=reason)}
-    return [pytest.param(BY_NAME[name], id=name, marks=[make[kind](reason=why[name]) for kind, why in marked.items()
-                                                        if name in why])
-            for name in names or BY_NAME]
+    return acceptance.marked_params(BY_NAME, names, **marked)
 
 
 # ---------------------------------------------------------------------------------------------------------
