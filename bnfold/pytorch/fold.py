@@ -410,7 +410,7 @@ class GraphFolder:
                 break
             path.append(node)
             node = step[0] if isinstance(step, tuple) else node.all_input_nodes[0]
-        if all(is_identity(p, self.module) or self._whole(p) for p in path):
+        if all(self._passes_through(p) for p in path):
             if kind_of(node, self.module) == "cat":
                 return self._split(occurrence, node, path)
             if self._is_sum(node):
@@ -806,7 +806,11 @@ class GraphFolder:
         return f"{classes[-1] if classes else target_name(call.node)} {call.name}"
 
     def _is_layout(self, node: fx.Node) -> bool:
-        return kind_of(node, self.module) in LAYOUT_KINDS or is_identity(node, self.module) or self._whole(node)
+        return kind_of(node, self.module) in LAYOUT_KINDS or self._passes_through(node)
+
+    def _passes_through(self, node: fx.Node) -> bool:
+        """Whether `node` hands its input on unchanged: an identity, or a whole tensor in one piece."""
+        return is_identity(node, self.module) or self._whole(node)
 
     def _whole(self, node: fx.Node) -> bool:
         """A chunk or split into one piece, that piece, or a cat of one tensor: the value passes through
@@ -865,7 +869,7 @@ class GraphFolder:
 
     def _map_axis(self, node: fx.Node, axis: int | None) -> int | None:
         """Where channel `axis` of a layout op's input lies in its output (None: not provable)."""
-        if axis is None or is_identity(node, self.module) or self._whole(node):
+        if axis is None or self._passes_through(node):
             return axis
         kind, source = kind_of(node, self.module), node.all_input_nodes[0]
         rank = self._rank(source)
