@@ -370,18 +370,31 @@ def capture_script(module: torch.jit.ScriptModule, example: tuple[torch.Tensor, 
 
 
 def _batch_widened(module: torch.jit.ScriptModule, example: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
-    """`example` with a batch of one doubled, where the model runs on that: torch.export makes a size-1
-    axis a constant, so a model converted at `--input-shape 1,...` came back made for batch 1 alone (with a
-    note saying so) although it runs at any batch. A model that runs at batch 1 only keeps its example."""
+    """`example` with a batch of one doubled (`widened`), where the model runs on that: a model converted at
+    `--input-shape 1,...` came back made for batch 1 alone (with a note saying so) although it runs at any
+    batch. A model that runs at batch 1 only keeps its example."""
     if not example or any(tensor.dim() == 0 or tensor.shape[0] != 1 for tensor in example):
         return example
-    widened = tuple(torch.cat([tensor, tensor]) for tensor in example)
+    doubled = widened(example, [{0}] * len(example))
     try:
         with torch.no_grad(), quiet(), buffers_kept(module):
-            module(*widened)
+            module(*doubled)
     except Exception:  # a trace at batch 1 may hold the batch as a constant (`view(1, -1)`)
         return example
-    return widened
+    return doubled
+
+
+def widened(example: tuple[torch.Tensor, ...], dynamic) -> tuple[torch.Tensor, ...]:
+    """The example with every axis of `dynamic` (per input, a collection of axes or None) at least 2 long:
+    export specializes a size-1 axis to a constant and then rejects its own dynamic-dimension request
+    (e.g. `fold --input-shape 1,...` of a .pt2)."""
+    result = []
+    for tensor, axes in zip(example, dynamic):
+        for axis in axes or {}:
+            if tensor.shape[axis] < 2:
+                tensor = torch.cat([tensor, tensor], dim=axis)
+        result.append(tensor)
+    return tuple(result)
 
 
 def _convert(module: torch.jit.ScriptModule, example: tuple[torch.Tensor, ...]) -> torch.export.ExportedProgram:

@@ -44,7 +44,8 @@ from bnfold.layers import FoldDecision, FoldStatus
 from bnfold.model import Model, ModelFormat
 from bnfold.plan import FoldOptions, FoldPlan
 from bnfold.pytorch.capture import (MODULEWISE, RENAMED, SIZE_ARITHMETIC, Capture, CaptureFailed, capture_module,
-                                    capture_program, capture_script, integral, private_copy, quiet)
+                                    capture_program, capture_script, integral, private_copy, quiet,
+                                    widened)
 from bnfold.pytorch.fold import NO_STATS, GraphFolder
 from bnfold.pytorch.modulewise import fold_by_module
 from bnfold.pytorch.model import (ExportedProgramModel, ModuleModel, TorchScriptModel, inner_model, like_input,
@@ -567,19 +568,7 @@ def _same(actual: object, expected: object) -> bool:
 
 def _export(module: nn.Module, example: tuple[torch.Tensor, ...], dynamic) -> torch.export.ExportedProgram:
     with quiet():
-        return torch.export.export(module, _widened(example, dynamic), dynamic_shapes=dynamic, strict=False)
-
-
-def _widened(example: tuple[torch.Tensor, ...], dynamic) -> tuple[torch.Tensor, ...]:
-    """The example with every dynamic axis at least 2 long: export specializes a size-1 axis to a constant
-    and then rejects its own dynamic-dimension request (e.g. `fold --input-shape 1,...` of a .pt2)."""
-    widened = []
-    for tensor, axes in zip(example, dynamic):
-        for axis in axes or {}:
-            if tensor.shape[axis] < 2:
-                tensor = torch.cat([tensor, tensor], dim=axis)
-        widened.append(tensor)
-    return tuple(widened)
+        return torch.export.export(module, widened(example, dynamic), dynamic_shapes=dynamic, strict=False)
 
 
 def _reexport(module: nn.Module, program: torch.export.ExportedProgram,
