@@ -332,8 +332,19 @@ class ArraySource(DataSource):
     def batches(self) -> Iterator[Batch]:
         for start, stop in self.bounds:
             rows = self.order[start:stop] if self.shuffled else slice(start, stop)  # slices read mmaps in order
-            batch = {name: np.array(array[rows]) for name, array in self.arrays.items()}  # read into memory
+            batch = {name: _rows(array, rows) for name, array in self.arrays.items()}
             yield self.validator.check(batch, f"{self.description}, samples {start}..{stop - 1}")
+
+
+def _rows(array: Any, rows: slice | np.ndarray) -> np.ndarray:
+    """Some rows of an input in memory: of an array in memory, a read-only view (no copy: nothing may write
+    the user's data, and the engines that may write their inputs copy them); of anything else (a memory
+    map, an image folder, a tensor), read into memory."""
+    if type(array) is np.ndarray:
+        view = array[rows].view()
+        view.flags.writeable = False
+        return view
+    return np.array(array[rows])
 
 
 def share(total: int, rank: int, world_size: int) -> tuple[int, int]:

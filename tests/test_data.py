@@ -182,3 +182,13 @@ def test_paths_and_options(tmp_path):
     assert parse_channel_values("0.5, 0.25,1", "--mean") == (0.5, 0.25, 1.0)
     with pytest.raises(UsageError, match="--std takes comma-separated numbers"):
         parse_channel_values("a,b", "--std")
+
+
+def test_arrays_in_memory_are_read_through_read_only_views(images):
+    """No copy of data already in memory (the ONNX engine reads it as it is), and nothing downstream can
+    write the caller's array: the engines that may write their inputs copy them (tests/test_fold_api.py)."""
+    for seed in (None, 3):  # slices, and the rows of a shuffle
+        batches = list(open_data(images, [IMAGE], DataOptions(batch_size=32, seed=seed)).batches())
+        assert not any(batch["input"].flags.writeable for batch in batches)
+    first = next(open_data(images, [IMAGE], DataOptions(batch_size=32)).batches())["input"]
+    assert np.shares_memory(first, images)

@@ -107,3 +107,25 @@ def test_fold_with_data_leaves_the_callers_model_as_it_was():
         assert [(d.layer, d.status) for d in report.decisions] == [("1", FoldStatus.KEPT), ("4", FoldStatus.FOLDED)]
         assert "training mode" in report.decisions[0].reason
         assert [m.training for m in model.modules()] == [True, True, True, True, True, False]
+
+
+class ScalesItsInputInPlace(nn.Module):
+    """A forward that writes its input (`x.mul_(2)`), as some preprocessing wrappers do."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.bn = nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        return self.bn(self.conv(x.mul_(2)))
+
+
+def test_a_model_that_writes_its_input_verifies_on_data_it_cannot_change():
+    """The original and the folded model each get their own copy of a batch: the original's x.mul_(2) had
+    doubled the batch the folded model ran next, and the fold was refused (relative error 0.97)."""
+    data = np.random.default_rng(0).standard_normal((64, 3, 8, 8)).astype(np.float32)
+    untouched = data.copy()
+    report = fold(randomized(ScalesItsInputInPlace()), data=data)
+    assert report.passed and len(report.folded) == 1 and report.difference.max_rel < 1e-5
+    np.testing.assert_array_equal(data, untouched)

@@ -223,7 +223,9 @@ def _inputs(model: Model, batch: Batch) -> tuple[torch.Tensor, ...]:
         dtypes = [dtype] * len(batch)
     tensors = []
     for array, dtype in zip(batch.values(), dtypes + [None] * len(batch)):
-        tensor = torch.from_numpy(np.ascontiguousarray(array))
+        # a copy: a model may write its input in place (x.mul_(2)), and the same batch runs through the
+        # folded model next (the data layer hands out read-only views of the user's arrays)
+        tensor = torch.from_numpy(np.array(array))
         if dtype is not None and tensor.is_floating_point() and dtype.is_floating_point:
             tensor = tensor.to(dtype)
         tensors.append(tensor)

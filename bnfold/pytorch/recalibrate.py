@@ -589,16 +589,17 @@ class _TorchRunner(ABC):
         with torch.no_grad(), observers_frozen(self.module), \
                 self._instrumented(batch_statistics, statistics) as forward:
             for batch in batches:
-                tensors = self._tensors(batch)
-                forward(*tensors)
+                forward(*self._tensors(batch))
                 while not statistics.end_batch():  # a layer needs more care: the batch runs again
-                    forward(*tensors)
+                    forward(*self._tensors(batch))
         return statistics.result()
 
     def _tensors(self, batch: Batch) -> list[torch.Tensor]:
+        """The batch as fresh tensors for one forward: a model may write its input in place (x.mul_(2)),
+        and neither the data (read-only views of the user's arrays) nor a batch run again may see that."""
         tensors = []
         for name in self.input_names:
-            tensor = torch.from_numpy(np.ascontiguousarray(batch[name]))
+            tensor = torch.from_numpy(np.array(batch[name]))
             if tensor.is_floating_point():
                 tensor = tensor.to(self.float_dtype)
             tensors.append(tensor.to(self.device))
