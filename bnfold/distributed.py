@@ -35,8 +35,9 @@ from bnfold.stats import ChannelStatistics, Moments
 
 TIMEOUT_ENV = "BNFOLD_DISTRIBUTED_TIMEOUT"
 DEFAULT_TIMEOUT_S = 1800.0
-# Per layer, ahead of its four channel vectors: the value count, the sample count and the batch count.
-_HEADER = 3
+# Per layer, ahead of its four channel vectors: the value count, the sample count, the batch count and
+# whether the unit means are per batch (`ChannelStatistics.batch_units`).
+_HEADER = 4
 
 T = TypeVar("T")
 
@@ -128,7 +129,7 @@ class ProcessGroupWorld(World):
         merged: dict[str, ChannelStatistics] = {}
         for part in parts:
             for name, received in _unpack(part.cpu().numpy(), channels).items():
-                merged.setdefault(name, ChannelStatistics()).merge(received)
+                merged.setdefault(name, ChannelStatistics(batch_units=received.batch_units)).merge(received)
         return merged
 
     def total(self, count: int) -> int:
@@ -232,7 +233,7 @@ def _status(error: Exception) -> tuple[str, str | None]:
 
 
 def _pack(statistics: Mapping[str, ChannelStatistics], channels: Mapping[str, int]) -> np.ndarray:
-    """One float64 vector: per layer, the counts and then mean, M2 of the values and of the sample means.
+    """One float64 vector: per layer, the header and then mean, M2 of the values and of the unit means.
 
     A layer this rank never reached is all zeros (count 0). Counts are exact in float64 below 2**53.
     """
@@ -243,7 +244,7 @@ def _pack(statistics: Mapping[str, ChannelStatistics], channels: Mapping[str, in
             parts.append(np.zeros(_HEADER + 4 * width))
             continue
         values, samples = found.values, found.sample_means
-        parts += [np.array([values.count, samples.count, found.batches], np.float64),
+        parts += [np.array([values.count, samples.count, found.batches, found.batch_units], np.float64),
                   values.mean, values.m2, samples.mean, samples.m2]
     return np.concatenate(parts) if parts else np.zeros(0)
 
@@ -252,12 +253,12 @@ def _unpack(packed: np.ndarray, channels: Mapping[str, int]) -> dict[str, Channe
     unpacked = {}
     offset = 0
     for name, width in channels.items():
-        count, samples, batches = (int(v) for v in packed[offset:offset + _HEADER])
+        count, samples, batches, batch_units = (int(v) for v in packed[offset:offset + _HEADER])
         vectors = packed[offset + _HEADER:offset + _HEADER + 4 * width].reshape(4, width)
         offset += _HEADER + 4 * width
         if batches:
             unpacked[name] = ChannelStatistics(Moments(count, vectors[0], vectors[1]),
-                                               Moments(samples, vectors[2], vectors[3]), batches)
+                                               Moments(samples, vectors[2], vectors[3]), batches, bool(batch_units))
     return unpacked
 
 

@@ -83,25 +83,33 @@ class Moments:
 class ChannelStatistics:
     """Accumulates what one BN layer's input looked like over a whole data set.
 
-    Two sets of moments: of all values per channel (what the BN's running statistics estimate), and of
-    each sample's per-channel mean (how much samples disagree, which gives the standard error of the
-    mean: values inside one image are correlated, samples are the independent unit).
+    Two sets of moments: of all values per channel (what the BN's running statistics estimate), and of the
+    means of the independent units, which give the standard error of the mean. The units are the samples
+    (values inside one image are correlated, samples are not), or, with `batch_units`, whole batches: each
+    batch mean weighted by its rows, where per-sample means would cost a framework another read of every
+    BN input (see `standard_error`).
     """
 
-    def __init__(self, values: Moments | None = None, sample_means: Moments | None = None, batches: int = 0) -> None:
+    def __init__(self, values: Moments | None = None, sample_means: Moments | None = None, batches: int = 0,
+                 batch_units: bool = False) -> None:
         empty = Moments(0, np.zeros(0), np.zeros(0))
         self.values = values if values is not None else empty
-        self.sample_means = sample_means if sample_means is not None else empty
+        self.sample_means = sample_means if sample_means is not None else empty  # of the units, per sample
         self.batches = batches
+        self.batch_units = batch_units
 
     def add(self, values: Moments, sample_means: Moments, batches: int = 1) -> None:
-        """Merge one batch (or `batches` pooled), given as the moments of its values and of its per-sample means."""
+        """Merge one batch (or `batches` pooled), given as the moments of its values and of its unit means
+        (per-sample means, or with `batch_units` its batch mean weighted by its rows: `Moments.of_batches`
+        with zero variances)."""
         self.values = self.values.merge(values)
         self.sample_means = self.sample_means.merge(sample_means)
         self.batches += batches
 
     def merge(self, other: ChannelStatistics) -> None:
         """Merge statistics accumulated elsewhere (another process's share of the data), exactly."""
+        if other.batch_units != self.batch_units:
+            raise ValueError("cannot merge statistics of per-sample and per-batch means")
         self.values = self.values.merge(other.values)
         self.sample_means = self.sample_means.merge(other.sample_means)
         self.batches += other.batches
@@ -109,7 +117,10 @@ class ChannelStatistics:
     def add_array(self, batch: np.ndarray, channel_axis: int = 1) -> None:
         """Merge one batch of shape (N, C, *spatial) (channels on `channel_axis`)."""
         batch = np.moveaxis(np.asarray(batch, dtype=np.float64), channel_axis, 1)
-        self.add(Moments.of(batch), Moments.of(batch.reshape(batch.shape[0], batch.shape[1], -1).mean(axis=2)))
+        per_sample = batch.reshape(batch.shape[0], batch.shape[1], -1).mean(axis=2)
+        self.add(Moments.of(batch), Moments.of_batches(np.array([len(batch)]), per_sample.mean(axis=0, keepdims=True),
+                                                        np.zeros((1, batch.shape[1])))
+                 if self.batch_units else Moments.of(per_sample))
 
     @property
     def samples(self) -> int:
@@ -129,10 +140,15 @@ class ChannelStatistics:
         return self.values.variance(ddof)
 
     def standard_error(self) -> np.ndarray:
-        """Standard error of `mean` per channel, treating samples as independent draws."""
-        if self.samples < 2:
+        """Standard error of `mean` per channel, treating the units (samples, or batches) as independent
+        draws: sqrt(M2 / ((units - 1) * samples)), with M2 of the unit means weighted by their rows. Per
+        sample that is the sample variance over the samples; per batch, with B batches, M2 / (B - 1) is an
+        unbiased estimate of the sample variance from B - 1 degrees of freedom (noisier with few batches;
+        larger, so more careful, where batches are not shuffled and differ more than random ones would)."""
+        units = self.batches if self.batch_units else self.samples
+        if units < 2:
             return np.full(self.mean.shape, np.inf)
-        return np.sqrt(self.sample_means.variance(ddof=1) / self.samples)
+        return np.sqrt(self.sample_means.m2 / ((units - 1) * self.samples))
 
 
 __all__ = ["ChannelStatistics", "Moments"]

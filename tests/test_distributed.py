@@ -186,3 +186,16 @@ def test_statistics_travel_exactly_and_merge_to_those_of_all_the_data():
     np.testing.assert_allclose(first.mean, everything.mean, rtol=1e-14)
     np.testing.assert_allclose(first.variance(1), everything.variance(1), rtol=1e-13)
     np.testing.assert_allclose(first.standard_error(), everything.standard_error(), rtol=1e-12)
+
+
+def test_batch_unit_statistics_travel_as_such():
+    rng = np.random.default_rng(1)
+    values = rng.normal(size=(40, 3, 5))
+    mine, theirs, everything = (ChannelStatistics(batch_units=True) for _ in range(3))
+    for start in range(0, 40, 10):
+        (mine if start < 20 else theirs).add_array(values[start:start + 10])
+        everything.add_array(values[start:start + 10])
+    received = _unpack(_pack({"bn": theirs}, {"bn": 3}), {"bn": 3})["bn"]
+    assert received.batch_units and received.batches == 2
+    mine.merge(received)
+    np.testing.assert_allclose(mine.standard_error(), everything.standard_error(), rtol=1e-12)

@@ -385,6 +385,7 @@ def test_cli_table_and_usage_errors(cli, tmp_path):
                  "--method", "fast")
     assert result.code == 0, result.stderr
     assert "block/bn2" in result.stdout and "1 forward pass over the data" in result.stdout
+    assert "spread of the batch means" in result.stdout  # where the standard errors come from
     assert result.stderr == ""  # no progress bar when stderr is not a terminal
     missing_output = cli("recalibrate", SAMPLES / "mlp.onnx", "--data", CALIB)
     assert missing_output.code == 2 and "-o PATH" in missing_output.stderr

@@ -77,6 +77,31 @@ def test_standard_error_uses_samples_as_the_independent_unit():
     np.testing.assert_allclose(statistics.standard_error(), [expected], rtol=1e-10)
 
 
+
+def test_standard_error_from_batch_units_is_the_spread_of_the_batch_means():
+    """With `batch_units` (ONNX's fast pass) the units are batches: SE = sd(batch means) / sqrt(batches) for
+    equal batches, a row-weighted version otherwise; either way an unbiased estimate of the same quantity."""
+    rng = np.random.default_rng(5)
+    values = rng.normal(3.0, 2.0, size=(96, 2, 4))
+    by_batches = ChannelStatistics(batch_units=True)
+    for start in range(0, 96, 8):
+        by_batches.add_array(values[start:start + 8])
+    batch_means = values.reshape(12, 8, 2, 4).mean(axis=(1, 3))
+    np.testing.assert_allclose(by_batches.standard_error(), batch_means.std(axis=0, ddof=1) / np.sqrt(12), rtol=1e-12)
+    assert by_batches.samples == 96 and by_batches.count == 96 * 4
+    uneven = ChannelStatistics(batch_units=True)
+    sizes = [10, 30, 56]
+    for part in np.split(values, np.cumsum(sizes)[:-1]):
+        uneven.add_array(part)
+    means = np.stack([part.mean(axis=(0, 2)) for part in np.split(values, np.cumsum(sizes)[:-1])])
+    weighted = np.asarray(sizes, float) @ np.square(means - values.mean(axis=(0, 2)))
+    np.testing.assert_allclose(uneven.standard_error(), np.sqrt(weighted / (2 * 96)), rtol=1e-12)
+    one = ChannelStatistics(batch_units=True)
+    one.add_array(values)  # one batch says nothing about the spread between batches
+    assert np.isinf(one.standard_error()).all()
+    with pytest.raises(ValueError, match="per-sample and per-batch"):
+        ChannelStatistics().merge(by_batches)
+
 def test_empty_and_mismatched_merges():
     empty = Moments(0, np.zeros(0), np.zeros(0))
     some = Moments.of(np.ones((3, 2)))

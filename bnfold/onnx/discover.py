@@ -65,7 +65,8 @@ def operator_version(op_type: str, opset: int) -> int:
 def describe_bn(node: onnx.NodeProto, index: GraphIndex, opset: int, constants: Constants) -> BNLayer:
     """One BN node as a BNLayer; statistics are None when they are not constants in the file
     (initializers, Constant nodes or constant subgraphs, as the fold analysis sees them)."""
-    scale, bias, mean, var = (constants.value(name) for name in _param_names(node))
+    parameters = [constants.value(name) for name in _param_names(node)]
+    scale, bias, mean, var = parameters
     known = [array for array in (scale, bias, mean, var) if array is not None]
     channels = int(known[0].size) if known else None  # else from declared shapes (`discover`)
     dtype = known[0].dtype.name if known else "unknown"
@@ -78,7 +79,7 @@ def describe_bn(node: onnx.NodeProto, index: GraphIndex, opset: int, constants: 
     overridable = [name for name in node.input[1:] if index.is_overridable(name)]
     if overridable:
         extra["overridable_params"] = overridable
-    runtime_params = [name for name in node.input[1:] if name and constants.value(name) is None]
+    runtime_params = [name for name, value in zip(_param_names(node), parameters) if name and value is None]
     if runtime_params:
         extra["runtime_params"] = runtime_params
     stats_known = mean is not None and var is not None

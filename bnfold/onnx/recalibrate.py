@@ -155,7 +155,9 @@ class OnnxStatisticsRunner:
     def run_pass(self, batches: Iterable[Batch], observe: Sequence[str],
                  batch_statistics: bool) -> dict[str, ChannelStatistics]:
         runnable, probes = self._session(set(observe), batch_statistics)
-        statistics = {layer: ChannelStatistics() for layer in probes}
+        # the fast pass's units are batches: per-sample means would take another read of every BN input
+        # in onnxruntime (5% of a MobileNet's pass), where training-mode BN gives batch means for nothing
+        statistics = {layer: ChannelStatistics(batch_units=batch_statistics) for layer in probes}
         pending: list[dict[str, np.ndarray]] = []  # outputs of batches not merged yet
         for batch in batches:
             values = self._run(runnable, probes, batch)
@@ -169,6 +171,9 @@ class OnnxStatisticsRunner:
             if len(pending) * sum(value.nbytes for value in values.values()) > _PENDING_BYTES:
                 _merge(statistics, probes, pending)
         _merge(statistics, probes, pending)
+        if batch_statistics:
+            self.notes.append("standard errors of the new means come from the spread of the batch means "
+                              "(the fast method on onnxruntime reads no per-sample means)")
         return {layer: found for layer, found in statistics.items() if found.batches}  # a rank may see none
 
     def _session(self, observe: set[str], batch_statistics: bool) -> tuple[Any, dict[str, _Probe]]:
@@ -198,10 +203,10 @@ class OnnxStatisticsRunner:
         for node in graph.node:
             layer = node_label(node) if node.op_type == BN_OP else None
             if layer in self.nodes and (layer in observe or batch_statistics):
-                rank = traced_rank(self.index, node.input[0], self._ranks)
                 if batch_statistics and self._trains(node):
-                    probe: _Probe = builder.training_mode(node, len(nodes), rank)
+                    probe: _Probe = builder.training_mode(node, len(nodes))
                 else:
+                    rank = traced_rank(self.index, node.input[0], self._ranks)
                     probe = builder.moments(node.input[0], len(nodes), rank, self._reduces_in_place(node),
                                             careful=layer in self.careful)
                     if batch_statistics:
@@ -268,7 +273,13 @@ def _merge(statistics: dict[str, ChannelStatistics], probes: dict[str, _Probe],
     """Merge the outputs of the `pending` batches into `statistics`, every layer's batches at once."""
     if pending:
         for layer, probe in probes.items():
-            statistics[layer].add(*probe.moments(pending), batches=len(pending))
+            found = statistics[layer]
+            if found.batch_units:
+                units = probe.batch_means(pending)
+            else:  # an exact pass, whose probes all reduce
+                assert isinstance(probe, _ReducingProbe)
+                units = probe.sample_mean_moments(pending)
+            found.add(probe.value_moments(pending), units, batches=len(pending))
         pending.clear()
 
 
@@ -304,17 +315,21 @@ class _Probe(ABC):
     outputs: tuple[str, ...]
 
     @abstractmethod
-    def moments(self, batches: list[dict[str, np.ndarray]]) -> tuple[Moments, Moments]:
-        """The moments of the `batches` (their outputs) over all values and over per-sample means."""
-
-    @abstractmethod
     def cancels(self, values: dict[str, np.ndarray]) -> bool:
         """Whether this batch's variance lost precision to cancellation."""
 
-    def _value_moments(self, batches: list[dict[str, np.ndarray]]) -> Moments:
+    def value_moments(self, batches: list[dict[str, np.ndarray]]) -> Moments:
         """The moments of all values: every batch's mean and variance over its N * L values, pooled."""
-        shapes = np.stack([values[self.shape] for values in batches]).astype(np.float64)
+        shapes = self._shapes(batches)
         return _stacked(shapes[:, 0] * shapes[:, 2:].prod(axis=1), batches, self.mean, self.var)
+
+    def batch_means(self, batches: list[dict[str, np.ndarray]]) -> Moments:
+        """The moments of the batch means, each weighted by its rows (`ChannelStatistics.batch_units`)."""
+        means = np.stack([values[self.mean].reshape(-1) for values in batches])
+        return Moments.of_batches(self._shapes(batches)[:, 0], means, np.zeros_like(means))
+
+    def _shapes(self, batches: list[dict[str, np.ndarray]]) -> np.ndarray:
+        return np.stack([values[self.shape] for values in batches]).astype(np.float64)
 
 
 def _stacked(counts: np.ndarray, batches: list[dict[str, np.ndarray]], mean: str, variance: str) -> Moments:
@@ -336,9 +351,9 @@ class _ReducingProbe(_Probe):
         self.prefix = prefix
         self.outputs = (self.mean, self.var, self.spread, self.shape) + ((self.excess,) if self.excess else ())
 
-    def moments(self, batches: list[dict[str, np.ndarray]]) -> tuple[Moments, Moments]:
-        samples = np.array([values[self.shape][0] for values in batches], dtype=np.float64)
-        return self._value_moments(batches), _stacked(samples, batches, self.mean, self.spread)
+    def sample_mean_moments(self, batches: list[dict[str, np.ndarray]]) -> Moments:
+        """The moments of the per-sample means (each batch's spread of them, pooled)."""
+        return _stacked(self._shapes(batches)[:, 0], batches, self.mean, self.spread)
 
     def cancels(self, values: dict[str, np.ndarray]) -> bool:
         return self.excess is not None and bool(values[self.excess] > 0)
@@ -346,18 +361,13 @@ class _ReducingProbe(_Probe):
 
 class _TrainingModeProbe(_Probe):
     """The BN in training mode with momentum 0: its running-statistics outputs are the batch's mean and
-    population variance; the per-sample means come from one reduction beside it."""
+    population variance, and a Shape node beside it gives the count."""
 
     def __init__(self, prefix: str) -> None:
         self.mean = f"{prefix}/mean"
         self.var = f"{prefix}/var"
-        self.sample_means = f"{prefix}/sample_means"
         self.shape = f"{prefix}/shape"
-        self.outputs = (self.mean, self.var, self.sample_means, self.shape)
-
-    def moments(self, batches: list[dict[str, np.ndarray]]) -> tuple[Moments, Moments]:
-        return (self._value_moments(batches),
-                Moments.of(np.concatenate([values[self.sample_means] for values in batches]), channel_axis=1))
+        self.outputs = (self.mean, self.var, self.shape)
 
     def cancels(self, values: dict[str, np.ndarray]) -> bool:
         return bool(np.any(beyond_float32_means(values[self.mean], values[self.var])))
@@ -450,17 +460,15 @@ class _ProbeBuilder:
             node.input[position] = self._add("Cast", [value], f"{probe.prefix}/batch_{position}",
                                              to=helper.np_dtype_to_tensor_dtype(dtype))
 
-    def training_mode(self, node: onnx.NodeProto, number: int, rank: int | None) -> _TrainingModeProbe:
-        """Switch BN `node` (opset 14+) to training mode, reading out its batch statistics (and each sample's
-        means beside it: `rank` is its input's, if known)."""
+    def training_mode(self, node: onnx.NodeProto, number: int) -> _TrainingModeProbe:
+        """Switch BN `node` (opset 14+) to training mode, reading out its batch statistics and the shape
+        of the input they were reduced over."""
         self.nodes = []
-        probe = _TrainingModeProbe(p := f"{_PREFIX}/{number}")
+        probe = _TrainingModeProbe(f"{_PREFIX}/{number}")
         kept = [a for a in node.attribute if a.name not in ("momentum", "training_mode")]
         node.ClearField("attribute")
         node.attribute.extend([*kept, helper.make_attribute("momentum", 0.0), helper.make_attribute("training_mode", 1)])
         del node.output[1:]
         node.output.extend([probe.mean, probe.var])
-        samples, positions = self._samples(node.input[0], rank, p)
-        self._mean(samples, positions, 0, probe.sample_means)
-        self._add("Shape", [samples], probe.shape)
+        self._add("Shape", [node.input[0]], probe.shape)
         return probe

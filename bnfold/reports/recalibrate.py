@@ -33,7 +33,7 @@ class LayerRecalibration:
     old_var: np.ndarray | None
     new_mean: np.ndarray
     new_var: np.ndarray
-    standard_error: np.ndarray  # of new_mean, per channel, from the spread of per-sample means
+    standard_error: np.ndarray  # of new_mean, per channel, from the spread of per-sample (or batch) means
 
     def drift(self) -> tuple[np.ndarray | None, np.ndarray | None]:
         """Per channel, how far the input moved: the mean shift in old standard deviations and the variance
