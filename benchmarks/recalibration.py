@@ -38,6 +38,7 @@ from tests.zoo import export_onnx, mobilenetv2_timm, resnet_bottleneck
 SAMPLES, QUICK_SAMPLES, BATCH = 1024, 256, 32
 MEMORY_RUNS = 3  # fresh processes per peak-memory measurement (the heap varies between them)
 METHODS = ("inference", "exact", "fast")
+TARGET = 0.85  # issue 5: fast recalibration's throughput against inference's
 DOUBLED = {"inference": "inference, twice the data", "fast": "fast, twice the data"}
 
 
@@ -184,7 +185,21 @@ def markdown(results: dict) -> str:
             "add (the median over rounds of the difference between the two calls of a round), and the fixed "
             f"cost of one call, what its first {first['samples']:,} samples cost beyond that (a difference of "
             "timings, so within the machine's noise of zero where the fixed cost is small):\n\n"
-            + table(["model", "inference samples/s", "fast samples/s", "inference fixed ms", "fast fixed ms"], steady))
+            + table(["model", "inference samples/s", "fast samples/s", "inference fixed ms", "fast fixed ms"], steady)
+            + "\n\n" + _verdict(results))
+
+
+def _verdict(results: dict) -> str:
+    """Which models reach the target of issue 5, in the steady state and in whole calls."""
+    def reached(key: str) -> str:
+        short = [f"{name} {r['fast'][key]:.2f}×" for name, r in results.items() if r["fast"][key] < TARGET]
+        met = len(results) - len(short)
+        return f"{met} of {len(results)}" + (f" (not: {'; '.join(short)})" if short else "")
+
+    first = next(iter(results.values()))
+    return (f"Target (issue 5): `fast` at {TARGET}× of inference throughput or more. In the steady state: "
+            f"{reached('steady_vs_inference')}. In whole calls of {first['samples']:,} samples, fixed costs "
+            f"included: {reached('vs_inference')}.")
 
 
 def main() -> None:
