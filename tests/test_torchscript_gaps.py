@@ -166,3 +166,27 @@ def test_a_scripted_bn_without_running_statistics_is_described_and_skipped_as_to
     report = bnfold.recalibrate(scripted, data=_calibration())
     assert [result.name for result in report.layers] == ["bn2"]
     assert [(s.name, s.reason) for s in report.skipped] == [("bn1", missing_statistics(first()))]
+
+
+class NormUnderTwoNames(nn.Module):
+    """DGCNN's pattern: the BN is an attribute of the model and a child of the Sequential that calls it."""
+
+    def __init__(self):
+        super().__init__()
+        self.bn1 = nn.BatchNorm2d(8)
+        self.conv1 = nn.Sequential(nn.Conv2d(3, 8, 1, bias=False), self.bn1, nn.LeakyReLU(0.2))
+
+    def forward(self, x):
+        return self.conv1(x)
+
+
+def test_a_traced_bn_held_under_two_names_is_one_layer_as_in_eager():
+    """TorchScript copies a module per attribute name (the copies share its tensors): fold kept `conv1.1`
+    as "not found in the captured computation" beside the folded `bn1`, inspect listed two layers."""
+    model = randomized(NormUnderTwoNames())
+    traced = torch.jit.trace(model, torch.zeros(2, 3, 8, 8))
+    assert [layer.name for layer in bnfold.inspect(traced).layers] == ["bn1"]
+    folded = bnfold.fold(traced, input_shape="2,3,8,8")
+    assert folded.verified and [(d.layer, d.status) for d in folded.plan.decisions] == [("bn1", FoldStatus.FOLDED)]
+    report = bnfold.recalibrate(traced, data=_calibration())
+    assert [result.name for result in report.layers] == ["bn1"] and not report.skipped

@@ -129,13 +129,31 @@ def discover_module(module: nn.Module, share_tensors: bool = False) -> list[BNLa
     """BN layers of an eager or scripted module: its BN-like submodules, then BN ops only its graph shows
     (traced on a `private_copy`, sharing the module's tensors with `share_tensors`)."""
     layers = []
+    # One BN module held under two attribute names (DGCNN's `self.bn1`, also `conv1[1]`) is listed once by
+    # eager named_modules(), under its first name; TorchScript copies it per name, the copies sharing its
+    # tensors. A copy is that layer again (`aliases`: its name -> the first), not a second one that the
+    # forward never calls.
+    first_names: dict[tuple[int, ...], str] = {}
+    aliases: dict[str, str] = {}
     for name, child in module.named_modules():
         kind = bn_kind(child)
-        if kind is not None:
+        key = _tensor_key(child) if kind is not None and isinstance(module, torch.jit.ScriptModule) else None
+        if key in first_names:
+            aliases[name] = first_names[key]
+        elif kind is not None:
+            if key is not None:
+                first_names[key] = name
             layers.append(describe_module(name, child, kind))
     if isinstance(module, torch.jit.ScriptModule):
-        return with_script_graph(module, layers)
+        return with_script_graph(module, layers, aliases)
     return with_graph_layers(module, layers, share_tensors)
+
+
+def _tensor_key(module: nn.Module) -> tuple[int, ...] | None:
+    """The storages of a BN module's statistics and affine parameters (None: it holds none)."""
+    tensors = [getattr(module, name, None) for name in ("running_mean", "running_var", "weight", "bias")]
+    key = tuple(t.data_ptr() if isinstance(t, torch.Tensor) else 0 for t in tensors)
+    return key if any(key) else None
 
 
 def inlined_graph(module: torch.jit.ScriptModule) -> torch._C.Graph | None:
@@ -234,14 +252,15 @@ def constant_input(node: torch._C.Node, position: int) -> Any:
     return value.toIValue() if value.node().kind() == "prim::Constant" else None
 
 
-def with_script_graph(module: torch.jit.ScriptModule, known: list[BNLayer]) -> list[BNLayer]:
+def with_script_graph(module: torch.jit.ScriptModule, known: list[BNLayer],
+                      aliases: dict[str, str]) -> list[BNLayer]:
     """`known` completed from the module's inlined graph: the eps (and momentum) a traced module keeps only
     as constants of its batch_norm calls, `F.batch_norm` on buffers of modules that are no BN module,
     named after the module owning the statistics (the buffer's own name when the root owns them), and the
     batch_norm calls of a frozen module, whose statistics are graph constants (`frozen_batch_norms`)."""
     try:
         graph = inlined_graph(module)  # held for as long as its nodes are used
-        return known if graph is None else _complete_from_graph(module, graph, known)
+        return known if graph is None else _complete_from_graph(module, graph, known, aliases)
     except (RuntimeError, AttributeError):  # a graph bnfold cannot read: the module walk is all there is
         return known
 
@@ -331,8 +350,8 @@ def tensor_key(tensor: torch.Tensor) -> tuple:
     return tensor.data_ptr(), tensor.dtype, tuple(tensor.shape), tuple(tensor.stride())
 
 
-def _complete_from_graph(module: torch.jit.ScriptModule, graph: torch._C.Graph,
-                         known: list[BNLayer]) -> list[BNLayer]:
+def _complete_from_graph(module: torch.jit.ScriptModule, graph: torch._C.Graph, known: list[BNLayer],
+                         aliases: dict[str, str]) -> list[BNLayer]:
     layers = {layer.name: layer for layer in known}
     for name, node in frozen_batch_norms(graph):
         if name not in layers:
@@ -347,7 +366,7 @@ def _complete_from_graph(module: torch.jit.ScriptModule, graph: torch._C.Graph,
         if tensor_path is None:  # statistics that are no attribute (computed, or frozen: above), or no weight
             continue
         owner_path = tensor_path.rpartition(".")[0]
-        name = owner_path or ("<root>" if "<root>" in layers else tensor_path)
+        name = aliases.get(owner_path) or owner_path or ("<root>" if "<root>" in layers else tensor_path)
         called.add(name)
         settings = _call_settings(module, node)
         layer = layers.get(name)
