@@ -6,7 +6,8 @@ the input of each layer under study (a layer is the module path owning the runni
 reads) and decides what the call normalizes with. No streaming merge, no graph, no dependency analysis:
 
 - exact: a fixed point. Every pass runs the whole data in eval mode with the statistics of the pass
-  before, then stores every layer's input statistics; passes repeat until the statistics come back
+  before, then stores every layer's input statistics (in the model's buffers too, unless `per_call`, so
+  that code reading them outside F.batch_norm sees them); passes repeat until the statistics come back
   bit for bit (a layer at depth d is final after d + 1 passes). This is what `exact` promises: each
   layer holds the statistics of the inputs it sees at inference once the layers before it hold theirs,
   whatever order the modules are declared in and however the data flows.
@@ -81,7 +82,9 @@ class BatchNormOracle:
         self.ddof = ddof
         self.layers = None if layers is None else set(layers)  # None: every layer F.batch_norm reads stats of
         self.per_call = per_call
-        self.buffers = {tensor.data_ptr(): name for name, tensor in self.model.named_buffers(remove_duplicate=False)}
+        self.buffers: dict[int, str] = {}  # a module held under two names is named by its first, as eager names it
+        for name, tensor in self.model.named_buffers(remove_duplicate=False):
+            self.buffers.setdefault(tensor.data_ptr(), name)
         self.reads: dict[str, tuple[str, str]] = {}  # layer -> the (mean, var) buffers its calls read
         self.statistics: dict[Hashable, tuple[np.ndarray, np.ndarray]] = {}
         self.calls: dict[Hashable, int] = {}  # key -> calls over the data (batches, times calls per forward)
@@ -110,6 +113,17 @@ class BatchNormOracle:
                 self.model(batch)
         self.statistics = {key: channel_statistics(inputs, self.ddof) for key, inputs in mode.inputs.items()}
         self.calls = {key: len(inputs) for key, inputs in mode.inputs.items()}
+        if not batch_statistics and not self.per_call:
+            self._store(self.model)
+
+    def _store(self, model: nn.Module) -> None:
+        """Write the statistics into the model's buffers too, as a recalibrated model holds them: code that
+        reads them outside F.batch_norm (DBB's BNAndPadLayer computes its border values from them) sees
+        them in the next pass. One call's statistics per buffer: per call, the buffers stay as they were."""
+        with torch.no_grad():
+            for layer, (mean, var) in self.statistics.items():
+                model.get_buffer(self.reads[layer][0]).copy_(torch.from_numpy(mean))
+                model.get_buffer(self.reads[layer][1]).copy_(torch.from_numpy(var))
 
     def outputs(self, x: torch.Tensor) -> np.ndarray:
         """The model's output on `x`, every studied layer normalizing with the oracle's statistics."""
@@ -120,10 +134,7 @@ class BatchNormOracle:
         """A float64 copy of the model holding the oracle's statistics in its own buffers."""
         assert not self.per_call, "one module cannot hold a statistic per call"
         model = copy.deepcopy(self.model)
-        with torch.no_grad():
-            for layer, (mean, var) in self.statistics.items():
-                model.get_buffer(self.reads[layer][0]).copy_(torch.from_numpy(mean))
-                model.get_buffer(self.reads[layer][1]).copy_(torch.from_numpy(var))
+        self._store(model)
         return model
 
 

@@ -1205,29 +1205,14 @@ def test_fold_torchscript(entry: ZooModel) -> None:
 # ---------------------------------------------------------------------------------------------------------
 
 METHODS = ["exact", "fast"]
-ORACLE_CALL_PATH_NAMES = {"dgcnn": "the oracle names a BN module held under two names by its call path "
-                                   "(conv1.1), bnfold by the module's first name (bn1)"}
-BORDER_FROM_STATISTICS = {"dbb": "exact eager recalibration disagrees with the oracle at stem.dbb_avg.avgbn (mean "
-                                 "off by 0.057): its input's border is computed from stem.dbb_avg.bn.bn's "
-                                 "running statistics, outside the BN op"}
-
-
-def _recalibration_params() -> list:
-    params = []
-    for method in METHODS:
-        why = {**ORACLE_CALL_PATH_NAMES, **(BORDER_FROM_STATISTICS if method == "exact" else {})}
-        params += [pytest.param(param.values[0], method, id=f"{param.id}-{method}", marks=param.marks)
-                   for param in entries(xfail=why)]
-    return params
-
-
-@pytest.mark.parametrize(("entry", "method"), _recalibration_params())
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("entry", entries())
 def test_recalibrate_eager(entry: ZooModel, method: str) -> None:
     round4.test_recalibrate_eager(entry, method)
 
 
 @pytest.mark.parametrize("method", METHODS)
-@pytest.mark.parametrize("entry", entries(skip=ONNX_SKIP, xfail=ORACLE_CALL_PATH_NAMES))
+@pytest.mark.parametrize("entry", entries(skip=ONNX_SKIP))
 def test_recalibrate_onnx(entry: ZooModel, method: str, tmp_path: Path) -> None:
     round4.test_recalibrate_onnx(entry, method, tmp_path)
 
