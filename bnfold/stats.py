@@ -31,6 +31,17 @@ def beyond_float32_means(mean: np.ndarray, variance: np.ndarray) -> np.ndarray:
     return mean * mean > BATCH_MEAN_RATIO * np.asarray(variance, dtype=np.float64)
 
 
+def pooled_columns(counts: np.ndarray, means: np.ndarray, variances: np.ndarray) -> tuple[np.ndarray, ...]:
+    """Per column, the count, mean and M2 of B batches given as (B, C) means and population variances and
+    counts that broadcast to them (one per batch, or one per batch and column, as when the columns are the
+    channels of several layers): Chan's update summed over the batches."""
+    means = np.asarray(means, dtype=np.float64)
+    total = np.broadcast_to(counts, means.shape).sum(axis=0)
+    mean = (counts * means).sum(axis=0) / total
+    within = (counts * np.asarray(variances, dtype=np.float64)).sum(axis=0)
+    return total, mean, within + (counts * np.square(means - mean)).sum(axis=0)
+
+
 @dataclass(frozen=True)
 class Moments:
     """count, mean and M2 per channel, in float64; `count` values stand behind every channel."""
@@ -54,10 +65,8 @@ class Moments:
         variance (B, C), as frameworks reduce them: Chan's update summed over the batches
         (M2 = sum of count * variance + sum of count * (batch mean - mean)^2)."""
         counts = np.asarray(counts, dtype=np.float64)
-        means = np.asarray(means, dtype=np.float64)
-        total = counts.sum()
-        mean = counts @ means / total
-        return cls(int(total), mean, counts @ np.asarray(variances, dtype=np.float64) + counts @ np.square(means - mean))
+        _, mean, m2 = pooled_columns(counts[:, None], means, variances)
+        return cls(int(counts.sum()), mean, m2)
 
     def merge(self, other: Moments) -> Moments:
         """The moments of both sets of values together (Chan et al.)."""

@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from bnfold.stats import ChannelStatistics, Moments
+from bnfold.stats import ChannelStatistics, Moments, pooled_columns
 
 
 def _split(values: np.ndarray, cuts: list[int]) -> list[np.ndarray]:
@@ -101,6 +101,18 @@ def test_standard_error_from_batch_units_is_the_spread_of_the_batch_means():
     assert np.isinf(one.standard_error()).all()
     with pytest.raises(ValueError, match="per-sample and per-batch"):
         ChannelStatistics().merge(by_batches)
+
+
+def test_pooled_columns_with_a_count_per_column_pool_each_column_on_its_own():
+    """Several layers' channels side by side (ONNX merges every layer at once), each with its own counts."""
+    rng = np.random.default_rng(6)
+    counts = rng.integers(1, 50, size=(7, 5)).astype(np.float64)
+    means, variances = rng.normal(size=(7, 5)) * 10, rng.uniform(0.1, 2, size=(7, 5))
+    total, mean, m2 = pooled_columns(counts, means, variances)
+    for column in range(5):
+        alone = Moments.of_batches(counts[:, column], means[:, [column]], variances[:, [column]])
+        assert total[column] == alone.count
+        np.testing.assert_allclose([mean[column], m2[column]], [alone.mean[0], alone.m2[0]], rtol=1e-13)
 
 def test_empty_and_mismatched_merges():
     empty = Moments(0, np.zeros(0), np.zeros(0))
