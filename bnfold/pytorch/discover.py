@@ -137,7 +137,7 @@ def discover_module(module: nn.Module, share_tensors: bool = False) -> list[BNLa
     aliases: dict[str, str] = {}
     for name, child in module.named_modules():
         kind = bn_kind(child)
-        key = _tensor_key(child) if kind is not None and isinstance(module, torch.jit.ScriptModule) else None
+        key = _storage_key(child) if kind is not None and isinstance(module, torch.jit.ScriptModule) else None
         if key in first_names:
             aliases[name] = first_names[key]
         elif kind is not None:
@@ -149,8 +149,9 @@ def discover_module(module: nn.Module, share_tensors: bool = False) -> list[BNLa
     return with_graph_layers(module, layers, share_tensors)
 
 
-def _tensor_key(module: nn.Module) -> tuple[int, ...] | None:
-    """The storages of a BN module's statistics and affine parameters (None: it holds none)."""
+def _storage_key(module: nn.Module) -> tuple[int, ...] | None:
+    """Where a BN module's statistics and affine parameters live, which TorchScript's copies of one module
+    share (None: it holds none; `tensor_key` tells tensors apart, this tells modules)."""
     tensors = [getattr(module, name, None) for name in ("running_mean", "running_var", "weight", "bias")]
     key = tuple(t.data_ptr() if isinstance(t, torch.Tensor) else 0 for t in tensors)
     return key if any(key) else None
