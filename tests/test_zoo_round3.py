@@ -37,7 +37,7 @@ from tests.test_zoo_recalibration import (
     outputs,
     probe_input,
 )
-from tests.zoo import ZooModel, _build, bn_module_names
+from tests.zoo import ZooModel, _build
 
 # ---------------------------------------------------------------------------------------------------------
 # 1. YOLOv8 (ultralytics): Conv with a class-level SiLU, C2f (chunk, bottlenecks on the last chunk, cat),
@@ -1038,9 +1038,7 @@ def entries(names: list[str] | None = None, **marked: dict[str, str]) -> list:
 
 
 def test_ground_truth_covers_every_bn() -> None:
-    for entry in ROUND3:
-        assert bn_module_names(entry.factory()) == set(entry.bn_layers), entry.name
-        assert not entry.foldable & set(entry.kept)
+    more.assert_ground_truth_covers_every_bn(ROUND3)
 
 
 @pytest.mark.parametrize("entry", entries())

@@ -40,7 +40,7 @@ from tests.test_zoo_recalibration import (
     probe_input,
     unreached,
 )
-from tests.zoo import ZooModel, _build, bn_module_names
+from tests.zoo import ZooModel, _build
 
 # ---------------------------------------------------------------------------------------------------------
 # 1. LeViT (timm levit.py): Conv2d_BN and Linear_BN wrappers (nn.Sequential subclasses; Linear_BN runs its BN
@@ -1046,9 +1046,7 @@ def entries(names: list[str] | None = None, **marked: dict[str, str]) -> list:
 
 
 def test_ground_truth_covers_every_bn() -> None:
-    for entry in ROUND4:
-        assert bn_module_names(entry.factory()) == set(entry.bn_layers), entry.name
-        assert not entry.foldable & set(entry.kept)
+    more.assert_ground_truth_covers_every_bn(ROUND4)
 
 
 # GBN's `x.chunk(ceil(batch / 128), 0)` is one chunk at these batches: chunk -> getitem 0 -> BN -> cat of one.

@@ -26,7 +26,7 @@ import tests.test_zoo_acceptance as acceptance
 import tests.test_zoo_more as more
 import tests.test_zoo_round4 as round4
 from tests.test_zoo_acceptance import REL_TOLERANCE, forward, rel_error
-from tests.zoo import BatchNormAct2d, ZooModel, _build, bn_module_names
+from tests.zoo import BatchNormAct2d, ZooModel, _build
 
 # ---------------------------------------------------------------------------------------------------------
 # 1. GhostNet (huawei-noah/Efficient-AI-Backbones ghostnet.py): GhostModule = primary conv+BN(+ReLU) and a
@@ -1162,9 +1162,7 @@ def border_reads_allowed(monkeypatch: pytest.MonkeyPatch, request: pytest.Fixtur
 
 
 def test_ground_truth_covers_every_bn() -> None:
-    for entry in ROUND5:
-        assert bn_module_names(entry.factory()) == set(entry.bn_layers), entry.name
-        assert not entry.foldable & set(entry.kept)
+    more.assert_ground_truth_covers_every_bn(ROUND5)
 
 
 @pytest.mark.usefixtures("border_reads_allowed")
@@ -1205,6 +1203,8 @@ def test_fold_torchscript(entry: ZooModel) -> None:
 # ---------------------------------------------------------------------------------------------------------
 
 METHODS = ["exact", "fast"]
+
+
 @pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("entry", entries())
 def test_recalibrate_eager(entry: ZooModel, method: str) -> None:
