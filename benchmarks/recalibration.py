@@ -189,12 +189,16 @@ def markdown(results: dict) -> str:
             + "\n\n" + _verdict(results))
 
 
+def below_target(results: dict, ratio: str) -> list[str]:
+    """The models whose fast `ratio` ("steady_vs_inference" or "vs_inference") misses TARGET, with it."""
+    return [f"{name} ({r['fast'][ratio]:.2f}×)" for name, r in results.items() if r["fast"][ratio] < TARGET]
+
+
 def _verdict(results: dict) -> str:
     """Which models reach the target of issue 5, in the steady state and in whole calls."""
-    def reached(key: str) -> str:
-        short = [f"{name} {r['fast'][key]:.2f}×" for name, r in results.items() if r["fast"][key] < TARGET]
-        met = len(results) - len(short)
-        return f"{met} of {len(results)}" + (f" (not: {'; '.join(short)})" if short else "")
+    def reached(ratio: str) -> str:
+        short = below_target(results, ratio)
+        return f"{len(results) - len(short)} of {len(results)}" + (f" (not: {'; '.join(short)})" if short else "")
 
     first = next(iter(results.values()))
     return (f"Target (issue 5): `fast` at {TARGET}× of inference throughput or more. In the steady state: "
