@@ -287,16 +287,16 @@ def _merge(statistics: dict[str, ChannelStatistics], probes: dict[str, _Probe],
         return np.array([np.concatenate([values[name(probes[layer])].reshape(-1) for layer in layers])
                          for values in pending], dtype=np.float64)
 
-    values = rows * positions
+    counts = rows * positions  # values per channel, (batches, layers)
     means = columns(lambda probe: probe.mean)
-    _, value_mean, value_m2 = pooled_columns(np.repeat(values, widths, axis=1), means,
+    _, value_mean, value_m2 = pooled_columns(np.repeat(counts, widths, axis=1), means,
                                              columns(lambda probe: probe.var))
     _, unit_mean, unit_m2 = pooled_columns(np.repeat(rows, widths, axis=1), means,
                                            0.0 if batch_units else columns(_spread))
     start = 0
     for number, (layer, width) in enumerate(zip(layers, widths)):
         part = slice(start, start + width)
-        statistics[layer].add(Moments(int(values[:, number].sum()), value_mean[part], value_m2[part]),
+        statistics[layer].add(Moments(int(counts[:, number].sum()), value_mean[part], value_m2[part]),
                               Moments(int(rows[:, number].sum()), unit_mean[part], unit_m2[part]),
                               batches=len(pending))
         start += width
