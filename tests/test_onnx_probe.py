@@ -128,3 +128,41 @@ def test_bn_input_ranks_are_traced_back_through_convs_and_rank_keeping_ops():
     index, known = GraphIndex(graph), {}
     assert {name: traced_rank(index, name, known) for name in ("x", "c", "r", "a", "f", "s", "mixed")} == {
         "x": None, "c": 5, "r": 5, "a": 5, "f": None, "s": None, "mixed": None}
+
+
+def mixed_model(declared: bool) -> OnnxModel:
+    """Three BN layers whose probe outputs differ in kind: `image` (float32, N x 4 x 5 x 5), `table` (double
+    statistics of a double N x 3 input: rank 2, no positions) and `offset` (float32, its input far from 0)."""
+    nodes, inits, inputs = [], [], []
+    for layer, dtype, shape in (("image", np.float32, ["N", 4, 5, 5]), ("table", np.float64, ["N", 3]),
+                                ("offset", np.float32, ["N", 4, 5, 5])):
+        names = [f"{layer}_{part}" for part in ("scale", "bias", "mean", "var")]
+        inits += [numpy_helper.from_array(np.full(shape[1], value, dtype), name)
+                  for name, value in zip(names, (1, 0, 0, 1))]
+        nodes.append(helper.make_node("BatchNormalization", [layer, *names], [f"y_{layer}"], name=layer))
+        element = helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
+        inputs.append(helper.make_tensor_value_info(layer, element, shape if declared else None))
+    graph = helper.make_graph(nodes, "mixed", inputs, [helper.make_tensor_value_info(f"y_{layer}", 0, None)
+                                                        for layer in ("image", "table", "offset")], inits)
+    return OnnxModel(None, helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8))
+
+
+@pytest.mark.parametrize("declared", [True, False])  # shapes come out in one vector, or one per layer
+@pytest.mark.parametrize("batch_statistics", [True, False])
+def test_probe_outputs_of_every_kind_line_up_with_their_layers(declared, batch_statistics):
+    """The probes' outputs leave onnxruntime concatenated per kind and dtype (float32 and double statistics,
+    a careful probe after the offset layer cancels, a rank-2 input): each layer gets its own statistics."""
+    rng = np.random.default_rng(3)
+    data = {"image": rng.standard_normal((12, 4, 5, 5)) * 2 + 1, "table": rng.standard_normal((12, 3)) * 3 - 2,
+            "offset": rng.standard_normal((12, 4, 5, 5)) * 0.5 + 1e4}
+    batches = [{name: (values[rows] if name == "table" else values[rows].astype(np.float32))
+                for name, values in data.items()} for rows in (slice(0, 5), slice(5, 12))]
+    runner = OnnxStatisticsRunner(mixed_model(declared))
+    statistics = runner.run_pass(batches, ["image", "table", "offset"], batch_statistics)
+    assert runner.careful == {"offset"}
+    for layer, values in data.items():
+        per_channel = np.moveaxis(np.concatenate([batch[layer] for batch in batches]).astype(np.float64), 1, 0)
+        per_channel = per_channel.reshape(per_channel.shape[0], -1)
+        assert (statistics[layer].count, statistics[layer].samples) == (per_channel.shape[1], 12)
+        np.testing.assert_allclose(statistics[layer].mean, per_channel.mean(axis=1), rtol=1e-6)
+        np.testing.assert_allclose(statistics[layer].variance(), per_channel.var(axis=1), rtol=2e-6)

@@ -27,9 +27,8 @@ from __future__ import annotations
 
 import copy
 
-from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from typing import Any
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any, NamedTuple
 
 import numpy as np
 import onnx
@@ -154,46 +153,45 @@ class OnnxStatisticsRunner:
 
     def run_pass(self, batches: Iterable[Batch], observe: Sequence[str],
                  batch_statistics: bool) -> dict[str, ChannelStatistics]:
-        runnable, probes = self._session(set(observe), batch_statistics)
+        runnable, readout = self._session(set(observe), batch_statistics)
         # the fast pass's units are batches: per-sample means would take another read of every BN input
         # in onnxruntime (5% of a MobileNet's pass), where training-mode BN gives batch means for nothing
-        statistics = {layer: ChannelStatistics(batch_units=batch_statistics) for layer in probes}
-        pending: list[dict[str, np.ndarray]] = []  # outputs of batches not merged yet
+        statistics = {layer: ChannelStatistics(batch_units=batch_statistics) for layer in readout.layers}
+        pending: list[_Reading] = []  # batches not merged yet
         for batch in batches:
-            values = self._run(runnable, probes, batch)
-            cancelled = _cancelled(probes, values)
+            reading = readout.read(self._run(runnable, readout.outputs, batch))
+            cancelled = readout.cancelled(reading)
             if cancelled:  # probe those layers carefully from now on, and this batch again
-                _merge(statistics, probes, pending)
+                _merge(statistics, readout, pending)
                 self.careful |= cancelled
-                runnable, probes = self._session(set(observe), batch_statistics)
-                values = self._run(runnable, probes, batch)
-            pending.append(values)
-            if len(pending) * sum(value.nbytes for value in values.values()) > _PENDING_BYTES:
-                _merge(statistics, probes, pending)
-        _merge(statistics, probes, pending)
+                runnable, readout = self._session(set(observe), batch_statistics)
+                reading = readout.read(self._run(runnable, readout.outputs, batch))
+            pending.append(reading)
+            if len(pending) * reading.nbytes > _PENDING_BYTES:
+                _merge(statistics, readout, pending)
+        _merge(statistics, readout, pending)
         if batch_statistics:
             self.notes.append("standard errors of the new means come from the spread of the batch means "
                               "(the fast method on onnxruntime reads no per-sample means)")
         return {layer: found for layer, found in statistics.items() if found.batches}  # a rank may see none
 
-    def _session(self, observe: set[str], batch_statistics: bool) -> tuple[Any, dict[str, _Probe]]:
-        proto, probes = self._instrumented(observe, batch_statistics)
+    def _session(self, observe: set[str], batch_statistics: bool) -> tuple[Any, _Readout]:
+        proto, readout = self._instrumented(observe, batch_statistics)
         try:
-            return session(proto), probes
+            return session(proto), readout
         except InputError:  # says why already
             raise
         except Exception as error:  # onnxruntime has many error types; all mean "cannot run this model"
             raise _cannot_run(error) from None
 
     @staticmethod
-    def _run(runnable: Any, probes: dict[str, _Probe], batch: Batch) -> dict[str, np.ndarray]:
-        names = [name for probe in probes.values() for name in probe.outputs]
+    def _run(runnable: Any, outputs: list[str], batch: Batch) -> list[np.ndarray]:
         try:
-            return dict(zip(names, runnable.run(names, batch)))
+            return runnable.run(outputs, batch)
         except Exception as error:  # some models fail only on real shapes (a bias that does not broadcast)
             raise _cannot_run(error) from None
 
-    def _instrumented(self, observe: set[str], batch_statistics: bool) -> tuple[onnx.ModelProto, dict[str, _Probe]]:
+    def _instrumented(self, observe: set[str], batch_statistics: bool) -> tuple[onnx.ModelProto, _Readout]:
         """A copy of the model with probes (and, for the fast method, batch-statistics BN) in place."""
         proto = _copy(self.proto)
         graph = proto.graph
@@ -203,10 +201,10 @@ class OnnxStatisticsRunner:
         for node in graph.node:
             layer = node_label(node) if node.op_type == BN_OP else None
             if layer in self.nodes and (layer in observe or batch_statistics):
+                rank = traced_rank(self.index, node.input[0], self._ranks)
                 if batch_statistics and self._trains(node):
-                    probe: _Probe = builder.training_mode(node, len(nodes))
+                    probe: _Probe = builder.training_mode(node, len(nodes), rank, self._constant(node.input[3]))
                 else:
-                    rank = traced_rank(self.index, node.input[0], self._ranks)
                     probe = builder.moments(node.input[0], len(nodes), rank, self._reduces_in_place(node),
                                             careful=layer in self.careful)
                     if batch_statistics:
@@ -215,15 +213,17 @@ class OnnxStatisticsRunner:
                 if layer in observe:
                     probes[layer] = probe
             nodes.append(node)
-        outputs = [name for probe in probes.values() for name in probe.outputs]
-        kept, read = needed_nodes(nodes, set(outputs))  # what comes after the last probe would run for nothing
+        builder.nodes = []
+        readout = _Readout(probes, builder, spread=not batch_statistics)
+        nodes.extend(builder.nodes)
+        kept, read = needed_nodes(nodes, set(readout.outputs))  # what comes after the last probe would run for nothing
         graph.ClearField("node")
         graph.node.extend(kept)
         graph.ClearField("output")
-        graph.output.extend(helper.ValueInfoProto(name=name) for name in outputs)
+        graph.output.extend(helper.ValueInfoProto(name=name) for name in readout.outputs)
         inputs = self.index.input_names  # a property that builds its set on every call
         delete_where(graph.initializer, lambda init: init.name not in read and init.name not in inputs)
-        return proto, probes
+        return proto, readout
 
     def _trains(self, node: onnx.NodeProto) -> bool:
         """Whether the fast method can switch `node` itself to training mode (opset 14+, float32 or
@@ -253,8 +253,7 @@ class OnnxStatisticsRunner:
             current = self._constant(name)
             stored = round_to(values, current.dtype).reshape(current.shape)
             if self._exclusive_initializer(name, node):
-                initializer = next(i for i in self.proto.graph.initializer if i.name == name)
-                initializer.CopyFrom(numpy_helper.from_array(stored, name))
+                self.index.initializers[name].CopyFrom(numpy_helper.from_array(stored, name))
             else:  # shared with another node, or behind a Constant/Identity node: give this BN its own tensor
                 fresh = f"{name}.{_PREFIX}.{layer}"
                 self.proto.graph.initializer.append(numpy_helper.from_array(stored, fresh))
@@ -268,33 +267,23 @@ class OnnxStatisticsRunner:
         return OnnxModel(self.model.path, self.proto, external_data=self.model.external_data)
 
 
-def _merge(statistics: dict[str, ChannelStatistics], probes: dict[str, _Probe],
-           pending: list[dict[str, np.ndarray]]) -> None:
-    """Merge the outputs of the `pending` batches into `statistics`: every layer's batches in one vectorized
-    step over all channels of all layers (layer by layer, numpy's per-call overhead was 4% of the zoo
-    ResNet's fast pass). The units are the batches, or in an exact pass (reducing probes) the samples."""
-    if not pending or not probes:
+def _merge(statistics: dict[str, ChannelStatistics], readout: _Readout, pending: list[_Reading]) -> None:
+    """Merge the `pending` batches into `statistics`: every layer's batches in one vectorized step over all
+    channels of all layers (layer by layer, numpy's per-call overhead was 4% of the zoo ResNet's fast
+    pass). The units are the batches, or in an exact pass (which reads the spread) the samples."""
+    if not pending or not readout.layers:
         pending.clear()
         return
-    layers = list(probes)
-    batch_units = statistics[layers[0]].batch_units
-    widths = [pending[0][probes[layer].mean].size for layer in layers]
-    shapes = [np.stack([values[probes[layer].shape] for values in pending]).astype(np.float64) for layer in layers]
-    rows = np.stack([shape[:, 0] for shape in shapes], axis=1)  # (batches, layers)
-    positions = np.stack([shape[:, 2:].prod(axis=1) for shape in shapes], axis=1)
-
-    def columns(name: Callable[[_Probe], str]) -> np.ndarray:  # (batches, every layer's channels)
-        return np.array([np.concatenate([values[name(probes[layer])].reshape(-1) for layer in layers])
-                         for values in pending], dtype=np.float64)
-
-    counts = rows * positions  # values per channel, (batches, layers)
-    means = columns(lambda probe: probe.mean)
+    rows, widths, positions = readout.sizes(pending)  # (batches, layers)
+    widths = widths[0]
+    counts = rows * positions  # values per channel
+    means = np.stack([reading.means for reading in pending])  # (batches, every layer's channels)
     _, value_mean, value_m2 = pooled_columns(np.repeat(counts, widths, axis=1), means,
-                                             columns(lambda probe: probe.var))
-    _, unit_mean, unit_m2 = pooled_columns(np.repeat(rows, widths, axis=1), means,
-                                           0.0 if batch_units else columns(_spread))
+                                             np.stack([reading.variances for reading in pending]))
+    spread = 0.0 if pending[0].spread is None else np.stack([reading.spread for reading in pending])
+    _, unit_mean, unit_m2 = pooled_columns(np.repeat(rows, widths, axis=1), means, spread)
     start = 0
-    for number, (layer, width) in enumerate(zip(layers, widths)):
+    for number, (layer, width) in enumerate(zip(readout.layers, widths)):
         part = slice(start, start + width)
         statistics[layer].add(Moments(int(counts[:, number].sum()), value_mean[part], value_m2[part]),
                               Moments(int(rows[:, number].sum()), unit_mean[part], unit_m2[part]),
@@ -309,46 +298,28 @@ def _spread(probe: _Probe) -> str:
     return probe.spread
 
 
-def _cancelled(probes: dict[str, _Probe], values: dict[str, np.ndarray]) -> set[str]:
-    """The layers whose batch lost precision (`_Probe.cancels`); training-mode probes, most of a fast
-    pass, are first screened together in one vectorized step (a check per probe costs more than onnxruntime
-    takes to run a small layer)."""
-    trained = [probe for probe in probes.values() if isinstance(probe, _TrainingModeProbe)]
-    screened = False  # whether some training-mode probe may have cancelled
-    if trained:
-        means = np.concatenate([values[probe.mean].reshape(-1) for probe in trained])
-        variances = np.concatenate([values[probe.var].reshape(-1) for probe in trained])
-        screened = bool(np.any(beyond_float32_means(means, variances)))
-    return {layer for layer, probe in probes.items()
-            if (screened or not isinstance(probe, _TrainingModeProbe)) and probe.cancels(values)}
-
-
 def _copy(proto: onnx.ModelProto) -> onnx.ModelProto:
     copied = onnx.ModelProto()
     copied.CopyFrom(proto)
     return copied
 
 
-class _Probe(ABC):
-    """One layer's probe: the names of the values a pass reads back, and the moments they give.
-
-    Every probe reads out each batch's per-channel `mean` and population `var`, and the shape of the BN
-    input they were reduced over: (N, C, positions...), or (N, C, L) flattened."""
+class _Probe:
+    """One layer's probe: the names of the values that give each batch's per-channel `mean` and population
+    `var` (in `dtype`), and the `shape` of the BN input they were reduced over, (N, C, positions...) or
+    (N, C, L) flattened, of `rank` (None: not known before the run)."""
 
     mean: str
     var: str
     shape: str
-    outputs: tuple[str, ...]
-
-    @abstractmethod
-    def cancels(self, values: dict[str, np.ndarray]) -> bool:
-        """Whether this batch's variance lost precision to cancellation."""
+    rank: int | None
+    dtype: np.dtype
 
 
 class _ReducingProbe(_Probe):
     """Reduction nodes in front of the BN: mean, variance and spread of sample means come out in double."""
 
-    def __init__(self, prefix: str, careful: bool) -> None:
+    def __init__(self, prefix: str, careful: bool, rank: int) -> None:
         self.mean = f"{prefix}/mean"
         self.var = f"{prefix}/var"
         self.spread = f"{prefix}/spread"  # the population variance of the sample means
@@ -356,24 +327,121 @@ class _ReducingProbe(_Probe):
         # how far the input's mean square exceeds CANCELLATION_RATIO variances (a careful probe cannot cancel)
         self.excess = None if careful else f"{prefix}/cancellation_excess"
         self.prefix = prefix
-        self.outputs = (self.mean, self.var, self.spread, self.shape) + ((self.excess,) if self.excess else ())
-
-    def cancels(self, values: dict[str, np.ndarray]) -> bool:
-        return self.excess is not None and bool(values[self.excess] > 0)
+        self.rank = rank
+        self.dtype = np.dtype(np.float64)
 
 
 class _TrainingModeProbe(_Probe):
     """The BN in training mode with momentum 0: its running-statistics outputs are the batch's mean and
-    population variance, and a Shape node beside it gives the count."""
+    population variance (in the `dtype` of its `channels` statistics), and a Shape node beside it gives
+    the count."""
 
-    def __init__(self, prefix: str) -> None:
+    def __init__(self, prefix: str, rank: int | None, statistics: np.ndarray) -> None:
         self.mean = f"{prefix}/mean"
         self.var = f"{prefix}/var"
         self.shape = f"{prefix}/shape"
-        self.outputs = (self.mean, self.var, self.shape)
+        self.rank = rank
+        self.dtype = statistics.dtype
+        self.channels = statistics.size
 
-    def cancels(self, values: dict[str, np.ndarray]) -> bool:
-        return bool(np.any(beyond_float32_means(values[self.mean], values[self.var])))
+
+class _Reading(NamedTuple):
+    """One batch's probe outputs, every observed layer's channels side by side (`_Readout.layers` order):
+    means and population variances in double, the spread of the sample means (None where a pass's units
+    are batches), the shapes of the BN inputs (`_Readout.sizes`) and the cancellation excess of the layers
+    that report one (`_Readout.cancelled`)."""
+
+    means: np.ndarray
+    variances: np.ndarray
+    spread: np.ndarray | None
+    shapes: tuple[np.ndarray, ...]  # one vector of all layers', or each layer's
+    excess: np.ndarray | None
+
+    @property
+    def nbytes(self) -> int:
+        return self.means.nbytes * (2 if self.spread is None else 3) + sum(shape.nbytes for shape in self.shapes)
+
+
+class _Readout:
+    """The outputs one pass fetches, and what a batch's outputs say.
+
+    The probes' outputs are concatenated in the graph, one vector per kind (and dtype) for all layers:
+    onnxruntime hands each fetched output over as a new array, and screening and merging them layer by
+    layer took more Python per batch (about 0.1 ms on the zoo ResNet, of 1.4 ms of inference) than the
+    concatenation costs in the graph. Training-mode probes come first, float32 before double, so the
+    columns the cancellation screen reads are a prefix. Shapes are concatenated (with a 1 at the end, the
+    positions of a rank-2 input) where every rank is known.
+    """
+
+    def __init__(self, probes: dict[str, _Probe], builder: _ProbeBuilder, spread: bool) -> None:
+        self.layers = sorted(probes, key=lambda layer: (isinstance(probes[layer], _ReducingProbe),
+                                                        probes[layer].dtype != np.float32))
+        ordered = [probes[layer] for layer in self.layers]
+        self.outputs: list[str] = []
+        # the screened columns: training-mode probes' channels (onnxruntime checks they match the input's)
+        self._trained = sum(probe.channels for probe in ordered if isinstance(probe, _TrainingModeProbe))
+        self._columns = []  # (mean, variance) outputs of each dtype, in column order
+        for dtype in dict.fromkeys(probe.dtype for probe in ordered):
+            group = [probe for probe in ordered if probe.dtype == dtype]
+            self._columns.append(tuple(self._fetch(builder.concat([getattr(probe, kind) for probe in group],
+                                                                  f"{_PREFIX}/{dtype.name}_{kind}"))
+                                       for kind in ("mean", "var")))
+        self._spread = None
+        if spread:  # only reducing probes read it out, and an exact pass has no other
+            self._spread = self._fetch(builder.concat([_spread(probe) for probe in ordered], f"{_PREFIX}/spread"))
+        reporting = [(layer, probe.excess) for layer, probe in zip(self.layers, ordered)
+                     if isinstance(probe, _ReducingProbe) and probe.excess]
+        self._excess_layers = [layer for layer, _ in reporting]
+        self._excess = self._fetch(builder.concat([excess for _, excess in reporting], f"{_PREFIX}/excess")
+                                   ) if reporting else None
+        ranks = [probe.rank for probe in ordered]
+        if None in ranks or not ordered:  # each layer's Shape output
+            self._shapes = [self._fetch(probe.shape) for probe in ordered]
+            self._rows_at = None
+        else:  # one vector, and where each layer's rows and positions lie in it
+            one = builder.constant("one", np.ones(1, np.int64))
+            self._shapes = [self._fetch(builder.concat([probe.shape for probe in ordered] + [one], f"{_PREFIX}/shape"))]
+            self._rows_at = np.cumsum([0, *ranks[:-1]])
+            width = max(max(ranks) - 2, 1)
+            self._positions_at = np.array([[start + 2 + axis if axis < rank - 2 else sum(ranks) for axis in range(width)]
+                                           for start, rank in zip(self._rows_at, ranks)], dtype=np.intp)
+
+    def _fetch(self, name: str) -> int:
+        self.outputs.append(name)
+        return len(self.outputs) - 1
+
+    def read(self, outputs: list[np.ndarray]) -> _Reading:
+        columns = self._columns
+        means = np.concatenate([outputs[mean] for mean, _ in columns], dtype=np.float64)
+        variances = np.concatenate([outputs[var] for _, var in columns], dtype=np.float64)
+        shapes = tuple(outputs[index] for index in self._shapes)
+        return _Reading(means, variances, None if self._spread is None else outputs[self._spread], shapes,
+                        None if self._excess is None else outputs[self._excess])
+
+    def cancelled(self, reading: _Reading) -> set[str]:
+        """The layers whose batch lost precision: a reducing probe's mean square beyond CANCELLATION_RATIO
+        variances, or a training-mode probe's mean beyond float32's reach (`beyond_float32_means`),
+        screened for all of them in one vectorized step."""
+        layers = set() if reading.excess is None else {
+            layer for layer, excess in zip(self._excess_layers, reading.excess) if excess > 0}
+        beyond = beyond_float32_means(reading.means[:self._trained], reading.variances[:self._trained])
+        if beyond.any():
+            _, widths, _ = self.sizes([reading])
+            ends = np.cumsum(widths[0])
+            layers.update(self.layers[number] for number in np.searchsorted(ends, np.flatnonzero(beyond), side="right"))
+        return layers
+
+    def sizes(self, readings: Sequence[_Reading]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Each batch's and layer's rows, channels and positions per channel, as (batches, layers) arrays."""
+        if self._rows_at is not None:
+            shapes = np.stack([reading.shapes[0] for reading in readings])
+            return (shapes[:, self._rows_at], shapes[:, self._rows_at + 1],
+                    shapes[:, self._positions_at].prod(axis=2))
+        rows, widths, positions = (np.array([[part(shape) for shape in reading.shapes] for reading in readings],
+                                            dtype=np.int64)
+                                   for part in (lambda shape: shape[0], lambda shape: shape[1],
+                                                lambda shape: np.prod(shape[2:], dtype=np.int64)))
+        return rows, widths, positions
 
 
 class _ProbeBuilder:
@@ -383,11 +451,13 @@ class _ProbeBuilder:
         self.graph = graph
         self.opset = opset
         self.nodes: list[onnx.NodeProto] = []
-        self._constant("flat", np.array([0, 0, -1], np.int64))
+        self._constants: set[str] = set()
+        self.constant("flat", np.array([0, 0, -1], np.int64))
 
-    def _constant(self, name: str, value: np.ndarray) -> str:
+    def constant(self, name: str, value: np.ndarray) -> str:
         full = f"{_PREFIX}/{name}"
-        if not any(init.name == full for init in self.graph.initializer):
+        if full not in self._constants:
+            self._constants.add(full)
             self.graph.initializer.append(numpy_helper.from_array(value, full))
         return full
 
@@ -397,7 +467,7 @@ class _ProbeBuilder:
 
     def _mean(self, value: str, axes: list[int], keepdims: int, output: str) -> str:
         if self.opset >= 18:  # axes became an input in opset 18
-            axes_name = self._constant("axes_" + "_".join(map(str, axes)), np.array(axes, np.int64))
+            axes_name = self.constant("axes_" + "_".join(map(str, axes)), np.array(axes, np.int64))
             return self._add("ReduceMean", [value, axes_name], output, keepdims=keepdims)
         return self._add("ReduceMean", [value], output, axes=axes, keepdims=keepdims)
 
@@ -420,8 +490,8 @@ class _ProbeBuilder:
         the value's, if known. The new nodes are left in `self.nodes`.
         """
         self.nodes = []
-        probe = _ReducingProbe(p := f"{_PREFIX}/{number}", careful)
-        samples, positions = self._samples(value, rank, p)
+        samples, positions = self._samples(value, rank, p := f"{_PREFIX}/{number}")
+        probe = _ReducingProbe(p, careful, rank=len(positions) + 2)
         work = samples if in_place else self._add("Cast", [samples], f"{p}/float", to=TensorProto.FLOAT)
         if careful:
             sample_mean = self._mean(work, positions, 1, f"{p}/sample_mean")
@@ -447,12 +517,16 @@ class _ProbeBuilder:
         self._add("Add", [within, probe.spread], probe.var)
         self._add("Shape", [samples], probe.shape)
         if probe.excess:
-            limit = self._add("Mul", [probe.var, self._constant("cancellation_ratio", np.array(CANCELLATION_RATIO))],
+            limit = self._add("Mul", [probe.var, self.constant("cancellation_ratio", np.array(CANCELLATION_RATIO))],
                               f"{p}/cancellation_limit")
             excess = self._add("Sub", [self._mean(mean_square, [0], 0, f"{p}/channel_mean_square"), limit],
                                f"{p}/channel_excess")
-            self._add("ReduceMax", [excess], probe.excess, keepdims=0)
+            self._add("ReduceMax", [excess], probe.excess, keepdims=1)  # one value, to concatenate
         return probe
+
+    def concat(self, values: list[str], output: str) -> str:
+        """One vector of the 1-D `values` (of one dtype), end to end."""
+        return self._add("Concat", values, output, axis=0)
 
     def _double(self, value: str) -> str:
         return self._add("Cast", [value], f"{value}_double", to=TensorProto.DOUBLE)
@@ -463,11 +537,18 @@ class _ProbeBuilder:
             node.input[position] = self._add("Cast", [value], f"{probe.prefix}/batch_{position}",
                                              to=helper.np_dtype_to_tensor_dtype(dtype))
 
-    def training_mode(self, node: onnx.NodeProto, number: int) -> _TrainingModeProbe:
-        """Switch BN `node` (opset 14+) to training mode, reading out its batch statistics and the shape
-        of the input they were reduced over."""
+    def training_mode(self, node: onnx.NodeProto, number: int, rank: int | None,
+                      statistics: np.ndarray) -> _TrainingModeProbe:
+        """Switch BN `node` (opset 14+, running `statistics` like these, input of `rank` if known) to
+        training mode, reading out its batch statistics and the shape of the input they were reduced over.
+
+        The node gets running statistics of its own (zeros, which momentum 0 ignores): onnxruntime writes
+        the new ones over them in place, and two BN nodes sharing their statistics, as exporters share equal
+        tensors, then gave the same output buffer to both layers' statistics."""
         self.nodes = []
-        probe = _TrainingModeProbe(f"{_PREFIX}/{number}")
+        probe = _TrainingModeProbe(f"{_PREFIX}/{number}", rank, statistics)
+        for position, name in ((3, "mean"), (4, "var")):
+            node.input[position] = self.constant(f"{number}/running_{name}", np.zeros_like(statistics))
         kept = [a for a in node.attribute if a.name not in ("momentum", "training_mode")]
         node.ClearField("attribute")
         node.attribute.extend([*kept, helper.make_attribute("momentum", 0.0), helper.make_attribute("training_mode", 1)])
