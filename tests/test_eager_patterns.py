@@ -199,7 +199,8 @@ def test_bn_feeding_its_own_input_refuses_exact_in_one_line() -> None:
 
 
 # --------------------------------------------------------------------------------------------------------
-# Models saved inside nn.DataParallel: pickled whole, or as a state_dict whose keys start with `module.`
+# Models saved inside nn.DataParallel (or compiled): pickled whole, or as a state_dict whose keys start with
+# `module.` (or `_orig_mod.`)
 # --------------------------------------------------------------------------------------------------------
 
 
@@ -229,9 +230,15 @@ def test_pickled_data_parallel_model_through_the_cli(tmp_path, cli) -> None:
     assert_matches_oracle(wrapped, torch.load(recalibrated, weights_only=False), "exact", np.load(data), batch=8)
 
 
-def test_data_parallel_state_dict_loads_into_the_bare_factory_model(tmp_path, cli) -> None:
+# what the weights were saved from: keys start with `module.`, `_orig_mod.` or `_orig_mod.module.`
+WRAPPERS = {"DataParallel": nn.DataParallel, "compiled": torch.compile,
+            "compiled DataParallel": lambda model: torch.compile(nn.DataParallel(model))}
+
+
+@pytest.mark.parametrize("wrap", WRAPPERS.values(), ids=WRAPPERS)
+def test_wrapped_state_dict_loads_into_the_bare_factory_model(tmp_path, cli, wrap) -> None:
     weights = tmp_path / "weights.pt"
-    torch.save(nn.DataParallel(conv_stack()).state_dict(), weights)
+    torch.save(wrap(conv_stack()).state_dict(), weights)
     factory = ["--model-factory", "tests.test_eager_patterns:conv_stack"]
     inspected = cli("inspect", weights, *factory)
     assert inspected.code == 0 and "2 BN layers, 2 foldable" in inspected.stdout
@@ -242,16 +249,17 @@ def test_data_parallel_state_dict_loads_into_the_bare_factory_model(tmp_path, cl
     assert_matches_oracle(conv_stack(), result.result.module, "exact", data, batch=8)
 
 
-def test_recalibrated_data_parallel_state_dict_keeps_its_keys(tmp_path, cli) -> None:
-    """The written weights load where the input did: into the DataParallel-wrapped model."""
+@pytest.mark.parametrize("wrap", WRAPPERS.values(), ids=WRAPPERS)
+def test_recalibrated_wrapped_state_dict_keeps_its_keys(tmp_path, cli, wrap) -> None:
+    """The written weights load where the input did: into the wrapped model."""
     weights, data, recalibrated = tmp_path / "weights.pt", tmp_path / "data.npy", tmp_path / "recalibrated.pt"
-    torch.save(nn.DataParallel(conv_stack()).state_dict(), weights)
+    torch.save(wrap(conv_stack()).state_dict(), weights)
     np.save(data, calibration_data())
     assert cli("recalibrate", weights, "--model-factory", "tests.test_eager_patterns:conv_stack", "--data", data,
                "-o", recalibrated).code == 0
-    wrapped = nn.DataParallel(conv_stack())
-    wrapped.load_state_dict(torch.load(recalibrated))
-    assert_matches_oracle(conv_stack(), wrapped.module, "exact", np.load(data), batch=32)
+    bare = conv_stack()
+    wrap(bare).load_state_dict(torch.load(recalibrated))
+    assert_matches_oracle(conv_stack(), bare, "exact", np.load(data), batch=32)
 
 
 def test_state_dict_that_does_not_fit_names_the_keys(tmp_path) -> None:

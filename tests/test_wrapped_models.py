@@ -1,9 +1,10 @@
-"""Models passed inside nn.DataParallel or DistributedDataParallel are seen through.
+"""Models passed inside nn.DataParallel, DistributedDataParallel or torch.compile's wrapper are seen through.
 
 bnfold captures, folds, inspects and recalibrates the model the wrapper holds exactly as it would the bare
 model: the same folds, the same statistics, no fallback. Layer names stay paths in the wrapper
-(`module.layer1.0.bn1`), as for a pickled wrapper. The result comes back in a copy of a DataParallel
-wrapper; from DistributedDataParallel it comes back bare, with a note (wrapping again is collective).
+(`module.layer1.0.bn1`, `_orig_mod.layer1.0.bn1`), as for a pickled wrapper. The result comes back in a copy
+of a DataParallel wrapper; from DistributedDataParallel and torch.compile it comes back bare, with a note
+(wrapping again is collective; compiling is for the machine that runs the model).
 DistributedDataParallel is built in a gloo process group of one process, destroyed after each test.
 """
 
@@ -17,7 +18,7 @@ from torch import nn
 
 import bnfold
 from bnfold.layers import FoldStatus
-from bnfold.pytorch.model import DISTRIBUTED_UNWRAPPED
+from bnfold.pytorch.model import COMPILED_UNWRAPPED, DISTRIBUTED_UNWRAPPED
 from tests.zoo import ZOO_BY_NAME, ZooModel
 
 PREFIX = "module."
@@ -29,9 +30,9 @@ def bare(name: str) -> nn.Module:
     return ZOO_BY_NAME[name].factory()
 
 
-def folds(report) -> list[tuple]:
-    """What each decision says, layer names and targets as paths in the bare model."""
-    return sorted((d.layer.removeprefix(PREFIX), d.status, tuple(t.removeprefix(PREFIX) for t in d.targets),
+def folds(report, prefix: str = PREFIX) -> list[tuple]:
+    """What each decision says, layer names and targets as paths in the bare model (held under `prefix`)."""
+    return sorted((d.layer.removeprefix(prefix), d.status, tuple(t.removeprefix(prefix) for t in d.targets),
                    d.direction, d.reason is None) for d in report.plan.decisions)
 
 
@@ -151,6 +152,50 @@ def test_a_pickled_data_parallel_file_folds_whole(tmp_path) -> None:
     assert {d.layer for d in report.plan.decisions if d.status is FoldStatus.FOLDED} \
         == {PREFIX + name for name in entry.foldable}
     assert type(torch.load(tmp_path / "folded.pt", weights_only=False)) is nn.DataParallel
+
+
+# --------------------------------------------------------------------------------------------------------
+# torch.compile's wrapper (OptimizedModule) holds the model as `_orig_mod`; the result comes back bare
+# --------------------------------------------------------------------------------------------------------
+
+COMPILED = "_orig_mod."
+
+
+@pytest.mark.parametrize("name", ["resnet_basic", "functional_bn", "data_dependent"])
+def test_a_compiled_model_folds_as_the_model_it_compiled(name: str) -> None:
+    """It fell back to folding module by module (torch.export cannot capture the compiled frame), and
+    recalibration ran its hooks through Dynamo."""
+    entry = ZOO_BY_NAME[name]
+    model = bare(name)
+    compiled = torch.compile(model)
+    unwrapped = bnfold.fold(bare(name), input_shape=entry.shape_text())
+    wrapped = bnfold.fold(compiled, input_shape=entry.shape_text())
+    assert wrapped.passed and folds(wrapped, COMPILED) == folds(unwrapped)
+    assert wrapped.notes == [*unwrapped.notes, COMPILED_UNWRAPPED]
+    folded = wrapped.folded_model.module
+    assert not isinstance(folded, type(compiled)) and compiled._orig_mod is model
+    torch.testing.assert_close(run(folded, entry), run(unwrapped.folded_model.module, entry), rtol=0, atol=0)
+    inspected = bnfold.inspect(compiled, input_shape=entry.shape_text())
+    assert [layer.name for layer in inspected.layers] == [COMPILED + d.layer for d in unwrapped.plan.decisions]
+    assert inspected.fold_error is None
+
+
+@pytest.mark.parametrize("method", ["exact", "fast"])
+def test_recalibrating_a_compiled_model_gives_the_bare_models_statistics(method: str, recwarn) -> None:
+    entry = ZOO_BY_NAME["resnet_basic"]
+    data = calibration(entry)
+    unwrapped = bnfold.recalibrate(bare("resnet_basic"), data, method=method, batch_size=16)
+    compiled = torch.compile(nn.DataParallel(bare("resnet_basic")))
+    wrapped = bnfold.recalibrate(compiled, data, method=method, batch_size=16)
+    assert not [warning for warning in recwarn if "dynamo" in str(warning.filename).lower()]
+    assert wrapped.notes == [*unwrapped.notes, COMPILED_UNWRAPPED]
+    assert [layer.name for layer in wrapped.layers] == [COMPILED + PREFIX + layer.name for layer in unwrapped.layers]
+    for ours, theirs in zip(wrapped.layers, unwrapped.layers, strict=True):
+        np.testing.assert_allclose(ours.new_mean, theirs.new_mean, rtol=1e-6, atol=1e-7)
+        np.testing.assert_allclose(ours.new_var, theirs.new_var, rtol=1e-6, atol=1e-7)
+    result = wrapped.result.module  # the compiled DataParallel model comes back as a DataParallel model
+    assert type(result) is nn.DataParallel and result.module is not compiled._orig_mod.module
+    torch.testing.assert_close(result.module.state_dict(), unwrapped.result.module.state_dict(), rtol=1e-6, atol=1e-7)
 
 
 # --------------------------------------------------------------------------------------------------------

@@ -20,10 +20,11 @@ A model that no capture takes whole (it branches on tensor values) is folded mod
 (`bnfold.pytorch.modulewise`): the output is a copy of the model itself, with folded parts replaced by
 GraphModules, so its pickle needs the model's own classes just like the input did.
 
-A model inside nn.DataParallel or DistributedDataParallel is captured, folded and run as the model the
-wrapper holds (`inner_model`), its layers named by their paths in the wrapper (`module.1`). The folded
-model comes back in a copy of a DataParallel wrapper, and bare from DistributedDataParallel (the notes say
-why: wrapping is a call every rank must make).
+A model inside nn.DataParallel, DistributedDataParallel or torch.compile's wrapper is captured, folded and
+run as the model the wrapper holds (`inner_model`), its layers named by their paths in the wrapper
+(`module.1`, `_orig_mod.1`). The folded model comes back in a copy of a DataParallel wrapper, and bare from
+DistributedDataParallel and torch.compile (the notes say why: wrapping is a call every rank must make, and a
+model is compiled where it runs).
 """
 
 from __future__ import annotations
@@ -190,7 +191,7 @@ def _runnable(program: torch.export.ExportedProgram) -> nn.Module:
 
 
 def _held_at(model: Model) -> str:
-    """Where the captured model is in `model`: `module` in a (Distributed)DataParallel wrapper, else ''."""
+    """Where the captured model is in `model`: its path in wrappers (`module`, `_orig_mod`), else ''."""
     return inner_model(model.module)[1] if isinstance(model, ModuleModel) else ""
 
 

@@ -321,23 +321,40 @@ def _from_state_dict(path: Path, loaded: Any, options: LoadOptions, safetensors:
                        key_prefix=prefix)
 
 
-# nn.DataParallel and DistributedDataParallel hold the model as `module`: its weights are saved under this.
-_WRAPPER_PREFIX = "module."
+# nn.DataParallel and DistributedDataParallel hold the model as `module`, torch.compile's OptimizedModule as
+# `_orig_mod`: the weights of a wrapped model are saved under these prefixes.
 _WRAPPERS = (nn.DataParallel, nn.parallel.DistributedDataParallel)
+_KEY_PREFIXES = ("module.", "_orig_mod.")
 DISTRIBUTED_UNWRAPPED = ("the model came wrapped in DistributedDataParallel; the result is the bare model it held "
                          "(its `.module`), since wrapping it again is a call every process of its group must "
                          "make: wrap it on each rank")
+COMPILED_UNWRAPPED = ("the model came compiled by torch.compile; the result is the model it compiled (its "
+                      "`._orig_mod`), since compiling is done where the model runs: compile it there")
+
+
+def _held_attribute(module: nn.Module) -> str | None:
+    """The attribute under which a wrapper holds the model it runs, or None for any other module.
+    torch.compile's wrapper is recognised by its class name and `_orig_mod`: importing torch._dynamo to
+    name the class costs a second."""
+    if isinstance(module, _WRAPPERS):
+        return "module"
+    if type(module).__name__ == "OptimizedModule" and isinstance(getattr(module, "_orig_mod", None), nn.Module):
+        return "_orig_mod"
+    return None
 
 
 def inner_model(module: nn.Module) -> tuple[nn.Module, str]:
-    """The model a (Distributed)DataParallel wrapper holds, and its path in the wrapper; any other module
-    itself, at ''. bnfold captures, folds and runs the held model in the wrapper's place: the wrapper's own
-    forward (scatter over devices, buffers synchronized across processes) computes nothing to fold, and
-    neither torch.fx nor torch.export captures it. Layer names stay paths in the wrapper (`module.1`),
-    which is what a pickled wrapper is named by and what its state_dict keys start with."""
-    if isinstance(module, _WRAPPERS):
-        return module.module, _WRAPPER_PREFIX.rstrip(".")
-    return module, ""
+    """The model that wrappers ((Distributed)DataParallel, torch.compile's, one inside another) hold, and
+    its path in the outermost wrapper; any other module itself, at ''. bnfold captures, folds and runs the
+    held model in the wrapper's place: a wrapper's own forward (scatter over devices, buffers synchronized
+    across processes, a compiled frame) computes nothing to fold, and neither torch.fx nor torch.export
+    captures it. Layer names stay paths in the wrapper (`module.1`, `_orig_mod.1`), which is what a
+    pickled wrapper is named by and what its state_dict keys start with."""
+    path = []
+    while (attribute := _held_attribute(module)) is not None:
+        module = getattr(module, attribute)
+        path.append(attribute)
+    return module, ".".join(path)
 
 
 def _path_in(model: nn.Module, path: str, name: str) -> str:
@@ -350,26 +367,43 @@ def _path_in(model: nn.Module, path: str, name: str) -> str:
 
 def like_input(given: nn.Module, result: nn.Module) -> nn.Module:
     """`result`, made from `inner_model(given)`, as the kind of object the user gave: inside a copy of a
-    DataParallel wrapper (its device ids and hooks), bare from DistributedDataParallel (`wrapper_notes`)."""
-    if isinstance(given, nn.DataParallel):
-        return holding(given, result)
-    return result
+    DataParallel wrapper (its device ids and hooks), bare from DistributedDataParallel and torch.compile
+    (`wrapper_notes`)."""
+    attribute = _held_attribute(given)
+    if attribute is None:
+        return result
+    held = like_input(getattr(given, attribute), result)
+    return holding(given, held) if isinstance(given, nn.DataParallel) else held
 
 
 def wrapper_notes(given: nn.Module) -> list[str]:
     """What the report says of a result that `like_input` hands back bare: wrapping a model in
     DistributedDataParallel is a collective call, and bnfold may run on one rank alone, where it would wait
-    forever."""
-    return [DISTRIBUTED_UNWRAPPED] if isinstance(given, nn.parallel.DistributedDataParallel) else []
+    forever; a compiled model is compiled for the machine it runs on."""
+    notes = []
+    while (attribute := _held_attribute(given)) is not None:
+        if isinstance(given, nn.parallel.DistributedDataParallel):
+            notes.append(DISTRIBUTED_UNWRAPPED)
+        elif attribute == "_orig_mod":
+            notes.append(COMPILED_UNWRAPPED)
+        given = getattr(given, attribute)
+    return notes
 
 
 def _wrapper_prefix(state_dict: Mapping[str, torch.Tensor], module: nn.Module) -> str:
-    """`module.` when the weights were saved from a model wrapped in (Distributed)DataParallel and the
-    factory builds the bare model, else ''."""
-    def wrapped(keys) -> bool:
-        return all(key.startswith(_WRAPPER_PREFIX) for key in keys)
+    """The wrappers' prefix (`module.`, `_orig_mod.`, or both) the weights were saved under beyond the keys
+    of the model the factory builds, else ''."""
+    saved, own = _shared_prefix(list(state_dict)), _shared_prefix(list(module.state_dict()))
+    return saved.removesuffix(own) if saved.endswith(own) else ""
 
-    return _WRAPPER_PREFIX if wrapped(state_dict) and not wrapped(module.state_dict()) else ""
+
+def _shared_prefix(keys: list[str]) -> str:
+    """The wrapper prefixes every key starts with, outermost first."""
+    prefix = ""
+    while keys and (step := next((step for step in _KEY_PREFIXES
+                                  if all(key.startswith(prefix + step) for key in keys)), None)):
+        prefix += step
+    return prefix
 
 
 def _materialize_lazy(module: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> None:

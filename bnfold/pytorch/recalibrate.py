@@ -865,19 +865,29 @@ class ModuleRunner(_TorchRunner):
     def result(self) -> Model:
         module = self.module.cpu()
         if isinstance(module, _HeldModel):
-            module = like_input(self.model.module, module.module)
+            module = like_input(self.model.module, module.held)
         return ModuleModel(self.model.path, module, self.model.format, safetensors=self.model.safetensors,
                            key_prefix=self.model.key_prefix)
 
 
 class _HeldModel(nn.Module):
-    """Runs the model a (Distributed)DataParallel wrapper holds under the wrapper's name for it, `module`, so
-    layers keep the wrapper's names, without the wrapper's scatter over devices and buffer syncs across
-    processes (which torch.fx cannot trace either). See `_held`."""
+    """Runs the model that wrappers hold ((Distributed)DataParallel, torch.compile's) at its path in them
+    (`module`, `_orig_mod`), so layers keep the wrappers' names, without the wrappers' scatter over devices,
+    buffer syncs across processes or compiled frames (which torch.fx cannot trace either). See `_held`."""
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, path: str) -> None:
         super().__init__()
-        self.module = model
+        *owners, attribute = path.split(".")
+        holder: nn.Module = self
+        for owner in owners:
+            holder.add_module(owner, nn.Module())
+            holder = getattr(holder, owner)
+        holder.add_module(attribute, model)
+        self.path = path
+
+    @property
+    def held(self) -> nn.Module:
+        return self.get_submodule(self.path)
 
 
 def _held(module: nn.Module) -> nn.Module:
@@ -888,10 +898,10 @@ def _held(module: nn.Module) -> nn.Module:
         return module
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        return self.module(*args, **kwargs)
+        return self.held(*args, **kwargs)
 
     forward.__wrapped__ = type(held).forward  # type: ignore[attr-defined]
-    return type(_HeldModel.__name__, (_HeldModel,), {"forward": forward})(held)
+    return type(_HeldModel.__name__, (_HeldModel,), {"forward": forward})(held, path)
 
 
 class _PassComplete(BaseException):
