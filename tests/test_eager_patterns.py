@@ -262,6 +262,38 @@ def test_recalibrated_wrapped_state_dict_keeps_its_keys(tmp_path, cli, wrap) -> 
     assert_matches_oracle(conv_stack(), bare, "exact", np.load(data), batch=32)
 
 
+def lightning_checkpoint(**extra_weights: torch.Tensor) -> dict:
+    """What PyTorch Lightning saves for a LightningModule that holds the model as `self.model`."""
+    weights = {f"model.{key}": tensor for key, tensor in conv_stack().state_dict().items()}
+    return {"epoch": 3, "global_step": 120, "state_dict": {**weights, **extra_weights},
+            "optimizer_states": [{"param_groups": [{"lr": 0.1, "params": [0, 1]}]}]}
+
+
+def test_a_training_checkpoint_is_written_back_with_its_other_entries(tmp_path, cli) -> None:
+    """The weights under `state_dict`, keyed `model.*`, load into the factory's model; the recalibrated file
+    was a bare state_dict without the `model.` prefix, which the training code could not resume from."""
+    weights, data, recalibrated = tmp_path / "last.ckpt", tmp_path / "data.npy", tmp_path / "recalibrated.ckpt"
+    checkpoint = lightning_checkpoint()
+    torch.save(checkpoint, weights)
+    np.save(data, calibration_data())
+    assert cli("recalibrate", weights, "--model-factory", "tests.test_eager_patterns:conv_stack", "--data", data,
+               "-o", recalibrated).code == 0
+    written = torch.load(recalibrated)
+    assert {key: value for key, value in written.items() if key != "state_dict"} \
+        == {key: value for key, value in checkpoint.items() if key != "state_dict"}
+    assert list(written["state_dict"]) == list(checkpoint["state_dict"])
+    model = conv_stack()
+    model.load_state_dict({key.removeprefix("model."): tensor for key, tensor in written["state_dict"].items()})
+    assert_matches_oracle(conv_stack(), model, "exact", np.load(data), batch=32)
+
+
+def test_weights_beyond_the_factory_model_are_not_dropped_to_make_them_fit(tmp_path) -> None:
+    weights = tmp_path / "last.ckpt"
+    torch.save(lightning_checkpoint(**{"criterion.pos_weight": torch.ones(1)}), weights)
+    with pytest.raises(BnfoldError, match="do not fit the factory's model"):
+        bnfold.inspect(weights, model_factory="tests.test_eager_patterns:conv_stack")
+
+
 def test_state_dict_that_does_not_fit_names_the_keys(tmp_path) -> None:
     weights = tmp_path / "weights.pt"
     torch.save({"encoder.weight": torch.zeros(1)}, weights)

@@ -110,16 +110,19 @@ class ModuleModel(_ModuleBacked):
     `owned`: bnfold loaded it from a file, so its captures may share its tensors (see `private_copy`);
     a caller's module is never shared with what bnfold builds or hands back. `key_prefix`: what the
     state_dict's keys had before the module's own names (`module.` from nn.DataParallel); saved weights
-    get it back, so they load where the input did.
+    get it back, so they load where the input did. `nesting`: the keys under which a training checkpoint
+    in the file at `path` holds the state_dict (`("state_dict",)`); saved weights go back there, beside
+    the checkpoint's other entries (epoch, optimizer state).
     """
 
     def __init__(self, path: Path, module: nn.Module, fmt: ModelFormat, safetensors: bool = False,
-                 owned: bool = False, key_prefix: str = "") -> None:
+                 owned: bool = False, key_prefix: str = "", nesting: tuple[str, ...] = ()) -> None:
         super().__init__(path, module)
         self.format = fmt
         self.safetensors = safetensors
         self.owned = owned
         self.key_prefix = key_prefix
+        self.nesting = nesting
 
     def bn_layers(self) -> list[BNLayer]:
         inner, path = inner_model(self.module)
@@ -137,7 +140,19 @@ class ModuleModel(_ModuleBacked):
 
             save_file({k: v.contiguous() for k, v in weights.items()}, str(path))
         else:
-            torch.save(weights, str(path))
+            torch.save(self._checkpoint_holding(weights), str(path))
+
+    def _checkpoint_holding(self, weights: dict[str, torch.Tensor]) -> Any:
+        """`weights`, in the checkpoint the input file held them in: read again from the file, which is
+        cheaper than holding its optimizer state in memory while bnfold works."""
+        if not self.nesting:
+            return weights
+        checkpoint = _torch_load(self.path, weights_only=True)
+        holder = checkpoint
+        for key in self.nesting[:-1]:
+            holder = holder[key]
+        holder[self.nesting[-1]] = weights
+        return checkpoint
 
 
 def _numel(tensors: Mapping[str, Any]) -> int:
@@ -298,9 +313,10 @@ def _torch_export_log() -> Iterator[list[BaseException]]:
 
 
 def _from_state_dict(path: Path, loaded: Any, options: LoadOptions, safetensors: bool = False) -> Model:
-    state_dict = _find_state_dict(loaded)
-    if state_dict is None:
+    found = _find_state_dict(loaded)
+    if found is None:
         raise InputError(f"{path} holds no state_dict (a mapping of names to tensors)")
+    state_dict, nesting = found
     if not options.model_factory:
         raise UsageError(f"{path} holds weights but no architecture",
                          "pass --model-factory package.module:callable that builds the model")
@@ -309,7 +325,7 @@ def _from_state_dict(path: Path, loaded: Any, options: LoadOptions, safetensors:
     if not isinstance(module, nn.Module):
         raise UsageError(f"--model-factory {options.model_factory} returned {type(module).__name__}, "
                          "not an nn.Module")
-    prefix = _wrapper_prefix(state_dict, module)
+    prefix = _saved_prefix(state_dict, module)
     state_dict = {key.removeprefix(prefix): tensor for key, tensor in state_dict.items()}
     _materialize_lazy(module, state_dict)
     try:
@@ -318,7 +334,7 @@ def _from_state_dict(path: Path, loaded: Any, options: LoadOptions, safetensors:
         keys = " ".join(line.strip() for line in str(error).splitlines())
         raise InputError(f"the weights in {path} do not fit the factory's model: {keys[:400]}") from None
     return ModuleModel(path, module.eval(), ModelFormat.STATE_DICT, safetensors=safetensors, owned=True,
-                       key_prefix=prefix)
+                       key_prefix=prefix, nesting=nesting)
 
 
 # nn.DataParallel and DistributedDataParallel hold the model as `module`, torch.compile's OptimizedModule as
@@ -390,11 +406,22 @@ def wrapper_notes(given: nn.Module) -> list[str]:
     return notes
 
 
-def _wrapper_prefix(state_dict: Mapping[str, torch.Tensor], module: nn.Module) -> str:
-    """The wrappers' prefix (`module.`, `_orig_mod.`, or both) the weights were saved under beyond the keys
-    of the model the factory builds, else ''."""
+def _saved_prefix(state_dict: Mapping[str, torch.Tensor], module: nn.Module) -> str:
+    """What the weights' keys have before the keys of the model the factory builds, else '': wrappers'
+    prefixes (`module.`, `_orig_mod.`, or both), or the attribute a training module held the model under
+    (PyTorch Lightning's `model.`), where removing it leaves exactly the model's keys."""
     saved, own = _shared_prefix(list(state_dict)), _shared_prefix(list(module.state_dict()))
-    return saved.removesuffix(own) if saved.endswith(own) else ""
+    if saved != own and saved.endswith(own):
+        return saved.removesuffix(own)
+    keys, wanted = list(state_dict), set(module.state_dict())
+    parts = keys[0].split(".") if keys and set(keys) != wanted else []
+    for depth in range(1, len(parts)):
+        prefix = ".".join(parts[:depth]) + "."
+        if not all(key.startswith(prefix) for key in keys):
+            break
+        if {key.removeprefix(prefix) for key in keys} == wanted:
+            return prefix
+    return ""
 
 
 def _shared_prefix(keys: list[str]) -> str:
@@ -415,14 +442,15 @@ def _materialize_lazy(module: nn.Module, state_dict: Mapping[str, torch.Tensor])
             tensor.materialize(state_dict[name].shape, dtype=state_dict[name].dtype)
 
 
-def _find_state_dict(loaded: Any) -> Mapping[str, torch.Tensor] | None:
+def _find_state_dict(loaded: Any) -> tuple[Mapping[str, torch.Tensor], tuple[str, ...]] | None:
+    """The state_dict a file holds, and the keys of the checkpoint entries it is nested in."""
     if isinstance(loaded, Mapping):
         if loaded and all(isinstance(v, torch.Tensor) for v in loaded.values()):
-            return loaded
+            return loaded, ()
         for key in _CHECKPOINT_KEYS:
-            nested = _find_state_dict(loaded.get(key))
-            if nested is not None:
-                return nested
+            found = _find_state_dict(loaded.get(key))
+            if found is not None:
+                return found[0], (key, *found[1])
     return None
 
 

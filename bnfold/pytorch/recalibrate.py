@@ -867,7 +867,7 @@ class ModuleRunner(_TorchRunner):
         if isinstance(module, _HeldModel):
             module = like_input(self.model.module, module.held)
         return ModuleModel(self.model.path, module, self.model.format, safetensors=self.model.safetensors,
-                           key_prefix=self.model.key_prefix)
+                           key_prefix=self.model.key_prefix, nesting=self.model.nesting)
 
 
 class _HeldModel(nn.Module):
