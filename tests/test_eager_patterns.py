@@ -198,6 +198,35 @@ def test_bn_feeding_its_own_input_refuses_exact_in_one_line() -> None:
     assert "\n" not in str(raised.value)
 
 
+class SharedBN(nn.Module):
+    """One BN module held under two names (DGCNN's `self.bn1`, also `conv1[1]`)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bn1 = nn.BatchNorm2d(8)
+        self.conv1 = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), self.bn1, nn.ReLU())
+        self.head = nn.Conv2d(8, 4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.conv1(x))
+
+
+def test_a_program_names_a_bn_held_under_two_names_by_its_first_name(tmp_path) -> None:
+    """The program holds its tensors under both names and its op reads them by the call's (conv1.1):
+    inspect, fold and recalibrate named it so, where the eager model's layer is bn1."""
+    module = randomized(SharedBN()).eval()
+    source, data = tmp_path / "shared.pt2", calibration_data()
+    torch.export.save(torch.export.export(module, (torch.randn(SHAPE),)), source)
+    assert [layer.name for layer in bnfold.inspect(source).layers] == ["bn1"] \
+        == [layer.name for layer in bnfold.inspect(module, input_shape=input_shape()).layers]
+    report = bnfold.fold(source, tmp_path / "folded.pt2")
+    assert report.passed and [(d.layer, d.status) for d in report.plan.decisions] == [("bn1", FoldStatus.FOLDED)]
+    recalibrated = bnfold.recalibrate(source, data, output=tmp_path / "recalibrated.pt2", batch_size=8)
+    assert [layer.name for layer in recalibrated.layers] == ["bn1"]
+    program = torch.export.load(tmp_path / "recalibrated.pt2")
+    assert_matches_oracle(module, program.module(), "exact", data, batch=8)
+
+
 # --------------------------------------------------------------------------------------------------------
 # Models saved inside nn.DataParallel (or compiled): pickled whole, or as a state_dict whose keys start with
 # `module.` (or `_orig_mod.`)

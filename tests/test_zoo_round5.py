@@ -1176,12 +1176,8 @@ def test_fold_onnx(entry: ZooModel, tmp_path: Path) -> None:
     acceptance.test_fold_onnx_export(acceptance.OnnxCase(entry, tmp_path))
 
 
-PT2_CALL_PATH_NAMES = {"dgcnn": "bnfold names a BN of a .pt2 program by its call path (conv1.1), not by the "
-                                "module's first name (bn1) that eager, ONNX and TorchScript give it"}
-
-
 @pytest.mark.usefixtures("border_reads_allowed")
-@pytest.mark.parametrize("entry", entries(xfail=PT2_CALL_PATH_NAMES))
+@pytest.mark.parametrize("entry", entries())
 def test_fold_pt2(entry: ZooModel, tmp_path: Path) -> None:
     acceptance.test_fold_pt2_dynamic_batch(entry, tmp_path)
 

@@ -402,8 +402,8 @@ class _Readout:
             one = builder.constant("one", np.ones(1, np.int64))
             self._shapes = [self._fetch(builder.concat([probe.shape for probe in ordered] + [one], f"{_PREFIX}/shape"))]
             self._rows_at = np.cumsum([0, *ranks[:-1]])
-            width = max(max(ranks) - 2, 1)
-            self._positions_at = np.array([[start + 2 + axis if axis < rank - 2 else sum(ranks) for axis in range(width)]
+            width, one_at = max(max(ranks) - 2, 1), sum(ranks)  # rank-2 inputs have no positions: the 1
+            self._positions_at = np.array([[start + 2 + axis if axis < rank - 2 else one_at for axis in range(width)]
                                            for start, rank in zip(self._rows_at, ranks)], dtype=np.intp)
 
     def _fetch(self, name: str) -> int:

@@ -30,7 +30,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.conv import _ConvNd
 
 from bnfold.errors import first_line
-from bnfold.pytorch.discover import bn_kind, frozen_constant_targets, resolve_path, tensor_key
+from bnfold.pytorch.discover import bn_kind, first_names, frozen_constant_targets, resolve_path, tensor_key
 from bnfold.pytorch.quantization import observers_frozen
 from bnfold.pytorch.state import buffers_kept
 
@@ -352,8 +352,15 @@ def _export(module: nn.Module, example: tuple[torch.Tensor, ...], share_tensors:
 
 
 def capture_program(program: torch.export.ExportedProgram) -> Capture:
-    """The aten graph of an ExportedProgram as a module whose tensors are attributes."""
-    return Capture(unlift(program), PROGRAM, None)
+    """The aten graph of an ExportedProgram as a module whose tensors are attributes, each read under its
+    first name (`first_names`), as discovery names the layers."""
+    module = unlift(program)
+    first = first_names(program)
+    for node in module.graph.nodes:
+        if node.op == "get_attr" and first.get(str(node.target), str(node.target)) != str(node.target):
+            node.target = first[str(node.target)]
+    module.recompile()
+    return Capture(module, PROGRAM, None)
 
 
 def capture_script(module: torch.jit.ScriptModule, example: tuple[torch.Tensor, ...] | None) -> Capture:

@@ -453,10 +453,20 @@ def _schema_name(target) -> str | None:
     return schema.name if schema is not None else None
 
 
+def first_names(program: torch.export.ExportedProgram) -> dict[str, str]:
+    """Each state_dict key of a program, mapped to the first key of the same tensor. A module held under two
+    names (DGCNN's `self.bn1`, also `conv1[1]`) has its tensors under both in the program, and its ops read
+    them by the call's path (`conv1.1`); eager named_modules() names the module by its first name (`bn1`)."""
+    first: dict[tuple, str] = {}
+    return {key: first.setdefault(tensor_key(tensor), key) for key, tensor in program.state_dict.items()}
+
+
 def discover_exported(program: torch.export.ExportedProgram) -> list[BNLayer]:
-    """BN ops in an ExportedProgram's graph, named after the module path of their parameters."""
+    """BN ops in an ExportedProgram's graph, named after the module path of their parameters (`first_names`)."""
     signature = program.graph_signature
-    sources = {**signature.inputs_to_parameters, **signature.inputs_to_buffers,
+    first = first_names(program)
+    sources = {**{name: first.get(key, key) for name, key in {**signature.inputs_to_parameters,
+                                                                **signature.inputs_to_buffers}.items()},
                **signature.inputs_to_lifted_tensor_constants}
     values = {**program.state_dict, **program.constants}
     layers = []

@@ -56,7 +56,7 @@ from bnfold.layers import BNLayer
 from bnfold.model import InputSpec, Model
 from bnfold.pytorch.capture import private_copy
 from bnfold.pytorch.discover import (BN_ATEN_SIGNATURES, attribute_path, bn_kind, describe_module,
-                                     constant_input, describe_tensors, discover_exported, discover_module,
+                                     constant_input, describe_tensors, discover_exported, discover_module, first_names,
                                      frozen_batch_norms, inlined_graph, missing_statistics, op_missing_statistics,
                                      resolve_path)
 from bnfold.pytorch.model import (ExportedProgramModel, ModuleModel, TorchScriptModel, inner_model, like_input,
@@ -1083,6 +1083,7 @@ class ExportedProgramRunner(_TorchRunner):
         self.layer_of: dict[fx.Node, str] = {}
         self.statistics_of: dict[str, tuple[str, str]] = {}  # layer -> its (mean, var) buffers, by any name
         found = {layer.extra.get("node"): layer for layer in discover_exported(self.program)}
+        first = first_names(self.program)  # a layer's name, as discovery gives it, whatever name an op reads
         for node in self.module.graph.nodes:
             if node.op != "call_function" or getattr(node.target, "_schema", None) is None:
                 continue
@@ -1090,7 +1091,7 @@ class ExportedProgramRunner(_TorchRunner):
                 continue
             mean, var = (node.args[3], node.args[4]) if len(node.args) > 4 else (None, None)
             buffers = all(isinstance(arg, fx.Node) and arg.op == "get_attr" for arg in (mean, var))
-            key = mean.target.rsplit(".", 1)[0] if buffers else None
+            key = first.get(mean.target, mean.target).rsplit(".", 1)[0] if buffers else None
             if key is None:
                 layer = found.get(node.name)  # its kind is the class that called the op
                 self._skipped[layer.name if layer else node.name] = op_missing_statistics(layer.kind if layer else None)
