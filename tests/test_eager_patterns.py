@@ -198,7 +198,7 @@ def test_bn_feeding_its_own_input_refuses_exact_in_one_line() -> None:
     assert "\n" not in str(raised.value)
 
 
-class SharedBN(nn.Module):
+class BNUnderTwoNames(nn.Module):
     """One BN module held under two names (DGCNN's `self.bn1`, also `conv1[1]`)."""
 
     def __init__(self) -> None:
@@ -214,7 +214,7 @@ class SharedBN(nn.Module):
 def test_a_program_names_a_bn_held_under_two_names_by_its_first_name(tmp_path) -> None:
     """The program holds its tensors under both names and its op reads them by the call's (conv1.1):
     inspect, fold and recalibrate named it so, where the eager model's layer is bn1."""
-    module = randomized(SharedBN()).eval()
+    module = randomized(BNUnderTwoNames()).eval()
     source, data = tmp_path / "shared.pt2", calibration_data()
     torch.export.save(torch.export.export(module, (torch.randn(SHAPE),)), source)
     assert [layer.name for layer in bnfold.inspect(source).layers] == ["bn1"] \
