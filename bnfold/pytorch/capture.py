@@ -30,7 +30,8 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.conv import _ConvNd
 
 from bnfold.errors import first_line
-from bnfold.pytorch.discover import bn_kind, first_names, frozen_constant_targets, resolve_path, tensor_key
+from bnfold.pytorch.discover import (bn_kind, first_names, frozen_constant_targets, owner_at, resolve_path,
+                                     tensor_key)
 from bnfold.pytorch.quantization import observers_frozen
 from bnfold.pytorch.state import buffers_kept
 
@@ -356,10 +357,12 @@ def capture_program(program: torch.export.ExportedProgram) -> Capture:
     first name (`first_names`), as discovery names the layers."""
     module = unlift(program)
     first = first_names(program)
-    for node in module.graph.nodes:
-        if node.op == "get_attr" and first.get(str(node.target), str(node.target)) != str(node.target):
-            node.target = first[str(node.target)]
-    module.recompile()
+    renamed = [node for node in module.graph.nodes
+               if node.op == "get_attr" and first.get(str(node.target), str(node.target)) != str(node.target)]
+    for node in renamed:
+        node.target = first[str(node.target)]
+    if renamed:
+        module.recompile()
     return Capture(module, PROGRAM, None)
 
 
@@ -632,12 +635,8 @@ def _frozen_names(graph_module: fx.GraphModule, script: torch.jit.ScriptModule) 
         if target is None:
             continue
         if old not in renamed:
-            owner = graph_module
-            *path, attribute = target.split(".")
-            for part in path:
-                if not hasattr(owner, part):
-                    owner.add_module(part, nn.Module())
-                owner = getattr(owner, part)
+            path, _, attribute = target.rpartition(".")
+            owner = owner_at(graph_module, path)
             holder, _, name = old.rpartition(".")
             holder = resolve_path(graph_module, holder) or graph_module
             if name in holder._buffers:

@@ -133,16 +133,16 @@ def discover_module(module: nn.Module, share_tensors: bool = False) -> list[BNLa
     # eager named_modules(), under its first name; TorchScript copies it per name, the copies sharing its
     # tensors. A copy is that layer again (`aliases`: its name -> the first), not a second one that the
     # forward never calls.
-    first_names: dict[tuple[int, ...], str] = {}
+    first_name_of: dict[tuple[int, ...], str] = {}  # by `_storage_key`
     aliases: dict[str, str] = {}
     for name, child in module.named_modules():
         kind = bn_kind(child)
         key = _storage_key(child) if kind is not None and isinstance(module, torch.jit.ScriptModule) else None
-        if key in first_names:
-            aliases[name] = first_names[key]
+        if key in first_name_of:
+            aliases[name] = first_name_of[key]
         elif kind is not None:
             if key is not None:
-                first_names[key] = name
+                first_name_of[key] = name
             layers.append(describe_module(name, child, kind))
     if isinstance(module, torch.jit.ScriptModule):
         return with_script_graph(module, layers, aliases)
@@ -235,6 +235,17 @@ def _value_path(value: torch._C.Value) -> str | None:
 def resolve_path(module: nn.Module, path: str | None) -> Any:
     """The attribute at a dotted path ("stem.norm.mu"; ScriptModules have no get_submodule), or None."""
     return functools.reduce(_attribute, path.split("."), module) if path else None
+
+
+def owner_at(root: nn.Module, path: str) -> nn.Module:
+    """The module at a dotted path in `root` ('' is `root`), plain nn.Modules made where parts are missing:
+    where a tensor or a model is to be stored under a name `root` does not have yet."""
+    owner = root
+    for part in path.split(".") if path else []:
+        if not hasattr(owner, part):
+            owner.add_module(part, nn.Module())
+        owner = getattr(owner, part)
+    return owner
 
 
 def _attribute(owner: Any, name: str) -> Any:

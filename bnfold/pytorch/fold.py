@@ -35,7 +35,7 @@ from bnfold.health import fixed_training, fold_refusal, no_statistics
 from bnfold.layers import BNLayer, FoldDecision, FoldDirection, FoldStatus
 from bnfold.pytorch.capture import model_path
 from bnfold.pytorch.discover import (BN_CLASS_WITHOUT_STATISTICS, bn_kind, describe_tensors, missing_statistics,
-                                     op_missing_statistics)
+                                     op_missing_statistics, owner_at)
 from bnfold.pytorch.ops import (Constants, OpSpec, arg, conv_is_transposed, fetch_attr, is_identity, kind_of,
                                 module_stack, set_arg, shape_of, spec_of, target_name, value_users)
 
@@ -1069,11 +1069,7 @@ def assign(root: nn.Module, target: str, tensor: torch.Tensor, like: torch.Tenso
     """Store `tensor` under `target` (replacing what is there): a buffer where a buffer was, else a
     parameter when `like` is one. Returns what is stored."""
     path, _, name = target.rpartition(".")
-    owner = root
-    for part in path.split(".") if path else []:
-        if not hasattr(owner, part):
-            owner.add_module(part, nn.Module())
-        owner = getattr(owner, part)
+    owner = owner_at(root, path)
     if name in owner._buffers:
         owner._buffers[name] = tensor
     elif isinstance(like, nn.Parameter):

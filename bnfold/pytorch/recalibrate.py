@@ -58,7 +58,7 @@ from bnfold.pytorch.capture import private_copy
 from bnfold.pytorch.discover import (BN_ATEN_SIGNATURES, attribute_path, bn_kind, describe_module,
                                      constant_input, describe_tensors, discover_exported, discover_module, first_names,
                                      frozen_batch_norms, inlined_graph, missing_statistics, op_missing_statistics,
-                                     resolve_path)
+                                     owner_at, resolve_path)
 from bnfold.pytorch.model import (ExportedProgramModel, ModuleModel, TorchScriptModel, inner_model, like_input,
                                   program_module, wrapper_notes)
 from bnfold.pytorch.quantization import observers_frozen
@@ -877,12 +877,8 @@ class _HeldModel(nn.Module):
 
     def __init__(self, model: nn.Module, path: str) -> None:
         super().__init__()
-        *owners, attribute = path.split(".")
-        holder: nn.Module = self
-        for owner in owners:
-            holder.add_module(owner, nn.Module())
-            holder = getattr(holder, owner)
-        holder.add_module(attribute, model)
+        owner, _, attribute = path.rpartition(".")
+        owner_at(self, owner).add_module(attribute, model)
         self.path = path
 
     @property
